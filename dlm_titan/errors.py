@@ -1,0 +1,14 @@
+"""The one exception type for bad user input.
+
+Anything the user can fix (a missing file, an unknown config key, a corrupt shard, a batch size that does not
+divide) raises :class:`UserError` with a one-line message naming the problem and the fix. Entry points turn it
+into ``error: <message>`` on stderr and exit code 2. Bugs in our own code raise ordinary exceptions and keep
+their traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+EXIT_USER_ERROR = 2
