@@ -1,0 +1,262 @@
+"""Train and validation loaders: torchdata ``StatefulDataLoader`` over a map of micro-batch index -> batch.
+
+Sample assignment (DESIGN.md "Layout invariance"). With ``A = G // (b * W)`` micro-batches per rank per step,
+rank ``r``'s micro-batch ``k`` belongs to step ``s = k // A`` and slot ``m = k % A``; it holds the global
+batch entries ``j = r*A*b + m*b + [0, b)`` of step ``s``, i.e. stream positions ``g = s*G + j``. The union of
+the ranks' micro-batches of a step is therefore the same ``G`` samples for any ``W``. ``"position"`` is ``j``,
+the key of the sample's noise.
+
+Stream position ``g`` -> sample: a :class:`SourceMixture` picks the source and the index ``q`` within it (single
+source: ``q = g``); epoch ``e = q // N`` and window ``perm_e(q % N)`` with ``perm_e`` a permutation seeded by
+``(seed, source, e)``. Every micro-batch is a pure function of ``k``, so the loader's whole state is the next
+``k``: the sampler yields ``k, k+1, ...``, workers get them round-robin, and StatefulDataLoader's in-order
+delivery plus its sampler snapshot restore the exact next micro-batch in O(1).
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+from torchdata.stateful_dataloader import Stateful, StatefulDataLoader
+
+from dlm_titan.errors import UserError
+
+from .mixture import SourceMixture
+from .permutation import IndexPermutation, hash_key
+from .windows import WindowSet
+
+
+class _CounterIterator(Stateful):
+    """Yields ``next, next + 1, ...`` up to ``stop`` (None = forever); its state is ``next``."""
+
+    def __init__(self, start: int, stop: int | None):
+        self.next = start
+        self.stop = stop
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> int:
+        if self.stop is not None and self.next >= self.stop:
+            raise StopIteration
+        k = self.next
+        self.next += 1
+        return k
+
+    def state_dict(self) -> dict[str, int]:
+        return {"next": self.next}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.next = int(state_dict["next"])
+
+
+class CounterSampler(Sampler[int]):
+    """Micro-batch indices ``0, 1, ...`` (``stop`` = None: infinite)."""
+
+    def __init__(self, stop: int | None = None):
+        self.stop = stop
+
+    def __iter__(self) -> _CounterIterator:
+        return _CounterIterator(0, self.stop)
+
+    def __len__(self) -> int:
+        if self.stop is None:
+            raise TypeError("the training sampler is infinite")
+        return self.stop
+
+
+class TrainBatches(Dataset):
+    """Micro-batch ``k`` of one data-parallel rank, as a pure function of ``k``."""
+
+    def __init__(self, sources: list[WindowSet], weights: list[float], seed: int, global_batch_size: int,
+                 local_batch_size: int, dp_rank: int, dp_world_size: int):
+        self.sources = sources
+        self.mixture = SourceMixture(weights, seed) if len(sources) > 1 else None
+        self.seed = seed
+        self.G, self.b = global_batch_size, local_batch_size
+        self.A = global_batch_size // (local_batch_size * dp_world_size)
+        self.rank = dp_rank
+        self._perm: dict[tuple[int, int], IndexPermutation] = {}
+
+    def _permutation(self, source: int, epoch: int) -> IndexPermutation:
+        key = (source, epoch)
+        if key not in self._perm:
+            if len(self._perm) >= 8:
+                self._perm.pop(next(iter(self._perm)))
+            n = self.sources[source].num_windows
+            self._perm[key] = IndexPermutation(n, hash_key(self.seed, source, epoch))
+        return self._perm[key]
+
+    def positions(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(entries j within the step's global batch, stream positions g) of micro-batch ``k``."""
+        step, m = divmod(k, self.A)
+        j = self.rank * self.A * self.b + m * self.b + np.arange(self.b, dtype=np.int64)
+        return j, step * self.G + j
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        j, g = self.positions(k)
+        if self.mixture is None:
+            source, q = np.zeros_like(g), g
+        else:
+            source, q = self.mixture(g)
+        out = np.empty((self.b, self.sources[0].window), dtype=np.int64)
+        for s in np.unique(source).tolist():
+            sel_s = source == s
+            n = self.sources[s].num_windows
+            epoch = q[sel_s] // n
+            for e in np.unique(epoch).tolist():
+                rows = np.flatnonzero(sel_s)[epoch == e]
+                ids = self._permutation(s, e)(q[rows] - e * n)
+                block = np.empty((rows.size, out.shape[1]), dtype=np.int64)
+                self.sources[s].read(ids, block)
+                out[rows] = block
+        return {"input": torch.from_numpy(out), "position": torch.from_numpy(j)}
+
+
+class ValBatches(Dataset):
+    """Validation micro-batch ``v`` of one rank: windows ``v*b*W + r*b + [0, b)`` in file order (no shuffle)."""
+
+    def __init__(self, source: WindowSet, local_batch_size: int, dp_rank: int, dp_world_size: int):
+        self.source = source
+        self.b, self.rank, self.W = local_batch_size, dp_rank, dp_world_size
+        self.num_batches = source.num_windows // (local_batch_size * dp_world_size)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __getitem__(self, v: int) -> dict[str, torch.Tensor]:
+        g = v * self.b * self.W + self.rank * self.b + np.arange(self.b, dtype=np.int64)
+        out = np.empty((self.b, self.source.window), dtype=np.int64)
+        self.source.read(g, out)
+        return {"input": torch.from_numpy(out), "position": torch.from_numpy(g)}
+
+
+@contextmanager
+def _quiet_torchdata():
+    """torchdata 0.11 calls torch.set_vital, deprecated in recent torch: a warning users can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*set_vital.*")
+        yield
+
+
+class TrainLoader(StatefulDataLoader):
+    """StatefulDataLoader whose state also records the sample layout, so a resume under a different layout
+    (seed, batch sizes, world size, sources, workers) fails with a clear message instead of silently
+    reading other samples."""
+
+    def __init__(self, dataset: TrainBatches, num_workers: int, layout: dict[str, Any]):
+        with _quiet_torchdata():
+            super().__init__(
+                dataset,
+                batch_size=None,  # the dataset returns whole micro-batches
+                sampler=CounterSampler(),
+                num_workers=num_workers,
+                persistent_workers=num_workers > 0,
+                prefetch_factor=4 if num_workers > 0 else None,
+                snapshot_every_n_steps=1,
+            )
+        self.layout = layout
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": super().state_dict(), "layout": dict(self.layout)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict["layout"]
+        for key, now in self.layout.items():
+            if not _same(saved.get(key), now):
+                raise UserError(f"the data-loader state was saved with {key}={saved.get(key)!r}, this run has "
+                                f"{now!r}; resume with the same value (or start a new dump_folder)")
+        super().load_state_dict(state_dict["loader"])
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality that survives a checkpoint round trip turning lists into tuples."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
+
+
+def _check_weights(prefixes: list[str], weights: list[float]) -> None:
+    if len(prefixes) != len(weights) or not prefixes:
+        raise UserError(f"data.train_prefixes ({len(prefixes)}) and data.train_weights ({len(weights)}) need "
+                        "one weight per prefix, at least one of each")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise UserError(f"data.train_weights {list(weights)} must be >= 0 with a positive sum")
+
+
+def _check_layout(seq_len: int, local_batch_size: int, global_batch_size: int, dp_rank: int,
+                  dp_world_size: int, num_workers: int) -> None:
+    if seq_len < 1 or local_batch_size < 1 or dp_world_size < 1 or not 0 <= dp_rank < dp_world_size:
+        raise UserError(f"bad data layout: seq_len={seq_len}, local_batch_size={local_batch_size}, "
+                        f"dp_rank={dp_rank}, dp_world_size={dp_world_size}")
+    per_step = local_batch_size * dp_world_size
+    if global_batch_size < per_step or global_batch_size % per_step:
+        fix = max(per_step, global_batch_size // per_step * per_step)
+        raise UserError(f"training.global_batch_size={global_batch_size} must be a multiple of "
+                        f"training.local_batch_size x data-parallel ranks = {local_batch_size} x {dp_world_size} "
+                        f"= {per_step}; set training.global_batch_size to {fix} (or change local_batch_size)")
+    if num_workers < 0:
+        raise UserError(f"data.num_workers={num_workers} must be >= 0")
+
+
+def build_train_loader(data_cfg: Any, *, data_path: str, seq_len: int, local_batch_size: int,
+                       global_batch_size: int, dp_rank: int, dp_world_size: int, seed: int,
+                       vocab_size: int) -> TrainLoader:
+    """The infinite, exactly resumable training loader of one data-parallel rank.
+
+    Args:
+        data_cfg: the ``data`` config section (uses train_prefixes, train_weights, tokenizer_path, num_workers).
+        data_path: folder of shards (see :func:`resolve_data_path`).
+        seq_len: model sequence length; samples are ``seq_len + 1`` tokens.
+        local_batch_size: sequences per micro-batch ``b``.
+        global_batch_size: sequences per optimizer step ``G`` (multiple of ``b * dp_world_size``).
+        dp_rank: this rank's data-parallel index; dp_world_size: data-parallel degree ``W``.
+        seed: run seed (sample order and source mixture).
+        vocab_size: model vocabulary; shard token ids and the tokenizer must fit in it.
+
+    Yields (when iterated) dicts ``{"input": int64[b, seq_len + 1], "position": int64[b]}``.
+    """
+    from .tokenizer import check_tokenizer_fits
+
+    prefixes, weights = list(data_cfg.train_prefixes), [float(w) for w in data_cfg.train_weights]
+    _check_weights(prefixes, weights)
+    _check_layout(seq_len, local_batch_size, global_batch_size, dp_rank, dp_world_size, data_cfg.num_workers)
+    check_tokenizer_fits(data_cfg.tokenizer_path, vocab_size)
+    # zero-weight sources are never read, so their files need not exist (SMDM required them)
+    used = [i for i, w in enumerate(weights) if w > 0]
+    sources = [WindowSet(data_path, prefixes[i], seq_len + 1, vocab_size) for i in used]
+    dataset = TrainBatches(sources, [weights[i] for i in used], seed, global_batch_size, local_batch_size,
+                           dp_rank, dp_world_size)
+    layout = {
+        "seq_len": seq_len, "local_batch_size": local_batch_size, "global_batch_size": global_batch_size,
+        "dp_rank": dp_rank, "dp_world_size": dp_world_size, "seed": seed, "train_prefixes": prefixes,
+        "train_weights": weights, "num_workers": int(data_cfg.num_workers),
+    }
+    return TrainLoader(dataset, int(data_cfg.num_workers), layout)
+
+
+def build_val_loader(data_cfg: Any, *, data_path: str, seq_len: int, local_batch_size: int, dp_rank: int,
+                     dp_world_size: int, vocab_size: int | None = None) -> StatefulDataLoader:
+    """One finite pass over the validation windows (``data.val_prefix``), in file order, split across ranks.
+
+    Every rank gets ``N // (b * W)`` micro-batches (same count on every rank, so collectives stay in step);
+    the last ``N % (b * W)`` windows are dropped. ``"position"`` is each window's global index in the
+    validation set, so evaluation noise can be keyed by it. Iterating again starts a new pass.
+    """
+    _check_layout(seq_len, local_batch_size, local_batch_size * dp_world_size, dp_rank, dp_world_size,
+                  data_cfg.num_workers)
+    source = WindowSet(data_path, data_cfg.val_prefix, seq_len + 1, vocab_size)
+    dataset = ValBatches(source, local_batch_size, dp_rank, dp_world_size)
+    if len(dataset) == 0:
+        raise UserError(f"validation set {data_cfg.val_prefix}*.bin in {data_path} has {source.num_windows} "
+                        f"windows of {seq_len + 1} tokens, fewer than local_batch_size x data-parallel ranks = "
+                        f"{local_batch_size * dp_world_size}; lower them or prepare more validation data")
+    workers = int(data_cfg.num_workers)
+    with _quiet_torchdata():
+        return StatefulDataLoader(dataset, batch_size=None, sampler=CounterSampler(len(dataset)),
+                                  num_workers=workers, persistent_workers=workers > 0)

@@ -1,0 +1,137 @@
+"""The LITPKDS packed-shard format of TinyLlama/SMDM: write, validate, memory-map.
+
+A shard is a 24-byte header followed by ``chunk_size`` tokens in C order::
+
+    bytes  0..6   b"LITPKDS"                  magic
+    bytes  7..14  uint64 little-endian        version (1)
+    byte   15     uint8                       dtype code (8 = uint16, 4 = int32, see DTYPE_CODES)
+    bytes 16..23  uint64 little-endian        chunk_size (tokens in this file)
+
+TinyLlama's builder always writes ``chunk_size`` = the configured chunk and pads the last chunk with its
+separator token. Our writer instead writes the last, partial chunk with ``chunk_size`` = its true length, so the
+header stays honest and no padding tokens enter training; TinyLlama's reader handles such files unchanged
+(it takes ``chunk_size // block_size`` blocks).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dlm_titan.errors import UserError
+
+MAGIC = b"LITPKDS"
+VERSION = 1
+HEADER_SIZE = 24
+# TinyLlama's codes. Floating-point codes (6, 7) exist in the format but can not hold token ids.
+DTYPE_CODES: dict[int, type[np.integer]] = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    8: np.uint16,
+}
+_CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
+
+
+class ShardError(UserError):
+    """A bad shard file (one line naming the file).
+
+    DataLoader workers re-raise exceptions in the main process as ``type(msg)`` with ``msg`` the whole worker
+    traceback; we keep only its last line so the user still sees one line.
+    """
+
+    def __init__(self, message: str):
+        if "Original Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message)
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """TinyLlama's ``dtype="auto"``: uint16 below 65500 tokens, else int32."""
+    return np.dtype(np.uint16) if vocab_size < 65500 else np.dtype(np.int32)
+
+
+def pack_header(dtype: np.dtype, chunk_size: int) -> bytes:
+    """The 24 header bytes of a shard of ``chunk_size`` tokens of ``dtype``."""
+    code = _CODE_OF_DTYPE[np.dtype(dtype)]
+    return MAGIC + struct.pack("<QBQ", VERSION, code, chunk_size)
+
+
+def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
+    """Write ``tokens`` (1-D, dtype already chosen) as one shard, atomically (temp file, then rename)."""
+    tokens = np.ascontiguousarray(tokens)
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(pack_header(tokens.dtype, tokens.size))
+        f.write(tokens.tobytes(order="C"))
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """Header facts of one validated shard."""
+
+    path: str
+    dtype: np.dtype
+    chunk_size: int
+
+
+def read_header(path: str | os.PathLike) -> ShardInfo:
+    """Read and validate a shard's header and size; raise :class:`ShardError` naming the file if bad."""
+    path = str(path)
+    with open(path, "rb") as f:
+        header = f.read(HEADER_SIZE)
+    if len(header) < HEADER_SIZE:
+        raise ShardError(f"shard {path} is truncated: {len(header)} bytes, shorter than the 24-byte header; "
+                         "re-create it with scripts/prepare_slim_pajama")
+    if header[:7] != MAGIC:
+        raise ShardError(f"shard {path} has magic {header[:7]!r}, not b'LITPKDS': not a packed shard; "
+                         "remove it from the data folder or re-create it")
+    version, code, chunk_size = struct.unpack("<QBQ", header[7:])
+    if version != VERSION:
+        raise ShardError(f"shard {path} has format version {version}, only version 1 is supported")
+    if code not in DTYPE_CODES:
+        raise ShardError(f"shard {path} has dtype code {code}; token shards need an integer code "
+                         f"{sorted(DTYPE_CODES)} (8 = uint16, 4 = int32)")
+    dtype = np.dtype(DTYPE_CODES[code])
+    expected = HEADER_SIZE + chunk_size * dtype.itemsize
+    actual = os.path.getsize(path)
+    if actual != expected:
+        raise ShardError(f"shard {path} is truncated or corrupt: {actual} bytes, but its header says "
+                         f"{chunk_size} tokens of {dtype.name} = {expected} bytes; re-create it")
+    return ShardInfo(path=path, dtype=dtype, chunk_size=int(chunk_size))
+
+
+def open_shard(info: ShardInfo, vocab_size: int | None) -> np.ndarray:
+    """Memory-map a shard's tokens; if ``vocab_size`` is given, check every id is in ``[0, vocab_size)``."""
+    if info.chunk_size == 0:
+        return np.zeros(0, dtype=info.dtype)
+    tokens = np.memmap(info.path, dtype=info.dtype, mode="r", offset=HEADER_SIZE, shape=(info.chunk_size,))
+    if vocab_size is not None:
+        hi, lo = int(tokens.max()), int(tokens.min())
+        if hi >= vocab_size or lo < 0:
+            bad = hi if hi >= vocab_size else lo
+            raise ShardError(f"shard {info.path} holds token id {bad}, outside the model vocabulary "
+                             f"[0, {vocab_size}); prepare it with a tokenizer of at most model.vocab_size tokens "
+                             "or raise model.vocab_size")
+    return tokens
+
+
+def list_shards(folder: str | os.PathLike, prefix: str) -> list[str]:
+    """Sorted ``{folder}/{prefix}*.bin`` (SMDM's glob); UserError naming prefix and folder if none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"data folder {folder} does not exist; set data.path to a folder of .bin shards "
+                        "(or \"\" for the embedded corpus)")
+    files = sorted(str(p) for p in folder.glob(f"{prefix}*.bin") if p.is_file())
+    if not files:
+        raise UserError(f"no shard matches prefix {prefix!r} ({prefix}*.bin) in {folder}; check data.path and "
+                        "the data prefixes, or prepare shards with scripts/prepare_slim_pajama")
+    return files
