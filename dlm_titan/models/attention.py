@@ -1,0 +1,77 @@
+"""Bidirectional multi-head self-attention with rotary embeddings, and the choice of attention kernel."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from dlm_titan.errors import UserError
+
+_SDPA = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def resolve_attn_backend(name: str, device: torch.device) -> str:
+    """Maps "auto" to a concrete backend: cuDNN on Hopper (1.5-1.9x the flash backend for bidirectional
+    attention there), flash elsewhere on CUDA, math on CPU. Other names pass through after a check."""
+    if name == "flash_attn":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise UserError('model.attn_backend = "flash_attn" needs the flash-attn package: pip install ".[flash]"') from None
+        return name
+    if name != "auto":
+        return name
+    if device.type != "cuda":
+        return "math"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "cudnn" if major == 9 else "flash"
+
+
+def rope_cache(seq_len: int, head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
+    """cos and sin of GPT-NeoX rotary embeddings over the full head dim, stacked: [2, seq_len, head_dim]."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return torch.stack([angles.cos(), angles.sin()])
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotates x [B, L, H, D] by position: x * cos + rotate_half(x) * sin (half rotation, as GPT-NeoX)."""
+    cos, sin = (r[: x.shape[1], None, :].to(x.dtype) for r in rope)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Multi-head attention without a causal mask: every token sees the whole (packed) sequence, as SMDM."""
+
+    def __init__(self, dim: int, n_heads: int, backend: str = "math"):
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = dim // n_heads
+        self.backend = backend
+        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, dim = x.shape
+        q, k, v = self.wqkv(x).view(batch, seq_len, 3, self.n_heads, self.head_dim).unbind(dim=2)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if self.backend == "flash_attn":
+            from flash_attn import flash_attn_func
+
+            out = flash_attn_func(q, k, v, causal=False)
+        else:
+            # The context sits inside forward so that it also reaches the graph of a compiled block.
+            with sdpa_kernel(_SDPA[self.backend]):
+                out = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=False
+                ).transpose(1, 2)
+        return self.wo(out.reshape(batch, seq_len, dim))

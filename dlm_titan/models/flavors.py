@@ -1,0 +1,86 @@
+"""The 30 SMDM model sizes (``Diff_LLaMA_*`` in SMDM's lit_gpt/config.py) and their parameter counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dlm_titan.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Shape of a TransEncoder. head_dim = dim // n_heads; the embedding has vocab_size + 1 rows (mask)."""
+
+    n_layers: int
+    n_heads: int
+    dim: int
+    ffn_dim: int
+    vocab_size: int = 32000
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def mask_id(self) -> int:
+        return self.vocab_size
+
+    def non_embedding_params(self) -> int:
+        """N of SMDM's FLOPs rule: attention, SwiGLU and the two RMSNorms per block, plus the final norm."""
+        d = self.dim
+        return self.n_layers * (4 * d * d + 3 * d * self.ffn_dim + 2 * d) + d
+
+    def embedding_params(self) -> int:
+        """Input embedding (vocab + 1 rows, the extra one is the mask token) and the untied output head."""
+        return (self.vocab_size + 1) * self.dim + self.vocab_size * self.dim
+
+    def total_params(self) -> int:
+        return self.non_embedding_params() + self.embedding_params()
+
+
+# name: (n_layers, n_heads, dim, ffn_dim), exactly SMDM's table.
+_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "6M": (6, 4, 256, 1024),
+    "19M": (8, 6, 384, 1536),
+    "34M": (8, 8, 512, 2048),
+    "48M": (9, 9, 576, 2304),
+    "66M": (10, 10, 640, 2560),
+    "85M": (13, 10, 640, 2560),
+    "75M": (16, 8, 640, 1600),
+    "113M": (12, 12, 768, 3072),
+    "142M": (15, 12, 768, 3072),
+    "170M": (18, 12, 768, 3072),
+    "180M": (14, 14, 896, 3584),
+    "206M": (16, 14, 896, 3584),
+    "231M": (18, 14, 896, 3584),
+    "268M": (16, 16, 1024, 4096),
+    "302M": (18, 16, 1024, 4096),
+    "336M": (20, 16, 1024, 4096),
+    "472M": (18, 10, 1280, 5120),
+    "551M": (21, 10, 1280, 5120),
+    "571M": (18, 11, 1408, 5632),
+    "629M": (24, 10, 1280, 5120),
+    "666M": (21, 11, 1408, 5632),
+    "717M": (19, 12, 1536, 6144),
+    "761M": (24, 11, 1408, 5632),
+    "831M": (22, 12, 1536, 6144),
+    "944M": (25, 12, 1536, 6144),
+    "1028M": (20, 14, 1792, 7168),
+    "1233M": (24, 14, 1792, 7168),
+    "1476M": (22, 16, 2048, 8192),
+    "1678M": (25, 16, 2048, 8192),
+    "2121M": (28, 17, 2176, 8704),
+}
+ALIASES = {"1B": "1028M"}
+FLAVORS = tuple(_SHAPES)
+
+
+def get_model_args(flavor: str, vocab_size: int = 32000) -> ModelArgs:
+    """Returns the shape of an SMDM flavor ("6M" ... "2121M", or the alias "1B")."""
+    name = ALIASES.get(flavor, flavor)
+    if name not in _SHAPES:
+        raise UserError(f"unknown model flavor {flavor!r}; choose one of {', '.join(FLAVORS)} (or 1B)")
+    n_layers, n_heads, dim, ffn_dim = _SHAPES[name]
+    return ModelArgs(n_layers, n_heads, dim, ffn_dim, vocab_size=vocab_size)

@@ -1,0 +1,118 @@
+"""SMDM's TransEncoder: a LLaMA encoder with bidirectional attention and an extra mask-token embedding row."""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlm_titan.models.attention import Attention, rope_cache
+from dlm_titan.models.flavors import ModelArgs
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w_down(silu(w_gate x) * w_up x). SMDM (xformers naming) calls these w1, w2, w3."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w_gate = nn.Linear(dim, hidden_dim, bias=False)
+        self.w_up = nn.Linear(dim, hidden_dim, bias=False)
+        self.w_down = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, args: ModelArgs, attn_backend: str):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.attention = Attention(args.dim, args.n_heads, attn_backend)
+        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.ffn_dim)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class TransEncoder(nn.Module):
+    """Embedding (vocab + 1 rows) -> blocks -> RMSNorm -> untied head with vocab outputs (never the mask).
+
+    Build it on the meta device, parallelize it, move it with ``to_empty`` and call :meth:`init_weights`.
+    """
+
+    def __init__(self, args: ModelArgs, max_seq_len: int = 2048, attn_backend: str = "math"):
+        super().__init__()
+        self.args = args
+        self.max_seq_len = max_seq_len
+        self.attn_backend = attn_backend
+        self.tok_embeddings = nn.Embedding(args.vocab_size + 1, args.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, attn_backend) for i in range(args.n_layers)})
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # Not persistent: recomputed by init_weights, so checkpoints hold only parameters.
+        self.register_buffer("rope", rope_cache(max_seq_len, args.head_dim, args.rope_theta), persistent=False)
+        self.loss_fn = None  # set by the trainer: (hidden, weight, targets, token_weights) -> scalar
+
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states [B, L, dim] of token ids [B, L] (mask id = vocab_size)."""
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers.values():
+            h = layer(h, self.rope)
+        return self.norm(h)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        token_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, L, vocab] of ``tokens``, or, given targets and per-token loss weights, the weighted
+        cross-entropy sum computed by ``self.loss_fn`` inside forward (where FSDP has gathered the head)."""
+        h = self.hidden_states(tokens)
+        if targets is None:
+            return self.output(h)
+        weight = self.output.weight
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else weight.dtype
+        return self.loss_fn(h.flatten(0, 1).to(dtype), weight.to(dtype), targets.flatten(), token_weights.flatten())
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 3407) -> None:
+        """SMDM init: every Linear and Embedding N(0, sqrt(2 / (5 d))); the attention output and the SwiGLU
+        down-projection of each block N(0, 1 / (sqrt(d) * n_layer)); norms 1.
+
+        Each parameter's values come from a generator keyed by (seed, parameter name) and are drawn at full
+        size, so initial weights are identical whatever the device count and sharding (DTensor shards copy
+        their slice of the full tensor).
+        """
+        d, n_layer = self.args.dim, self.args.n_layers
+        self.rope = rope_cache(self.max_seq_len, self.args.head_dim, self.args.rope_theta, device=self.rope.device)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                _fill_full(param, lambda t: t.fill_(1.0))
+                continue
+            std = 1.0 / (d**0.5 * n_layer) if name.endswith(("attention.wo.weight", "w_down.weight")) else (2 / (5 * d)) ** 0.5
+            gen_seed = seed * 1_000_003 + zlib.crc32(name.encode())
+            _fill_full(param, lambda t, s=std, g=gen_seed: t.normal_(0.0, s, generator=_generator(t.device, g)))
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _fill_full(param: torch.Tensor, fill) -> None:
+    """Fills a parameter as if unsharded: plain tensors in place, DTensors by filling the full tensor and
+    copying out the local slice."""
+    if not hasattr(param, "to_local"):
+        fill(param.data)
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    full = fill(torch.empty(param.shape, dtype=param.dtype, device=param.to_local().device))
+    shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+    param.to_local().copy_(shard.to_local())

@@ -1,0 +1,264 @@
+"""``python -m dlm_titan.train``: the masked-diffusion pretraining loop.
+
+The Trainer composes the pieces below it (config, model, parallelize, data, diffusion, optim, metrics) and
+nothing imports it. Launch through ``run_train.sh`` (torchrun) or directly for one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from dlm_titan import distributed as dist_utils
+from dlm_titan.config import JobConfig, load_config, to_toml
+from dlm_titan.data import build_train_loader, load_tokenizer, resolve_data_path
+from dlm_titan.diffusion import forward_process, sample_noise, ssl_length
+from dlm_titan.errors import EXIT_USER_ERROR, UserError
+from dlm_titan.flops import flops_per_token, peak_flops, steps_from_budget
+from dlm_titan.metrics import MetricsLogger, device_memory
+from dlm_titan.models import build_model
+from dlm_titan.optim import build_lr_scheduler, build_optimizer, resolve_warmup_steps
+from dlm_titan.parallelize import parallelize_model
+
+
+class Trainer:
+    """Builds the model, optimizer, schedule, loader and loggers from a JobConfig, then trains."""
+
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        self.rank, world_size, self.device = dist_utils.init_distributed()
+        self.dims = dist_utils.resolve_parallel_dims(cfg.parallelism, world_size, self.rank)
+        t = cfg.training
+        self.micro_batches = _accumulation_steps(t.global_batch_size, t.local_batch_size, world_size)
+        self.dump_folder = Path(cfg.job.dump_folder)
+        self.log = print if self.rank == 0 else (lambda *a, **k: None)
+        torch.manual_seed(t.seed)
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+        self.model = build_model(cfg.model, t.seq_len, self.device)
+        self.model_args = self.model.args
+        self.steps = self._resolve_steps()
+        parallelize_model(self.model, cfg, dist_utils.build_mesh(self.dims, self.device), self.device.type)
+        self.model.to_empty(device=self.device)
+        self.model.init_weights(seed=t.seed)
+        self.model.loss_fn = partial(_loss_fn(), impl=cfg.diffusion.loss_impl)
+        self.model.train()
+
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.optimizer.lr, self.steps)
+        data_path = resolve_data_path(cfg.data)
+        self._check_tokenizer()
+        self.data_loader = build_train_loader(
+            cfg.data,
+            data_path=data_path,
+            seq_len=t.seq_len,
+            local_batch_size=t.local_batch_size,
+            global_batch_size=t.global_batch_size,
+            dp_rank=self.rank,
+            dp_world_size=world_size,
+            seed=t.seed,
+            vocab_size=cfg.model.vocab_size,
+        )
+        self.autocast = _autocast(t.dtype, self.device, data_parallel=self.dims.dp_enabled)
+        self.metrics = MetricsLogger(self.dump_folder / cfg.metrics.save_tb_folder, self.rank, cfg.metrics.enable_tensorboard)
+        self.step = 0
+        self.tokens_seen = 0
+        self._write_config()
+        self._print_plan(data_path)
+
+    def _resolve_steps(self) -> int:
+        t = self.cfg.training
+        if t.flops_budget <= 0:
+            return t.steps
+        steps = steps_from_budget(
+            t.flops_budget, self.model_args.non_embedding_params(), t.global_batch_size, t.seq_len, self.cfg.diffusion.ssl_ratio
+        )
+        if steps < 1:
+            raise UserError(f"training.flops_budget = {t.flops_budget:.3g} is less than one step of this model and batch")
+        return steps
+
+    def _check_tokenizer(self) -> None:
+        if not self.cfg.data.tokenizer_path and self.cfg.data.path:
+            return  # user shards without a tokenizer: token ids are checked against the vocab by the loader
+        vocab = load_tokenizer(self.cfg.data.tokenizer_path).vocab_size
+        if vocab > self.cfg.model.vocab_size:
+            raise UserError(
+                f"tokenizer has {vocab} tokens but model.vocab_size is {self.cfg.model.vocab_size}: raise "
+                f"--model.vocab_size to at least {vocab} or use a smaller tokenizer"
+            )
+
+    def _write_config(self) -> None:
+        if self.rank == 0:
+            self.dump_folder.mkdir(parents=True, exist_ok=True)
+            (self.dump_folder / "config.toml").write_text(to_toml(self.cfg))
+            if self.cfg.job.print_config:
+                print(to_toml(self.cfg))
+
+    def _print_plan(self, data_path: Path) -> None:
+        t, a = self.cfg.training, self.model_args
+        warmup = resolve_warmup_steps(self.cfg.lr_scheduler.warmup_steps, self.steps)
+        self.log(
+            f"model {self.cfg.model.flavor}: {a.n_layers} layers, d={a.dim}, {a.non_embedding_params():,} non-embedding "
+            f"params, {a.total_params():,} total; attention backend {self.model.attn_backend}"
+        )
+        self.log(
+            f"training: {self.steps:,} steps, {self.steps * t.global_batch_size * t.seq_len:,} tokens, warmup "
+            f"{warmup} steps, global batch {t.global_batch_size} x {t.seq_len} = {self.dims.world_size} ranks x "
+            f"{self.micro_batches} micro-batches x {t.local_batch_size}; device {self.device}; data {data_path}"
+        )
+
+    def _step_token_count(self, step: int) -> int:
+        """Tokens in the whole optimizer step, over every micro-batch of every rank. Each micro-batch's length
+        is keyed by its first global position, so every rank computes the same total before any forward."""
+        t = self.cfg.training
+        return sum(
+            t.local_batch_size * ssl_length(t.seed, step, first, t.seq_len, self.cfg.diffusion.ssl_ratio)
+            for first in range(0, t.global_batch_size, t.local_batch_size)
+        )
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step over ``micro_batches`` micro-batches.
+
+        Loss normalisation: SMDM's loss of a batch is sum_{masked i} CE_i / p_i divided by its token count.
+        Each micro-batch backpropagates its own masked sum divided by the token count T of the whole step
+        (all micro-batches, all ranks: known up front, see _step_token_count), and FSDP sums gradients over
+        ranks (divide factor 1). The accumulated gradient is then d/dθ [sum over the step / T], the same
+        whatever the split into ranks and micro-batches, so 1 rank x 8 micro-batches equals 8 ranks x 1.
+        """
+        t, d = self.cfg.training, self.cfg.diffusion
+        token_count = self._step_token_count(step)
+        loss_sum = torch.zeros((), device=self.device)
+        masked, data_time = 0, 0.0
+        for _ in range(self.micro_batches):
+            start = time.perf_counter()
+            batch = next(self.data_iter)
+            data_time += time.perf_counter() - start
+            positions = batch["position"]
+            length = ssl_length(t.seed, step, int(positions[0]), t.seq_len, d.ssl_ratio)
+            tokens = batch["input"][:, :length]
+            noise = sample_noise(
+                positions, t.seq_len, seed=t.seed, step=step, t_sampling=d.t_sampling, num_positions=t.global_batch_size
+            )
+            mb = forward_process(tokens, noise, eps=d.eps, mask_id=self.model_args.mask_id, token_count=token_count)
+            masked += mb.num_masked
+            inputs, targets, weights = (x.to(self.device, non_blocking=True) for x in (mb.inputs, mb.targets, mb.token_weights))
+            with self.autocast:
+                loss = self.model(inputs, targets, weights)
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = self._clip_grad_norm()
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.tokens_seen += token_count
+        return {"loss_sum": loss_sum, "grad_norm": grad_norm, "masked": masked, "tokens": token_count, "data_time": data_time}
+
+    def _clip_grad_norm(self) -> torch.Tensor:
+        max_norm = self.cfg.training.max_norm if self.cfg.training.max_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=self.device.type == "cuda")
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def train(self) -> None:
+        """Runs steps until ``self.steps``, logging every metrics.log_freq steps and at the last step."""
+        self.data_iter = iter(self.data_loader)
+        gc.disable()  # automatic collection stalls steps at random; collect every gc_freq steps instead
+        window_start, window_tokens, window_data = time.perf_counter(), 0, 0.0
+        while self.step < self.steps:
+            self.step += 1
+            out = self.train_step(self.step)
+            window_tokens += out["tokens"]
+            window_data += out["data_time"]
+            if self.step % self.cfg.training.gc_freq == 0:
+                gc.collect(1)
+            if self.step % self.cfg.metrics.log_freq == 0 or self.step in (1, self.steps):
+                elapsed = time.perf_counter() - window_start
+                self._log_step(out, window_tokens / elapsed, window_data)
+                window_start, window_tokens, window_data = time.perf_counter(), 0, 0.0
+        self.metrics.close()
+        gc.enable()
+
+    def _log_step(self, out: dict, tokens_per_s: float, data_time: float) -> None:
+        totals = torch.stack([out["loss_sum"].float(), torch.tensor(float(out["masked"]), device=self.device)])
+        loss, masked = dist_utils.all_reduce_sum(totals).tolist()
+        if not torch.isfinite(out["grad_norm"]):
+            self.log(f"warning: non-finite grad norm at step {self.step}")
+        per_device = tokens_per_s / self.dims.world_size
+        peak = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
+        a = self.model_args
+        fpt = flops_per_token(a.total_params() - (a.vocab_size + 1) * a.dim, a.n_layers, a.dim, self.cfg.training.seq_len)
+        metrics = {
+            "loss": loss,
+            "lr": self.lr_scheduler.get_last_lr()[0],
+            "grad_norm": out["grad_norm"].item(),
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": per_device,
+            "mfu": per_device * fpt / peak if peak else None,
+            "tokens_seen": float(self.tokens_seen),
+            "masked_fraction": masked / out["tokens"],
+            "data_time_s": data_time,
+            **device_memory(self.device),
+        }
+        self.metrics.log(self.step, metrics)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+
+def _accumulation_steps(global_batch: int, local_batch: int, world_size: int) -> int:
+    if global_batch % (local_batch * world_size):
+        raise UserError(
+            f"training.global_batch_size ({global_batch}) must be a multiple of local_batch_size ({local_batch}) x "
+            f"data-parallel ranks ({world_size}); e.g. --training.global_batch_size {local_batch * world_size * max(1, global_batch // (local_batch * world_size))}"
+        )
+    return global_batch // (local_batch * world_size)
+
+
+def _autocast(dtype: str, device: torch.device, data_parallel: bool):
+    """bf16 autocast on GPU when one process trains (with FSDP, its mixed-precision policy casts instead);
+    float32 on CPU unless asked otherwise."""
+    if dtype == "float32" or (dtype == "auto" and (device.type != "cuda" or data_parallel)):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _loss_fn():
+    from dlm_kernels import masked_linear_cross_entropy
+
+    return masked_linear_cross_entropy
+
+
+def check_config(cfg: JobConfig, world_size: int) -> int:
+    """Validates what can be checked without building anything (used by run_train.sh before torchrun)."""
+    from dlm_titan.models import get_model_args
+
+    get_model_args(cfg.model.flavor, cfg.model.vocab_size)
+    dist_utils.resolve_parallel_dims(cfg.parallelism, world_size, rank=0)
+    _accumulation_steps(cfg.training.global_batch_size, cfg.training.local_batch_size, world_size)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: bad input prints one line and returns 2; bugs raise with their traceback."""
+    try:
+        cfg = load_config(argv)
+        if os.environ.get("DLM_TITAN_CHECK_ONLY"):
+            return check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        Trainer(cfg).train()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    finally:
+        dist_utils.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Launch dlm_titan training.
+#   ./run_train.sh                                   # train_configs/debug.toml, one process
+#   NGPU=8 CONFIG_FILE=train_configs/170m.toml ./run_train.sh --training.steps 1000
+# NGPU: processes on this node (default 1; without CUDA they use gloo on the CPU).
+# CONFIG_FILE: TOML config (default train_configs/debug.toml). Extra arguments are CLI overrides.
+# Multi-node: NNODES=<nodes> RDZV_ENDPOINT=<node0 host>:<port> on every node (c10d rendezvous).
+# LOG_RANK: which local ranks print (default 0).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+NGPU=${NGPU:-1}
+NNODES=${NNODES:-1}
+CONFIG_FILE=${CONFIG_FILE:-train_configs/debug.toml}
+PYTHON=${PYTHON:-python}
+
+args=("$@")
+# An explicit --job.config_file on the command line wins over CONFIG_FILE.
+if [[ " $* " != *" --job.config_file"* ]]; then
+    args=(--job.config_file "$CONFIG_FILE" "$@")
+fi
+export PYTHONUNBUFFERED=1
+
+if [[ "$NGPU" == 1 && "$NNODES" == 1 ]]; then
+    # One process needs no launcher; running it directly keeps its exit code (2 = bad input).
+    exec "$PYTHON" -m dlm_titan.train "${args[@]}"
+fi
+
+# Check the config once before starting many processes, so bad input fails with one line and exit 2.
+DLM_TITAN_CHECK_ONLY=1 WORLD_SIZE=$((NGPU * NNODES)) "$PYTHON" -m dlm_titan.train "${args[@]}"
+
+exec torchrun --nnodes "$NNODES" --nproc_per_node "$NGPU" \
+    --rdzv_backend c10d --rdzv_endpoint "${RDZV_ENDPOINT:-localhost:0}" --rdzv_id "${RDZV_ID:-dlm_titan}" \
+    --local-ranks-filter "${LOG_RANK:-0}" --role rank --tee 3 \
+    -m dlm_titan.train "${args[@]}"
