@@ -54,6 +54,7 @@ TRAIN_FILE_BYTES = 4_000_000  # raw JSONL bytes per train file before starting t
 MIN_DOC_CHARS = 200
 CHAPTERS_PER_BIBLE_DOC = 5
 
+# fmt: off
 KJV_BOOKS = (
     "Genesis", "Exodus", "Leviticus", "Numbers", "Deuteronomy", "Joshua", "Judges", "Ruth", "1 Samuel",
     "2 Samuel", "1 Kings", "2 Kings", "1 Chronicles", "2 Chronicles", "Ezra", "Nehemiah", "Esther", "Job",
@@ -64,6 +65,7 @@ KJV_BOOKS = (
     "2 Thessalonians", "1 Timothy", "2 Timothy", "Titus", "Philemon", "Hebrews", "James", "1 Peter",
     "2 Peter", "1 John", "2 John", "3 John", "Jude", "Revelation",
 )
+# fmt: on
 
 # Index-like pages of the Sphinx build carry no prose: link lists and the search page.
 SKIPPED_DOC_PAGES = re.compile(r"^(genindex.*|py-modindex|search|contents)\.html$")
@@ -91,7 +93,9 @@ def fetch_packages(deb_dir: Path, any_version: bool) -> dict[str, str]:
         (deb,) = sorted(deb_dir.glob(f"{pkg}_*.deb"))
         versions[pkg] = _deb_field(deb, "Version")
         if versions[pkg] != version and not any_version:
-            sys.exit(f"error: {deb} is version {versions[pkg]}, expected {version}; pass --any_version to accept it")
+            sys.exit(
+                f"error: {deb} is version {versions[pkg]}, expected {version}; pass --any_version to accept it"
+            )
     return versions
 
 
@@ -108,7 +112,9 @@ def _apt_download(spec: str, deb_dir: Path) -> None:
 
 
 def _deb_field(deb: Path, field: str) -> str:
-    return subprocess.run(["dpkg-deb", "-f", str(deb), field], check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["dpkg-deb", "-f", str(deb), field], check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def unpack(deb_dir: Path, root: Path) -> None:
@@ -163,10 +169,12 @@ def _read_kjv(root: Path) -> list[tuple[int, int, int, str]]:
 # ----------------------------------------------------------------------------------------------------------
 # Python documentation (HTML -> text)
 
+# fmt: off
 _BLOCK_TAGS = {
     "p", "div", "section", "h1", "h2", "h3", "h4", "h5", "h6", "li", "dt", "dd", "dl", "ul", "ol", "pre",
     "table", "tr", "blockquote", "br", "hr", "figure", "figcaption", "caption",
 }
+# fmt: on
 
 
 class _SphinxBodyText(HTMLParser):
@@ -202,7 +210,7 @@ class _SphinxBodyText(HTMLParser):
             self._block_break()
         if tag == "pre":
             self._pre_depth += 1
-        elif tag == "li":
+        elif tag == "li" and "".join(self._line) != "- ":  # an item whose first child is a nested list
             self._line.append("- ")
 
     def handle_endtag(self, tag: str) -> None:
@@ -235,6 +243,8 @@ class _SphinxBodyText(HTMLParser):
 
     def _flush(self) -> None:
         raw = "".join(self._line)
+        if raw == "- ":  # a list bullet whose item starts with a paragraph: keep it for that paragraph
+            return
         self._line = []
         if self._pre_depth:
             text = "\n".join(line.rstrip() for line in raw.strip("\n").split("\n"))
@@ -370,7 +380,7 @@ SOURCE_NOTES = {
         "python3.11-doc, HTML pages under /usr/share/doc/python3.11/html",
         "PSF License Version 2 (code examples also Zero-Clause BSD). Debian copyright file: "
         "licenses/python3.11.copyright.",
-        "One document per page: the `<div role=\"main\">` body as plain text (stdlib html.parser), "
+        'One document per page: the `<div role="main">` body as plain text (stdlib html.parser), '
         "`<pre>` blocks verbatim; index, search and contents pages skipped. Labelled CommonCrawl because "
         "these are web pages.",
     ),
@@ -391,7 +401,7 @@ def write_sources_md(out: Path, versions: dict[str, str], splits: dict[str, list
         "# Embedded corpus: sources and licences",
         "",
         "Built by `python -m scripts.build_embedded_corpus` from Debian bookworm packages; do not edit by hand.",
-        "Layout as SlimPajama: `{split}/chunk1/*.jsonl.zst`, records `{\"text\", \"meta\": {\"redpajama_set_name\"}}`.",
+        'Layout as SlimPajama: `{split}/chunk1/*.jsonl.zst`, records `{"text", "meta": {"redpajama_set_name"}}`.',
         f"Split: per set, the {VALIDATION_FRACTION:.1%} of documents (at least {MIN_VALIDATION_DOCS}) with the "
         "smallest sha256(doc id) are validation; exact duplicate texts and documents under "
         f"{MIN_DOC_CHARS} characters are dropped first, so no text is in both splits.",
@@ -406,7 +416,14 @@ def write_sources_md(out: Path, versions: dict[str, str], splits: dict[str, list
         "",
     ]
     for set_name, (what, origin, licence, shape) in SOURCE_NOTES.items():
-        lines += [f"### {set_name}: {what}", "", f"- Source: {origin}", f"- Licence: {licence}", f"- Shape: {shape}", ""]
+        lines += [
+            f"### {set_name}: {what}",
+            "",
+            f"- Source: {origin}",
+            f"- Licence: {licence}",
+            f"- Shape: {shape}",
+            "",
+        ]
     lines += ["## Counts", "", "| split | set | documents | UTF-8 bytes |", "|---|---|---|---|"]
     for split_name, docs in splits.items():
         for set_name in sorted(SOURCE_NOTES):
@@ -435,8 +452,10 @@ def build(output: Path, deb_dir: Path, any_version: bool) -> None:
         versions = fetch_packages(deb_dir, any_version)
         unpack(deb_dir, root)
         docs = []
-        for name, reader in tqdm([("bible", bible_docs), ("python docs", python_doc_docs), ("stdlib", stdlib_docs)],
-                                 desc="reading sources"):
+        for name, reader in tqdm(
+            [("bible", bible_docs), ("python docs", python_doc_docs), ("stdlib", stdlib_docs)],
+            desc="reading sources",
+        ):
             found = reader(root)
             print(f"  {name}: {len(found)} documents", flush=True)
             docs += found
@@ -457,10 +476,17 @@ def build(output: Path, deb_dir: Path, any_version: bool) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("dlm_titan/assets/corpus"))
-    parser.add_argument("--deb_dir", type=Path, default=None,
-                        help="folder for (or with already downloaded) .deb files; default: a temporary folder")
-    parser.add_argument("--any_version", action="store_true",
-                        help="accept whatever package versions apt offers instead of the pinned ones")
+    parser.add_argument(
+        "--deb_dir",
+        type=Path,
+        default=None,
+        help="folder for (or with already downloaded) .deb files; default: a temporary folder",
+    )
+    parser.add_argument(
+        "--any_version",
+        action="store_true",
+        help="accept whatever package versions apt offers instead of the pinned ones",
+    )
     args = parser.parse_args(argv)
     if args.deb_dir is None:
         with tempfile.TemporaryDirectory(prefix="dlm_debs_") as debs:

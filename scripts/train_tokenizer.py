@@ -93,16 +93,23 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     files = corpus_files(args.corpus)
     if not files:
-        print(f"error: no train/chunk*/*.jsonl.zst under {args.corpus}; build it with "
-              "`python -m scripts.build_embedded_corpus` or pass --corpus", file=sys.stderr)
+        print(
+            f"error: no train/chunk*/*.jsonl.zst under {args.corpus}; build it with "
+            "`python -m scripts.build_embedded_corpus` or pass --corpus",
+            file=sys.stderr,
+        )
         sys.exit(2)
-    print(f"training a {args.vocab_size}-piece BPE model on {len(files)} files under {args.corpus}", flush=True)
+    print(
+        f"training a {args.vocab_size}-piece BPE model on {len(files)} files under {args.corpus}", flush=True
+    )
     start = time.perf_counter()
     model = train(files, args.vocab_size)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_bytes(model)
     sp = spm.SentencePieceProcessor(model_proto=model)
-    print(f"wrote {args.output} ({len(model):,} bytes, vocab {sp.vocab_size()}) in {time.perf_counter() - start:.0f} s")
+    print(
+        f"wrote {args.output} ({len(model):,} bytes, vocab {sp.vocab_size()}) in {time.perf_counter() - start:.0f} s"
+    )
 
 
 if __name__ == "__main__":
