@@ -1,0 +1,57 @@
+"""Tokenize SlimPajama (or any folder of .jsonl / .jsonl.zst / .txt files) into LITPKDS shards.
+
+Usage::
+
+    python -m scripts.prepare_slim_pajama --source_path SlimPajama-627B --tokenizer_path tokenizer.model \\
+        --destination_path data/slim_star_combined --split train --percentage 1.0 --num_workers 16
+
+Reads ``{source_path}/{split}/chunk*/*.jsonl.zst`` (fields ``text`` and ``meta.redpajama_set_name``), or every
+.jsonl/.jsonl.zst/.txt file under ``source_path`` when there is no ``{split}`` folder. Writes
+``{split}_slimpajama_{stream:06d}_{n:010d}.bin`` (one stream per input file, so the output is the same for any
+--num_workers) and ``{split}_slimpajama_manifest.json``. A re-run skips inputs the manifest marks done.
+TinyLlama drops the RedPajamaGithub subset (to add StarCoder code instead); pass --skip_github to do the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from dlm_titan.errors import EXIT_USER_ERROR, UserError
+
+
+def add_common_args(parser: argparse.ArgumentParser, default_split: str) -> None:
+    """Arguments shared by the SlimPajama and StarCoder preparers (TinyLlama's names)."""
+    from dlm_titan.data.prepare import DEFAULT_CHUNK_SIZE
+
+    parser.add_argument("--source_path", required=True, help="corpus folder")
+    parser.add_argument("--tokenizer_path", default="", help='SentencePiece .model ("" = the embedded tokenizer)')
+    parser.add_argument("--destination_path", required=True, help="output folder of shards")
+    parser.add_argument("--split", default=default_split, choices=["train", "validation"])
+    parser.add_argument("--percentage", type=float, default=1.0, help="fraction of the sorted input files to use")
+    parser.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK_SIZE, help="tokens per shard (2049*1024)")
+    parser.add_argument("--num_workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dlm_titan.data.prepare import SLIMPAJAMA, prepare_split
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(parser, "train")
+    parser.add_argument("--skip_github", action="store_true", help="drop RedPajamaGithub documents (TinyLlama)")
+    args = parser.parse_args(argv)
+    try:
+        manifest = prepare_split(args.source_path, args.tokenizer_path, args.destination_path, args.split,
+                                 args.percentage, args.chunk_size, args.num_workers, args.skip_github, SLIMPAJAMA)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    t = manifest["totals"]
+    print(f"{args.split}: {t['inputs']} files, {t['documents']:,} documents, {t['tokens']:,} tokens, "
+          f"{t['shards']} shards in {args.destination_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
