@@ -1,0 +1,18 @@
+"""dlm_kernels: fused masked-diffusion linear cross-entropy (Triton) and its PyTorch reference.
+
+Standalone: imports torch and, when installed, triton; never dlm_titan. Importable without CUDA or triton.
+"""
+
+from .masked_ce import IMPLS, fused_supported, masked_linear_cross_entropy, resolve_impl
+from .masked_ce_fused import fused_masked_linear_cross_entropy
+from .reference import chunked_weighted_cross_entropy, masked_linear_cross_entropy_reference
+
+__all__ = [
+    "IMPLS",
+    "chunked_weighted_cross_entropy",
+    "fused_masked_linear_cross_entropy",
+    "fused_supported",
+    "masked_linear_cross_entropy",
+    "masked_linear_cross_entropy_reference",
+    "resolve_impl",
+]

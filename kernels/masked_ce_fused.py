@@ -1,0 +1,178 @@
+"""Fused masked-diffusion linear cross-entropy: gather, chunked cuBLAS GEMMs and the Triton row kernel.
+
+Pipeline for the M rows with ``w_i != 0`` (see :mod:`dlm_kernels.masked_ce_triton` for the math), per chunk
+of rows sized so that its logits fit a fixed byte budget:
+
+1. ``Z = X_c W^T`` into one reused ``[rows, V]`` buffer (input dtype, cuBLAS);
+2. the Triton row kernel writes ``w_i (lse_i - Z_{i,y_i})`` and overwrites ``Z`` with ``G``;
+3. ``dX_c = G W`` (cuBLAS), scattered into the full-size ``dH``;
+4. ``dW += G^T X_c`` accumulated in fp32 (cuBLAS with an fp32 output).
+
+All of it happens in forward (the loss is a scalar); backward only multiplies the stored gradients by the
+upstream gradient and casts them (one Triton pass each). The forward and that pass are
+``torch.library.custom_op`` s with fake implementations, and autograd sees them through one
+``torch.autograd.Function``, so ``torch.compile(fullgraph=True)`` traces the loss without a graph break or a
+data-dependent shape (the gather happens inside the op).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import masked_ce_triton as kernels
+
+# Bytes of the reused logits buffer: 256 MiB is 4096 rows of a 32000-entry bf16 vocabulary.
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+def chunk_rows_for(n_rows: int, vocab: int, elem_size: int, chunk_bytes: int) -> int:
+    """Rows per chunk: as many as ``chunk_bytes`` of logits allow, balanced so no chunk is a small tail."""
+    max_rows = max(1, chunk_bytes // (vocab * elem_size))
+    n_chunks = -(-n_rows // max_rows)
+    return -(-n_rows // n_chunks)
+
+
+def _accumulate_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """``out (+)= a @ b`` with ``out`` fp32 and ``a``, ``b`` of the input dtype, accumulating in fp32."""
+    if a.dtype == torch.float32:
+        if first:
+            torch.mm(a, b, out=out)
+        else:
+            out.addmm_(a, b)
+    elif a.is_cuda:
+        # cuBLAS writes (and reads back) an fp32 C directly: no transient [V, d] in the input dtype.
+        if first:
+            torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=out)
+        else:
+            torch.ops.aten.addmm.dtype_out(out, a, b, torch.float32, out=out)
+    else:
+        if first:
+            torch.mm(a.float(), b.float(), out=out)
+        else:
+            out.addmm_(a.float(), b.float())
+
+
+@torch.library.custom_op("dlm_kernels::masked_lce_fwd", mutates_args=())
+def masked_lce_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_weights: torch.Tensor,
+    grad_hidden: bool,
+    grad_weight: bool,
+    chunk_bytes: int,
+    block_v: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss and (unscaled) gradients of the masked weighted linear cross-entropy.
+
+    Returns:
+        ``(loss, dH, dW)``: fp32 scalar; ``dH [N, d]`` in ``hidden``'s dtype (0 rows where unmasked) or an
+        empty tensor if not ``grad_hidden``; ``dW [V, d]`` fp32 or an empty tensor if not ``grad_weight``.
+    """
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    dh = hidden.new_zeros((n, d)) if grad_hidden else hidden.new_empty((0,))
+    dw = (
+        weight.new_empty((vocab, d), dtype=torch.float32)
+        if grad_weight
+        else weight.new_empty((0,), dtype=torch.float32)
+    )
+    idx = torch.nonzero(token_weights).squeeze(1)
+    m = idx.numel()
+    if m == 0:
+        if grad_weight:
+            dw.zero_()
+        return hidden.new_zeros((), dtype=torch.float32), dh, dw
+    x = hidden.index_select(0, idx)
+    y = targets.index_select(0, idx)
+    w = token_weights.index_select(0, idx)
+    rows = chunk_rows_for(m, vocab, hidden.element_size(), chunk_bytes)
+    logits = hidden.new_empty((rows, vocab))
+    dx = hidden.new_empty((rows, d)) if grad_hidden else None
+    row_loss = torch.empty(m, dtype=torch.float32, device=hidden.device)
+    weight_t = weight.t()
+    for start in range(0, m, rows):
+        stop = min(start + rows, m)
+        z = logits[: stop - start]
+        torch.mm(x[start:stop], weight_t, out=z)
+        kernels.ce_rows(
+            z, y[start:stop], w[start:stop], row_loss[start:stop], grad_hidden or grad_weight, block_v
+        )
+        if grad_hidden:
+            torch.mm(z, weight, out=dx[: stop - start])
+            dh.index_copy_(0, idx[start:stop], dx[: stop - start])
+        if grad_weight:
+            _accumulate_fp32(dw, z.t(), x[start:stop], first=start == 0)
+    return row_loss.sum(), dh, dw
+
+
+@masked_lce_fwd.register_fake
+def _(hidden, weight, targets, token_weights, grad_hidden, grad_weight, chunk_bytes, block_v):
+    dh = hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty((0,))
+    dw_shape = weight.shape if grad_weight else (0,)
+    return (
+        hidden.new_empty((), dtype=torch.float32),
+        dh,
+        weight.new_empty(dw_shape, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("dlm_kernels::scale_cast", mutates_args=())
+def scale_cast(src: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(src * scale).to(dtype)``, one pass; ``scale`` is a one-element tensor (no host sync)."""
+    if kernels.runs_on(src.device):
+        return kernels.scale_cast(src, scale, dtype)
+    return (src.float() * scale.float()).to(dtype)
+
+
+@scale_cast.register_fake
+def _(src, scale, dtype):
+    return torch.empty(src.shape, dtype=dtype, device=src.device)
+
+
+class _MaskedLCE(torch.autograd.Function):
+    """Autograd view of :func:`masked_lce_fwd`: gradients come from forward, backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, token_weights, grad_hidden, grad_weight, chunk_bytes, block_v):
+        loss, dh, dw = masked_lce_fwd(
+            hidden, weight, targets, token_weights, grad_hidden, grad_weight, chunk_bytes, block_v
+        )
+        ctx.save_for_backward(dh, dw)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.wants = (grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dh, dw = ctx.saved_tensors
+        scale = grad_loss.float().reshape(1)
+        grad_h = scale_cast(dh, scale, ctx.dtypes[0]) if ctx.wants[0] else None
+        grad_w = scale_cast(dw, scale, ctx.dtypes[1]) if ctx.wants[1] else None
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+def fused_masked_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_weights: torch.Tensor,
+    *,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    block_v: int = 0,
+) -> torch.Tensor:
+    """Fused path of :func:`dlm_kernels.masked_linear_cross_entropy` on 2-D, validated inputs.
+
+    Args:
+        hidden, weight, targets, token_weights: as in ``masked_linear_cross_entropy``.
+        chunk_bytes: byte budget of the reused logits buffer (sets the rows per chunk).
+        block_v: row-kernel tile width (power of two); 0 picks one from ``V``.
+    """
+    grads = torch.is_grad_enabled()
+    grad_hidden = grads and hidden.requires_grad
+    grad_weight = grads and weight.requires_grad
+    if not (grad_hidden or grad_weight):
+        return masked_lce_fwd(hidden, weight, targets, token_weights, False, False, chunk_bytes, block_v)[0]
+    return _MaskedLCE.apply(
+        hidden, weight, targets, token_weights, grad_hidden, grad_weight, chunk_bytes, block_v
+    )

@@ -1,0 +1,77 @@
+"""Chunked pure-PyTorch reference of the masked-diffusion linear cross-entropy.
+
+``loss = sum_i w_i * CE(hidden_i @ weight^T, targets_i)`` over the rows with ``w_i != 0``. Runs anywhere
+(CPU, CUDA, under ``torch.compile``) and is the fallback of :func:`dlm_kernels.masked_linear_cross_entropy`
+when the Triton kernel cannot run. Autograd differentiates it; the logits of each chunk are upcast to fp32
+for the softmax.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CHUNK_ROWS = 4096
+
+
+def gather_masked_rows(
+    hidden: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather the rows with a non-zero weight (one device-to-host sync for their count).
+
+    Args:
+        hidden: ``[N, d]`` hidden states.
+        targets: ``[N]`` int64 class ids.
+        token_weights: ``[N]`` fp32 weights, exactly 0 at rows that do not count.
+
+    Returns:
+        ``(hidden_m [M, d], targets_m [M], weights_m [M])`` for the ``M`` rows with a non-zero weight.
+    """
+    idx = torch.nonzero(token_weights).squeeze(1)
+    return hidden.index_select(0, idx), targets.index_select(0, idx), token_weights.index_select(0, idx)
+
+
+def chunked_weighted_cross_entropy(
+    hidden_m: torch.Tensor,
+    weight: torch.Tensor,
+    targets_m: torch.Tensor,
+    weights_m: torch.Tensor,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> torch.Tensor:
+    """``sum_i weights_m[i] * CE(hidden_m[i] @ weight^T, targets_m[i])`` in chunks of ``chunk_rows`` rows.
+
+    With no rows it still runs one empty chunk, so the zero loss stays connected to ``hidden_m`` and
+    ``weight`` and backward gives zero gradients instead of none.
+    """
+    total = None
+    for start in range(0, max(hidden_m.shape[0], 1), chunk_rows):
+        stop = start + chunk_rows
+        logits = hidden_m[start:stop] @ weight.t()
+        ce = F.cross_entropy(logits.float(), targets_m[start:stop], reduction="none")
+        part = (ce * weights_m[start:stop]).sum()
+        total = part if total is None else total + part
+    return total
+
+
+def masked_linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_weights: torch.Tensor,
+    *,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> torch.Tensor:
+    """Weighted cross-entropy of the masked rows, chunked pure PyTorch (differentiable by autograd).
+
+    Args:
+        hidden: ``[N, d]`` hidden states (bf16 or fp32).
+        weight: ``[V, d]`` output-head weight, same dtype as ``hidden``.
+        targets: ``[N]`` int64 targets.
+        token_weights: ``[N]`` fp32 weights, ``1 / (p_i * global_token_count)`` at masked rows, 0 elsewhere.
+        chunk_rows: rows of logits materialized at once.
+
+    Returns:
+        fp32 scalar ``sum_i token_weights[i] * CE(hidden[i] @ weight^T, targets[i])``.
+    """
+    hidden_m, targets_m, weights_m = gather_masked_rows(hidden, targets, token_weights)
+    return chunked_weighted_cross_entropy(hidden_m, weight, targets_m, weights_m, chunk_rows)
