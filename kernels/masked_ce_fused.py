@@ -32,6 +32,10 @@ def chunk_rows_for(n_rows: int, vocab: int, elem_size: int, chunk_bytes: int) ->
     return -(-n_rows // n_chunks)
 
 
+# Whether cuBLAS addmm accepts an fp32 C with bf16/fp16 A and B (newer torch); probed on first use.
+_FP32_C_ADDMM: list[bool] = []
+
+
 def _accumulate_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
     """``out (+)= a @ b`` with ``out`` fp32 and ``a``, ``b`` of the input dtype, accumulating in fp32."""
     if a.dtype == torch.float32:
@@ -43,8 +47,15 @@ def _accumulate_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first:
         # cuBLAS writes (and reads back) an fp32 C directly: no transient [V, d] in the input dtype.
         if first:
             torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=out)
-        else:
-            torch.ops.aten.addmm.dtype_out(out, a, b, torch.float32, out=out)
+            return
+        if not _FP32_C_ADDMM or _FP32_C_ADDMM[0]:
+            try:
+                torch.ops.aten.addmm.dtype_out(out, a, b, torch.float32, out=out)
+                _FP32_C_ADDMM[:] = [True]
+                return
+            except RuntimeError:  # older torch wants C in the input dtype: pay a transient fp32 product
+                _FP32_C_ADDMM[:] = [False]
+        out.add_(torch.ops.aten.mm.dtype(a, b, torch.float32))
     else:
         if first:
             torch.mm(a.float(), b.float(), out=out)

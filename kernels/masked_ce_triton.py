@@ -97,7 +97,9 @@ if triton is not None:
             if WRITE_GRAD:
                 p = tl.exp2((z - lse) * _LOG2E)
                 grad = w * (p - tl.where(cols == y, 1.0, 0.0))
-                tl.store(z_row + cols, grad.to(z_ptr.dtype.element_ty), mask=in_row)
+                tl.store(
+                    z_row + cols, grad.to(z_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=in_row
+                )
         else:
             # Per-lane running max and sum; the first tile is full (V > BLOCK_V), so every lane's max is
             # finite after it and later -inf tail lanes never form (-inf) - (-inf).
@@ -120,7 +122,9 @@ if triton is not None:
                     z = tl.load(z_row + c, mask=in_row, other=float("-inf")).to(tl.float32)
                     p = tl.exp2((z - lse) * _LOG2E)
                     grad = w * (p - tl.where(c == y, 1.0, 0.0))
-                    tl.store(z_row + c, grad.to(z_ptr.dtype.element_ty), mask=in_row)
+                    tl.store(
+                        z_row + c, grad.to(z_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=in_row
+                    )
 
     @triton.jit
     def _scale_cast_kernel(src_ptr, dst_ptr, scale_ptr, n, BLOCK: tl.constexpr):
@@ -128,7 +132,11 @@ if triton is not None:
         in_range = offs < n
         scale = tl.load(scale_ptr).to(tl.float32)
         x = tl.load(src_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
-        tl.store(dst_ptr + offs, (x * scale).to(dst_ptr.dtype.element_ty), mask=in_range)
+        tl.store(
+            dst_ptr + offs,
+            (x * scale).to(dst_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
+            mask=in_range,
+        )
 
 
 def _next_pow2(n: int) -> int:

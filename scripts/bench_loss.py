@@ -1,0 +1,203 @@
+"""Benchmark the LM-head loss paths of a masked diffusion LM on one GPU: fwd+bwd time and peak extra memory.
+
+Paths, all from the full hidden states ``[N, d]`` to ``loss.backward()`` (bf16 inputs, fp32 loss):
+
+- ``full_logits``: logits for every token + ``F.cross_entropy`` weighted by ``token_weights``;
+- ``gather_ce``: gather the masked rows, then the same;
+- ``compiled_chunked``: gather, then ``torch.compile`` of the 4096-row chunked reference;
+- ``torch_chunked``: the same reference in eager mode (``impl="torch"``);
+- ``fused``: ours (``impl="fused"``).
+
+Also measures the card's bf16 matmul rate (8192^3) in the same run and reports useful TFLOP/s
+``6 * N_masked * d * V / time``. ``--sweep`` adds a row-kernel bandwidth sweep and fused-path variants.
+
+    python scripts/bench_loss.py --dims 768 2048 [--sweep] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+from dlm_kernels import masked_ce_triton as row_kernels
+from dlm_kernels import masked_linear_cross_entropy
+from dlm_kernels.masked_ce_fused import fused_masked_linear_cross_entropy
+from dlm_kernels.reference import chunked_weighted_cross_entropy, gather_masked_rows
+
+GIB = 2**30
+
+
+def time_ms(fn, iters: int, warmup: int) -> float:
+    """Median milliseconds of ``fn()`` over ``iters`` runs, timed with CUDA events after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def matmul_tflops(iters: int) -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = time_ms(lambda: a @ b, iters, 10)
+    return 2 * 8192**3 / ms / 1e9
+
+
+def make_inputs(n: int, d: int, vocab: int, mask_ratio: float, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    hidden = torch.randn(n, d, device="cuda", generator=g).bfloat16().requires_grad_()
+    weight = (torch.randn(vocab, d, device="cuda", generator=g) * (2.0 / d**0.5)).bfloat16().requires_grad_()
+    targets = torch.randint(0, vocab, (n,), device="cuda", generator=g)
+    mask = torch.rand(n, device="cuda", generator=g) < mask_ratio
+    token_weights = torch.where(mask, 1.0 / (mask_ratio * n), 0.0).float()
+    return hidden, weight, targets, token_weights
+
+
+def full_logits(hidden, weight, targets, token_weights):
+    ce = F.cross_entropy((hidden @ weight.t()).float(), targets, reduction="none")
+    return (ce * token_weights).sum()
+
+
+def gather_ce(hidden, weight, targets, token_weights):
+    x, y, w = gather_masked_rows(hidden, targets, token_weights)
+    return (F.cross_entropy((x @ weight.t()).float(), y, reduction="none") * w).sum()
+
+
+_compiled_chunked = torch.compile(chunked_weighted_cross_entropy, dynamic=False)
+
+
+def compiled_chunked(hidden, weight, targets, token_weights):
+    x, y, w = gather_masked_rows(hidden, targets, token_weights)
+    return _compiled_chunked(x, weight, y, w, 4096)
+
+
+def measure(loss_fn, inputs, iters: int, warmup: int) -> tuple[float, float]:
+    """(median fwd+bwd ms, peak memory above the resident inputs in GiB) of ``loss_fn`` on ``inputs``."""
+    hidden, weight = inputs[0], inputs[1]
+
+    def step():
+        hidden.grad = None
+        weight.grad = None
+        loss_fn(*inputs).backward()
+
+    ms = time_ms(step, iters, warmup)
+    hidden.grad = None
+    weight.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return ms, (torch.cuda.max_memory_allocated() - base) / GIB
+
+
+def sweep_row_kernel(vocab: int, rows: int, iters: int) -> list[str]:
+    """Bandwidth of the row kernel alone (read + write of a bf16 logits block) per (BLOCK_V, num_warps)."""
+    logits = torch.randn(rows, vocab, device="cuda").bfloat16()
+    targets = torch.randint(0, vocab, (rows,), device="cuda")
+    weights = torch.full((rows,), 1e-4, device="cuda")
+    loss = torch.empty(rows, device="cuda")
+    lines = []
+    configs = [(32768, 32), (32768, 16), (16384, 16), (8192, 16), (8192, 8), (4096, 8), (4096, 4), (2048, 4)]
+    for block, warps in configs:
+        ms = time_ms(
+            lambda b=block, w=warps: row_kernels.ce_rows(logits, targets, weights, loss, True, b, w), iters, 5
+        )
+        gbs = 2 * logits.numel() * logits.element_size() / ms / 1e6
+        lines.append(
+            f"row kernel V={vocab} rows={rows} BLOCK_V={block} warps={warps}: {ms:.3f} ms, {gbs:.0f} GB/s"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dims", type=int, nargs="+", default=[768, 2048])
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--mask-ratio", type=float, default=0.5)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument(
+        "--sweep", action="store_true", help="also sweep row-kernel tiles and fused chunk sizes"
+    )
+    parser.add_argument("--skip", nargs="*", default=[], help="paths to leave out, e.g. full_logits")
+    parser.add_argument("--json", default="", help="write all numbers to this file")
+    args = parser.parse_args()
+
+    name = torch.cuda.get_device_name()
+    mm = matmul_tflops(args.iters)
+    header = (
+        f"{name}, torch {torch.__version__}, triton {getattr(row_kernels.triton, '__version__', None)}, "
+        f"{datetime.date.today()}, N={args.tokens}, V={args.vocab}, mask ratio {args.mask_ratio}, "
+        f"bf16 matmul 8192^3 {mm:.0f} TFLOP/s"
+    )
+    print(header, flush=True)
+    paths = {
+        "full_logits": full_logits,
+        "gather_ce": gather_ce,
+        "compiled_chunked": compiled_chunked,
+        "torch_chunked": lambda *a: masked_linear_cross_entropy(*a, impl="torch"),
+        "fused": lambda *a: masked_linear_cross_entropy(*a, impl="fused"),
+    }
+    if args.sweep:
+        for mib in (128, 256, 512):
+            for block in (0, 8192, 4096):
+                paths[f"fused_c{mib}_b{block}"] = lambda *a, c=mib * 2**20, b=block: (
+                    fused_masked_linear_cross_entropy(*a, chunk_bytes=c, block_v=b)
+                )
+        for line in sweep_row_kernel(args.vocab, 4096, args.iters):
+            print(line, flush=True)
+    rows, table = [], []
+    for d in args.dims:
+        inputs = make_inputs(args.tokens, d, args.vocab, args.mask_ratio)
+        masked = int((inputs[3] != 0).sum())
+        useful = 6 * masked * d * args.vocab
+        base_ms = None
+        for path, fn in paths.items():
+            if path in args.skip:
+                continue
+            ms, gib = measure(fn, inputs, args.iters, args.warmup)
+            base_ms = ms if path == "compiled_chunked" else base_ms
+            tflops = useful / ms / 1e9
+            row = dict(
+                d=d,
+                path=path,
+                ms=ms,
+                peak_gib=gib,
+                tflops=tflops,
+                pct_matmul=100 * tflops / mm,
+                masked=masked,
+            )
+            rows.append(row)
+            print(f"d={d} {path}: {ms:.3f} ms {gib:.2f} GiB {tflops:.0f} TFLOP/s", flush=True)
+        for row in rows:
+            if row["d"] == d:
+                speedup = f"{base_ms / row['ms']:.2f}x" if base_ms else "-"
+                table.append(
+                    f"| {d} | {row['path']} | {row['ms']:.2f} | {row['peak_gib']:.2f} | {row['tflops']:.0f} "
+                    f"({row['pct_matmul']:.0f}%) | {speedup} |"
+                )
+    print(f"\n{header}; N_masked per d: {sorted({(r['d'], r['masked']) for r in rows})}")
+    print("| d | path | fwd+bwd ms | peak extra GiB | useful TFLOP/s (% of matmul) | vs compiled chunked |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(table))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "matmul_tflops": mm, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
