@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-TRAIN_STREAM, VALIDATION_STREAM, SSL_STREAM = 0, 1, 2
+# Independent noise streams: keys of one never collide with another's.
+TRAIN_STREAM, VALIDATION_STREAM, SSL_STREAM, STRATIFY_STREAM = 0, 1, 2, 3
 
 
 def noise_generator(seed: int, stream: int, step: int, index: int) -> torch.Generator:
@@ -62,7 +63,7 @@ def sample_noise(
         uniforms.append(torch.rand(seq_len, generator=gen))
     t = torch.stack(ts)
     if t_sampling == "stratified":
-        offset = torch.rand((), generator=noise_generator(seed, stream, step, -1))
+        offset = torch.rand((), generator=noise_generator(seed, STRATIFY_STREAM + 4 * stream, step, 0))
         t = torch.remainder(offset + positions.to(torch.float32) / num_positions, 1.0)
     return Noise(t=t, uniforms=torch.stack(uniforms))
 

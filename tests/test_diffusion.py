@@ -12,11 +12,17 @@ from dlm_kernels import masked_linear_cross_entropy
 MASK_ID = 32000
 
 
-def tiny_model(seq_len=16):
+def plain_loss(h, w, y, tw):
+    """The weighted CE in the inputs' own dtype (float64 here), independent of dlm_kernels."""
+    sel = tw != 0
+    return (torch.nn.functional.cross_entropy(h[sel] @ w.T, y[sel], reduction="none") * tw[sel]).sum()
+
+
+def tiny_model(seq_len=16, loss_fn=None):
     model = build_model(Model(flavor="6M"), seq_len, torch.device("cpu"))
     model.to_empty(device="cpu")
     model.init_weights(seed=7)
-    model.loss_fn = lambda h, w, y, tw: masked_linear_cross_entropy(h, w, y, tw, impl="torch")
+    model.loss_fn = loss_fn or (lambda h, w, y, tw: masked_linear_cross_entropy(h, w, y, tw, impl="torch"))
     return model
 
 
@@ -82,29 +88,42 @@ def test_mask_rate_follows_p():
     assert abs(rate.mean().item() - 0.5) < 0.05
 
 
-def test_accumulation_equals_one_batch():
-    """1 process x 4 micro-batches of 1 == one batch of 4 (fp32, 1e-6), loss and gradients."""
+def accumulation_gap(dtype):
+    """Loss and gradients of one batch of 4 vs 4 accumulated micro-batches of 1; returns both."""
     seq_len, n = 16, 4
     tokens = torch.randint(0, 32000, (n, seq_len))
     noise = sample_noise(torch.arange(n), seq_len, seed=3, step=1)
     whole = forward_process(tokens, noise, eps=1e-3, mask_id=MASK_ID, token_count=n * seq_len)
-
-    model = tiny_model(seq_len)
-    loss_full = model(whole.inputs, whole.targets, whole.token_weights)
+    model = tiny_model(seq_len, loss_fn=plain_loss if dtype == torch.float64 else None).to(dtype)
+    loss_full = model(whole.inputs, whole.targets, whole.token_weights.to(dtype))
     loss_full.backward()
     grads_full = {k: p.grad.clone() for k, p in model.named_parameters()}
-
     model.zero_grad()
     loss_acc = 0.0
     for j in range(n):
         part = sample_noise(torch.tensor([j]), seq_len, seed=3, step=1)
         mb = forward_process(tokens[j : j + 1], part, eps=1e-3, mask_id=MASK_ID, token_count=n * seq_len)
-        loss = model(mb.inputs, mb.targets, mb.token_weights)
+        loss = model(mb.inputs, mb.targets, mb.token_weights.to(dtype))
         loss.backward()
         loss_acc += loss.item()
-    assert loss_acc == pytest.approx(loss_full.item(), rel=1e-6)
-    for k, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads_full[k], rtol=1e-6, atol=1e-6 * grads_full[k].abs().max().item(), msg=k)
+    grads_acc = {k: p.grad for k, p in model.named_parameters()}
+    return loss_full.item(), loss_acc, grads_full, grads_acc
+
+
+def test_accumulation_equals_one_batch_fp32():
+    """1 process x 4 micro-batches of 1 == one batch of 4 (fp32, 1e-6), loss and gradients."""
+    loss_full, loss_acc, grads_full, grads_acc = accumulation_gap(torch.float32)
+    assert loss_acc == pytest.approx(loss_full, rel=1e-6)
+    for k, g in grads_full.items():
+        torch.testing.assert_close(grads_acc[k], g, rtol=1e-6, atol=1e-6)
+
+
+def test_accumulation_equals_one_batch_float64_exactly():
+    """In float64 the two agree to rounding: the normalisation itself is exact."""
+    loss_full, loss_acc, grads_full, grads_acc = accumulation_gap(torch.float64)
+    assert loss_acc == pytest.approx(loss_full, rel=1e-12)
+    diff = torch.cat([(grads_acc[k] - g).flatten() for k, g in grads_full.items()])
+    assert (diff.norm() / torch.cat([g.flatten() for g in grads_full.values()]).norm()).item() < 1e-12
 
 
 def test_ssl_length_rate_and_range():
