@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dlm_titan.data import build_train_loader, build_val_loader
-from dlm_titan.data.loader import TrainBatches
+from dlm_titan.data.loader import TrainBatches, unpack
 from dlm_titan.data.permutation import IndexPermutation
 from dlm_titan.errors import UserError
 
@@ -114,7 +114,7 @@ def test_mixture_frequencies_and_per_source_epochs(tmp_path: Path):
     star = make_source(tmp_path, "train_starcoder_0", [30], base=20000)
     c = cfg(train_prefixes=["train_slim", "train_star"], train_weights=[0.7, 0.3])
     ds = loader(tmp_path, c, b=100, G=100).dataset
-    ids = np.concatenate([ds[k]["input"][:, 0].numpy() for k in range(100)])  # 10,000 samples
+    ids = np.concatenate([unpack(ds[k])["input"][:, 0].numpy() for k in range(100)])  # 10,000 samples
     frac_star = np.mean(ids >= 20000)
     assert abs(frac_star - 0.3) < 0.01 and abs((1 - frac_star) - 0.7) < 0.01
     # each source is read as its own epoch-wise stream: the first 30 star samples are all 30 star windows
@@ -124,7 +124,7 @@ def test_mixture_frequencies_and_per_source_epochs(tmp_path: Path):
     assert sorted(slim_ids[:100].tolist()) == sorted(slim)
     # the mixture is position-keyed: another layout of the same stream gives the same samples
     ds2 = loader(tmp_path, c, b=25, G=100, rank=1, W=2).dataset
-    np.testing.assert_array_equal(ds2[0]["input"].numpy(), ds[0]["input"][50:75].numpy())
+    np.testing.assert_array_equal(unpack(ds2[0])["input"].numpy(), unpack(ds[0])["input"][50:75].numpy())
 
 
 def test_three_way_mixture_within_one_percent(tmp_path: Path):
@@ -132,7 +132,7 @@ def test_three_way_mixture_within_one_percent(tmp_path: Path):
         make_source(tmp_path, f"src{s}_x", [40], base=base)
     c = cfg(train_prefixes=["src0", "src1", "src2"], train_weights=[5.0, 3.0, 2.0])
     ds = loader(tmp_path, c, b=250, G=250, seed=11).dataset
-    ids = np.concatenate([ds[k]["input"][:, 0].numpy() for k in range(40)])
+    ids = np.concatenate([unpack(ds[k])["input"][:, 0].numpy() for k in range(40)])
     counts = Counter((ids // 10000).tolist())
     for src, w in ((1, 0.5), (2, 0.3), (3, 0.2)):
         assert abs(counts[src] / ids.size - w) < 0.01

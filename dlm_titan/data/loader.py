@@ -8,14 +8,16 @@ the key of the sample's noise.
 
 Stream position ``g`` -> sample: a :class:`SourceMixture` picks the source and the index ``q`` within it (single
 source: ``q = g``); epoch ``e = q // N`` and window ``perm_e(q % N)`` with ``perm_e`` a permutation seeded by
-``(seed, source, e)``. Every micro-batch is a pure function of ``k``, so the loader's whole state is the next
+``(seed, prefix, e)``. Every micro-batch is a pure function of ``k``, so the loader's whole state is the next
 ``k``: the sampler yields ``k, k+1, ...``, workers get them round-robin, and StatefulDataLoader's in-order
-delivery plus its sampler snapshot restore the exact next micro-batch in O(1).
+delivery plus its sampler snapshot restore the exact next micro-batch in O(1). (torchdata restores per-worker
+snapshots, so a resume needs the same ``data.num_workers``; the saved layout is checked.)
 """
 
 from __future__ import annotations
 
 import warnings
+import zlib
 from contextlib import contextmanager
 from typing import Any
 
@@ -88,8 +90,10 @@ class TrainBatches(Dataset):
         if key not in self._perm:
             if len(self._perm) >= 8:
                 self._perm.pop(next(iter(self._perm)))
-            n = self.sources[source].num_windows
-            self._perm[key] = IndexPermutation(n, hash_key(self.seed, source, epoch))
+            src = self.sources[source]
+            # keyed by the prefix name, so a source's order does not depend on the other sources
+            self._perm[key] = IndexPermutation(src.num_windows, hash_key(self.seed, zlib.crc32(src.prefix.encode()),
+                                                                         epoch))
         return self._perm[key]
 
     def positions(self, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -98,13 +102,19 @@ class TrainBatches(Dataset):
         j = self.rank * self.A * self.b + m * self.b + np.arange(self.b, dtype=np.int64)
         return j, step * self.G + j
 
-    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, k: int) -> torch.Tensor:
+        """Micro-batch ``k`` packed as one int64 tensor ``[b, seq_len + 2]``: the windows, then ``position``.
+
+        One tensor, because each tensor a worker returns costs a shared-memory transfer (~1 ms on a small
+        CPU); :func:`unpack` splits it in the training process.
+        """
         j, g = self.positions(k)
         if self.mixture is None:
             source, q = np.zeros_like(g), g
         else:
             source, q = self.mixture(g)
-        out = np.empty((self.b, self.sources[0].window), dtype=np.int64)
+        window = self.sources[0].window
+        out = np.empty((self.b, window + 1), dtype=np.int64)
         for s in np.unique(source).tolist():
             sel_s = source == s
             n = self.sources[s].num_windows
@@ -112,10 +122,11 @@ class TrainBatches(Dataset):
             for e in np.unique(epoch).tolist():
                 rows = np.flatnonzero(sel_s)[epoch == e]
                 ids = self._permutation(s, e)(q[rows] - e * n)
-                block = np.empty((rows.size, out.shape[1]), dtype=np.int64)
+                block = np.empty((rows.size, window), dtype=np.int64)
                 self.sources[s].read(ids, block)
-                out[rows] = block
-        return {"input": torch.from_numpy(out), "position": torch.from_numpy(j)}
+                out[rows, :window] = block
+        out[:, window] = j
+        return torch.from_numpy(out)
 
 
 class ValBatches(Dataset):
@@ -129,11 +140,31 @@ class ValBatches(Dataset):
     def __len__(self) -> int:
         return self.num_batches
 
-    def __getitem__(self, v: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, v: int) -> torch.Tensor:
+        """Validation micro-batch ``v``, packed like :meth:`TrainBatches.__getitem__`."""
         g = v * self.b * self.W + self.rank * self.b + np.arange(self.b, dtype=np.int64)
-        out = np.empty((self.b, self.source.window), dtype=np.int64)
-        self.source.read(g, out)
-        return {"input": torch.from_numpy(out), "position": torch.from_numpy(g)}
+        out = np.empty((self.b, self.source.window + 1), dtype=np.int64)
+        self.source.read(g, out[:, :-1])
+        out[:, -1] = g
+        return torch.from_numpy(out)
+
+
+def unpack(packed: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{"input": int64[b, seq_len + 1], "position": int64[b]}`` from a packed micro-batch."""
+    return {"input": packed[:, :-1].contiguous(), "position": packed[:, -1].contiguous()}
+
+
+class _Unpacked:
+    """Iterator over a loader iterator's packed micro-batches, yielding them unpacked."""
+
+    def __init__(self, it):
+        self.it = it
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return unpack(next(self.it))
 
 
 @contextmanager
@@ -144,8 +175,15 @@ def _quiet_torchdata():
         yield
 
 
-class TrainLoader(StatefulDataLoader):
-    """StatefulDataLoader whose state also records the sample layout, so a resume under a different layout
+class PackedLoader(StatefulDataLoader):
+    """StatefulDataLoader over packed micro-batches that yields them as dicts (see :func:`unpack`)."""
+
+    def __iter__(self) -> _Unpacked:  # type: ignore[override]
+        return _Unpacked(super().__iter__())
+
+
+class TrainLoader(PackedLoader):
+    """The training loader. Its state also records the sample layout, so a resume under a different layout
     (seed, batch sizes, world size, sources, workers) fails with a clear message instead of silently
     reading other samples."""
 
@@ -241,7 +279,7 @@ def build_train_loader(data_cfg: Any, *, data_path: str, seq_len: int, local_bat
 
 
 def build_val_loader(data_cfg: Any, *, data_path: str, seq_len: int, local_batch_size: int, dp_rank: int,
-                     dp_world_size: int, vocab_size: int | None = None) -> StatefulDataLoader:
+                     dp_world_size: int, vocab_size: int | None = None) -> PackedLoader:
     """One finite pass over the validation windows (``data.val_prefix``), in file order, split across ranks.
 
     Every rank gets ``N // (b * W)`` micro-batches (same count on every rank, so collectives stay in step);
@@ -258,5 +296,5 @@ def build_val_loader(data_cfg: Any, *, data_path: str, seq_len: int, local_batch
                         f"{local_batch_size * dp_world_size}; lower them or prepare more validation data")
     workers = int(data_cfg.num_workers)
     with _quiet_torchdata():
-        return StatefulDataLoader(dataset, batch_size=None, sampler=CounterSampler(len(dataset)),
-                                  num_workers=workers, persistent_workers=workers > 0)
+        return PackedLoader(dataset, batch_size=None, sampler=CounterSampler(len(dataset)),
+                            num_workers=workers, persistent_workers=workers > 0)

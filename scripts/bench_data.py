@@ -1,0 +1,105 @@
+"""Data throughput: the training loader (tokens/s per worker and end to end) and shard preparation (tokens/s).
+
+Usage::
+
+    python -m scripts.bench_data [--seq_len 2048] [--local_batch_size 8] [--workers 0,1,2] [--seconds 5]
+
+The loader runs over synthetic shards (random ids, default 2049*1024-token chunks) written to a temporary
+folder, so they sit in the page cache: this measures the loader, not the disk. "per worker" is the micro-batch
+function alone in this process (what one worker process can produce); the loader rows include worker IPC.
+Tokens count ``local_batch_size * seq_len`` per micro-batch. Preparation tokenizes the embedded corpus's train
+split (or --source_path) with the embedded tokenizer (or --tokenizer_path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from dlm_titan.data import build_train_loader, prepare_split, write_shard
+from dlm_titan.data.embedded import embedded_corpus_dir
+from dlm_titan.data.prepare import DEFAULT_CHUNK_SIZE
+
+
+def make_shards(folder: Path, n: int, chunk_size: int) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        write_shard(folder / f"train_slimpajama_{i:06d}_0000000000.bin",
+                    rng.integers(0, 32000, size=chunk_size, dtype=np.uint16))
+
+
+def rate(fn, seconds: float) -> float:
+    """Calls of ``fn`` per second over ``seconds`` (after one warm-up call)."""
+    fn()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+        n += 1
+    return n / (time.perf_counter() - start)
+
+
+def bench_loader(args: argparse.Namespace, folder: Path) -> list[tuple[str, float]]:
+    rows = []
+    for workers in [int(w) for w in args.workers.split(",")]:
+        cfg = SimpleNamespace(train_prefixes=["train_slim"], train_weights=[1.0], tokenizer_path="",
+                              num_workers=workers)
+        loader = build_train_loader(cfg, data_path=str(folder), seq_len=args.seq_len,
+                                    local_batch_size=args.local_batch_size,
+                                    global_batch_size=args.local_batch_size * 4, dp_rank=0, dp_world_size=1,
+                                    seed=0, vocab_size=32000)
+        tokens = args.local_batch_size * args.seq_len
+        if workers == 0:
+            counter = iter(range(1 << 62))
+            per_worker = rate(lambda: loader.dataset[next(counter)], args.seconds) * tokens
+            rows.append(("micro-batch function, 1 process (per worker)", per_worker))
+        it = iter(loader)
+        for _ in range(8 * max(workers, 1)):  # start workers, fill the prefetch queue, map every shard once
+            next(it)
+        rows.append((f"StatefulDataLoader, num_workers={workers}", rate(lambda: next(it), args.seconds) * tokens))
+        del it, loader
+    return rows
+
+
+def bench_prepare(args: argparse.Namespace) -> list[tuple[str, float]]:
+    source = args.source_path or str(embedded_corpus_dir())
+    rows = []
+    for workers in (1, 2):
+        with tempfile.TemporaryDirectory() as out:
+            start = time.perf_counter()
+            manifest = prepare_split(source, args.tokenizer_path, out, "train", num_workers=workers,
+                                     show_progress=False)
+            elapsed = time.perf_counter() - start
+        rows.append((f"prepare_slim_pajama, num_workers={workers}", manifest["totals"]["tokens"] / elapsed))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seq_len", type=int, default=2048)
+    parser.add_argument("--local_batch_size", type=int, default=8)
+    parser.add_argument("--workers", default="0,1,2", help="comma-separated num_workers values")
+    parser.add_argument("--shards", type=int, default=16)
+    parser.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--source_path", default="", help="corpus for the prepare benchmark (default: embedded)")
+    parser.add_argument("--tokenizer_path", default="")
+    parser.add_argument("--skip_prepare", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        make_shards(Path(tmp), args.shards, args.chunk_size)
+        rows = bench_loader(args, Path(tmp))
+    if not args.skip_prepare:
+        rows += bench_prepare(args)
+    print(f"| what (seq_len {args.seq_len}, micro-batch {args.local_batch_size}) | tokens/s |")
+    print("|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value / 1e6:,.1f}M |")
+
+
+if __name__ == "__main__":
+    main()
