@@ -1,6 +1,6 @@
 """FLOPs budget -> steps (SMDM) and MFU inputs."""
 
-from dlm_titan.flops import flops_per_token, mean_seq_len, peak_flops, steps_from_budget, smdm_warmup_steps
+from dlm_titan.flops import flops_per_token, mean_seq_len, peak_flops, smdm_warmup_steps, steps_from_budget
 from dlm_titan.models import get_model_args
 
 
