@@ -43,26 +43,29 @@ def rate(fn, seconds: float) -> float:
     return n / (time.perf_counter() - start)
 
 
-def bench_loader(args: argparse.Namespace, folder: Path) -> list[tuple[str, float]]:
+def bench_one(args: argparse.Namespace, folder: Path, workers: int) -> list[tuple[str, float]]:
+    """tokens/s of the micro-batch function in this process (workers == 0) and of the loader."""
+    cfg = SimpleNamespace(train_prefixes=["train_slim"], train_weights=[1.0], tokenizer_path="",
+                          num_workers=workers)
+    loader = build_train_loader(cfg, data_path=str(folder), seq_len=args.seq_len,
+                                local_batch_size=args.local_batch_size,
+                                global_batch_size=args.local_batch_size * 4, dp_rank=0, dp_world_size=1, seed=0,
+                                vocab_size=32000)
+    tokens = args.local_batch_size * args.seq_len
     rows = []
-    for workers in [int(w) for w in args.workers.split(",")]:
-        cfg = SimpleNamespace(train_prefixes=["train_slim"], train_weights=[1.0], tokenizer_path="",
-                              num_workers=workers)
-        loader = build_train_loader(cfg, data_path=str(folder), seq_len=args.seq_len,
-                                    local_batch_size=args.local_batch_size,
-                                    global_batch_size=args.local_batch_size * 4, dp_rank=0, dp_world_size=1,
-                                    seed=0, vocab_size=32000)
-        tokens = args.local_batch_size * args.seq_len
-        if workers == 0:
-            counter = iter(range(1 << 62))
-            per_worker = rate(lambda: loader.dataset[next(counter)], args.seconds) * tokens
-            rows.append(("micro-batch function, 1 process (per worker)", per_worker))
-        it = iter(loader)
-        for _ in range(8 * max(workers, 1)):  # start workers, fill the prefetch queue, map every shard once
-            next(it)
-        rows.append((f"StatefulDataLoader, num_workers={workers}", rate(lambda: next(it), args.seconds) * tokens))
-        del it, loader
+    if workers == 0:
+        counter = iter(range(1 << 62))
+        per_worker = rate(lambda: loader.dataset[next(counter)], args.seconds) * tokens
+        rows.append(("micro-batch function, 1 process (per worker)", per_worker))
+    it = iter(loader)
+    for _ in range(8 * max(workers, 1)):  # start workers, fill the prefetch queue, map every shard once
+        next(it)
+    rows.append((f"StatefulDataLoader, num_workers={workers}", rate(lambda: next(it), args.seconds) * tokens))
     return rows
+
+
+def bench_loader(args: argparse.Namespace, folder: Path) -> list[tuple[str, float]]:
+    return [row for w in args.workers.split(",") for row in bench_one(args, folder, int(w))]
 
 
 def bench_prepare(args: argparse.Namespace) -> list[tuple[str, float]]:
