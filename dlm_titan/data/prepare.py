@@ -218,7 +218,7 @@ def process_input(job: InputJob, progress: Callable[[int, int], None]) -> dict:
             batch = kept
         if not batch:
             continue
-        ids = tok.encode_batch([text for text, _ in batch], bos=False, eos=True)
+        ids = tok.encode_batch([text for text, _ in batch], bos=False, eos=True, num_threads=_THREADS)
         lengths = [len(x) for x in ids]
         n = sum(lengths)
         writer.add(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=n).astype(writer.dtype))
@@ -233,13 +233,15 @@ def process_input(job: InputJob, progress: Callable[[int, int], None]) -> dict:
             "sets": sets, "shards": writer.close()}
 
 
-# Worker-process side of the parallel run: progress goes through shared counters.
+# Worker-process side of the parallel run: progress goes through shared counters, and each worker encodes
+# on one thread (in a single process, SentencePiece uses every core).
 _COUNTERS: tuple | None = None
+_THREADS = -1
 
 
 def _init_worker(counters: tuple) -> None:
-    global _COUNTERS
-    _COUNTERS = counters
+    global _COUNTERS, _THREADS
+    _COUNTERS, _THREADS = counters, 1
 
 
 def _add_progress(docs: int, tokens: int) -> None:

@@ -68,9 +68,10 @@ class Tokenizer:
         """Token ids of ``text``, with BOS/EOS added as asked (documents are tokens + EOS)."""
         return self._wrap(self.processor.encode(text), bos, eos)
 
-    def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = True) -> list[list[int]]:
-        """:meth:`encode` of many texts in one SentencePiece call (faster)."""
-        return [self._wrap(ids, bos, eos) for ids in self.processor.encode(texts)]
+    def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = True,
+                     num_threads: int = -1) -> list[list[int]]:
+        """:meth:`encode` of many texts in one SentencePiece call (``num_threads`` -1 = all cores)."""
+        return [self._wrap(ids, bos, eos) for ids in self.processor.encode(texts, num_threads=num_threads)]
 
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids`` (ids outside the vocabulary, e.g. the mask id, are dropped)."""
