@@ -1,0 +1,235 @@
+"""Reverse-process samplers of SMDM (``eval/gen_model_answer.py::diff_sample``), made exact per sample.
+
+The canvas is ``[prompt, mask x length]``. Each step runs the model once on the whole canvas, draws a token for
+every masked position (Gumbel-max in float64, so temperature 0 is argmax and temperature 1 samples the model's
+distribution), and reveals some of them:
+
+- ``"stochastic"`` (SMDM ``origin``): going from time t to s (linspace(1, 0, steps + 1)) each masked position is
+  revealed independently with probability 1 - s/t, so the last step reveals all.
+- ``"confidence"`` (SMDM ``greddy``): the masked positions with the highest model probability of their drawn
+  token are revealed, ``floor(n (i + 1) / steps) - floor(n i / steps)`` of them at step i (the linear schedule
+  in exact integers). The top-k is taken within each sample; SMDM ranks the flattened batch jointly, which
+  lets one sample's confident tokens starve another's.
+
+Options: unsupervised classifier-free guidance (SMDM: the unconditional pass sees the prompt masked, logits =
+uncond + (cfg + 1)(cond - uncond), both passes in one batched forward), semi-autoregressive blocks (the
+generated span is filled block after block, ``steps`` forward passes per block, later blocks staying masked),
+and stopping at EOS (blocks after the one where every sample produced EOS are not run; everything after EOS
+is returned as EOS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dlm_titan.errors import UserError
+
+ALGORITHMS = ("confidence", "stochastic")
+
+
+@dataclass
+class SamplerConfig:
+    """How to generate.
+
+    Attributes:
+        length: tokens generated after the prompt (SMDM's ``context_length`` was the total; this is not).
+        steps: forward passes per block.
+        block_length: semi-autoregressive block size; 0 = one block of ``length``.
+        algorithm: "confidence" (highest-confidence unmasking) or "stochastic" (reveal with prob 1 - s/t).
+        temperature: Gumbel-max temperature; 0 = argmax.
+        cfg_scale: unsupervised classifier-free guidance strength; 0 = off.
+        stop_at_eos: skip blocks once every sample has produced EOS, and pad after EOS with EOS.
+        seed: seeds the sampling noise (token draws and reveal order).
+    """
+
+    length: int = 128
+    steps: int = 64
+    block_length: int = 0
+    algorithm: str = "confidence"
+    temperature: float = 0.0
+    cfg_scale: float = 0.0
+    stop_at_eos: bool = True
+    seed: int = 0
+
+    def blocks(self) -> int:
+        """Number of semi-AR blocks; UserError if the options are inconsistent."""
+        if self.algorithm not in ALGORITHMS:
+            raise UserError(f"unknown sampling algorithm {self.algorithm!r}; use one of {', '.join(ALGORITHMS)}")
+        if self.length < 1 or self.steps < 1:
+            raise UserError(f"length ({self.length}) and steps ({self.steps}) must be at least 1")
+        if self.temperature < 0 or self.cfg_scale < 0:
+            raise UserError("temperature and cfg_scale must be >= 0")
+        block = self.block_length or self.length
+        if block < 1 or self.length % block:
+            raise UserError(f"length ({self.length}) must be a multiple of block_length ({self.block_length}); "
+                            f"e.g. --block_length {_divisor_near(self.length, block)}")
+        if self.algorithm == "confidence" and self.steps > block:
+            raise UserError(f"steps ({self.steps}) exceed the block of {block} tokens: confidence sampling reveals "
+                            f"at least one token per step; use --steps {block} or fewer")
+        return self.length // block
+
+
+def _divisor_near(n: int, target: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - target))
+
+
+def row_generators(seeds: list[int], device: torch.device | str) -> list[torch.Generator]:
+    """One generator per sample, so a sample's noise does not depend on its batch (keys mixed by SeedSequence)."""
+    keys = [int(np.random.SeedSequence([s]).generate_state(1, dtype=np.uint64)[0] >> 1) for s in seeds]
+    return [torch.Generator(device=device).manual_seed(k) for k in keys]
+
+
+def _rand(shape: tuple[int, ...], generators: list[torch.Generator], device: torch.device) -> torch.Tensor:
+    """float64 uniforms [B, *shape]: row b from generators[b]."""
+    return torch.stack([torch.rand(shape, dtype=torch.float64, device=device, generator=g) for g in generators])
+
+
+def gumbel_argmax(logits: torch.Tensor, temperature: float, generators: list[torch.Generator]) -> torch.Tensor:
+    """A token per position of ``logits`` [B, N, V] drawn from softmax(logits / temperature) by Gumbel-max in
+    float64 (argmax at temperature 0); row b's noise comes from generators[b].
+
+    argmax(l / T + G) with G = -log(-log u) equals SMDM's argmax(exp(l) / (-log u)^T) without overflowing exp.
+    float64 keeps the draw exact for low-probability tokens (float32 Gumbel noise saturates near u = 1).
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    u = _rand(tuple(logits.shape[1:]), generators, logits.device)
+    return (logits.double() / temperature - torch.log(-torch.log(u))).argmax(dim=-1)
+
+
+def guided_logits(
+    model: torch.nn.Module, x: torch.Tensor, prompt_mask: torch.Tensor, cfg_scale: float, mask_id: int
+) -> torch.Tensor:
+    """Float32 logits of canvas ``x`` [B, L]; with cfg_scale > 0, unsupervised CFG in the same forward call.
+
+    The unconditional copy has every position of ``prompt_mask`` replaced by the mask token (SMDM's
+    unsupervised CFG needs no model trained with prompt dropout).
+    """
+    if cfg_scale <= 0:
+        return model(x).float()
+    uncond = torch.where(prompt_mask, torch.full_like(x, mask_id), x)
+    cond_logits, uncond_logits = model(torch.cat([x, uncond])).float().chunk(2)
+    return uncond_logits + (cfg_scale + 1.0) * (cond_logits - uncond_logits)
+
+
+def transfer_counts(n: int, steps: int) -> list[int]:
+    """Tokens revealed at each step of the linear schedule: floor(n (i+1)/steps) - floor(n i/steps); sums to n."""
+    return [n * (i + 1) // steps - n * i // steps for i in range(steps)]
+
+
+def _reveal_stochastic(candidates: torch.Tensor, t: float, s: float, generators: list[torch.Generator]) -> torch.Tensor:
+    """Each candidate (a masked position of the current block) is revealed with probability 1 - s/t."""
+    u = _rand(tuple(candidates.shape[1:]), generators, candidates.device)
+    return candidates & (u < 1.0 - s / t)
+
+
+def _reveal_confident(candidates: torch.Tensor, confidence: torch.Tensor, k: int) -> torch.Tensor:
+    """The k candidates of each row with the highest confidence (top-k within each sample)."""
+    reveal = torch.zeros_like(candidates)
+    if k == 0:
+        return reveal
+    scores = torch.where(candidates, confidence, torch.full_like(confidence, -1.0))
+    reveal.scatter_(1, scores.topk(k, dim=1).indices, True)
+    return reveal & candidates
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    prompt: torch.Tensor,
+    cfg: SamplerConfig,
+    *,
+    mask_id: int,
+    eos_id: int | None = None,
+    vocab_limit: int | None = None,
+    row_seeds: list[int] | None = None,
+) -> torch.Tensor:
+    """Generates ``cfg.length`` tokens after each row of ``prompt`` [B, P] (all prompts of one length).
+
+    Args:
+        model: maps token ids [B, L] to logits [B, L, V] (the mask id is never predicted).
+        prompt: prompt token ids, on the model's device.
+        cfg: sampler options.
+        mask_id: the mask token id (vocab_size).
+        eos_id: end-of-text id for ``stop_at_eos``; None disables stopping.
+        vocab_limit: ids >= this are never sampled (a tokenizer smaller than the model's head).
+        row_seeds: a noise seed per row (default cfg.seed + row index); equal seeds and prompts give equal
+            samples whatever the rest of the batch.
+
+    Returns:
+        [B, P + length] token ids: the prompt unchanged, then the generated tokens; never the mask id.
+    """
+    num_blocks = cfg.blocks()
+    block = cfg.length // num_blocks
+    batch, plen = prompt.shape
+    x = torch.cat([prompt, torch.full((batch, cfg.length), mask_id, dtype=prompt.dtype, device=prompt.device)], 1)
+    prompt_mask = torch.zeros_like(x, dtype=torch.bool)
+    prompt_mask[:, :plen] = True
+    generators = row_generators(row_seeds or [cfg.seed + r for r in range(batch)], x.device)
+    times = torch.linspace(1.0, 0.0, cfg.steps + 1, dtype=torch.float64).tolist()
+    counts = transfer_counts(block, cfg.steps)
+    stop = cfg.stop_at_eos and eos_id is not None
+    for b in range(num_blocks):
+        span = slice(plen + b * block, plen + (b + 1) * block)
+        for i in range(cfg.steps):
+            logits = guided_logits(model, x, prompt_mask, cfg.cfg_scale, mask_id)[:, span]
+            if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+                logits[..., vocab_limit:] = float("-inf")
+            x0 = gumbel_argmax(logits, cfg.temperature, generators)
+            candidates = x[:, span] == mask_id
+            if cfg.algorithm == "stochastic":
+                reveal = _reveal_stochastic(candidates, times[i], times[i + 1], generators)
+            else:
+                confidence = torch.softmax(logits.double(), dim=-1).gather(-1, x0[..., None]).squeeze(-1)
+                reveal = _reveal_confident(candidates, confidence, counts[i])
+            x[:, span] = torch.where(reveal, x0.to(x.dtype), x[:, span])
+        if stop and bool((x[:, plen:] == eos_id).any(dim=1).all()):
+            break
+    if stop:
+        x[:, plen:] = _pad_after_eos(x[:, plen:], eos_id)
+    return x
+
+
+def _pad_after_eos(generated: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Replaces every token after a row's first EOS (and any unrevealed mask there) by EOS."""
+    after = (generated == eos_id).long().cumsum(dim=1) > 0
+    return torch.where(after, torch.full_like(generated, eos_id), generated)
+
+
+def truncate_at_eos(tokens: list[int], eos_id: int | None) -> list[int]:
+    """``tokens`` up to (not including) the first EOS."""
+    return tokens[: tokens.index(eos_id)] if eos_id is not None and eos_id in tokens else tokens
+
+
+def generate(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    cfg: SamplerConfig,
+    *,
+    mask_id: int,
+    eos_id: int | None = None,
+    vocab_limit: int | None = None,
+    device: torch.device | str = "cpu",
+) -> list[list[int]]:
+    """Continuations of a batch of prompts of any lengths (cut before EOS when ``cfg.stop_at_eos``).
+
+    The model has no attention mask, so padding would change what it sees: prompts are grouped by length and
+    each group runs as one batch. Prompt i samples with seed ``cfg.seed + i``, so its continuation does not
+    depend on the other prompts, and copies of one prompt give different samples at temperature > 0.
+    """
+    if any(len(p) == 0 for p in prompts):
+        raise UserError("a prompt has no tokens; pass at least one token (e.g. the EOS id to start a document)")
+    out: list[list[int]] = [[] for _ in prompts]
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    for plen, rows in by_length.items():
+        prompt = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=device)
+        x = sample(model, prompt, cfg, mask_id=mask_id, eos_id=eos_id, vocab_limit=vocab_limit,
+                   row_seeds=[cfg.seed + i for i in rows])
+        for i, seq in zip(rows, x[:, plen:].tolist(), strict=True):
+            out[i] = truncate_at_eos(seq, eos_id) if cfg.stop_at_eos else seq
+    return out
