@@ -1,0 +1,220 @@
+"""Model weights in and out of training: safetensors export and the inference loader.
+
+An export folder holds ``model.safetensors`` (full, unsharded weights in one dtype) and ``config.json``
+(the model's shape, flavor, max_seq_len, mask id, dtype and training step). :func:`load_model` builds a
+:class:`~dlm_titan.models.TransEncoder` from an export, from a DCP ``step-N`` checkpoint (model weights only)
+or from a whole dump folder (its newest complete checkpoint). Nothing is unpickled: safetensors and DCP
+tensor reads only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dlm_titan.errors import UserError
+from dlm_titan.models import TransEncoder
+from dlm_titan.models.attention import resolve_attn_backend, rope_cache
+from dlm_titan.models.flavors import ModelArgs
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+EXPORT_FOLDER = "export"
+"""Default export location inside a dump folder."""
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def model_config(model: TransEncoder, flavor: str) -> dict[str, Any]:
+    """The JSON description of a model's shape, enough to rebuild it (written in exports and checkpoints)."""
+    a: ModelArgs = model.args
+    return {
+        "flavor": flavor,
+        "vocab_size": a.vocab_size,
+        "max_seq_len": int(model.max_seq_len),
+        "mask_id": a.mask_id,
+        "n_layers": a.n_layers,
+        "n_heads": a.n_heads,
+        "dim": a.dim,
+        "ffn_dim": a.ffn_dim,
+        "norm_eps": a.norm_eps,
+        "rope_theta": a.rope_theta,
+    }
+
+
+def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's full (unsharded) parameters on the CPU, FQNs without wrapper prefixes.
+
+    Under FSDP2 every rank takes part in the gather and only rank 0 receives the tensors (others get {}).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    options = StateDictOptions(full_state_dict=True, cpu_offload=distributed)
+    state = get_model_state_dict(model, options=options)
+    return {k: v.detach().to("cpu") for k, v in state.items()}
+
+
+def export_model(model: nn.Module, model_cfg: dict[str, Any], out_dir: str | Path, dtype: str = "bfloat16",
+                 step: int = 0) -> Path:
+    """Writes ``model.safetensors`` + ``config.json`` for a (possibly FSDP-sharded) model.
+
+    Collective under FSDP2: call it on every rank; rank 0 writes. The weights file is replaced first and
+    config.json last, each through a temporary name, so a reader never sees a half-written file.
+
+    Args:
+        model: the TransEncoder (plain, compiled, AC-wrapped or FSDP2-sharded).
+        model_cfg: at least ``flavor``; shape fields default to the model's own (see :func:`model_config`).
+        out_dir: export folder (created).
+        dtype: "bfloat16" or "float32" (also "float16").
+        step: training step the weights come from, recorded in config.json.
+
+    Returns:
+        the export folder.
+    """
+    if dtype not in DTYPES:
+        raise UserError(f"export dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    state = full_model_state_dict(model)
+    if not state:  # non-zero ranks of a sharded model
+        return Path(out_dir)
+    base = getattr(model, "args", None)
+    cfg = {**(model_config(model, model_cfg.get("flavor", "")) if base is not None else {}), **model_cfg}
+    write_export(state, cfg, out_dir, dtype, step)
+    return Path(out_dir)
+
+
+def write_export(state: dict[str, torch.Tensor], model_cfg: dict[str, Any], out_dir: str | Path, dtype: str,
+                 step: int) -> None:
+    """Writes a full state dict (already on one process) as an export folder; see :func:`export_model`."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}
+    _atomic(out / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    config = {**model_cfg, "dtype": dtype, "step": int(step), "format": "dlm_titan"}
+    _atomic(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+
+
+def _atomic(path: Path, write) -> None:
+    """Writes through ``path.tmp`` then renames, so ``path`` is either the old or the complete new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def is_export_folder(path: Path) -> bool:
+    return (path / WEIGHTS_FILE).is_file() and (path / CONFIG_FILE).is_file()
+
+
+def build_model_from_config(cfg: dict[str, Any], device: str | torch.device = "cpu",
+                            attn_backend: str = "auto") -> TransEncoder:
+    """An uninitialized TransEncoder (on the meta device) of the shape in ``cfg`` (see :func:`model_config`)."""
+    args = ModelArgs(int(cfg["n_layers"]), int(cfg["n_heads"]), int(cfg["dim"]), int(cfg["ffn_dim"]),
+                     vocab_size=int(cfg["vocab_size"]), norm_eps=float(cfg.get("norm_eps", 1e-5)),
+                     rope_theta=float(cfg.get("rope_theta", 10000.0)))
+    backend = resolve_attn_backend(attn_backend, torch.device(device))
+    with torch.device("meta"):
+        return TransEncoder(args, max_seq_len=int(cfg["max_seq_len"]), attn_backend=backend)
+
+
+def read_model_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(model config, full CPU state dict) of an export folder, a ``step-N`` checkpoint or a dump folder.
+
+    A dump folder resolves to its newest complete checkpoint, or to its ``export`` folder when it has no
+    checkpoint. Raises UserError when ``path`` is none of these.
+    """
+    from dlm_titan.checkpoint import find_checkpoint, is_dcp_folder  # checkpoint imports this module
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no such checkpoint or export: {path}")
+    if is_export_folder(path):
+        return _read_export(path)
+    if is_dcp_folder(path):
+        return _read_dcp_model(path)
+    step_dir = find_checkpoint(path)
+    if step_dir is not None:
+        return _read_dcp_model(step_dir)
+    if is_export_folder(path / EXPORT_FOLDER):
+        return _read_export(path / EXPORT_FOLDER)
+    raise UserError(f"{path} holds no complete checkpoint (step-N with its marker) and no export "
+                    f"({WEIGHTS_FILE} + {CONFIG_FILE}); pass a dump folder, a step-N folder or an export folder")
+
+
+def _read_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    try:
+        cfg = json.loads((path / CONFIG_FILE).read_text())
+        state = load_file(str(path / WEIGHTS_FILE))
+    except (OSError, ValueError, json.JSONDecodeError) as e:  # safetensors raises SafetensorError(Exception)
+        raise UserError(f"cannot read the export in {path} ({e}); re-export it") from None
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise UserError(f"cannot read the export in {path} ({e}); re-export it") from None
+    return cfg, state
+
+
+def _read_dcp_model(step_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Model weights only of a DCP checkpoint, read into a fresh CPU state dict of the recorded shape."""
+    import torch.distributed.checkpoint as dcp
+
+    from dlm_titan.checkpoint import read_marker  # checkpoint imports this module
+
+    marker = read_marker(step_dir)  # raises UserError for an incomplete checkpoint
+    cfg = marker["model"]
+    model = build_model_from_config(cfg, "cpu", attn_backend="math")
+    model.to_empty(device="cpu")
+    state = {k: v for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        dcp.load({"model": state}, checkpoint_id=str(step_dir), no_dist=True)
+    return {**cfg, "dtype": "float32", "step": int(marker["step"])}, state
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+               attn_backend: str = "auto") -> TransEncoder:
+    """Builds a TransEncoder in eval mode from an export folder, a ``step-N`` checkpoint or a dump folder.
+
+    Args:
+        path: export folder (``model.safetensors`` + ``config.json``), DCP ``step-N`` folder (model weights
+            only are read) or dump folder (its newest complete checkpoint, else its export).
+        device: where the model lives.
+        dtype: parameter dtype; None keeps the stored one (the export dtype, float32 for checkpoints).
+        attn_backend: as ``model.attn_backend``; "auto" picks by device.
+
+    Returns:
+        the model, with ``model.config`` (the config JSON, including ``step``) and ``model.loss_fn`` set
+        (the masked cross-entropy, so ``model(tokens, targets, token_weights)`` works as in training).
+    """
+    cfg, state = read_model_weights(path)
+    model = build_model_from_config(cfg, device, attn_backend)
+    missing = set(model.state_dict()) - set(state)
+    unexpected = set(state) - set(model.state_dict())
+    if missing or unexpected:
+        raise UserError(f"weights in {path} do not match a {cfg.get('flavor')} model: missing {sorted(missing)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]}")
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype]
+    model.load_state_dict(state, assign=True)
+    model.rope = torch.empty(0)  # the meta buffer cannot move; the real one is built below
+    model.to(device=device, dtype=dtype)
+    # RoPE stays float32 whatever the weights' dtype, as in training (attention casts it per call)
+    model.rope = rope_cache(model.max_seq_len, model.args.head_dim, model.args.rope_theta, device=torch.device(device))
+    from dlm_kernels import masked_linear_cross_entropy
+
+    model.loss_fn = partial(masked_linear_cross_entropy, impl="auto")
+    model.config = cfg
+    return model.eval()
