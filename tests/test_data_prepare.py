@@ -152,6 +152,18 @@ def test_rerun_skips_done_inputs_and_redoes_broken_ones(tmp_path: Path, corpus, 
         prepare_split(str(root), tokenizer, str(tmp_path), "train", chunk_size=CHUNK + 1)
 
 
+def test_rerun_refuses_a_changed_file_list(tmp_path: Path, corpus, tokenizer):
+    root, _ = corpus
+    src = tmp_path / "src"
+    (src / "train").mkdir(parents=True)
+    for name in ("chunk2/b.jsonl", "chunk2/c.txt"):
+        (src / "train" / Path(name).name).write_bytes((root / "train" / name).read_bytes())
+    prepare_split(str(src), tokenizer, str(tmp_path / "out"), "train", chunk_size=CHUNK)
+    (src / "train" / "a.jsonl").write_text('{"text": "new"}\n')  # sorts first: every stream index moves
+    with pytest.raises(UserError, match="b.jsonl was input 0, now 1"):
+        prepare_split(str(src), tokenizer, str(tmp_path / "out"), "train", chunk_size=CHUNK)
+
+
 def test_starcoder_source(tmp_path: Path, tokenizer):
     src = tmp_path / "src"
     src.mkdir()

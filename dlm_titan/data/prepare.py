@@ -335,6 +335,12 @@ def prepare_split(source_path: str, tokenizer_path: str, destination_path: str, 
     manifest_path = _manifest_path(destination, split, corpus)
     manifest = _load_manifest(manifest_path, settings)
     prefix = f"{split}_{corpus.name}"
+    stream_of = {rel: i for i, rel in enumerate(files)}
+    for rel, entry in manifest["inputs"].items():
+        if stream_of.get(rel, entry["stream"]) != entry["stream"]:
+            raise UserError(f"the input files under {root} changed since the shards in {destination} were made "
+                            f"({rel} was input {entry['stream']}, now {stream_of[rel]}); use a new "
+                            "--destination_path")
     selected = files[: math.ceil(len(files) * percentage)]
     jobs = [
         InputJob(str(root / rel), rel, stream, str(destination), prefix, tokenizer_path, chunk_size, corpus,
