@@ -98,6 +98,14 @@ def test_token_id_outside_model_vocab(tmp_path: Path, workers):
     assert first_batch(tmp_path, vocab_size=32001, num_workers=workers)["input"].shape == (1, 4)
 
 
+def test_user_shards_without_tokenizer_fit_a_small_model(tmp_path: Path):
+    write_shard(tmp_path / "train_slimpajama_0_0000000000.bin", np.arange(8, dtype=np.uint16) * 12)
+    batch = first_batch(tmp_path, vocab_size=85, path=str(tmp_path))  # ids <= 84: no 32k tokenizer check
+    assert int(batch["input"].max()) <= 84
+    with pytest.raises(UserError, match="more than model.vocab_size=85"):
+        first_batch(tmp_path, vocab_size=85)  # the embedded corpus comes with the 32k embedded tokenizer
+
+
 def test_prefix_matching_no_file(tmp_path: Path):
     write_shard(tmp_path / "train_slimpajama_0_0000000000.bin", np.arange(8, dtype=np.uint16))
     with pytest.raises(UserError, match=f"no shard matches prefix 'train_star' .* in {tmp_path}"):

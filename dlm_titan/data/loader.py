@@ -30,6 +30,7 @@ from dlm_titan.errors import UserError
 
 from .mixture import SourceMixture
 from .permutation import IndexPermutation, hash_key
+from .tokenizer import check_tokenizer_fits
 from .windows import WindowSet
 
 
@@ -259,12 +260,10 @@ def build_train_loader(data_cfg: Any, *, data_path: str, seq_len: int, local_bat
 
     Yields (when iterated) dicts ``{"input": int64[b, seq_len + 1], "position": int64[b]}``.
     """
-    from .tokenizer import check_tokenizer_fits
-
     prefixes, weights = list(data_cfg.train_prefixes), [float(w) for w in data_cfg.train_weights]
     _check_weights(prefixes, weights)
     _check_layout(seq_len, local_batch_size, global_batch_size, dp_rank, dp_world_size, data_cfg.num_workers)
-    check_tokenizer_fits(data_cfg.tokenizer_path, vocab_size)
+    check_tokenizer_fits(data_cfg, vocab_size)
     # zero-weight sources are never read, so their files need not exist (SMDM required them)
     used = [i for i, w in enumerate(weights) if w > 0]
     sources = [WindowSet(data_path, prefixes[i], seq_len + 1, vocab_size) for i in used]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import sentencepiece as spm
 
@@ -88,10 +89,14 @@ def load_tokenizer(path: str = "", max_vocab_size: int | None = None) -> Tokeniz
     return tok
 
 
-def check_tokenizer_fits(path: str, vocab_size: int) -> None:
-    """UserError if the configured tokenizer has more tokens than the model (skipped for ``""`` when this
-    install has no embedded tokenizer: the shard id check still guards the model)."""
-    if not path and embedded_tokenizer_path() is None:
+def check_tokenizer_fits(data_cfg: Any, vocab_size: int) -> None:
+    """UserError if the data's tokenizer has more tokens than the model.
+
+    Checked when ``data.tokenizer_path`` is set, or for the embedded corpus (``data.path = ""``, tokenized with
+    the embedded tokenizer). User shards with no tokenizer configured are guarded by the shard id check alone.
+    """
+    path = data_cfg.tokenizer_path
+    if not path and (getattr(data_cfg, "path", "") or embedded_tokenizer_path() is None):
         return
     load_tokenizer(path, max_vocab_size=vocab_size)
 
