@@ -196,9 +196,12 @@ def test_bad_inputs_name_the_file(tmp_path: Path, tokenizer):
         prepare_split(str(tmp_path / "empty"), tokenizer, str(tmp_path / "o"), "train")
     bad = tmp_path / "bad"
     bad.mkdir()
+    (bad / "a.jsonl").write_text('{"text": "fine"}\n')
     (bad / "x.jsonl").write_text('{"text": "ok"}\n{"text": broken\n')
     with pytest.raises(UserError, match=f"{bad / 'x.jsonl'}:2: not valid JSON"):
         prepare_split(str(bad), tokenizer, str(tmp_path / "o"), "train")
+    done = json.loads((tmp_path / "o" / "train_slimpajama_manifest.json").read_text())["inputs"]
+    assert list(done) == ["a.jsonl"]  # the input finished before the error is kept for a re-run
     (bad / "x.jsonl").write_text('{"content": "code"}\n')
     with pytest.raises(UserError, match=f"{bad / 'x.jsonl'}:1: record has no string field 'text'"):
         prepare_split(str(bad), tokenizer, str(tmp_path / "o"), "train", num_workers=2)

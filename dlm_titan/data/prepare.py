@@ -352,9 +352,15 @@ def prepare_split(source_path: str, tokenizer_path: str, destination_path: str, 
                disable=False if show_progress else None if show_progress is None else True)
     docs_seen = 0
 
+    last_write = time.monotonic()
+
     def on_done(relpath: str, entry: dict) -> None:
+        nonlocal last_write
         manifest["inputs"][relpath] = entry
-        _write_manifest(manifest_path, manifest)
+        # SlimPajama has ~60k inputs: rewrite the manifest every 30 s, not after each one
+        if time.monotonic() - last_write > 30:
+            _write_manifest(manifest_path, manifest)
+            last_write = time.monotonic()
 
     try:
         if num_workers == 1 or len(jobs) <= 1:
@@ -368,9 +374,9 @@ def prepare_split(source_path: str, tokenizer_path: str, destination_path: str, 
                 on_done(job.relpath, process_input(job, progress))
         else:
             _run_parallel(jobs, num_workers, bar, on_done)
-    finally:
+    finally:  # also on an error or Ctrl-C, so a re-run skips the inputs finished so far
         bar.close()
-    _write_manifest(manifest_path, manifest)
+        _write_manifest(manifest_path, manifest)
     return json.loads(manifest_path.read_text())
 
 
