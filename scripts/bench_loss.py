@@ -9,7 +9,7 @@ Paths, all from the full hidden states ``[N, d]`` to ``loss.backward()`` (bf16 i
 - ``fused``: ours (``impl="fused"``).
 
 Also measures the card's bf16 matmul rate (8192^3) in the same run and reports useful TFLOP/s
-``6 * N_masked * d * V / time``. ``--sweep`` adds a row-kernel bandwidth sweep and fused-path variants.
+``6 * N_masked * d * V / time``. ``--sweep`` adds fused-path variants, ``--sweep-rows`` a row-kernel bandwidth sweep.
 
     python scripts/bench_loss.py --dims 768 2048 [--sweep] [--json results.json]
 """
@@ -153,11 +153,11 @@ def main() -> None:
         "fused": lambda *a: masked_linear_cross_entropy(*a, impl="fused"),
     }
     if args.sweep:
-        for mib in (128, 256, 512):
-            for block in (0, 8192, 4096):
-                paths[f"fused_c{mib}_b{block}"] = lambda *a, c=mib * 2**20, b=block: (
-                    fused_masked_linear_cross_entropy(*a, chunk_bytes=c, block_v=b)
-                )
+        for pipeline, mib in ((0, 256), (1, 256), (2, 256), (0, 128), (2, 384)):
+            paths[f"fused_p{pipeline}_c{mib}"] = lambda *a, p=pipeline, c=mib * 2**20: (
+                fused_masked_linear_cross_entropy(*a, chunk_bytes=c, pipeline=p)
+            )
+    if args.sweep_rows:
         for line in sweep_row_kernel(args.vocab, 4096, args.iters):
             print(line, flush=True)
     rows, table = [], []
