@@ -131,8 +131,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument(
-        "--sweep", action="store_true", help="also sweep row-kernel tiles and fused chunk sizes"
+        "--sweep", action="store_true", help="also time fused variants (pipeline, chunk bytes)"
     )
+    parser.add_argument("--sweep-rows", action="store_true", help="also time the row kernel per tile shape")
     parser.add_argument("--skip", nargs="*", default=[], help="paths to leave out, e.g. full_logits")
     parser.add_argument("--json", default="", help="write all numbers to this file")
     args = parser.parse_args()
