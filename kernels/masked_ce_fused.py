@@ -6,19 +6,20 @@ of rows sized so that its logits fit a fixed byte budget:
 1. ``Z = X_c W^T`` into one reused ``[rows, V]`` buffer (input dtype, cuBLAS);
 2. the Triton row kernel writes ``w_i (lse_i - Z_{i,y_i})`` and overwrites ``Z`` with ``G``;
 3. ``dX_c = G W`` (cuBLAS), scattered into the full-size ``dH``;
-4. ``dW += G^T X_c`` accumulated in fp32 (cuBLAS with an fp32 output), on a side stream so that it
-   overlaps the next chunk's steps (two logits buffers share the byte budget).
+4. ``dW += G^T X_c`` accumulated in fp32 (cuBLAS with an fp32 output).
 
 All of it happens in forward (the loss is a scalar); backward only multiplies the stored gradients by the
 upstream gradient and casts them (one Triton pass each). The forward and that pass are
 ``torch.library.custom_op`` s with fake implementations, and autograd sees them through one
 ``torch.autograd.Function``, so ``torch.compile(fullgraph=True)`` traces the loss without a graph break or a
 data-dependent shape (the gather happens inside the op).
+
+Measured on an H200 (scripts/bench_loss.py, d=768 and 2048, V=32000, ~8k masked rows): a 256 MiB buffer
+beat 128 MiB (more dW read-modify-write passes, smaller GEMMs) and matched 512 MiB at less memory; running
+the dW GEMMs on a side stream, with or without a second logits buffer, was no faster, so it was dropped.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 
@@ -26,8 +27,6 @@ from . import masked_ce_triton as kernels
 
 # Bytes of the reused logits buffer: 256 MiB is 4096 rows of a 32000-entry bf16 vocabulary.
 DEFAULT_CHUNK_BYTES = 256 * 2**20
-# Overlap each chunk's dW GEMM with the next chunk's work on a side stream (see masked_lce_fwd).
-DEFAULT_PIPELINE = 2
 
 
 def chunk_rows_for(n_rows: int, vocab: int, elem_size: int, chunk_bytes: int) -> int:
@@ -68,16 +67,6 @@ def _accumulate_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first:
             out.addmm_(a.float(), b.float())
 
 
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return _SIDE_STREAMS[index]
-
-
 @torch.library.custom_op("dlm_kernels::masked_lce_fwd", mutates_args=())
 def masked_lce_fwd(
     hidden: torch.Tensor,
@@ -88,13 +77,8 @@ def masked_lce_fwd(
     grad_weight: bool,
     chunk_bytes: int,
     block_v: int,
-    pipeline: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss and (unscaled) gradients of the masked weighted linear cross-entropy.
-
-    ``pipeline`` (CUDA only): 0 runs every step on the current stream; 1 runs the dW GEMMs on a side
-    stream, overlapping each chunk's dW with its dX; 2 also splits ``chunk_bytes`` into two logits buffers,
-    so chunk k's dW overlaps chunk k+1's logits GEMM, row kernel and dX.
 
     Returns:
         ``(loss, dH, dW)``: fp32 scalar; ``dH [N, d]`` in ``hidden``'s dtype (0 rows where unmasked) or an
@@ -103,52 +87,42 @@ def masked_lce_fwd(
     n, d = hidden.shape
     vocab = weight.shape[0]
     dh = hidden.new_zeros((n, d)) if grad_hidden else hidden.new_empty((0,))
-    dw = weight.new_empty((vocab, d) if grad_weight else (0,), dtype=torch.float32)
+    dw = (
+        weight.new_empty((vocab, d), dtype=torch.float32)
+        if grad_weight
+        else weight.new_empty((0,), dtype=torch.float32)
+    )
     idx = torch.nonzero(token_weights).squeeze(1)
     m = idx.numel()
     if m == 0:
-        dw.zero_()
+        if grad_weight:
+            dw.zero_()
         return hidden.new_zeros((), dtype=torch.float32), dh, dw
     x = hidden.index_select(0, idx)
     y = targets.index_select(0, idx)
     w = token_weights.index_select(0, idx)
-    use_side = pipeline > 0 and hidden.is_cuda and grad_weight
-    n_buf = 2 if use_side and pipeline > 1 else 1
-    rows = chunk_rows_for(m, vocab, hidden.element_size(), chunk_bytes // n_buf)
-    buffers = [hidden.new_empty((rows, vocab)) for _ in range(n_buf)]
-    buffer_free: list[torch.cuda.Event | None] = [None] * n_buf
+    rows = chunk_rows_for(m, vocab, hidden.element_size(), chunk_bytes)
+    logits = hidden.new_empty((rows, vocab))
     dx = hidden.new_empty((rows, d)) if grad_hidden else None
     row_loss = torch.empty(m, dtype=torch.float32, device=hidden.device)
-    main = torch.cuda.current_stream(hidden.device) if use_side else None
-    side = _side_stream(hidden.device) if use_side else None
     weight_t = weight.t()
-    for k, start in enumerate(range(0, m, rows)):
+    for start in range(0, m, rows):
         stop = min(start + rows, m)
-        if buffer_free[k % n_buf] is not None:
-            main.wait_event(buffer_free[k % n_buf])  # the side stream's dW GEMM still reads this buffer
-        z = buffers[k % n_buf][: stop - start]
+        z = logits[: stop - start]
         torch.mm(x[start:stop], weight_t, out=z)
         kernels.ce_rows(
             z, y[start:stop], w[start:stop], row_loss[start:stop], grad_hidden or grad_weight, block_v
         )
-        if use_side:
-            side.wait_stream(main)
         if grad_hidden:
             torch.mm(z, weight, out=dx[: stop - start])
             dh.index_copy_(0, idx[start:stop], dx[: stop - start])
         if grad_weight:
-            with torch.cuda.stream(side) if use_side else contextlib.nullcontext():
-                _accumulate_fp32(dw, z.t(), x[start:stop], first=start == 0)
-            if use_side:
-                buffer_free[k % n_buf] = side.record_event()
-    if use_side:
-        # Every tensor the side stream touched was made on the main stream and outlives this join.
-        main.wait_stream(side)
+            _accumulate_fp32(dw, z.t(), x[start:stop], first=start == 0)
     return row_loss.sum(), dh, dw
 
 
 @masked_lce_fwd.register_fake
-def _(hidden, weight, targets, token_weights, grad_hidden, grad_weight, chunk_bytes, block_v, pipeline):
+def _(hidden, weight, targets, token_weights, grad_hidden, grad_weight, chunk_bytes, block_v):
     dh = hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty((0,))
     dw_shape = weight.shape if grad_weight else (0,)
     return (
@@ -175,11 +149,9 @@ class _MaskedLCE(torch.autograd.Function):
     """Autograd view of :func:`masked_lce_fwd`: gradients come from forward, backward scales them."""
 
     @staticmethod
-    def forward(
-        ctx, hidden, weight, targets, token_weights, grad_hidden, grad_weight, chunk_bytes, block_v, pipeline
-    ):
+    def forward(ctx, hidden, weight, targets, token_weights, grad_hidden, grad_weight, chunk_bytes, block_v):
         loss, dh, dw = masked_lce_fwd(
-            hidden, weight, targets, token_weights, grad_hidden, grad_weight, chunk_bytes, block_v, pipeline
+            hidden, weight, targets, token_weights, grad_hidden, grad_weight, chunk_bytes, block_v
         )
         ctx.save_for_backward(dh, dw)
         ctx.dtypes = (hidden.dtype, weight.dtype)
@@ -192,7 +164,7 @@ class _MaskedLCE(torch.autograd.Function):
         scale = grad_loss.float().reshape(1)
         grad_h = scale_cast(dh, scale, ctx.dtypes[0]) if ctx.wants[0] else None
         grad_w = scale_cast(dw, scale, ctx.dtypes[1]) if ctx.wants[1] else None
-        return grad_h, grad_w, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def fused_masked_linear_cross_entropy(
@@ -203,7 +175,6 @@ def fused_masked_linear_cross_entropy(
     *,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     block_v: int = 0,
-    pipeline: int = DEFAULT_PIPELINE,
 ) -> torch.Tensor:
     """Fused path of :func:`dlm_kernels.masked_linear_cross_entropy` on 2-D, validated inputs.
 
@@ -211,14 +182,12 @@ def fused_masked_linear_cross_entropy(
         hidden, weight, targets, token_weights: as in ``masked_linear_cross_entropy``.
         chunk_bytes: byte budget of the reused logits buffer (sets the rows per chunk).
         block_v: row-kernel tile width (power of two); 0 picks one from ``V``.
-        pipeline: 0 serial, 1 dW on a side stream, 2 also two logits buffers (see ``masked_lce_fwd``).
     """
     grads = torch.is_grad_enabled()
     grad_hidden = grads and hidden.requires_grad
     grad_weight = grads and weight.requires_grad
     if not (grad_hidden or grad_weight):
-        args = (hidden, weight, targets, token_weights, False, False, chunk_bytes, block_v, pipeline)
-        return masked_lce_fwd(*args)[0]
+        return masked_lce_fwd(hidden, weight, targets, token_weights, False, False, chunk_bytes, block_v)[0]
     return _MaskedLCE.apply(
-        hidden, weight, targets, token_weights, grad_hidden, grad_weight, chunk_bytes, block_v, pipeline
+        hidden, weight, targets, token_weights, grad_hidden, grad_weight, chunk_bytes, block_v
     )
