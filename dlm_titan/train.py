@@ -7,6 +7,7 @@ nothing imports it. Launch through ``run_train.sh`` (torchrun) or directly for o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
 import sys
@@ -17,15 +18,19 @@ from pathlib import Path
 import torch
 
 from dlm_titan import distributed as dist_utils
+from dlm_titan.checkpoint import CheckpointManager
 from dlm_titan.config import JobConfig, load_config, to_toml
 from dlm_titan.data import build_train_loader, load_tokenizer, resolve_data_path
 from dlm_titan.diffusion import forward_process, sample_noise, ssl_length
 from dlm_titan.errors import EXIT_USER_ERROR, UserError
-from dlm_titan.flops import flops_per_token, peak_flops, steps_from_budget
-from dlm_titan.metrics import MetricsLogger, device_memory
+from dlm_titan.export import model_config
+from dlm_titan.flops import steps_from_budget
+from dlm_titan.metrics import MetricsLogger, TBuckets, ThroughputWindow, device_memory, device_name, mfu, model_flops_per_token
 from dlm_titan.models import build_model
 from dlm_titan.optim import build_lr_scheduler, build_optimizer, resolve_warmup_steps
 from dlm_titan.parallelize import parallelize_model
+from dlm_titan.profiling import Profiler
+from dlm_titan.validation import SequenceLossTap, build_validator
 
 
 class Trainer:
@@ -50,7 +55,8 @@ class Trainer:
         parallelize_model(self.model, cfg, dist_utils.build_mesh(self.dims, self.device), self.device.type)
         self.model.to_empty(device=self.device)
         self.model.init_weights(seed=t.seed)
-        self.model.loss_fn = partial(_loss_fn(), impl=cfg.diffusion.loss_impl)
+        self.loss_tap = SequenceLossTap(partial(_loss_fn(), impl=cfg.diffusion.loss_impl))  # per-sequence losses on log steps
+        self.model.loss_fn = self.loss_tap
         self.model.train()
 
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
@@ -69,11 +75,17 @@ class Trainer:
             vocab_size=cfg.model.vocab_size,
         )
         self.autocast = _autocast(t.dtype, self.device, data_parallel=self.dims.dp_enabled)
-        self.metrics = MetricsLogger(self.dump_folder / cfg.metrics.save_tb_folder, self.rank, cfg.metrics.enable_tensorboard)
+        self.metrics = MetricsLogger(self.dump_folder / cfg.metrics.save_tb_folder, self.rank, cfg.metrics.enable_tensorboard,
+                                     enable_wandb=cfg.metrics.enable_wandb, wandb_config=dataclasses.asdict(cfg))
+        self.validator = build_validator(cfg, self.model, data_path, self.rank, world_size, self.device, self.autocast)
+        self.t_buckets = TBuckets(self.device)
         self.step = 0
         self.tokens_seen = 0
         self._write_config()
         self._print_plan(data_path)
+        self.checkpointer = CheckpointManager(cfg, self.model, self.optimizer, self.lr_scheduler, self.data_loader,
+                                              model_config(self.model, cfg.model.flavor))
+        self.step, self.tokens_seen = self.checkpointer.load()  # resume, or initial_load_path weights
 
     def _resolve_steps(self) -> int:
         t = self.cfg.training
@@ -136,8 +148,9 @@ class Trainer:
         """
         t, d = self.cfg.training, self.cfg.diffusion
         token_count = self._step_token_count(step)
+        self.loss_tap.armed = self._is_log_step(step)
         loss_sum = torch.zeros((), device=self.device)
-        masked, data_time = 0, 0.0
+        masked, data_time, micro_losses = 0, 0.0, []
         for _ in range(self.micro_batches):
             start = time.perf_counter()
             batch = next(self.data_iter)
@@ -155,8 +168,12 @@ class Trainer:
                 loss = self.model(inputs, targets, weights)
             loss.backward()
             loss_sum += loss.detach()
+            micro_losses.append(loss.detach())
+            if self.loss_tap.armed:  # per-sequence loss: sum of CE / p over its tokens, divided by its length
+                self.t_buckets.add(noise.t, self.loss_tap.take(len(positions)) * (token_count / length))
         grad_norm = self._clip_grad_norm()
-        self.optimizer.step()
+        if self.checkpointer.check_finite(step, micro_losses, grad_norm):  # else training.on_nonfinite
+            self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.tokens_seen += token_count
@@ -168,44 +185,54 @@ class Trainer:
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def train(self) -> None:
-        """Runs steps until ``self.steps``, logging every metrics.log_freq steps and at the last step."""
+        """Runs steps until ``self.steps``, logging every metrics.log_freq steps and at the last step, and
+        validating every validation.freq steps and at the end."""
         self.data_iter = iter(self.data_loader)
         gc.disable()  # automatic collection stalls steps at random; collect every gc_freq steps instead
-        window_start, window_tokens, window_data = time.perf_counter(), 0, 0.0
-        while self.step < self.steps:
-            self.step += 1
-            out = self.train_step(self.step)
-            window_tokens += out["tokens"]
-            window_data += out["data_time"]
-            if self.step % self.cfg.training.gc_freq == 0:
-                gc.collect(1)
-            if self.step % self.cfg.metrics.log_freq == 0 or self.step in (1, self.steps):
-                elapsed = time.perf_counter() - window_start
-                self._log_step(out, window_tokens / elapsed, window_data)
-                window_start, window_tokens, window_data = time.perf_counter(), 0, 0.0
+        self.window = ThroughputWindow()
+        with Profiler(self.cfg.profiling, self.dump_folder, self.rank, self.device, self.step, self.log) as profiler:
+            while self.step < self.steps:
+                self.step += 1
+                out = self.train_step(self.step)
+                self.window.add(out["tokens"], out["data_time"])
+                if self.step % self.cfg.training.gc_freq == 0:
+                    gc.collect(1)
+                if self._is_log_step(self.step):
+                    self._log_step(out)
+                profiler.step()
+                if self.validator is not None and (self.step % self.cfg.validation.freq == 0 or self.step == self.steps):
+                    self._validate()
+                if self.checkpointer.step_end(self.step, self.tokens_seen, last=self.step == self.steps):
+                    break  # preempted (SIGTERM/SIGUSR1): state saved
+        self.checkpointer.close(self.step, completed=self.step >= self.steps)
         self.metrics.close()
         gc.enable()
 
-    def _log_step(self, out: dict, tokens_per_s: float, data_time: float) -> None:
+    def _is_log_step(self, step: int) -> bool:
+        return step % self.cfg.metrics.log_freq == 0 or step in (1, self.steps)
+
+    def _validate(self) -> None:
+        result = self.validator.run()
+        self.window.exclude(result.seconds)
+        self.metrics.log_validation(self.step, result.scalars(), result.summary())
+
+    def _log_step(self, out: dict) -> None:
         totals = torch.stack([out["loss_sum"].float(), torch.tensor(float(out["masked"]), device=self.device)])
-        loss, masked = dist_utils.all_reduce_sum(totals).tolist()
+        loss, masked = dist_utils.all_reduce_sum(totals).tolist()  # also syncs the device before timing
         if not torch.isfinite(out["grad_norm"]):
             self.log(f"warning: non-finite grad norm at step {self.step}")
-        per_device = tokens_per_s / self.dims.world_size
-        peak = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
-        a = self.model_args
-        fpt = flops_per_token(a.total_params() - (a.vocab_size + 1) * a.dim, a.n_layers, a.dim, self.cfg.training.seq_len)
+        rates = self.window.read(self.dims.world_size)
+        fpt = model_flops_per_token(self.model_args, self.cfg.training.seq_len)
         metrics = {
             "loss": loss,
             "lr": self.lr_scheduler.get_last_lr()[0],
             "grad_norm": out["grad_norm"].item(),
-            "tokens_per_s": tokens_per_s,
-            "tokens_per_s_per_device": per_device,
-            "mfu": per_device * fpt / peak if peak else None,
+            **rates,
+            "mfu": mfu(rates["tokens_per_s_per_device"], fpt, device_name(self.device)),
             "tokens_seen": float(self.tokens_seen),
             "masked_fraction": masked / out["tokens"],
-            "data_time_s": data_time,
             **device_memory(self.device),
+            **self.t_buckets.scalars(),
         }
         self.metrics.log(self.step, metrics)
         if self.device.type == "cuda":

@@ -1,0 +1,218 @@
+"""Fixed-noise validation of the MDM loss, and per-sequence losses of training steps.
+
+Validation estimates the MDM loss (SMDM's ELBO bound on the negative log-likelihood per token) on held-out
+windows. The noise is fixed: the masks of validation sequence ``j`` in Monte-Carlo pass ``k`` come from the
+generator keyed by (validation.seed, VALIDATION_STREAM, step=k, position=j), with ``j`` the window's global
+index in the validation set. So every evaluation of a run, and every run with the same seed, sees the same t
+and masks whatever the world size, and checkpoints compare without estimator noise.
+
+t is stratified per sequence over the ``K = mc_samples`` passes: t_jk = (u_j + k / K) mod 1, with u_j the t
+that sample_noise draws for (j, k=0). Each sequence's K estimates thus cover [0, 1) evenly (SMDM's
+low-discrepancy eval t, applied per sequence so it does not depend on how many sequences are evaluated).
+
+With x_jk = sum over masked tokens of CE / p, divided by the sequence length, the reported loss is the mean of
+x_jk over all (sequence, pass) pairs of all ranks (sums of weighted CE and of token counts, all-reduced), and
+its standard error is std(x_jk) / sqrt(#pairs). That is the i.i.d. formula; the stratification of t makes the
+true error somewhat smaller, so it is conservative.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dlm_titan.diffusion import VALIDATION_STREAM, Noise, forward_process, sample_noise
+from dlm_titan.distributed import all_reduce_sum
+from dlm_titan.metrics import T_BUCKET_PREFIX, TBuckets
+
+# Tags read by other tools (the isoFLOP sweep reads "validation/loss"): do not rename.
+LOSS_TAG, PPL_TAG, STDERR_TAG = "validation/loss", "validation/ppl_bound", "validation/stderr"
+# Logits rows materialized at once: 1024 x 32000 fp32 is 131 MB, small next to a training step's activations.
+CHUNK_ROWS = 1024
+
+
+@torch.no_grad()
+def per_token_weighted_ce(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor,
+    chunk_rows: int = CHUNK_ROWS,
+) -> torch.Tensor:
+    """``token_weights[i] * CE(hidden[i] @ weight^T, targets[i])`` for every row, without gradients.
+
+    Logits are computed only for rows with a non-zero weight (the masked tokens), ``chunk_rows`` at a time, in
+    the inputs' dtype with the softmax in fp32 (as the training loss). Other rows are exactly 0.
+
+    Args:
+        hidden: ``[N, d]`` final hidden states; weight: ``[V, d]`` output head.
+        targets: ``[N]`` clean tokens; token_weights: ``[N]`` loss weights, 0 at unmasked rows.
+
+    Returns:
+        fp32 ``[N]``.
+    """
+    out = torch.zeros(token_weights.shape, dtype=torch.float32, device=hidden.device)
+    rows = torch.nonzero(token_weights).squeeze(1)
+    for start in range(0, rows.numel(), chunk_rows):
+        r = rows[start : start + chunk_rows]
+        logits = hidden.index_select(0, r) @ weight.t()
+        ce = F.cross_entropy(logits.float(), targets.index_select(0, r), reduction="none")
+        out.index_copy_(0, r, ce * token_weights.index_select(0, r).float())
+    return out
+
+
+class SequenceLossTap:
+    """Wraps the model's ``loss_fn`` and, while ``armed``, also records the per-token weighted CE of each
+    call, so a training step yields per-sequence losses (for the loss-by-t metrics) without a second forward.
+
+    Cost when armed: one more LM-head matmul over the masked rows, no grad (about 1/3 of the head's
+    forward-plus-backward, ~1.5% of a 170M step at seq 2048), plus CHUNK_ROWS x vocab fp32 logits of
+    transient memory. The trainer arms it on logged steps only. Unarmed it costs nothing.
+    """
+
+    def __init__(self, loss_fn: Callable[..., torch.Tensor]):
+        self.loss_fn = loss_fn
+        self.armed = False
+        self._recorded: list[torch.Tensor] = []
+
+    def __call__(self, hidden, weight, targets, token_weights) -> torch.Tensor:
+        loss = self.loss_fn(hidden, weight, targets, token_weights)
+        if self.armed:
+            self._recorded.append(per_token_weighted_ce(hidden.detach(), weight.detach(), targets, token_weights))
+        return loss
+
+    def take(self, batch_size: int) -> torch.Tensor:
+        """Per-sequence sums ``[batch_size]`` of the weighted CE recorded since the last take (one forward of
+        ``batch_size`` sequences), then forgets them."""
+        if len(self._recorded) != 1:
+            raise RuntimeError(f"expected one recorded forward, have {len(self._recorded)}")
+        per_token = self._recorded.pop()
+        return per_token.view(batch_size, -1).sum(1)
+
+
+@dataclasses.dataclass
+class ValidationResult:
+    """Loss (mean of x_jk), exp(loss) and standard error over ``pairs`` (sequence, pass) estimates."""
+
+    loss: float
+    ppl_bound: float
+    stderr: float
+    sequences: int
+    mc_samples: int
+    tokens: int
+    seconds: float
+    loss_by_t: dict[str, float]
+
+    def scalars(self) -> dict[str, float]:
+        return {LOSS_TAG: self.loss, PPL_TAG: self.ppl_bound, STDERR_TAG: self.stderr,
+                "validation/time_s": self.seconds, **self.loss_by_t}
+
+    def summary(self) -> str:
+        return (f"loss {self.loss:.4f} +- {self.stderr:.4f} (std. error), ppl bound {self.ppl_bound:.2f}; "
+                f"{self.sequences} sequences x {self.mc_samples} noise draws, {self.tokens:,} tokens, "
+                f"{self.seconds:.1f}s")
+
+
+class Validator:
+    """Evaluates the MDM loss of ``model`` on ``loader`` with fixed, stratified noise; every rank must call
+    :meth:`run` together (one all-reduce at the end).
+
+    Args:
+        model: a TransEncoder (possibly FSDP-wrapped); its ``loss_fn`` is swapped for per-token CE during run.
+        loader: re-iterable validation micro-batches ``{"input": [b, >= seq_len], "position": [b]}``; each
+            iteration must start a new pass in the same order (see dlm_titan.data.build_val_loader).
+        steps: micro-batches per rank per evaluation; -1 = the whole loader.
+        mc_samples: noise draws (passes) per sequence.
+        seed: validation noise seed.
+        seq_len: tokens per sequence; eps: mask-probability floor p = (1 - eps) t + eps; mask_id: mask token.
+        device: where the model runs; autocast: context for the forward (the trainer's).
+    """
+
+    def __init__(self, model: torch.nn.Module, loader: Iterable[dict[str, torch.Tensor]], *, steps: int,
+                 mc_samples: int, seed: int, seq_len: int, eps: float, mask_id: int, device: torch.device,
+                 autocast: contextlib.AbstractContextManager | None = None):
+        if mc_samples < 1:
+            raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+        self.model, self.loader = model, loader
+        self.steps, self.mc_samples, self.seed = steps, mc_samples, seed
+        self.seq_len, self.eps, self.mask_id, self.device = seq_len, eps, mask_id, device
+        self.autocast = autocast if autocast is not None else contextlib.nullcontext()
+
+    def noise(self, positions: torch.Tensor) -> list[Noise]:
+        """Noise of every pass k for the sequences at ``positions``: masks keyed by (seed, k, position), t
+        stratified over the passes (pass 0 keeps sample_noise's own t)."""
+        draws = [sample_noise(positions, self.seq_len, seed=self.seed, step=k, stream=VALIDATION_STREAM)
+                 for k in range(self.mc_samples)]
+        u = draws[0].t
+        return [Noise(t=torch.remainder(u + k / self.mc_samples, 1.0), uniforms=d.uniforms) for k, d in enumerate(draws)]
+
+    @torch.no_grad()
+    def run(self) -> ValidationResult:
+        start = time.perf_counter()
+        # [sum of x * L (weighted CE), tokens, sum of x, sum of x^2, pairs], float64 so sums stay exact enough
+        stats = torch.zeros(5, dtype=torch.float64, device=self.device)
+        buckets = TBuckets(self.device)
+        was_training = self.model.training
+        saved_loss_fn = self.model.loss_fn
+        self.model.eval()
+        self.model.loss_fn = per_token_weighted_ce
+        try:
+            batches = self.loader if self.steps < 0 else itertools.islice(self.loader, self.steps)
+            for batch in batches:
+                self._evaluate(batch, stats, buckets)
+        finally:
+            self.model.loss_fn = saved_loss_fn
+            self.model.train(was_training)
+        loss_by_t = buckets.scalars(prefix=T_BUCKET_PREFIX + "validation_t")
+        wce, tokens, x_sum, x2_sum, pairs = all_reduce_sum(stats).tolist()
+        if pairs == 0:
+            raise RuntimeError("validation saw no sequences")
+        loss = wce / tokens
+        var = max(x2_sum - x_sum * x_sum / pairs, 0.0) / (pairs - 1) if pairs > 1 else float("nan")
+        return ValidationResult(
+            loss=loss, ppl_bound=math.exp(min(loss, 700.0)), stderr=math.sqrt(var / pairs),
+            sequences=int(pairs) // self.mc_samples, mc_samples=self.mc_samples, tokens=int(tokens),
+            seconds=time.perf_counter() - start, loss_by_t=loss_by_t,
+        )
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], stats: torch.Tensor, buckets: TBuckets) -> None:
+        tokens = batch["input"][:, : self.seq_len]
+        positions = batch["position"]
+        b, length = tokens.shape
+        for noise in self.noise(positions):
+            # token_count = length: the per-sequence sums of the weighted CE are then x_jk directly
+            mb = forward_process(tokens, noise, eps=self.eps, mask_id=self.mask_id, token_count=length)
+            inputs, targets, weights = (x.to(self.device, non_blocking=True) for x in (mb.inputs, mb.targets, mb.token_weights))
+            with self.autocast:
+                per_token = self.model(inputs, targets, weights)
+            x = per_token.view(b, length).sum(1).double()
+            stats += torch.stack([x.sum() * length, x.new_tensor(b * length), x.sum(), (x * x).sum(), x.new_tensor(b)])
+            buckets.add(noise.t, x)
+
+
+def build_validator(cfg: Any, model: torch.nn.Module, data_path: str, dp_rank: int, dp_world_size: int,
+                    device: torch.device, autocast: contextlib.AbstractContextManager | None = None) -> Validator | None:
+    """The run's Validator from its config, or None when validation is off. The validation loader reads in
+    the training process (num_workers = 0): an evaluation reads little, and idle workers would hold memory."""
+    v = cfg.validation
+    if not v.enable:
+        return None
+    from dlm_titan.data import build_val_loader
+    from dlm_titan.errors import UserError
+
+    if v.freq < 1 or v.mc_samples < 1 or v.steps == 0 or v.steps < -1:
+        raise UserError(f"validation needs freq >= 1, mc_samples >= 1 and steps >= 1 or -1; got freq={v.freq}, "
+                        f"mc_samples={v.mc_samples}, steps={v.steps}")
+    loader = build_val_loader(
+        dataclasses.replace(cfg.data, num_workers=0), data_path=data_path, seq_len=cfg.training.seq_len,
+        local_batch_size=cfg.training.local_batch_size, dp_rank=dp_rank, dp_world_size=dp_world_size,
+        vocab_size=cfg.model.vocab_size,
+    )
+    steps = v.steps if v.steps > 0 and v.steps < len(loader) else -1
+    return Validator(model, loader, steps=steps, mc_samples=v.mc_samples, seed=v.seed, seq_len=cfg.training.seq_len,
+                     eps=cfg.diffusion.eps, mask_id=cfg.model.vocab_size, device=device, autocast=autocast)
