@@ -4,8 +4,12 @@ ELBO (continuous time, linear schedule): -log p(x) <= E_{t ~ U(0,1)} E_{x_t} [ s
 -log p(x_i | x_t) / t ]. One MC sample is exactly one draw of the training loss estimator on the text (the same
 :func:`~dlm_titan.diffusion.sample_noise` and :func:`~dlm_titan.diffusion.forward_process`, with p = (1 - eps) t
 + eps), and the K samples of a text are the K "sequences" of a step, so ``t_sampling="stratified"`` spreads
-their t over [0, 1) as SMDM's lm-eval code does. With eps = 0 the estimate is unbiased for the bound; the
-training/validation value uses eps = 1e-3. A context (prompt) stays clean and only the target is masked.
+their t over [0, 1) as SMDM's lm-eval code does. eps (default 1e-3, the training value) caps the weight 1/p at
+1/eps: with eps = 0 the estimator is unbiased for the bound but its variance is infinite (the weight 1/t times a
+mask of probability t has second moment ~ integral of 1/t). With eps > 0 it estimates (1/(1-eps)) times the
+integral of the bound's integrand over [eps, 1], which exceeds the bound by about eps * (bound - its integrand at
+t = 0) when revealing context helps the model (a relative bias below eps). A context (prompt) stays clean and
+only the target is masked.
 
 Chain rule (SMDM ``nll_type=chain_rule``): log p(x) = sum_i log p(x_i | context, x_<i, masks at >= i), one
 forward per target token (batched): the exact likelihood of the left-to-right sampler built from the model.
@@ -70,7 +74,7 @@ def elbo(
     context: list[int] | torch.Tensor | None = None,
     mc_samples: int = 128,
     batch_size: int = 32,
-    eps: float = 0.0,
+    eps: float = 1e-3,
     seed: int = 0,
     step: int | None = None,
     stream: int = EVAL_STREAM,
@@ -90,7 +94,7 @@ def elbo(
         context: clean tokens before the target (never masked, never scored).
         mc_samples: K, the number of MC samples.
         batch_size: MC samples per forward.
-        eps: p = (1 - eps) t + eps; 0 for the unbiased bound, the training eps to match the training loss.
+        eps: p = (1 - eps) t + eps (see the module docstring); 1e-3 = the training estimator.
         seed, step, stream: the noise key; ``step=None`` derives it from the tokens (:func:`text_key`).
         t_sampling: "stratified" (t_k = (u + k/K) mod 1) or "uniform".
         cfg_scale: unsupervised CFG (the context masked in the unconditional pass), as SMDM's lm-eval code.

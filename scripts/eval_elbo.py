@@ -1,0 +1,162 @@
+"""The ELBO perplexity bound of a text file or of shards, with its standard error; optionally the exact
+chain-rule likelihood for short texts.
+
+Usage::
+
+    python -m scripts.eval_elbo --checkpoint outputs/debug --text_file book.txt --mc_samples 128
+    python -m scripts.eval_elbo --checkpoint outputs/debug --shards embedded --max_windows 8
+    python -m scripts.eval_elbo --checkpoint outputs/debug --text_file short.txt --chain_rule
+
+The text (one document: its tokens + EOS) or the shard stream is cut into windows of ``--seq_len`` tokens (the
+last may be shorter), each scored on its own. Per window the negative ELBO is estimated by ``--mc_samples``
+draws of the training loss estimator with stratified t (see dlm_titan.likelihood); the per-token value
+exp(sum NLL / tokens) bounds the perplexity from above. ``--eps`` (default 1e-3, the training value) keeps the
+estimator's variance finite; eps = 0 is unbiased for the bound but its variance grows without limit near t = 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+
+from dlm_titan.errors import EXIT_USER_ERROR, UserError
+from dlm_titan.likelihood import chain_rule_logprob, elbo
+from scripts.generate import add_model_args, load_for_inference, load_tokenizer_for
+
+
+def text_windows(tokens: list[int], seq_len: int) -> list[list[int]]:
+    """Consecutive windows of ``seq_len`` tokens; the last one holds the remainder."""
+    return [tokens[i : i + seq_len] for i in range(0, len(tokens), seq_len)]
+
+
+def shard_windows(folder: str, prefix: str, seq_len: int, max_windows: int, vocab_size: int,
+                  tokenizer_path: str) -> list[list[int]]:
+    """The first ``max_windows`` windows of ``seq_len`` tokens of shards ``{folder}/{prefix}*.bin``
+    (``folder = "embedded"``: the embedded corpus, prepared once with the tokenizer)."""
+    import numpy as np
+
+    from dlm_titan.data.embedded import prepare_embedded
+    from dlm_titan.data.windows import WindowSet
+
+    if folder == "embedded":
+        folder = str(prepare_embedded(tokenizer_path))
+    windows = WindowSet(folder, prefix, seq_len, vocab_size)
+    count = min(max_windows, windows.num_windows) if max_windows > 0 else windows.num_windows
+    out = np.zeros((count, seq_len), dtype=np.int64)
+    windows.read(np.arange(count, dtype=np.int64), out)
+    return out.tolist()
+
+
+def evaluate(model: torch.nn.Module, windows: list[list[int]], *, mc_samples: int, batch_size: int, eps: float,
+             t_sampling: str, seed: int, chain_rule: bool = False) -> dict:
+    """ELBO (and chain-rule) NLL totals over ``windows``; window i uses noise step i.
+
+    Returns:
+        dict with tokens, windows, elbo_nll (nats, total), elbo_std_err (of the total: windows are independent,
+        so variances add), and chain_rule_nll when asked.
+    """
+    mask_id = model.args.mask_id
+    total, var, tokens, chain = 0.0, 0.0, 0, 0.0
+    from tqdm import tqdm
+
+    for i, window in enumerate(tqdm(windows, desc="windows", disable=not sys.stderr.isatty())):
+        est = elbo(model, window, mask_id=mask_id, mc_samples=mc_samples, batch_size=batch_size, eps=eps, seed=seed,
+                   step=i, t_sampling=t_sampling)
+        total += est.nll
+        var += est.std_err**2
+        tokens += est.num_tokens
+        if chain_rule:
+            chain -= chain_rule_logprob(model, window, mask_id=mask_id, batch_size=batch_size).sum().item()
+    result = {"windows": len(windows), "tokens": tokens, "mc_samples": mc_samples, "eps": eps,
+              "t_sampling": t_sampling, "elbo_nll": total, "elbo_std_err": math.sqrt(var)}
+    if chain_rule:
+        result["chain_rule_nll"] = chain
+    return result
+
+
+def format_result(r: dict) -> list[str]:
+    """Human-readable lines: NLL per token with its standard error, and the perplexity bound with a 95% band."""
+    n = r["tokens"]
+    nll, se = r["elbo_nll"] / n, r["elbo_std_err"] / n
+    lines = [
+        f"windows: {r['windows']}, tokens: {n}, mc_samples: {r['mc_samples']} ({r['t_sampling']} t, eps {r['eps']:g})",
+        f"ELBO NLL/token: {nll:.4f} +- {se:.4f} (standard error)",
+        f"perplexity bound: {math.exp(nll):.3f} (95%: {math.exp(nll - 1.96 * se):.3f} .. "
+        f"{math.exp(nll + 1.96 * se):.3f})",
+    ]
+    if "chain_rule_nll" in r:
+        c = r["chain_rule_nll"] / n
+        lines.append(f"chain-rule NLL/token: {c:.4f}, perplexity: {math.exp(c):.3f} (exact, left to right)")
+    return lines
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text_file", help="a UTF-8 text file, scored as one document")
+    source.add_argument("--shards", help='folder of LITPKDS shards, or "embedded" for the embedded corpus')
+    parser.add_argument("--prefix", default="validation", help="shard file prefix (with --shards)")
+    parser.add_argument("--max_windows", type=int, default=16, help="windows read from the shards (0 = all)")
+    parser.add_argument("--seq_len", type=int, default=0, help="window length (0 = the model's max_seq_len)")
+    parser.add_argument("--mc_samples", type=int, default=128, help="Monte-Carlo samples per window")
+    parser.add_argument("--batch_size", type=int, default=32, help="sequences per forward pass")
+    parser.add_argument("--eps", type=float, default=1e-3, help="p = (1 - eps) t + eps; 0 = unbiased, infinite variance")
+    parser.add_argument("--t_sampling", default="stratified", choices=["stratified", "uniform"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chain_rule", action="store_true", help="also the exact chain-rule likelihood")
+    parser.add_argument("--chain_rule_max_tokens", type=int, default=4096,
+                        help="refuse --chain_rule above this many tokens (it costs one sequence per token)")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.mc_samples < 2 or args.batch_size < 1:
+        raise UserError("--mc_samples must be at least 2 (for a standard error) and --batch_size at least 1")
+    if not 0.0 <= args.eps < 1.0:
+        raise UserError(f"--eps must be in [0, 1), got {args.eps}")
+    model = load_for_inference(args.checkpoint, args.device, args.dtype)
+    seq_len = args.seq_len or model.max_seq_len
+    if not 1 <= seq_len <= model.max_seq_len:
+        raise UserError(f"--seq_len {seq_len} must be in 1..{model.max_seq_len} (the model's max_seq_len)")
+    if args.text_file:
+        tok = load_tokenizer_for(model, args.tokenizer_path)
+        try:
+            with open(args.text_file, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read --text_file {args.text_file}: {e}") from None
+        windows = text_windows(tok.encode(text, bos=False, eos=True), seq_len)
+    else:
+        windows = shard_windows(args.shards, args.prefix, seq_len, args.max_windows, model.args.vocab_size,
+                                args.tokenizer_path)
+    n_tokens = sum(map(len, windows))
+    if args.chain_rule and n_tokens > args.chain_rule_max_tokens:
+        raise UserError(f"--chain_rule on {n_tokens} tokens runs {n_tokens} sequences; use it on short texts or "
+                        f"raise --chain_rule_max_tokens")
+    start = time.perf_counter()
+    result = evaluate(model, windows, mc_samples=args.mc_samples, batch_size=args.batch_size, eps=args.eps,
+                      t_sampling=args.t_sampling, seed=args.seed, chain_rule=args.chain_rule)
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(json.dumps(result) if args.json else "\n".join(format_result(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

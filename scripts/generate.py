@@ -1,0 +1,152 @@
+"""Generate text with a trained masked diffusion model (SMDM's reverse-process samplers).
+
+Usage::
+
+    python -m scripts.generate --checkpoint outputs/debug --prompt "In the beginning" --length 128 --steps 64
+    python -m scripts.generate --checkpoint outputs/debug/export --prompt "def main(" --prompt "And God said" \\
+        --length 64 --steps 64 --block_length 16 --algorithm stochastic --temperature 1.0 --cfg_scale 0.5
+
+``--checkpoint`` is a dump folder (its newest complete checkpoint), a ``step-N`` checkpoint folder or an export
+folder (model.safetensors + config.json). Each sample prints the prompt verbatim followed by the generated text,
+cut before the first end-of-text token unless ``--no_stop_at_eos``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from dlm_titan.errors import EXIT_USER_ERROR, UserError
+from dlm_titan.sampling import ALGORITHMS, SamplerConfig, generate
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" = CUDA when available, else CPU; UserError for a device this machine lacks."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} but CUDA is not available here; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """"auto" = bfloat16 on CUDA, float32 elsewhere (bf16 matmuls are slow on most CPUs)."""
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in table:
+        raise UserError(f"--dtype {dtype} is not one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def load_for_inference(path: str, device: str = "auto", dtype: str = "auto") -> torch.nn.Module:
+    """The model of a dump / step-N / export folder, in eval mode on ``device`` with parameters in ``dtype``."""
+    from dlm_titan.export import load_model
+
+    dev = resolve_device(device)
+    return load_model(path, dev, dtype=resolve_dtype(dtype, dev))
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the sampling and evaluation scripts."""
+    parser.add_argument("--checkpoint", required=True,
+                        help="dump folder (newest checkpoint), step-N checkpoint folder, or export folder")
+    parser.add_argument("--tokenizer_path", default="", help='SentencePiece .model ("" = the embedded tokenizer)')
+    parser.add_argument("--device", default="auto", help='"auto", "cpu", "cuda", "cuda:1", ...')
+    parser.add_argument("--dtype", default="auto", help='"auto" (bf16 on CUDA, fp32 on CPU), float32, bfloat16')
+
+
+def load_tokenizer_for(model: torch.nn.Module, path: str):
+    """The tokenizer, checked to fit the model's vocabulary."""
+    from dlm_titan.data import load_tokenizer
+
+    return load_tokenizer(path, max_vocab_size=model.args.vocab_size)
+
+
+def continuation_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """Text of ``new_ids`` as it reads after the prompt (SentencePiece drops a leading space when a piece
+    list is decoded on its own, so decode prompt + new and strip the prompt's decoding)."""
+    head = tokenizer.decode(prompt_ids)
+    full = tokenizer.decode(prompt_ids + new_ids)
+    if full.startswith(head):
+        return full[len(head):]
+    return tokenizer.decode(new_ids)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(parser)
+    parser.add_argument("--prompt", action="append", default=None,
+                        help='prompt text; repeat for a batch ("" = a new document)')
+    parser.add_argument("--prompts_file", default="", help="a file with one prompt per line (added to --prompt)")
+    parser.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--length", type=int, default=128, help="tokens to generate after the prompt")
+    parser.add_argument("--steps", type=int, default=64, help="forward passes per block")
+    parser.add_argument("--block_length", type=int, default=0, help="semi-autoregressive block size (0 = off)")
+    parser.add_argument("--algorithm", default="confidence", choices=ALGORITHMS,
+                        help="confidence: reveal the most confident tokens; stochastic: reveal with prob 1 - s/t")
+    parser.add_argument("--temperature", type=float, default=0.0, help="Gumbel-max temperature (0 = argmax)")
+    parser.add_argument("--cfg_scale", type=float, default=0.0, help="unsupervised classifier-free guidance")
+    parser.add_argument("--no_stop_at_eos", action="store_true", help="keep generating past end-of-text")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as e:
+            raise UserError(f"cannot read --prompts_file {args.prompts_file}: {e.strerror}") from None
+    if not prompts:
+        raise UserError('no prompt given; pass --prompt "text" (repeatable) or --prompts_file FILE')
+    if args.num_samples < 1:
+        raise UserError(f"--num_samples must be at least 1, got {args.num_samples}")
+    return [p for p in prompts for _ in range(args.num_samples)]
+
+
+def run(args: argparse.Namespace) -> list[str]:
+    """Generates for every prompt and returns the printed texts (prompt verbatim + continuation)."""
+    texts = read_prompts(args)
+    cfg = SamplerConfig(length=args.length, steps=args.steps, block_length=args.block_length,
+                        algorithm=args.algorithm, temperature=args.temperature, cfg_scale=args.cfg_scale,
+                        stop_at_eos=not args.no_stop_at_eos, seed=args.seed)
+    cfg.blocks()  # bad sampler options fail before the model loads
+    model = load_for_inference(args.checkpoint, args.device, args.dtype)
+    tok = load_tokenizer_for(model, args.tokenizer_path)
+    # An empty prompt starts a new document: documents follow an EOS in the packed training stream.
+    prompt_ids = [tok.encode(t, bos=False, eos=False) or [tok.eos_id] for t in texts]
+    longest = max(len(p) for p in prompt_ids) + args.length
+    if longest > model.max_seq_len:
+        raise UserError(f"prompt + --length = {longest} tokens exceeds the model's {model.max_seq_len}; "
+                        "shorten the prompt or lower --length")
+    start = time.perf_counter()
+    new_ids = generate(model, prompt_ids, cfg, mask_id=model.args.mask_id, eos_id=tok.eos_id,
+                       vocab_limit=tok.vocab_size, device=next(model.parameters()).device)
+    elapsed = time.perf_counter() - start
+    print(f"{len(texts)} samples, {sum(map(len, new_ids))} tokens in {elapsed:.2f} s", file=sys.stderr)
+    return [text + continuation_text(tok, ids, new)
+            for text, ids, new in zip(texts, prompt_ids, new_ids, strict=True)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        outputs = run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    for i, text in enumerate(outputs):
+        if len(outputs) > 1:
+            print(f"--- sample {i + 1}/{len(outputs)} ---")
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
