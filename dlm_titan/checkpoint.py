@@ -10,12 +10,30 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import signal
 import sys
+import threading
 import time
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
 from dlm_titan.errors import UserError
+from dlm_titan.export import EXPORT_FOLDER, export_model, is_export_folder, read_model_weights
 
 MARKER = "complete.json"
 """Written last into a step folder: its presence makes the checkpoint complete (JSON: step, model shape, ...)."""
@@ -86,3 +104,421 @@ def find_checkpoint(path: Path, warn: bool = True) -> Path | None:
     if step_folders(path):
         return newest_complete(path, warn)
     return newest_complete(checkpoint_folder_of(path), warn)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Non-tensor state (lr schedule, data loader, train state, optimizer hyper-parameters) is stored as JSON bytes in
+# uint8 tensors: DCP then holds tensors only, so loading unpickles nothing of ours and the loader state of any
+# worker count fits one key.
+
+
+def _json_tensor(obj: Any) -> torch.Tensor:
+    return torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+
+
+def _from_json_tensor(t: torch.Tensor) -> Any:
+    return json.loads(bytes(t.numpy().tobytes()).decode())
+
+
+def _like(saved: Any, template: Any) -> Any:
+    """A JSON value converted back to the template's container types (tuples do not survive JSON)."""
+    if isinstance(template, tuple) and isinstance(saved, list):
+        return tuple(saved)
+    return saved
+
+
+@dataclass
+class _Pending:
+    """An async save in flight: its step, folder, upload future and (pinned mode) staging future."""
+
+    step: int
+    path: Path
+    upload: Future
+    staging: Future | None
+    started: float
+    blocking_s: float
+
+
+class CheckpointManager:
+    """Saves and restores model, optimizer, lr scheduler, data loader (per rank) and train state with DCP.
+
+    The trainer calls :meth:`load` before iterating the loader, :meth:`check_finite` between gradient
+    clipping and the optimizer step, :meth:`step_end` after every step (saves on interval, on a stop
+    request and at the last step; True = stop now), and :meth:`close` at the end (waits for saves, exports).
+
+    Args:
+        cfg: the whole JobConfig (uses checkpoint, training, job).
+        model, optimizer, lr_scheduler: the training objects (model possibly FSDP2-sharded).
+        data_loader: the training loader (a TrainLoader; any Stateful loader works for same-layout resumes).
+        model_config: JSON description of the model (``export.model_config``), kept in markers and exports.
+    """
+
+    def __init__(self, cfg, model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler, data_loader,
+                 model_config: dict[str, Any]):
+        self.cfg = cfg.checkpoint
+        self.training = cfg.training
+        self.folder = Path(cfg.job.dump_folder) / self.cfg.folder
+        self.export_folder = Path(cfg.job.dump_folder) / EXPORT_FOLDER
+        self.model, self.optimizer, self.lr_scheduler, self.data_loader = model, optimizer, lr_scheduler, data_loader
+        self.model_config = model_config
+        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        # CPU collectives (stop flags, async-save planning) run on their own gloo group: they must not
+        # interleave with the training stream's NCCL collectives or need a GPU sync.
+        self._cpu_group = dist.new_group(backend="gloo") if self.distributed else None
+        self._pending: _Pending | None = None
+        self._stager = None
+        self._last_saved = -1
+        self._stop_reason: str | None = None
+        self._signal: int | None = None
+        self._old_handlers: dict[int, Any] = {}
+        self.save_stats: list[dict[str, float]] = []
+        """One entry per completed save: step, blocking_s (training stall), total_s (until complete)."""
+        if self.cfg.async_mode != "disabled":
+            optimizer.register_step_pre_hook(lambda *_: self._wait_for_staging())
+        if self.cfg.enable:
+            self._install_signal_handlers()
+        self._check_config()
+
+    def _check_config(self) -> None:
+        if self.cfg.keep_latest_k < 0:
+            raise UserError(f"checkpoint.keep_latest_k = {self.cfg.keep_latest_k} must be >= 0 (0 keeps all)")
+        if self.cfg.async_mode == "async_with_pinned_mem" and not torch.cuda.is_available():
+            self._log('checkpoint.async_mode = "async_with_pinned_mem" needs CUDA; saving with "async" instead')
+
+    def _log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(f"checkpoint: {msg}", flush=True)
+
+    # -- loading ------------------------------------------------------------------------------------------------
+
+    def load(self) -> tuple[int, int]:
+        """Restores the newest complete checkpoint (or ``load_step``), else ``initial_load_path`` weights.
+
+        Returns:
+            (step, tokens_seen) to continue from; (0, 0) for a fresh start.
+        """
+        if self.cfg.enable:
+            step_dir = self._resume_folder()
+            if step_dir is not None:
+                return self._load_full(step_dir)
+        elif self.cfg.load_step >= 0:
+            raise UserError(f"checkpoint.load_step = {self.cfg.load_step} needs --checkpoint.enable")
+        if self.cfg.initial_load_path:
+            self._load_weights(Path(self.cfg.initial_load_path))
+        return 0, 0
+
+    def _resume_folder(self) -> Path | None:
+        if self.cfg.load_step >= 0:
+            path = self.folder / f"step-{self.cfg.load_step}"
+            if not path.is_dir():
+                have = [s for s, p in step_folders(self.folder) if is_complete(p)]
+                raise UserError(f"checkpoint.load_step = {self.cfg.load_step}: no {path}; complete checkpoints: "
+                                f"{have or 'none'}")
+            read_marker(path)  # UserError when incomplete
+            return path
+        return newest_complete(self.folder, warn=self.rank == 0)
+
+    def _load_full(self, step_dir: Path) -> tuple[int, int]:
+        start = time.perf_counter()
+        marker = read_marker(step_dir)
+        self._check_model(marker.get("model", {}), step_dir)
+        sizes = {k: v.size for k, v in dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata.items()
+                 if hasattr(v, "size")}
+        state = self._tensor_state()
+        optim_extras = state.pop("_optim_extras")
+        blobs = {"optimizer_groups": None, "lr_scheduler": None, "train_state": None}
+        for key in blobs:
+            state[key] = torch.empty(sizes[key], dtype=torch.uint8)
+        self._dcp_load(state, step_dir)
+        train_state = _from_json_tensor(state["train_state"])
+        set_model_state_dict(self.model, state["model"])
+        groups = _from_json_tensor(state["optimizer_groups"])
+        optim_state = dict(state["optimizer"])
+        for key, template in optim_extras.items():
+            optim_state[key] = _like(groups[key], template) if key in groups else template
+        set_optimizer_state_dict(self.model, self.optimizer, optim_state, options=_OPTIM_OPTIONS)
+        self.lr_scheduler.load_state_dict(_from_json_tensor(state["lr_scheduler"]))
+        self._load_data_loader(step_dir, train_state, sizes)
+        step, tokens = int(train_state["step"]), int(train_state["tokens_seen"])
+        self._last_saved = step
+        self._log(f"resumed from {step_dir} (step {step}, {tokens:,} tokens, saved by {train_state['world_size']} "
+                  f"ranks) in {time.perf_counter() - start:.2f} s")
+        return step, tokens
+
+    def _dcp_load(self, state: dict[str, Any], step_dir: Path) -> None:
+        """Loads ``state``'s keys from a checkpoint in place (DCP reshards DTensors to this run's layout)."""
+        dcp.load(state, checkpoint_id=str(step_dir), process_group=self._cpu_group, no_dist=not self.distributed)
+
+    def _check_model(self, saved: dict[str, Any], where: Path) -> None:
+        keys = ("n_layers", "n_heads", "dim", "ffn_dim", "vocab_size")
+        if saved and any(saved.get(k) != self.model_config.get(k) for k in keys):
+            raise UserError(f"{where} holds a {saved.get('flavor')} model (vocab {saved.get('vocab_size')}) but this "
+                            f"run builds {self.model_config.get('flavor')} (vocab {self.model_config.get('vocab_size')}); "
+                            "use the same model.flavor/vocab_size or another dump_folder")
+
+    def _load_data_loader(self, step_dir: Path, train_state: dict[str, Any], sizes: dict[str, Any]) -> None:
+        """The rank's own saved loader state under the same world size; under another world size the loader
+        is repositioned at the start of the next step (its position is global: see :func:`reposition`)."""
+        own = f"dataloader.rank_{self.rank}"
+        same_world = int(train_state["world_size"]) == self.world_size
+        key = own if same_world and own in sizes else "dataloader.rank_0"
+        blob = {"dataloader": {key.split(".", 1)[1]: torch.empty(sizes[key], dtype=torch.uint8)}}
+        self._dcp_load(blob, step_dir)
+        saved = _from_json_tensor(next(iter(blob["dataloader"].values())))
+        if same_world:
+            self.data_loader.load_state_dict(saved)
+            return
+        self.data_loader.load_state_dict(reposition(self.data_loader, saved, int(train_state["step"])))
+        self._log(f"data loader resharded from {train_state['world_size']} to {self.world_size} ranks at step "
+                  f"{train_state['step']}")
+
+    def _load_weights(self, path: Path) -> None:
+        """Model weights only (``initial_load_path``): DCP checkpoints load resharded, exports as full tensors."""
+        if not path.exists():
+            raise UserError(f"checkpoint.initial_load_path {path} does not exist")
+        step_dir = None
+        if not is_export_folder(path):
+            step_dir = path if is_dcp_folder(path) else find_checkpoint(path, warn=self.rank == 0)
+        if step_dir is not None:
+            self._check_model(read_marker(step_dir).get("model", {}), step_dir)
+            state = {"model": get_model_state_dict(self.model)}
+            self._dcp_load(state, step_dir)
+            set_model_state_dict(self.model, state["model"])
+        else:
+            cfg, full = read_model_weights(path)
+            self._check_model(cfg, path)
+            set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True))
+        self._log(f"initialized model weights from {step_dir or path} (optimizer, schedule and data start fresh)")
+
+    # -- saving -------------------------------------------------------------------------------------------------
+
+    def _tensor_state(self) -> dict[str, Any]:
+        """Model and optimizer tensors (DTensor shards under FSDP2); optimizer hyper-parameters apart."""
+        optim = get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIM_OPTIONS)
+        return {
+            "model": get_model_state_dict(self.model),
+            "optimizer": {k: v for k, v in optim.items() if isinstance(v, torch.Tensor)},
+            "_optim_extras": {k: v for k, v in optim.items() if not isinstance(v, torch.Tensor)},
+        }
+
+    def _state_to_save(self, step: int, tokens_seen: int) -> dict[str, Any]:
+        state = self._tensor_state()
+        state["optimizer_groups"] = _json_tensor(state.pop("_optim_extras"))
+        state["lr_scheduler"] = _json_tensor(self.lr_scheduler.state_dict())
+        state["train_state"] = _json_tensor({
+            "step": step, "tokens_seen": tokens_seen, "world_size": self.world_size, "seed": self.training.seed,
+        })
+        # per-rank key: DCP keeps one copy of replicated tensors, but every rank's loader state is its own
+        state["dataloader"] = {f"rank_{self.rank}": _json_tensor(self.data_loader.state_dict())}
+        return state
+
+    def save(self, step: int, tokens_seen: int, blocking: bool = False) -> None:
+        """Saves ``step-{step}``; async modes return once the state is staged unless ``blocking``."""
+        self.wait()  # one save in flight at a time
+        start = time.perf_counter()
+        path = self.folder / f"step-{step}"
+        if self.rank == 0:
+            if path.exists():  # a stale folder from a crashed save (or a rerun): never mix its files in
+                shutil.rmtree(path)
+            path.mkdir(parents=True)
+        self._barrier()
+        state = self._state_to_save(step, tokens_seen)
+        mode = self.cfg.async_mode
+        if mode == "disabled" or blocking:
+            dcp.save(state, checkpoint_id=str(path), process_group=self._cpu_group, no_dist=not self.distributed)
+            self._finish(step, path, start, time.perf_counter() - start)
+            return
+        kwargs: dict[str, Any] = {"process_group": self._cpu_group, "no_dist": not self.distributed}
+        if mode == "async_with_pinned_mem" and torch.cuda.is_available():
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            if self._stager is None:  # reused: its pinned buffers are allocated once
+                self._stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
+                                                            use_async_staging=True, use_non_blocking_copy=True))
+            kwargs["async_stager"] = self._stager
+        result = dcp.async_save(state, checkpoint_id=str(path), **kwargs)
+        upload, staging = (result.upload_completion, result.staging_completion) if hasattr(result, "upload_completion") else (result, None)
+        self._pending = _Pending(step, path, upload, staging, start, time.perf_counter() - start)
+
+    def _wait_for_staging(self) -> None:
+        """Blocks until an async save has copied the state (before the optimizer changes it)."""
+        p = self._pending
+        if p is not None and p.staging is not None and not p.staging.done():
+            start = time.perf_counter()
+            p.staging.result()
+            p.blocking_s += time.perf_counter() - start
+
+    def _poll(self) -> None:
+        p = self._pending
+        if p is not None and p.upload.done():
+            self._pending = None
+            p.upload.result()  # re-raises a failed save
+            self._finish(p.step, p.path, p.started, p.blocking_s)
+
+    def wait(self) -> None:
+        """Waits for the save in flight, if any, and completes it."""
+        p = self._pending
+        if p is not None:
+            start = time.perf_counter()
+            if p.staging is not None:
+                p.staging.result()
+            p.upload.result()
+            p.blocking_s += time.perf_counter() - start
+            self._poll()
+
+    def _finish(self, step: int, path: Path, started: float, blocking_s: float) -> None:
+        """Marks a written checkpoint complete (rank 0, after DCP's metadata: the last file) and purges."""
+        if self.rank == 0:
+            marker = {"step": step, "world_size": self.world_size, "model": self.model_config,
+                      "async_mode": self.cfg.async_mode, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            tmp = path / (MARKER + ".tmp")
+            tmp.write_text(json.dumps(marker, indent=2) + "\n")
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path / MARKER)
+            self._purge()
+        self._last_saved = step
+        total = time.perf_counter() - started
+        self.save_stats.append({"step": step, "blocking_s": blocking_s, "total_s": total})
+        self._log(f"saved {path} in {total:.2f} s (training blocked {blocking_s:.2f} s)")
+
+    def _purge(self) -> None:
+        """keep_latest_k: deletes all but the newest k complete checkpoints, and incomplete folders older than
+        the newest complete one (leftovers of crashed saves)."""
+        k = self.cfg.keep_latest_k
+        if k <= 0:
+            return
+        folders = step_folders(self.folder)
+        complete = [p for _, p in folders if is_complete(p)]
+        newest = max((s for s, p in folders if is_complete(p)), default=-1)
+        doomed = complete[:-k] + [p for s, p in folders if s < newest and not is_complete(p)]
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self._cpu_group)
+
+    # -- the training loop's hooks ------------------------------------------------------------------------------
+
+    def check_finite(self, step: int, micro_losses: list[torch.Tensor], grad_norm: torch.Tensor) -> bool:
+        """Whether to apply this step's update. A non-finite loss (any micro-batch, any rank) or grad norm
+        triggers ``training.on_nonfinite``: "skip" drops the update (grads are zeroed by the caller, the
+        optimizer does not step, the lr schedule and data move on), "stop" does the same then saves and stops
+        at the step's end, "raise" raises. Costs one host sync (and one scalar all-reduce) per step."""
+        losses = torch.stack([x.detach().float().reshape(()) for x in micro_losses])
+        local_bad = ~torch.isfinite(losses)
+        flag = torch.stack([local_bad.any().float(), (~torch.isfinite(grad_norm.detach().float())).float()]).cpu()
+        if self.distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._cpu_group)
+        if not flag.any():
+            return True
+        action = self.training.on_nonfinite
+        for m in local_bad.nonzero().flatten().tolist():
+            print(f"warning: non-finite loss at step {step}, rank {self.rank}, micro-batch {m}: "
+                  f"{losses[m].item()}", file=sys.stderr, flush=True)
+        msg = f"non-finite {'loss' if flag[0] else 'grad norm'} at step {step} (grad norm {grad_norm.item()})"
+        if action == "raise":
+            raise FloatingPointError(f"{msg}; training.on_nonfinite = raise")
+        if self.rank == 0:
+            _warn(f"{msg}: update skipped (training.on_nonfinite = {action})")
+        if action == "stop":
+            self._stop_reason = "nonfinite"
+        return False
+
+    def step_end(self, step: int, tokens_seen: int, last: bool) -> bool:
+        """After each step: finishes a completed async save, saves on interval/last step, and handles stop
+        requests (SIGTERM/SIGUSR1: save and return True; non-finite with "stop": save and raise)."""
+        self._poll()
+        signalled = self._signalled()
+        stop = signalled or self._stop_reason is not None
+        if stop or (self.cfg.enable and (last or (self.cfg.interval > 0 and step % self.cfg.interval == 0))):
+            if step != self._last_saved:
+                self.save(step, tokens_seen, blocking=stop)
+            elif stop:
+                self.wait()
+        if self._stop_reason == "nonfinite":
+            raise FloatingPointError(f"stopped at step {step} after a non-finite loss or grad norm "
+                                     f"(training.on_nonfinite = stop); state saved in {self.folder / f'step-{step}'}")
+        if signalled:
+            self._log(f"stopping at step {step} on signal {signal.Signals(signalled).name}; rerun the same command "
+                      "to resume")
+            return True
+        return False
+
+    def close(self, step: int, completed: bool) -> None:
+        """End of training: waits for saves in flight, exports the final weights of a completed run, and
+        restores signal handlers. Collective."""
+        self.wait()
+        if completed and self.cfg.enable:
+            start = time.perf_counter()
+            export_model(self.model, self.model_config, self.export_folder, self.cfg.export_dtype, step)
+            self._log(f"exported step {step} ({self.cfg.export_dtype}) to {self.export_folder} in "
+                      f"{time.perf_counter() - start:.2f} s")
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+        for signum, handler in self._old_handlers.items():
+            signal.signal(signum, handler)
+        self._old_handlers = {}
+
+    # -- preemption ---------------------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            self._old_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        # Only record it: the save happens at the next step boundary, where every rank agrees on the state.
+        self._signal = signum
+
+    def _signalled(self) -> int:
+        """The signal any rank received (0 if none); all ranks agree, so they stop at the same step."""
+        if not self.distributed:
+            return self._signal or 0
+        flag = torch.tensor([self._signal or 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._cpu_group)
+        return int(flag.item())
+
+
+# Optimizer state keyed by parameter FQN ("state.<fqn>.exp_avg"), so any sharding layout can load it.
+_OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def reposition(loader, saved: dict[str, Any], step: int) -> dict[str, Any]:
+    """A TrainLoader state that starts at ``step`` under this loader's layout, from a state saved under
+    another data-parallel layout.
+
+    The loader's position is global: micro-batch ``k`` of every rank belongs to step ``k // A`` (``A`` =
+    micro-batches per rank per step), and a checkpoint is taken at a step boundary, so the state to resume
+    from is this loader's fresh state with its sampler at ``k = step * A``. Sample-defining settings (seed,
+    global batch, seq_len, sources) must match the saved ones; rank, world size, workers and micro-batch
+    size may differ.
+    """
+    layout = getattr(loader, "layout", None)
+    if layout is None:
+        raise UserError("this data loader cannot resume under another world size; resume with the saved one")
+    for key in ("seq_len", "global_batch_size", "seed", "train_prefixes", "train_weights"):
+        old, new = saved["layout"].get(key), layout.get(key)
+        if (list(old) if isinstance(old, (list, tuple)) else old) != (list(new) if isinstance(new, (list, tuple)) else new):
+            raise UserError(f"the data-loader state was saved with {key}={old!r}, this run has {new!r}; resume "
+                            "with the same value (or start a new dump_folder)")
+    per_rank = layout["global_batch_size"] // (layout["local_batch_size"] * layout["dp_world_size"])
+    state = loader.state_dict()
+    _set_position(state["loader"], step * per_rank)
+    return state
+
+
+def _set_position(state: dict[str, Any], k: int) -> None:
+    """Sets a StatefulDataLoader state (any worker count) to 'k micro-batches yielded, sampler at k'."""
+    for key, value in state.items():
+        if key == "_sampler_iter_state":
+            state[key] = {"next": k}
+        elif key in ("_sampler_iter_yielded", "_num_yielded", "_snapshot_step"):
+            state[key] = k
+        elif isinstance(value, dict):
+            _set_position(value, k)

@@ -1,0 +1,287 @@
+"""Checkpointing against uninterrupted runs: exact resume, crash and preemption safety, keep_latest_k, markers,
+non-finite steps, export round trips, and loader resharding across world sizes (single process; the
+2-process FSDP tests are in test_checkpoint_multiprocess.py).
+
+Every run is the 6M model at seq_len 32, global batch 4 = 2 micro-batches of 2 (gradient accumulation 2), 2
+loader workers, 8 steps; losses are read exactly in-process (the local loss sum, which is the logged loss
+for one process).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dlm_titan.checkpoint import MARKER, reposition, step_folders
+from dlm_titan.config import Data, load_config
+from dlm_titan.data import build_train_loader, resolve_data_path
+from dlm_titan.export import export_model, load_model
+from dlm_titan.train import Trainer, main
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 8
+ARGS = ["--job.config_file", "train_configs/debug.toml", "--training.steps", str(STEPS), "--training.seq_len", "32",
+        "--training.global_batch_size", "4", "--training.local_batch_size", "2", "--data.num_workers", "2",
+        "--metrics.log_freq", "1", "--job.no_print_config", "--metrics.no_enable_tensorboard",
+        "--checkpoint.export_dtype", "float32"]
+
+
+def config(dump: Path, *extra: str):
+    return load_config([*ARGS, "--job.dump_folder", str(dump), *extra])
+
+
+def train(dump: Path, *extra: str, stop_after: int | None = None, on_step=None) -> tuple[Trainer, dict[int, float]]:
+    """Runs the trainer in this process; returns it and {step: exact loss}. ``stop_after`` ends the run after
+    that step as if it were the last (the lr schedule still spans STEPS); ``on_step(trainer, step)`` runs
+    after each step."""
+    trainer = Trainer(config(dump, *extra))
+    if stop_after is not None:
+        trainer.steps = stop_after
+    losses: dict[int, float] = {}
+    step_fn = trainer.train_step
+
+    def recorded(step: int):
+        out = step_fn(step)
+        losses[step] = out["loss_sum"].item()
+        if on_step is not None:
+            on_step(trainer, step)
+        return out
+
+    trainer.train_step = recorded
+    trainer.train()
+    return trainer, losses
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[int, float]:
+    """Losses of the uninterrupted 8-step run, checkpointing off."""
+    _, losses = train(tmp_path_factory.mktemp("reference") / "out")
+    assert sorted(losses) == list(range(1, STEPS + 1)) and all(map(torch.isfinite, torch.tensor(list(losses.values()))))
+    return losses
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    """4 steps (saving every 2, keeping 2), then a new process-like Trainer on the same dump folder to step 8."""
+    dump = tmp_path_factory.mktemp("resumed") / "out"
+    ckpt = ["--checkpoint.enable", "--checkpoint.interval", "2", "--checkpoint.keep_latest_k", "2"]
+    _, first = train(dump, *ckpt, stop_after=4)
+    after_first = [s for s, _ in step_folders(dump / "checkpoint")]
+    trainer, second = train(dump, *ckpt)
+    return {"dump": dump, "first": first, "second": second, "after_first": after_first, "trainer": trainer}
+
+
+def test_resume_reproduces_uninterrupted_losses_bit_for_bit(reference, resumed):
+    assert sorted(resumed["first"]) == [1, 2, 3, 4] and sorted(resumed["second"]) == [5, 6, 7, 8]
+    assert resumed["first"] == {s: reference[s] for s in range(1, 5)}
+    assert resumed["second"] == {s: reference[s] for s in range(5, 9)}  # exact float equality
+
+
+def test_keep_latest_k_holds_and_markers_are_written(resumed):
+    assert resumed["after_first"] == [2, 4]
+    folders = step_folders(resumed["dump"] / "checkpoint")
+    assert [s for s, _ in folders] == [6, 8]
+    for step, path in folders:
+        marker = json.loads((path / MARKER).read_text())
+        assert marker["step"] == step and marker["model"]["flavor"] == "6M" and (path / ".metadata").is_file()
+
+
+def test_export_and_checkpoint_reload_give_identical_logits(resumed, tmp_path):
+    trained = resumed["trainer"].model.eval()
+    tokens = torch.randint(0, 32001, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = trained(tokens)
+        for path in (resumed["dump"] / "export", resumed["dump"] / "checkpoint" / "step-8", resumed["dump"]):
+            model = load_model(path)
+            assert model.config["step"] == 8 and next(model.parameters()).dtype == torch.float32
+            assert torch.equal(model(tokens), want), path
+        # bf16 export: the reloaded model equals the trained one cast to bf16
+        export_model(trained, {"flavor": "6M"}, tmp_path / "bf16", "bfloat16", step=8)
+        model = load_model(tmp_path / "bf16")
+        assert next(model.parameters()).dtype == torch.bfloat16
+        cast = load_model(resumed["dump"] / "export", dtype="bfloat16")
+        assert torch.equal(model(tokens), cast(tokens))
+
+
+def test_export_cli_writes_a_loadable_export(resumed, tmp_path):
+    from scripts.export_checkpoint import main as export_main
+
+    step6 = resumed["dump"] / "checkpoint" / "step-6"
+    assert export_main([str(step6), "--out", str(tmp_path / "e6"), "--dtype", "float32"]) == 0
+    tokens = torch.randint(0, 32001, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "e6")(tokens), load_model(step6)(tokens))
+    assert json.loads((tmp_path / "e6" / "config.json").read_text())["step"] == 6
+    assert export_main([str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_incomplete_checkpoint_is_skipped_and_explicit_load_of_it_exits_2(resumed, tmp_path, capfd):
+    dump = tmp_path / "out"
+    # hard links: a cheap copy of the dump folder; saves never write into existing files
+    shutil.copytree(resumed["dump"], dump, copy_function=os.link)
+    shutil.copytree(dump / "checkpoint" / "step-8", dump / "checkpoint" / "step-10", copy_function=os.link)
+    (dump / "checkpoint" / "step-10" / MARKER).unlink()
+    trainer = Trainer(config(dump, "--checkpoint.enable"))
+    assert trainer.step == 8
+    assert "skipping incomplete checkpoint" in capfd.readouterr().err
+    code = main([*ARGS, "--job.dump_folder", str(dump), "--checkpoint.enable", "--checkpoint.load_step", "10"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: checkpoint ") and "step-10 is incomplete" in err[0]
+    assert main([*ARGS, "--job.dump_folder", str(dump), "--checkpoint.enable", "--checkpoint.load_step", "3"]) == 2
+    assert "complete checkpoints: [6, 8]" in capfd.readouterr().err
+
+
+def test_sigterm_saves_at_step_boundary_and_rerun_reproduces(reference, tmp_path):
+    dump = tmp_path / "out"
+
+    def preempt(trainer, step):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal; the handler only records it
+
+    previous = signal.getsignal(signal.SIGTERM)
+    first, losses = train(dump, "--checkpoint.enable", "--checkpoint.interval", "100", on_step=preempt)
+    assert signal.getsignal(signal.SIGTERM) is previous  # restored at close
+    assert first.step == 5 and sorted(losses) == [1, 2, 3, 4, 5]
+    assert [s for s, _ in step_folders(dump / "checkpoint")] == [5] and not (dump / "export").exists()
+    _, rest = train(dump, "--checkpoint.enable", "--checkpoint.interval", "100")
+    assert rest == {s: reference[s] for s in range(6, 9)}
+
+
+def test_sigkill_during_save_leaves_previous_checkpoint_for_resume(reference, tmp_path):
+    """A child process is SIGKILLed while DCP writes step-8 (data written, metadata and marker not yet)."""
+    dump = tmp_path / "out"
+    child = f"""
+import os, signal, sys
+from torch.distributed.checkpoint import FileSystemWriter
+from dlm_titan.train import main
+finish = FileSystemWriter.finish
+def killed(self, *a, **k):
+    if str(self.path).endswith("step-8"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return finish(self, *a, **k)
+FileSystemWriter.finish = killed
+sys.exit(main({[*ARGS, "--job.dump_folder", str(dump), "--checkpoint.enable", "--checkpoint.interval", "4"]!r}))
+"""
+    result = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    step8 = dump / "checkpoint" / "step-8"
+    assert list(step8.glob("*.distcp")) and not (step8 / MARKER).exists()
+    _, rest = train(dump, "--checkpoint.enable", "--checkpoint.interval", "4")
+    assert rest == {s: reference[s] for s in range(5, 9)}
+    assert (step8 / MARKER).is_file()  # the rerun saved step 8 again, completely
+
+
+def _nan_at(step_to_poison: int, micro_batch: int = 0):
+    """on_step-free injection: wraps the model's loss so one micro-batch of one step returns NaN."""
+    calls = {"n": 0}
+
+    def install(trainer):
+        inner = trainer.model.loss_fn
+        per_step = trainer.micro_batches
+
+        def poisoned(*args):
+            loss = inner(*args)
+            k = calls["n"]
+            calls["n"] += 1
+            return loss * float("nan") if k == (step_to_poison - 1) * per_step + micro_batch else loss
+
+        trainer.model.loss_fn = poisoned
+
+    return install
+
+
+def _train_with(dump: Path, install, *extra: str, steps: int = 4):
+    trainer = Trainer(config(dump, *extra, "--training.steps", str(steps)))
+    install(trainer)
+    snapshots: dict[int, torch.Tensor] = {}
+    losses: dict[int, float] = {}
+    step_fn = trainer.train_step
+
+    def recorded(step):
+        out = step_fn(step)
+        losses[step] = out["loss_sum"].item()
+        snapshots[step] = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
+        return out
+
+    trainer.train_step = recorded
+    return trainer, losses, snapshots
+
+
+def test_nonfinite_loss_skip_drops_the_update_and_continues(tmp_path, capfd):
+    trainer, losses, params = _train_with(tmp_path / "out", _nan_at(3, micro_batch=1), "--training.on_nonfinite", "skip")
+    adam_steps = []
+    trainer.optimizer.register_step_post_hook(lambda *_: adam_steps.append(trainer.step))
+    trainer.train()
+    assert sorted(losses) == [1, 2, 3, 4] and losses[3] != losses[3]  # NaN at step 3 only
+    assert all(losses[s] == losses[s] for s in (1, 2, 4))
+    assert torch.equal(params[3], params[2]) and not torch.equal(params[4], params[3])
+    assert adam_steps == [1, 2, 4]
+    assert trainer.lr_scheduler.last_epoch == 4  # the schedule moves on with the step count
+    err = capfd.readouterr().err
+    assert "non-finite loss at step 3, rank 0, micro-batch 1" in err and "update skipped" in err
+
+
+def test_nonfinite_loss_stop_saves_then_raises(tmp_path):
+    dump = tmp_path / "out"
+    trainer, losses, params = _train_with(dump, _nan_at(2), "--training.on_nonfinite", "stop", "--checkpoint.enable")
+    with pytest.raises(FloatingPointError, match="stopped at step 2"):
+        trainer.train()
+    assert sorted(losses) == [1, 2] and [s for s, _ in step_folders(dump / "checkpoint")] == [2]
+    saved = load_model(dump / "checkpoint" / "step-2")  # the weights of step 1: step 2's update was dropped
+    assert torch.equal(torch.cat([p.flatten() for p in saved.parameters()]), params[1])
+
+
+def test_nonfinite_loss_raise(tmp_path):
+    trainer, losses, _ = _train_with(tmp_path / "out", _nan_at(2), "--training.on_nonfinite", "raise", "--checkpoint.enable")
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 2"):
+        trainer.train()
+    assert not step_folders(tmp_path / "out" / "checkpoint")
+
+
+def test_initial_load_path_loads_weights_only(resumed, tmp_path):
+    trainer = Trainer(config(tmp_path / "out", "--checkpoint.enable", "--checkpoint.initial_load_path",
+                             str(resumed["dump"] / "checkpoint" / "step-6")))
+    assert trainer.step == 0 and trainer.tokens_seen == 0 and not trainer.optimizer.state
+    assert trainer.lr_scheduler.last_epoch == 0
+    reference = load_model(resumed["dump"] / "checkpoint" / "step-6")
+    for (name, p), q in zip(trainer.model.named_parameters(), reference.parameters()):
+        assert torch.equal(p.detach(), q), name
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_reposition_continues_the_global_stream(workers):
+    """Loader states saved by 2 ranks x 4 micro-batches after 3 steps, repositioned for other layouts: step 4's samples are
+    those of an uninterrupted 1-rank loader (independent reference: the loader's position map)."""
+    data = Data(num_workers=workers)
+    path = resolve_data_path(data)
+
+    def loader(rank, world, b):
+        return build_train_loader(data, data_path=path, seq_len=16, local_batch_size=b, global_batch_size=8,
+                                  dp_rank=rank, dp_world_size=world, seed=5, vocab_size=32000)
+
+    saved = []
+    for rank in range(2):
+        old = loader(rank, 2, 1)
+        it = iter(old)
+        for _ in range(3 * 4):  # 3 steps x 4 micro-batches per rank
+            next(it)
+        saved.append(old.state_dict())
+        del it
+    straight = iter(loader(0, 1, 4))
+    for _ in range(3 * 2):
+        next(straight)
+    want = torch.cat([next(straight)["input"] for _ in range(2)])  # step 4: 8 sequences
+    for world, b in ((1, 4), (4, 1), (1, 2)):  # 2, 2 and 4 micro-batches per rank per step
+        got = []
+        for rank in range(world):
+            new = loader(rank, world, b)
+            new.load_state_dict(reposition(new, saved[rank % 2], step=3))
+            it = iter(new)
+            got += [next(it)["input"] for _ in range(8 // (b * world))]
+        assert torch.equal(torch.cat(got), want), (world, b)
