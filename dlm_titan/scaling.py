@@ -141,26 +141,44 @@ class FinalLoss:
 def read_scalars(tb_dir: Path, tag: str) -> list[tuple[int, float]]:
     """(step, value) of every event of ``tag`` in a TensorBoard folder, in step order.
 
-    A resumed run repeats steps it had already logged; TensorBoard's accumulator drops the orphaned ones, and
-    of any step still logged twice the later write wins.
+    A resumed run writes a new event file that starts again from its checkpoint's step: events of earlier
+    files at or after that step belong to the abandoned attempt and are dropped (TensorBoard's own orphan
+    purge does not do this across files).
     """
+    history: dict[int, float] = {}
+    for file in sorted(Path(tb_dir).glob("events.out.tfevents.*"), key=_event_file_order):
+        first, events = _file_scalars(file, tag)
+        if first is not None:
+            history = {step: value for step, value in history.items() if step < first}
+            history.update(events)
+    return sorted(history.items())
+
+
+def _event_file_order(file: Path) -> tuple[int, str]:
+    # events.out.tfevents.<unix time>.<host>.<pid>.<n>: creation time first, the name breaks ties.
+    parts = file.name.split(".")
+    return (int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else 0, file.name)
+
+
+def _file_scalars(file: Path, tag: str) -> tuple[int | None, list[tuple[int, float]]]:
+    """The first step of any scalar in the file (where this attempt started; None if it has none) and the
+    (step, value) events of ``tag`` in it."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    if not Path(tb_dir).is_dir():
-        return []
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc = EventAccumulator(str(file), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     tags = acc.Tags()
+    steps = [e.step for t in tags.get("scalars", []) for e in acc.Scalars(t)]
+    steps += [e.step for t in tags.get("tensors", []) for e in acc.Tensors(t)]
     if tag in tags.get("scalars", []):
-        events = [(e.step, e.wall_time, float(e.value)) for e in acc.Scalars(tag)]
-    elif tag in tags.get("tensors", []):  # SummaryWriter(new_style=True) writes scalars as tensors
+        events = [(e.step, float(e.value)) for e in acc.Scalars(tag)]
+    elif tag in tags.get("tensors", []):  # SummaryWriter(new_style=True) stores scalars as tensors
         from tensorboard.util.tensor_util import make_ndarray
 
-        events = [(e.step, e.wall_time, float(make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+        events = [(e.step, float(make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
     else:
-        return []
-    by_step = {step: value for step, _, value in sorted(events, key=lambda e: (e[0], e[1]))}
-    return sorted(by_step.items())
+        events = []
+    return (min(steps) if steps else None), events
 
 
 def read_final_loss(tb_dir: Path) -> FinalLoss | None:
