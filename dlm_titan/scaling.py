@@ -113,7 +113,7 @@ def format_plan(plans: Sequence[RunPlan]) -> str:
         rows.append((
             p.name, budget_label(p.budget), p.flavor, f"{p.non_embedding_params:,}", f"{p.steps:,}",
             f"{p.warmup_steps:,}", f"{p.global_batch_size} x {p.seq_len}", f"{p.tokens:,.0f}",
-            f"{p.tokens / p.non_embedding_params:.1f}", f"{p.flops:.4g}",
+            f"{p.tokens / p.non_embedding_params:.3g}", f"{p.flops:.4g}",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) if i > 2 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
@@ -399,6 +399,11 @@ def _law_panel(axis, minima: list[BudgetFit], values: list[float], law: PowerLaw
         axis.plot(c, law(c), color="tab:red", label=f"{name} = {law.coefficient:.3g} C^{law.exponent:.3f}")
         axis.legend(fontsize=8)
     axis.set(xscale="log", yscale="log")
+    if name == "L_opt":  # losses span a few percent: print them as numbers, not as 3.1 x 10^0
+        from matplotlib.ticker import FormatStrFormatter
+
+        axis.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
+        axis.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
 
 
 def _colors(n: int) -> list:

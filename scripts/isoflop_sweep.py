@@ -46,11 +46,17 @@ OWNED = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2, like every other bad input
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Splits ``argv`` at ``--`` into sweep options and trainer overrides."""
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Arguments after -- go to every run's trainer.")
+    p = _Parser(description=__doc__.split("\n\n")[0], epilog="Arguments after -- go to every run's trainer.")
 
     def add(name: str, **kwargs) -> None:
         p.add_argument(f"--{name}", *([f"--{name.replace('_', '-')}"] if "_" in name else []), dest=name, **kwargs)

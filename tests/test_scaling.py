@@ -92,6 +92,8 @@ def test_budget_labels():
     (["--budgets", "1e19", "--flavors", "6M", "--global_batch_size", "10", "--local_batch_size", "4"],
      "--global_batch_size 10 is not a multiple of --local_batch_size 4"),
     (["--collect_only"], "plan.json not found"),
+    (["--flavors", "6M"], "--budgets and --flavors are required (except with --collect_only)"),
+    (["--budgets", "1e19,-3", "--flavors", "6M"], "budgets must be positive numbers"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     result = sweep("--dry-run", "--output_dir", str(tmp_path / "none"), *args)  # after `--` go trainer flags
