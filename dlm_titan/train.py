@@ -25,7 +25,15 @@ from dlm_titan.diffusion import forward_process, sample_noise, ssl_length
 from dlm_titan.errors import EXIT_USER_ERROR, UserError
 from dlm_titan.export import model_config
 from dlm_titan.flops import steps_from_budget
-from dlm_titan.metrics import MetricsLogger, TBuckets, ThroughputWindow, device_memory, device_name, mfu, model_flops_per_token
+from dlm_titan.metrics import (
+    MetricsLogger,
+    TBuckets,
+    ThroughputWindow,
+    device_memory,
+    device_name,
+    mfu,
+    model_flops_per_token,
+)
 from dlm_titan.models import build_model
 from dlm_titan.optim import build_lr_scheduler, build_optimizer, resolve_warmup_steps
 from dlm_titan.parallelize import parallelize_model

@@ -16,8 +16,15 @@ from dlm_titan.data import write_shard
 from dlm_titan.diffusion import VALIDATION_STREAM, sample_noise
 from dlm_titan.errors import UserError
 from dlm_titan.models import ModelArgs, TransEncoder
-from dlm_titan.validation import (LOSS_TAG, PPL_TAG, STDERR_TAG, SequenceLossTap, Validator, build_validator,
-                                  per_token_weighted_ce)
+from dlm_titan.validation import (
+    LOSS_TAG,
+    PPL_TAG,
+    STDERR_TAG,
+    SequenceLossTap,
+    Validator,
+    build_validator,
+    per_token_weighted_ce,
+)
 
 VOCAB, EPS, SEQ = 64, 1e-3, 16
 MASK_ID = VOCAB
