@@ -33,17 +33,20 @@ def make_shards(folder: Path, n: int, chunk_size: int) -> None:
                     rng.integers(0, 32000, size=chunk_size, dtype=np.uint16))
 
 
-def rate(fn, seconds: float) -> float:
-    """Calls of ``fn`` per second over ``seconds`` (after one warm-up call)."""
+def rate(fn, seconds: float) -> tuple[float, float]:
+    """Calls of ``fn`` per wall-clock second and per CPU second of this process (after one warm-up call).
+
+    The CPU-time rate is what one worker process sustains on a core of its own, even on a busy machine.
+    """
     fn()
-    n, start = 0, time.perf_counter()
+    n, start, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         fn()
         n += 1
-    return n / (time.perf_counter() - start)
+    return n / (time.perf_counter() - start), n / max(time.process_time() - cpu, 1e-9)
 
 
-def bench_one(args: argparse.Namespace, folder: Path, workers: int) -> list[tuple[str, float]]:
+def bench_one(args: argparse.Namespace, folder: Path, workers: int) -> list[tuple[str, float, float | None]]:
     """tokens/s of the micro-batch function in this process (workers == 0) and of the loader."""
     cfg = SimpleNamespace(train_prefixes=["train_slim"], train_weights=[1.0], tokenizer_path="",
                           num_workers=workers)
@@ -55,20 +58,21 @@ def bench_one(args: argparse.Namespace, folder: Path, workers: int) -> list[tupl
     rows = []
     if workers == 0:
         counter = iter(range(1 << 62))
-        per_worker = rate(lambda: loader.dataset[next(counter)], args.seconds) * tokens
-        rows.append(("micro-batch function, 1 process (per worker)", per_worker))
+        wall, cpu = rate(lambda: loader.dataset[next(counter)], args.seconds)
+        rows.append(("micro-batch function in one process (= one worker)", wall * tokens, cpu * tokens))
     it = iter(loader)
     for _ in range(8 * max(workers, 1)):  # start workers, fill the prefetch queue, map every shard once
         next(it)
-    rows.append((f"StatefulDataLoader, num_workers={workers}", rate(lambda: next(it), args.seconds) * tokens))
+    wall, cpu = rate(lambda: next(it), args.seconds)
+    rows.append((f"StatefulDataLoader, num_workers={workers}", wall * tokens, cpu * tokens if workers == 0 else None))
     return rows
 
 
-def bench_loader(args: argparse.Namespace, folder: Path) -> list[tuple[str, float]]:
+def bench_loader(args: argparse.Namespace, folder: Path) -> list[tuple[str, float, float | None]]:
     return [row for w in args.workers.split(",") for row in bench_one(args, folder, int(w))]
 
 
-def bench_prepare(args: argparse.Namespace) -> list[tuple[str, float]]:
+def bench_prepare(args: argparse.Namespace) -> list[tuple[str, float, float | None]]:
     source = args.source_path or str(embedded_corpus_dir())
     rows = []
     for workers in (1, 2):
@@ -77,7 +81,7 @@ def bench_prepare(args: argparse.Namespace) -> list[tuple[str, float]]:
             manifest = prepare_split(source, args.tokenizer_path, out, "train", num_workers=workers,
                                      show_progress=False)
             elapsed = time.perf_counter() - start
-        rows.append((f"prepare_slim_pajama, num_workers={workers}", manifest["totals"]["tokens"] / elapsed))
+        rows.append((f"prepare_slim_pajama, num_workers={workers}", manifest["totals"]["tokens"] / elapsed, None))
     return rows
 
 
@@ -98,10 +102,11 @@ def main() -> None:
         rows = bench_loader(args, Path(tmp))
     if not args.skip_prepare:
         rows += bench_prepare(args)
-    print(f"| what (seq_len {args.seq_len}, micro-batch {args.local_batch_size}) | tokens/s |")
-    print("|---|---|")
-    for name, value in rows:
-        print(f"| {name} | {value / 1e6:,.1f}M |")
+    print(f"| what (seq_len {args.seq_len}, micro-batch {args.local_batch_size}) | tokens/s (wall) | "
+          "tokens per CPU-second |")
+    print("|---|---|---|")
+    for name, wall, cpu in rows:
+        print(f"| {name} | {wall / 1e6:,.1f}M | {'-' if cpu is None else f'{cpu / 1e6:,.1f}M'} |")
 
 
 if __name__ == "__main__":
