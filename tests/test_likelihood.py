@@ -1,0 +1,336 @@
+"""Likelihoods: the MC ELBO is the training loss estimator (same noise) and converges to the exact bound;
+the chain rule equals a product computed by hand from the model's logits; the lm-eval adapter's scoring
+(without lm_eval); the generate / eval_elbo command lines on a tiny exported model."""
+
+import math
+import sys
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from dlm_kernels import masked_linear_cross_entropy
+
+from dlm_titan.diffusion import Noise, forward_process, sample_noise
+from dlm_titan.likelihood import EVAL_STREAM, chain_rule_logprob, elbo, text_key
+from dlm_titan.models import ModelArgs, TransEncoder
+from scripts.lm_eval_adapter import (
+    Scorer,
+    ScorerConfig,
+    encode_pair,
+    rolling_windows,
+    split_context,
+    truncate_pair,
+)
+
+VOCAB, MASK, EOS = 50, 50, 2
+
+
+def tiny_model(seed: int = 1, vocab: int = VOCAB, dim: int = 64) -> TransEncoder:
+    model = TransEncoder(ModelArgs(n_layers=2, n_heads=4, dim=dim, ffn_dim=4 * dim, vocab_size=vocab), max_seq_len=64)
+    model.init_weights(seed)
+    return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: a second thread only adds contention on shared CI cores
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = tiny_model()
+    m.loss_fn = partial(masked_linear_cross_entropy, impl="torch")
+    return m
+
+
+@pytest.mark.parametrize("t_sampling", ["stratified", "uniform"])
+def test_elbo_equals_mean_training_loss_estimator(model, t_sampling):
+    text = torch.randint(0, VOCAB, (12,))
+    k, eps = 16, 1e-3
+    est = elbo(model, text, mask_id=MASK, mc_samples=k, batch_size=5, eps=eps, seed=7, step=3, t_sampling=t_sampling)
+    # The trainer's estimator on the same noise: sequence j of a step of k copies of the text.
+    noise = sample_noise(torch.arange(k), 12, seed=7, step=3, stream=EVAL_STREAM, t_sampling=t_sampling,
+                         num_positions=k)
+    with torch.no_grad():
+        per_copy = []
+        for j in range(k):
+            mb = forward_process(text[None], Noise(noise.t[j : j + 1], noise.uniforms[j : j + 1]), eps=eps,
+                                 mask_id=MASK, token_count=12)
+            per_copy.append(model(mb.inputs, mb.targets, mb.token_weights).item())
+        batch = forward_process(text.expand(k, 12), noise, eps=eps, mask_id=MASK, token_count=k * 12)
+        step_loss = model(batch.inputs, batch.targets, batch.token_weights).item()
+    torch.testing.assert_close(est.samples, torch.tensor(per_copy, dtype=torch.float64) * 12, rtol=1e-5, atol=1e-5)
+    assert est.nll == pytest.approx(np.mean(per_copy) * 12, rel=1e-5)
+    assert est.nll == pytest.approx(step_loss * 12, rel=1e-5)  # the training loss of that step, x tokens
+    assert est.num_tokens == 12 and est.std_err == pytest.approx(np.std(per_copy, ddof=1) * 12 / math.sqrt(k), rel=1e-4)
+
+
+def exact_elbo(model, text: list[int], eps: float) -> float:
+    """E over t ~ U(0,1) of the estimator with p = (1-eps) t + eps, by enumerating mask sets (float64).
+
+    f(p) = sum over non-empty masked sets S of p^(|S|-1) (1-p)^(L-|S|) * sum_{i in S} CE_i(x | S masked);
+    the expectation is the integral of f over p in [eps, 1] divided by 1 - eps (Gauss-Legendre, exact here).
+    """
+    n = len(text)
+    terms = []
+    for bits in range(1, 2**n):
+        masked = [i for i in range(n) if bits >> i & 1]
+        x = torch.tensor([[MASK if i in masked else tok for i, tok in enumerate(text)]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(x)[0].double(), dim=-1)
+        terms.append((len(masked), -sum(logp[i, text[i]].item() for i in masked)))
+    nodes, weights = np.polynomial.legendre.leggauss(16)
+    p = (1 - eps) / 2 * nodes + (1 + eps) / 2
+    f = sum(p ** (size - 1) * (1 - p) ** (n - size) * ce for size, ce in terms)
+    return float((weights * f).sum() * (1 - eps) / 2 / (1 - eps))
+
+
+@pytest.mark.parametrize("t_sampling", ["stratified", "uniform"])
+def test_elbo_converges_to_the_exact_bound(model, t_sampling):
+    text = [7, 31, 12]
+    exact = exact_elbo(model, text, eps=1e-3)
+    est = elbo(model, text, mask_id=MASK, mc_samples=4096, batch_size=4096, eps=1e-3, seed=1, t_sampling=t_sampling)
+    assert abs(est.nll - exact) < 4 * est.std_err, (est.nll, exact, est.std_err)
+    assert est.std_err < 0.05 * exact
+    # eps -> 0 gives the textbook bound sum_k E_k / k (E_k: mean CE sum over masked sets of size k).
+    assert exact_elbo(model, text, eps=0.0) < exact
+
+
+def test_elbo_masks_only_the_target_and_keys_noise_by_text(model):
+    class Recording(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.inputs = inner, []
+
+        def forward(self, x):
+            self.inputs.append(x.clone())
+            return self.inner(x)
+
+    rec = Recording(model)
+    ctx, tgt = [3, 4, 5], [9, 10, 11, 12]
+    a = elbo(rec, tgt, mask_id=MASK, context=ctx, mc_samples=8, batch_size=3)
+    x = torch.cat(rec.inputs)
+    assert x.shape == (8, 7) and len(rec.inputs) == 3
+    assert (x[:, :3] == torch.tensor(ctx)).all()
+    assert ((x[:, 3:] == torch.tensor(tgt)) | (x[:, 3:] == MASK)).all() and (x[:, 3:] == MASK).any()
+    b = elbo(model, tgt, mask_id=MASK, context=ctx, mc_samples=8, step=text_key(ctx + tgt))
+    assert a.nll == b.nll  # default noise key = the tokens, so request order in a run does not matter
+
+
+@pytest.mark.parametrize("context, cfg_scale", [([], 0.0), ([5, 6], 0.0), ([5, 6], 1.0)])
+def test_chain_rule_of_three_tokens_equals_hand_product(model, context, cfg_scale):
+    a, b, c = 17, 4, 29
+
+    def prob(seq, pos, tok):
+        with torch.no_grad():
+            logits = model(torch.tensor([context + seq]))[0, len(context) + pos].double()
+            if cfg_scale:
+                uncond = model(torch.tensor([[MASK] * len(context) + seq]))[0, len(context) + pos].double()
+                logits = uncond + (cfg_scale + 1) * (logits - uncond)
+        return torch.softmax(logits, dim=-1)[tok].item()
+
+    by_hand = prob([MASK, MASK, MASK], 0, a) * prob([a, MASK, MASK], 1, b) * prob([a, b, MASK], 2, c)
+    per_token = chain_rule_logprob(model, [a, b, c], mask_id=MASK, context=context, batch_size=2, cfg_scale=cfg_scale)
+    assert per_token.shape == (3,) and per_token.dtype == torch.float64
+    assert math.exp(per_token.sum().item()) == pytest.approx(by_hand, rel=1e-4)
+
+
+# ---- lm-eval adapter logic (no lm_eval needed) ----
+
+
+class CharTokenizer:
+    """Lowercase letters and space as ids 3..29; EOS 2."""
+
+    vocab_size, eos_id = VOCAB, EOS
+    chars = " abcdefghijklmnopqrstuvwxyz"
+
+    def encode(self, text, bos=False, eos=True):
+        return [3 + self.chars.index(ch) for ch in text] + ([EOS] if eos else [])
+
+    def decode(self, ids):
+        return "".join(self.chars[i - 3] for i in ids if 3 <= i < 3 + len(self.chars))
+
+
+@pytest.mark.parametrize("max_length, context_length", [(8, 3), (8, 1), (5, 4)])
+def test_rolling_windows_score_every_token_once_after_its_context(max_length, context_length):
+    tokens = list(range(100, 123))
+    windows = rolling_windows(tokens, max_length, context_length, prefix_token=EOS)
+    assert [t for _, tgt in windows for t in tgt] == tokens
+    stream = [EOS] + tokens
+    for ctx, tgt in windows:
+        start = stream.index(tgt[0])
+        assert ctx == stream[max(0, start - context_length) : start] and len(ctx) >= 1
+        assert len(ctx) + len(tgt) <= max_length
+
+
+def test_context_split_and_truncation():
+    assert split_context("The cat ", "sat") == ("The cat", " sat")
+    tok = CharTokenizer()
+    assert encode_pair(tok, "ab ", "cd") == ([4, 5], [3, 6, 7])
+    assert encode_pair(tok, "", "cd") == ([EOS], [6, 7])
+    assert truncate_pair([1, 2, 3, 4], [5, 6], 4) == ([3, 4], [5, 6])
+    assert truncate_pair([1, 2], [5, 6, 7, 8, 9], 4) == ([], [6, 7, 8, 9])
+
+
+def test_encode_pair_with_the_embedded_tokenizer():
+    from dlm_titan.data import load_tokenizer
+
+    tok = load_tokenizer("")
+    ctx, cont = encode_pair(tok, "In the beginning God ", "created the heaven")
+    assert ctx == tok.encode("In the beginning God", eos=False)
+    assert tok.decode(ctx + cont) == "In the beginning God created the heaven"
+
+
+def test_scorer_matches_the_likelihood_functions(model):
+    tok = CharTokenizer()
+    ctx, cont = encode_pair(tok, "the cat", " sat")
+    chain = Scorer(model, tok, ScorerConfig(nll_type="chain_rule", batch_size=3))
+    mc = Scorer(model, tok, ScorerConfig(nll_type="mc", mc_samples=32, seed=5))
+    [(ll_chain, greedy)], [(ll_mc, _)] = chain.loglikelihood([("the cat", " sat")]), mc.loglikelihood([("the cat", " sat")])
+    assert ll_chain == pytest.approx(chain_rule_logprob(model, cont, mask_id=MASK, context=ctx).sum().item(), rel=1e-6)
+    assert ll_mc == pytest.approx(-elbo(model, cont, mask_id=MASK, context=ctx, mc_samples=32, seed=5).nll, rel=1e-6)
+    assert greedy is False  # not computed unless asked
+    # Rolling: a text within one window is minus its ELBO after the document-start EOS.
+    text = "in the beginning"
+    [rolled] = mc.loglikelihood_rolling([text])
+    ids = tok.encode(text, eos=False)
+    assert rolled == pytest.approx(-elbo(model, ids, mask_id=MASK, context=[EOS], mc_samples=32, seed=5).nll, rel=1e-6)
+    # Several windows: the sum over windows, each conditioned on the token before it.
+    small = Scorer(model, tok, ScorerConfig(mc_samples=8, max_length=6, rolling_context=2))
+    [rolled] = small.loglikelihood_rolling([text])
+    expected = -sum(elbo(model, t, mask_id=MASK, context=c, mc_samples=8, seed=1234).nll
+                    for c, t in rolling_windows(ids, 6, 2, EOS))
+    assert rolled == pytest.approx(expected, rel=1e-6) and len(rolling_windows(ids, 6, 2, EOS)) == 4
+
+
+def test_is_greedy_by_one_token_per_step_confidence_decoding():
+    class Fixed(torch.nn.Module):
+        """Predicts token 3 + (position mod 4) with certainty."""
+
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(()))
+            self.args, self.max_seq_len = ModelArgs(1, 1, 4, 4, vocab_size=VOCAB), 64
+
+        def forward(self, x):
+            logits = torch.zeros(*x.shape, VOCAB)
+            logits[:, torch.arange(x.shape[1]), 3 + torch.arange(x.shape[1]) % 4] = 30.0
+            return logits
+
+    scorer = Scorer(Fixed(), CharTokenizer(), ScorerConfig(nll_type="chain_rule", greedy=True))
+    # context "ab" = 2 tokens, so the continuation starts at position 2: greedy tokens 5, 6, 3, 4 = "bc a"
+    [(ll, yes), (_, no)] = scorer.loglikelihood([("ab", "bc a"), ("ab", "bca")])
+    assert yes is True and no is False and ll == pytest.approx(0.0, abs=1e-6)
+
+
+def test_generate_until_cuts_at_stop_strings():
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(()))
+            self.args, self.max_seq_len = ModelArgs(1, 1, 4, 4, vocab_size=VOCAB), 64
+
+        def forward(self, x):
+            logits = torch.zeros(*x.shape, VOCAB)
+            logits[..., 3 + CharTokenizer.chars.index("x")] = 5.0
+            logits[:, 6, 3] = 9.0  # a space at position 6
+            return logits
+
+    out = Scorer(Fixed(), CharTokenizer(), ScorerConfig()).generate_until(
+        [("ab", {"until": [" "], "max_gen_toks": 8}), ("ab", {"until": ["q"], "max_gen_toks": 8})])
+    assert out == ["xxxx", "xxxx xxx"]
+
+
+def test_adapter_without_lm_eval_is_a_user_error(monkeypatch, capsys):
+    from scripts import lm_eval_adapter
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    code = lm_eval_adapter.main(["--checkpoint", "nowhere", "--tasks", "piqa"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: lm-eval is not installed")
+
+
+# ---- command lines on a tiny exported model (real tokenizer: vocab 32000) ----
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    from dlm_titan.export import model_config, write_export
+
+    m = tiny_model(seed=3, vocab=32000, dim=32)
+    out = tmp_path_factory.mktemp("export")
+    write_export(m.state_dict(), model_config(m, "tiny"), out, "float32", step=0)
+    return out
+
+
+def test_generate_cli_keeps_prompts_verbatim(export_dir, capsys):
+    from scripts import generate
+
+    prompts = ["In the  beginning", "def main(", ""]
+    argv = ["--checkpoint", str(export_dir), "--length", "8", "--steps", "4", "--temperature", "1", "--seed", "3"]
+    for p in prompts:
+        argv += ["--prompt", p]
+    assert generate.main(argv) == 0
+    lines = capsys.readouterr().out.split("--- sample ")[1:]
+    assert len(lines) == 3
+    for i, (p, chunk) in enumerate(zip(prompts, lines, strict=True)):
+        header, text = chunk.split("\n", 1)
+        assert header == f"{i + 1}/3 ---" and text.startswith(p)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--checkpoint", "/nonexistent", "--prompt", "a"], "no such checkpoint or export"),
+        (["--prompt", "a", "--length", "10", "--block_length", "3"], "multiple of block_length"),
+        (["--prompt", "a", "--length", "64"], "exceeds the model's 64"),
+    ],
+)
+def test_generate_cli_bad_input(export_dir, capsys, argv, message):
+    from scripts import generate
+
+    if "--checkpoint" not in argv:
+        argv = ["--checkpoint", str(export_dir), *argv]
+    assert generate.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_eval_elbo_cli_text_and_shards(export_dir, tmp_path, capsys):
+    import json
+
+    from dlm_titan.data import load_tokenizer, write_shard
+    from dlm_titan.export import load_model
+    from scripts import eval_elbo
+
+    text = tmp_path / "t.txt"
+    text.write_text("In the beginning God created the heaven and the earth.")
+    base = ["--checkpoint", str(export_dir), "--mc_samples", "8", "--seq_len", "8", "--json"]
+    assert eval_elbo.main([*base, "--text_file", str(text), "--chain_rule"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    ids = load_tokenizer("").encode(text.read_text(), eos=True)
+    assert r["tokens"] == len(ids) and r["windows"] == math.ceil(len(ids) / 8)
+    # window i of the text is scored with noise step i
+    model = load_model(export_dir)
+    expected = sum(elbo(model, ids[i : i + 8], mask_id=32000, mc_samples=8, step=i // 8).nll
+                   for i in range(0, len(ids), 8))
+    assert r["elbo_nll"] == pytest.approx(expected, rel=1e-5)
+    chain = -sum(chain_rule_logprob(model, ids[i : i + 8], mask_id=32000).sum().item() for i in range(0, len(ids), 8))
+    assert r["chain_rule_nll"] == pytest.approx(chain, rel=1e-5)
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_shard(shards / "val_0000000000.bin", np.arange(100, 140, dtype=np.uint16))
+    assert eval_elbo.main([*base, "--shards", str(shards), "--prefix", "val", "--max_windows", "3"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["windows"] == 3 and r["tokens"] == 24
+    assert eval_elbo.main([*base[:-1], "--shards", str(shards), "--prefix", "val"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("windows: 5, tokens: 40") and lines[1].startswith("ELBO NLL/token: ")
+    assert lines[2].startswith("perplexity bound: ")
+    assert eval_elbo.main([*base, "--text_file", str(tmp_path / "missing.txt")]) == 2
+    assert "cannot read --text_file" in capsys.readouterr().err
