@@ -1,4 +1,4 @@
-"""Process group, device and data-parallel mesh setup for torchrun (NCCL on GPU, gloo on CPU)."""
+"""Process group, device, determinism and the data-parallel mesh for torchrun (NCCL on GPU, gloo on CPU)."""
 
 from __future__ import annotations
 
@@ -14,16 +14,31 @@ from dlm_titan.errors import UserError
 
 @dataclass
 class ParallelDims:
-    """Data-parallel layout: replicate x shard = world size (HSDP; replicate 1 is plain FSDP)."""
+    """Data-parallel layout: replicate x shard = world size.
+
+    shard = world size is FSDP; replicate > 1 with shard > 1 is HSDP; shard = 1 is plain replication (each
+    rank keeps whole parameters and all-reduces gradients, like DDP). ``reshard_after_forward`` is the
+    resolved FSDP policy ("default", "always" or "never").
+    """
 
     replicate: int
     shard: int
     world_size: int
     rank: int
+    reshard_after_forward: str = "default"
 
     @property
     def dp_enabled(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def form(self) -> str:
+        """Short name for logs: "single", "replicate", "fsdp" or "hsdp"."""
+        if not self.dp_enabled:
+            return "single"
+        if self.shard == 1:
+            return "replicate"
+        return "fsdp" if self.replicate == 1 else "hsdp"
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -35,31 +50,113 @@ def init_distributed() -> tuple[int, int, torch.device]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; start at most that "
+                "many processes per node (torchrun --nproc_per_node, NGPU in run_train.sh)"
+            )
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
     return rank, world_size, device
 
 
-def resolve_parallel_dims(parallelism_cfg, world_size: int, rank: int) -> ParallelDims:
-    """Checks data_parallel_replicate_degree x data_parallel_shard_degree against the world size."""
+def set_determinism(enabled: bool, model_cfg, device: torch.device) -> None:
+    """Deterministic kernels, so that two runs of one config and layout give bitwise-equal losses.
+
+    Noise and data are already keyed by (seed, step, global sample index), so what remains is the kernels:
+    deterministic algorithms everywhere, a fixed cuBLAS workspace, no cuDNN autotuning, Inductor without
+    on-device benchmarking, and the flash attention backend instead of cuDNN (torch's cuDNN attention backward
+    has no deterministic mode). Changes ``model_cfg.attn_backend`` from "auto"/"cudnn" to "flash" on CUDA.
+    """
+    if not enabled:
+        return
+    # Must be set before the first cuBLAS handle is created; the trainer calls this before building anything.
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    import torch._inductor.config as inductor_config
+
+    if hasattr(inductor_config, "deterministic"):
+        inductor_config.deterministic = True
+    if device.type == "cuda" and model_cfg.attn_backend in ("auto", "cudnn"):
+        model_cfg.attn_backend = "flash"
+
+
+def resolve_parallel_dims(parallelism_cfg, world_size: int, rank: int, num_params: int | None = None) -> ParallelDims:
+    """Checks the data-parallel degrees against the world size and resolves "auto" choices.
+
+    Args:
+        parallelism_cfg: the ``parallelism`` section (data_parallel_replicate_degree, data_parallel_shard_degree,
+            fsdp_reshard_after_forward).
+        world_size: number of processes.
+        rank: this process's rank.
+        num_params: total model parameters, used by the "auto" rule (see :func:`auto_dp_form`); None = assume
+            a large model (full sharding).
+
+    Raises:
+        UserError: degrees that do not multiply to the world size, or invalid values.
+    """
     replicate = parallelism_cfg.data_parallel_replicate_degree
     shard = parallelism_cfg.data_parallel_shard_degree
-    if replicate < 1 or world_size % replicate:
+    reshard = parallelism_cfg.fsdp_reshard_after_forward
+    if replicate == 0 or replicate < -1:
         raise UserError(
-            f"parallelism.data_parallel_replicate_degree = {replicate} does not divide the world size {world_size}"
+            f"parallelism.data_parallel_replicate_degree must be >= 1 or -1 (auto), got {replicate}"
+        )
+    if shard == 0 or shard < -1:
+        raise UserError(
+            f"parallelism.data_parallel_shard_degree must be >= 1 or -1 (all ranks not used by replication), got {shard}"
+        )
+    if replicate == -1:
+        if shard != -1:
+            raise UserError(
+                "parallelism.data_parallel_replicate_degree = -1 (auto) needs data_parallel_shard_degree = -1; set "
+                "both degrees explicitly or leave both at -1"
+            )
+        replicate, auto_reshard = auto_dp_form(num_params, world_size)
+        if reshard == "auto":
+            reshard = auto_reshard
+    if world_size % replicate:
+        raise UserError(
+            f"parallelism.data_parallel_replicate_degree = {replicate} does not divide the world size {world_size}; "
+            f"use a divisor of {world_size}"
         )
     if shard == -1:
         shard = world_size // replicate
-    if shard < 1 or replicate * shard != world_size:
+    if replicate * shard != world_size:
         raise UserError(
-            f"data_parallel_replicate_degree ({replicate}) x data_parallel_shard_degree ({shard}) must equal the "
-            f"world size ({world_size}); set --parallelism.data_parallel_shard_degree -1 to infer it"
+            f"data_parallel_replicate_degree ({replicate}) x data_parallel_shard_degree ({shard}) = "
+            f"{replicate * shard} must equal the world size ({world_size}); set --parallelism.data_parallel_shard_degree "
+            "-1 to infer it"
         )
-    return ParallelDims(replicate=replicate, shard=shard, world_size=world_size, rank=rank)
+    if reshard == "auto":
+        reshard = auto_dp_form(num_params, world_size)[1]
+    return ParallelDims(replicate=replicate, shard=shard, world_size=world_size, rank=rank, reshard_after_forward=reshard)
+
+
+# Models up to this many parameters train with plain replication under the "auto" rule (see auto_dp_form).
+AUTO_REPLICATE_MAX_PARAMS = 400_000_000
+
+
+def auto_dp_form(num_params: int | None, world_size: int) -> tuple[int, str]:
+    """The "auto" data-parallel form: (replicate degree, reshard-after-forward policy).
+
+    Rule (measured on H100s, README "Performance"): small models (<= AUTO_REPLICATE_MAX_PARAMS total
+    parameters) replicate over all ranks: one gradient all-reduce per block group and no parameter
+    all-gathers, the cheapest form when whole fp32 weights + Adam states (16 bytes a parameter) fit easily.
+    Larger models shard fully (FSDP) but keep gathered bf16 parameters from forward to backward ("never"
+    reshard): one all-gather and one reduce-scatter per block per step, at 2 bytes a parameter of memory.
+    """
+    if num_params is not None and num_params <= AUTO_REPLICATE_MAX_PARAMS:
+        return world_size, "never"
+    return 1, "never"
 
 
 def build_mesh(dims: ParallelDims, device: torch.device) -> DeviceMesh | None:

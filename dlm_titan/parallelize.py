@@ -1,18 +1,16 @@
 """Activation checkpointing, torch.compile, float8 and FSDP2/HSDP, applied in this order to a meta-device model.
 
-Each ``apply_*`` takes the model and its own config section and changes the model in place; block names are
-kept (no wrapper prefixes), so checkpoints do not depend on which of these were applied.
+Each ``apply_*`` takes the model and its own config section and changes the model in place, adding no wrapper
+modules: parameter names stay those of the plain model (they key init, checkpoints and exports), whichever of
+these were applied.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from dlm_titan.errors import UserError
 
@@ -29,105 +27,151 @@ _SAVE_OPS = {
 if hasattr(torch.ops.aten, "_scaled_mm"):
     _SAVE_OPS.add(torch.ops.aten._scaled_mm.default)
 
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
 
 def _op_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def _selective_contexts():
+    return create_selective_checkpoint_contexts(_op_policy)
+
+
+def _checkpoint_forward(block: nn.Module, selective: bool) -> None:
+    """Makes ``block`` recompute its forward in backward, by replacing its forward in place instead of wrapping
+    it in a module: parameter names (which key init, checkpoints and exports) stay unchanged."""
+    forward = block.forward
+    # Dynamo accepts a context_fn only when it is a real policy, so full AC passes none.
+    options = {"context_fn": _selective_contexts} if selective else {}
+
+    def checkpointed_forward(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False, **options, **kwargs)
+
+    block.forward = checkpointed_forward
+
+
 def apply_ac(model: nn.Module, ac_cfg) -> None:
-    """Wraps blocks for activation checkpointing: "full" recomputes every block, "selective" either keeps
-    matmul/attention outputs ("op") or checkpoints every Nth block (an integer)."""
+    """Activation checkpointing of blocks.
+
+    "full" recomputes every block in backward; "selective" either keeps only matmul and attention outputs
+    (option "op") or fully checkpoints every Nth block (option "N").
+    """
     if ac_cfg.mode == "none":
         return
-    every = 1
     option = str(ac_cfg.selective_ac_option)
+    every = 1
     if ac_cfg.mode == "selective" and option != "op":
         if not option.isdigit() or int(option) < 1:
-            raise UserError(f'activation_checkpoint.selective_ac_option must be "op" or a positive integer, got {option!r}')
-        every = int(option)
-    for i, (name, block) in enumerate(model.layers.named_children()):
-        if ac_cfg.mode == "selective" and option == "op":
-            wrapped = checkpoint_wrapper(
-                block, context_fn=lambda: create_selective_checkpoint_contexts(_op_policy), preserve_rng_state=False
+            raise UserError(
+                f'activation_checkpoint.selective_ac_option must be "op" or a positive integer, got {option!r}'
             )
-        elif i % every == 0:
-            wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
-        else:
-            continue
-        model.layers.register_module(name, wrapped)
+        every = int(option)
+    per_op = ac_cfg.mode == "selective" and option == "op"
+    for i, block in enumerate(model.layers.values()):
+        if per_op or i % every == 0:
+            _checkpoint_forward(block, selective=per_op)
 
 
 def apply_compile(model: nn.Module, compile_cfg) -> None:
-    """Compiles each block on its own (fullgraph): all blocks share one graph, so compile time does not grow
-    with depth. The head and loss stay eager (the loss gathers a data-dependent number of rows)."""
+    """Compiles each block on its own (fullgraph). Blocks share one graph, so compile time does not grow with
+    depth; FSDP's hooks run outside it. The head and loss stay eager (the fused loss is a Triton kernel)."""
     if not compile_cfg.enable:
         return
     for block in model.layers.children():
         block.compile(fullgraph=True)
 
 
-def apply_float8(model: nn.Module, float8_cfg, min_dim: int = 1024) -> None:
-    """Converts block linears to torchao float8 training. Skipped: the output head (its loss needs precise
-    logits) and layers whose dims are below ``min_dim`` or not multiples of 16, where scaling costs more than
-    float8 matmuls save (measured on H100: 0.84x at d=768, 1.31x at d=1792)."""
+def _float8_worth_it(module: nn.Module, fqn: str, min_dim: int) -> bool:
+    if not isinstance(module, nn.Linear) or fqn.split(".")[-1] == "output":
+        return False
+    dims = (module.in_features, module.out_features)
+    return min(dims) >= min_dim and all(d % 16 == 0 for d in dims)
+
+
+def apply_float8(model: nn.Module, float8_cfg, device_type: str, min_dim: int = 1024) -> int:
+    """Converts block linears to torchao float8 training and returns how many were converted.
+
+    Skipped: the output head (its loss needs precise logits) and layers with a dim below ``min_dim`` or not a
+    multiple of 16, where the scaling casts cost more than the float8 matmul saves (measured on H100: a
+    SwiGLU MLP at d=768 ran 0.84x, at d=1792 1.31x). So SMDM models below d=1024 (<= 336M) keep bf16.
+    """
     if not float8_cfg.enable:
-        return
+        return 0
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError:
-        raise UserError('float8.enable needs torchao: pip install ".[float8]"') from None
+        raise UserError('float8.enable needs torchao: pip install ".[float8]" (or torchao>=0.10)') from None
+    if device_type != "cuda" or torch.cuda.get_device_capability() < (8, 9):
+        raise UserError("float8.enable needs a CUDA GPU with float8 matmuls (compute capability >= 8.9: H100, L40S, "
+                        "RTX 4090); disable it with --float8.no_enable")
     config = Float8LinearConfig.from_recipe_name(float8_cfg.recipe)
-
-    def keep(module: nn.Module, fqn: str) -> bool:
-        if not isinstance(module, nn.Linear) or fqn.endswith("output"):
-            return False
-        dims = (module.in_features, module.out_features)
-        return min(dims) >= min_dim and all(d % 16 == 0 for d in dims)
-
-    convert_to_float8_training(model, config=config, module_filter_fn=keep)
+    convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: _float8_worth_it(m, fqn, min_dim))
+    return sum(type(m).__name__ == "Float8Linear" for m in model.modules())
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, training_cfg, parallelism_cfg, device_type: str) -> None:
-    """Shards each block, the embedding, the final norm + head (one group) and the root with FSDP2.
+def fsdp_groups(model: nn.Module) -> list[nn.Module | list[nn.Module]]:
+    """The FSDP parameter groups, in forward order: each block, the embedding, and norm + head together."""
+    return [model.tok_embeddings, *model.layers.values(), [model.norm, model.output]]
 
-    A 2-D (dp_replicate, dp_shard) mesh gives HSDP. Mixed precision (bf16 params, fp32 reduce) is used on
-    GPU only. The gradient divide factor is 1: the trainer already divides the loss by the global token
-    count of the step, so reduced gradients must be plain sums.
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, training_cfg, reshard_after_forward: str, device_type: str) -> None:
+    """Shards the embedding, each block, the final norm + head (one group) and the root with FSDP2.
+
+    A 2-D (dp_replicate, dp_shard) mesh gives HSDP; a shard dimension of 1 is plain replication (gradients
+    all-reduced, no parameter all-gathers across ranks). Mixed precision (bf16 compute parameters, fp32
+    gradient reduction) applies on GPU only. Gradients are reduced as plain sums (divide factor 1, SUM
+    collectives): the trainer already divides the loss by the global token count of the step.
+
+    Args:
+        reshard_after_forward: "always" frees gathered parameters after each group's forward (least memory,
+            a second all-gather in backward); "never" keeps them until backward (one all-gather per step,
+            2 bytes a parameter more memory); "default" reshards every group except the last block and the
+            head, whose backward comes right after their forward.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+    on_gpu = device_type == "cuda"
     mp = MixedPrecisionPolicy(
-        param_dtype=dtypes[training_cfg.mixed_precision_param] if device_type == "cuda" else torch.float32,
-        reduce_dtype=dtypes[training_cfg.mixed_precision_reduce] if device_type == "cuda" else torch.float32,
+        param_dtype=_DTYPES[training_cfg.mixed_precision_param] if on_gpu else torch.float32,
+        reduce_dtype=_DTYPES[training_cfg.mixed_precision_reduce] if on_gpu else torch.float32,
     )
-    policy = parallelism_cfg.fsdp_reshard_after_forward
-    blocks = list(model.layers.values())
-    for i, block in enumerate(blocks):
-        # The last block's parameters are needed again right away by backward: keep them by default.
-        reshard = policy == "always" or (policy == "default" and i < len(blocks) - 1)
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
-    fully_shard(model.tok_embeddings, mesh=mesh, mp_policy=mp, reshard_after_forward=policy != "never")
-    fully_shard([model.norm, model.output], mesh=mesh, mp_policy=mp, reshard_after_forward=policy == "always")
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=policy == "always")
+    groups = fsdp_groups(model)
+    for i, group in enumerate(groups):
+        last_two = i >= len(groups) - 2
+        reshard = reshard_after_forward == "always" or (reshard_after_forward == "default" and not last_two)
+        fully_shard(group, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward == "always")
     for module in model.modules():
         if hasattr(module, "set_gradient_divide_factor"):
             module.set_gradient_divide_factor(1.0)
+            # Plain SUM collectives: NCCL's PREMUL_SUM(1.0) would be a no-op scale, and gloo has no PREMUL_SUM.
+            module.set_force_sum_reduction_for_comms(True)
 
 
-def parallelize_model(model: nn.Module, cfg, mesh: DeviceMesh | None, device_type: str) -> None:
-    """Applies AC, compile, float8 and (with a mesh) FSDP2, in that order."""
+def parallelize_model(model: nn.Module, cfg, mesh: DeviceMesh | None, device_type: str,
+                      reshard_after_forward: str | None = None) -> dict[str, object]:
+    """Applies AC, compile, float8 and (with a mesh) FSDP2, in that order, and returns a summary for the log.
+
+    Args:
+        model: a TransEncoder on the meta device.
+        cfg: the JobConfig (activation_checkpoint, compile, float8, training, parallelism sections).
+        mesh: the (dp_replicate, dp_shard) mesh, or None for one process.
+        device_type: "cuda" or "cpu".
+        reshard_after_forward: the resolved FSDP policy (ParallelDims.reshard_after_forward); None reads
+            parallelism.fsdp_reshard_after_forward, where "auto" means "never".
+    """
     apply_ac(model, cfg.activation_checkpoint)
     apply_compile(model, cfg.compile)
-    apply_float8(model, cfg.float8)
+    float8_linears = apply_float8(model, cfg.float8, device_type)
+    if reshard_after_forward is None:
+        reshard_after_forward = cfg.parallelism.fsdp_reshard_after_forward
+        reshard_after_forward = "never" if reshard_after_forward == "auto" else reshard_after_forward
     if mesh is not None:
-        apply_fsdp(model, mesh, cfg.training, cfg.parallelism, device_type)
-
-
-def count_wrapped(model: nn.Module) -> dict[str, int]:
-    """Numbers of checkpoint-wrapped and compiled blocks, for the start-up summary."""
-    counts: dict[str, int] = defaultdict(int)
-    for block in model.layers.children():
-        counts["ac"] += int(type(block).__name__ == "CheckpointWrapper")
-        counts["compiled"] += int(getattr(block, "_compiled_call_impl", None) is not None)
-    return dict(counts)
+        apply_fsdp(model, mesh, cfg.training, reshard_after_forward, device_type)
+    return {
+        "ac": cfg.activation_checkpoint.mode,
+        "compiled_blocks": len(model.layers) if cfg.compile.enable else 0,
+        "float8_linears": float8_linears,
+        "fsdp": None if mesh is None else f"mesh {tuple(mesh.shape)}, reshard after forward: {reshard_after_forward}",
+    }

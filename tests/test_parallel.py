@@ -1,0 +1,231 @@
+"""Data parallelism on CPU (gloo): FSDP2, HSDP, activation checkpointing, a two-"node" launch and compile all
+reproduce the losses of one process training the same global batch (DESIGN.md layout invariance).
+
+The reference is one process with 4 micro-batches of 1 sequence; the parallel runs are torchrun launches of
+this file (see ``main``), which trains with the real Trainer and writes the exact logged losses to
+``losses.json`` (the console prints 4 decimals). Runs use fp32, a 6M model with a 512-token vocabulary over
+hand-written random shards, seq_len 32, so each launch takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dlm_titan.config import ActivationCheckpoint, Parallelism, load_config
+from dlm_titan.data.shards import write_shard
+from dlm_titan.distributed import resolve_parallel_dims
+from dlm_titan.errors import UserError
+
+VOCAB = 512
+STEPS = 5
+TOL = 1e-6  # relative; fp32 losses of ~6 differ only by summation order
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def train_args(data: Path, dump: Path, *extra: str) -> list[str]:
+    return [
+        "--model.flavor", "6M", "--model.vocab_size", str(VOCAB), "--data.path", str(data), "--data.num_workers", "0",
+        "--training.seq_len", "32", "--training.global_batch_size", "4", "--training.local_batch_size", "1",
+        "--training.steps", str(STEPS), "--training.dtype", "float32", "--optimizer.lr", "3e-3",
+        "--lr_scheduler.warmup_steps", "2", "--metrics.log_freq", "1", "--metrics.no_enable_tensorboard",
+        "--checkpoint.no_enable", "--validation.no_enable", "--job.no_print_config", "--job.dump_folder", str(dump),
+        *extra,
+    ]
+
+
+def run_trainer(argv: list[str]) -> dict[int, float]:
+    """Trains with the real Trainer, capturing every logged loss; rank 0 writes them to losses.json."""
+    from dlm_titan import distributed as dist_utils
+    from dlm_titan.train import Trainer
+
+    cfg = load_config(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two OpenMP threads on two shared, busy cores run ~10x slower than one
+    try:
+        trainer = Trainer(cfg)
+        losses: dict[int, float] = {}
+        log = trainer.metrics.log
+
+        def capture(step: int, metrics: dict) -> None:
+            losses[step] = metrics["loss"]
+            log(step, metrics)
+
+        trainer.metrics.log = capture
+        trainer.train()
+        if trainer.rank == 0:
+            Path(cfg.job.dump_folder, "losses.json").write_text(json.dumps(losses))
+    finally:
+        torch.set_num_threads(threads)
+        dist_utils.shutdown()
+    return losses
+
+
+def read_losses(dump: Path) -> dict[int, float]:
+    return {int(k): v for k, v in json.loads((dump / "losses.json").read_text()).items()}
+
+
+def assert_close(losses: dict[int, float], reference: dict[int, float], tol: float = TOL) -> None:
+    assert sorted(losses) == sorted(reference) == list(range(1, STEPS + 1))
+    for step, ref in reference.items():
+        assert abs(losses[step] - ref) <= tol * abs(ref), f"step {step}: {losses[step]!r} vs {ref!r}"
+    # The steps must differ from each other, or equality would say nothing about training.
+    assert len({round(v, 4) for v in reference.values()}) == STEPS
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nnodes: int, nproc: int, endpoint: str, argv: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [*TORCHRUN, "--nnodes", str(nnodes), "--nproc_per_node", str(nproc), "--rdzv_backend", "c10d",
+           "--rdzv_endpoint", endpoint, "--rdzv_id", "dlm_titan_test", __file__, *argv]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(*procs: subprocess.Popen) -> None:
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-4000:]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        write_shard(folder / f"train_slim_{i:010d}.bin", rng.integers(0, VOCAB, size=4096).astype(np.uint16))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory) -> dict[int, float]:
+    """One process, 4 micro-batches of 1 sequence per step."""
+    return run_trainer(train_args(data, tmp_path_factory.mktemp("ref")))
+
+
+@pytest.fixture(scope="module")
+def fsdp_losses(data, tmp_path_factory) -> dict[int, float]:
+    """FSDP over 2 processes on one node, 2 micro-batches each (keeps no gathered params: "always")."""
+    dump = tmp_path_factory.mktemp("fsdp")
+    argv = train_args(data, dump, "--parallelism.fsdp_reshard_after_forward", "always")
+    finish(torchrun(1, 2, "localhost:0", argv))
+    return read_losses(dump)
+
+
+def test_fsdp_two_ranks_equal_one_process(fsdp_losses, reference):
+    assert_close(fsdp_losses, reference)
+
+
+def test_hsdp_2x1_equals_fsdp_1x2(data, tmp_path, fsdp_losses):
+    """Replicate 2 x shard 1 (plain replication through the 2-D mesh), with parameters kept after forward."""
+    argv = train_args(data, tmp_path, "--parallelism.data_parallel_replicate_degree", "2",
+                      "--parallelism.fsdp_reshard_after_forward", "never")
+    finish(torchrun(1, 2, "localhost:0", argv))
+    assert_close(read_losses(tmp_path), fsdp_losses)
+
+
+def test_two_nodes_on_localhost_equal_one_process(data, tmp_path, reference):
+    """Two torchrun launches of one process each, joined by a c10d rendezvous (--nnodes 2)."""
+    endpoint = f"localhost:{free_port()}"
+    argv = train_args(data, tmp_path)
+    finish(torchrun(2, 1, endpoint, argv), torchrun(2, 1, endpoint, argv))
+    assert_close(read_losses(tmp_path), reference)
+
+
+@pytest.mark.parametrize("mode,option", [("full", "op"), ("selective", "op"), ("selective", "2")])
+def test_activation_checkpointing_keeps_losses(data, tmp_path, reference, mode, option):
+    argv = train_args(data, tmp_path, "--activation_checkpoint.mode", mode,
+                      "--activation_checkpoint.selective_ac_option", option)
+    assert_close(run_trainer(argv), reference)
+
+
+def test_compiled_block_equals_eager():
+    """torch.compile (Inductor) of a one-block model: loss and every gradient match eager within 1e-5.
+
+    One block of width 32 keeps Inductor's cold CPU compile (two C++ kernels files) to under a minute."""
+    from dlm_kernels import masked_linear_cross_entropy
+
+    from dlm_titan.config import Compile
+    from dlm_titan.models import ModelArgs, TransEncoder
+    from dlm_titan.parallelize import apply_compile
+
+    args = ModelArgs(n_layers=1, n_heads=2, dim=32, ffn_dim=64, vocab_size=64)
+    models = []
+    for compiled in (False, True):
+        with torch.device("meta"):
+            model = TransEncoder(args, max_seq_len=16, attn_backend="math")
+        apply_compile(model, Compile(enable=compiled))
+        model.to_empty(device="cpu")
+        model.init_weights(seed=1)
+        model.loss_fn = lambda h, w, y, tw: masked_linear_cross_entropy(h, w, y, tw, impl="torch")
+        models.append(model)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 65, (2, 16), generator=gen)
+    targets = torch.randint(0, 64, (2, 16), generator=gen)
+    weights = torch.rand(2, 16, generator=gen) * (torch.rand(2, 16, generator=gen) < 0.5)
+    losses = []
+    for model in models:
+        loss = model(tokens, targets, weights)
+        loss.backward()
+        losses.append(loss.detach())
+    assert models[1].layers["0"]._compiled_call_impl is not None
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+    for (name, p_eager), (_, p_comp) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        g_eager, g_comp = p_eager.grad, p_comp.grad
+        assert g_eager.norm() > 0, name
+        # Relative to the gradient's norm: fused kernels reorder sums, so tiny entries differ more.
+        assert (g_comp - g_eager).norm() <= 1e-5 * g_eager.norm(), name
+
+
+@pytest.mark.parametrize(
+    "replicate,shard,world,message",
+    [
+        (3, -1, 4, "does not divide the world size 4"),
+        (1, 3, 4, "must equal the world size (4)"),
+        (2, 4, 4, "must equal the world size (4)"),
+        (0, -1, 4, "data_parallel_replicate_degree must be >= 1"),
+        (1, 0, 4, "data_parallel_shard_degree must be >= 1"),
+        (-1, 2, 4, "needs data_parallel_shard_degree = -1"),
+    ],
+)
+def test_bad_degrees_name_the_fix(replicate, shard, world, message):
+    cfg = Parallelism(data_parallel_replicate_degree=replicate, data_parallel_shard_degree=shard)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve_parallel_dims(cfg, world, rank=0)
+
+
+def test_degrees_resolve_to_the_forms():
+    dims = resolve_parallel_dims(Parallelism(), 8, rank=3)
+    assert (dims.replicate, dims.shard, dims.form) == (1, 8, "fsdp")
+    dims = resolve_parallel_dims(Parallelism(data_parallel_replicate_degree=2), 8, rank=0)
+    assert (dims.replicate, dims.shard, dims.form) == (2, 4, "hsdp")
+    dims = resolve_parallel_dims(Parallelism(data_parallel_replicate_degree=8), 8, rank=0)
+    assert (dims.replicate, dims.shard, dims.form) == (8, 1, "replicate")
+    assert resolve_parallel_dims(Parallelism(), 1, rank=0).form == "single"
+
+
+def test_bad_selective_option_is_a_user_error():
+    from dlm_titan.config import Model
+    from dlm_titan.models import build_model
+    from dlm_titan.parallelize import apply_ac
+
+    model = build_model(Model(flavor="6M"), 32, torch.device("cpu"))
+    with pytest.raises(UserError, match="selective_ac_option"):
+        apply_ac(model, ActivationCheckpoint(mode="selective", selective_ac_option="every"))
+
+
+if __name__ == "__main__":  # a torchrun worker: train with the given CLI arguments
+    run_trainer(sys.argv[1:])
