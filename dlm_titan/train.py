@@ -53,9 +53,7 @@ class Trainer:
         self.dump_folder = Path(cfg.job.dump_folder)
         self.log = print if self.rank == 0 else (lambda *a, **k: None)
         torch.manual_seed(t.seed)
-        if t.deterministic:
-            torch.use_deterministic_algorithms(True)
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        dist_utils.set_determinism(t.deterministic, cfg.model, self.device)  # before anything touches cuBLAS
 
         self.model = build_model(cfg.model, t.seq_len, self.device)
         self.model_args = self.model.args
