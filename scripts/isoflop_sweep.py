@@ -131,7 +131,8 @@ def write_sweep(args, train_args, plans, base) -> list[dict]:
     rows = []
     for plan in plans:
         config_path = out / "configs" / f"{plan.name}.toml"
-        cfg = run_config(base, plan, out / "runs" / plan.name, args.local_batch_size)
+        # Absolute: run_train.sh changes into the repository before training.
+        cfg = run_config(base, plan, (out / "runs" / plan.name).resolve(), args.local_batch_size)
         config_path.write_text(to_toml(cfg))
         rows.append({"name": plan.name, "budget": plan.budget, "flavor": plan.flavor,
                      "non_embedding_params": plan.non_embedding_params, "steps": plan.steps,
@@ -161,7 +162,7 @@ def train_locally(rows: list[dict], output_dir: Path, ngpu: int, rerun: bool) ->
             print(f"{head}: already finished, skipped (--rerun trains it again)", flush=True)
             continue
         run_dir.mkdir(parents=True, exist_ok=True)
-        config = str(output_dir / row["config"])
+        config = str((output_dir / row["config"]).resolve())
         if ngpu == 1:
             command, env = [sys.executable, "-m", "dlm_titan.train", "--job.config_file", config], dict(os.environ)
         else:
@@ -170,7 +171,8 @@ def train_locally(rows: list[dict], output_dir: Path, ngpu: int, rerun: bool) ->
         print(f"{head} ...", flush=True)
         start = time.perf_counter()
         with open(run_dir / "train.log", "w") as log:
-            rc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+            # The user's working directory, so relative paths in their base config mean what they meant.
+            rc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
         if rc != 0:
             raise UserError(f"run {row['name']} failed with exit code {rc}: see {run_dir / 'train.log'}")
         print(f"{head} done in {time.perf_counter() - start:.0f} s", flush=True)

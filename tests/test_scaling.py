@@ -259,7 +259,7 @@ def test_slurm_configs_and_collect_only_fit_a_known_law(tmp_path):
     assert (cfg.model.flavor, cfg.training.flops_budget, cfg.training.steps) == ("34M", 3e17, steps)
     assert (cfg.training.global_batch_size, cfg.training.seq_len, cfg.training.local_batch_size) == (256, 2048, 8)
     assert (cfg.validation.enable, cfg.validation.freq, cfg.validation.steps) == (True, steps, 3)
-    assert cfg.optimizer.lr == 1e-3 and cfg.job.dump_folder == str(out / "runs" / "3e17-34M")
+    assert cfg.optimizer.lr == 1e-3 and cfg.job.dump_folder == str((out / "runs" / "3e17-34M").resolve())
 
     b, k = 0.5, 22e6 / 3e17**0.5
     alpha, a = -0.06, 40.0
