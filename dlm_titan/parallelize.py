@@ -146,7 +146,8 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, training_cfg, reshard_after_f
         if hasattr(module, "set_gradient_divide_factor"):
             module.set_gradient_divide_factor(1.0)
             # Plain SUM collectives: NCCL's PREMUL_SUM(1.0) would be a no-op scale, and gloo has no PREMUL_SUM.
-            module.set_force_sum_reduction_for_comms(True)
+            if hasattr(module, "set_force_sum_reduction_for_comms"):
+                module.set_force_sum_reduction_for_comms(True)
 
 
 def parallelize_model(model: nn.Module, cfg, mesh: DeviceMesh | None, device_type: str,
