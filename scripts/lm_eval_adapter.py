@@ -21,6 +21,7 @@ lm_eval is imported only when the harness class is built.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -178,8 +179,9 @@ class Scorer:
         return out
 
 
+@functools.cache
 def build_lm_class():
-    """The lm_eval ``LM`` subclass, registered as ``dlm_titan`` (imports lm_eval)."""
+    """The lm_eval ``LM`` subclass, registered as ``dlm_titan`` (imports lm_eval; registers once)."""
     try:
         from lm_eval.api.model import LM
         from lm_eval.api.registry import register_model
@@ -233,6 +235,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.add_argument(f"--{name}", type=type(field.default), default=field.default)
     parser.add_argument("--num_fewshot", type=int, default=None)
     parser.add_argument("--limit", type=float, default=None, help="examples per task (lm-eval --limit)")
+    parser.add_argument("--include_path", default="", help="folder of extra lm-eval task YAML files")
     parser.add_argument("--output_path", default="", help="write the results JSON here")
     return parser.parse_args(argv)
 
@@ -246,8 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         options = {k: getattr(args, k) for k in ScorerConfig.__dataclass_fields__}
         lm = lm_class(args.checkpoint, tokenizer_path=args.tokenizer_path, device=args.device, dtype=args.dtype,
                       **options)
+        from lm_eval.tasks import TaskManager
+
+        tasks = TaskManager(include_path=args.include_path or None)
         results = lm_eval.simple_evaluate(model=lm, tasks=args.tasks.split(","), num_fewshot=args.num_fewshot,
-                                          limit=args.limit)
+                                          limit=args.limit, task_manager=tasks)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
