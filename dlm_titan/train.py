@@ -36,7 +36,7 @@ from dlm_titan.metrics import (
 )
 from dlm_titan.models import build_model
 from dlm_titan.optim import build_lr_scheduler, build_optimizer, resolve_warmup_steps
-from dlm_titan.parallelize import parallelize_model
+from dlm_titan.parallelize import parallelize_model, set_gradient_sync
 from dlm_titan.profiling import Profiler
 from dlm_titan.validation import SequenceLossTap, build_validator
 
@@ -157,7 +157,8 @@ class Trainer:
         self.loss_tap.armed = self._is_log_step(step)
         loss_sum = torch.zeros((), device=self.device)
         masked, data_time, micro_losses = 0, 0.0, []
-        for _ in range(self.micro_batches):
+        for i in range(self.micro_batches):
+            set_gradient_sync(self.model, last_micro_batch=i == self.micro_batches - 1)
             start = time.perf_counter()
             batch = next(self.data_iter)
             data_time += time.perf_counter() - start

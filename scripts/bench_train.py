@@ -9,8 +9,10 @@ A run is ``FLAVOR:feature,feature,...`` with features:
   eager (default) | compile; ac (selective, per op) | acfull | ac2 (every 2nd block); float8;
   fsdp (full shard, reshard after forward) | noreshard (full shard, keep gathered params) | default (FSDP
   "default" policy) | replicate (HSDP, shard degree 1); b=N (local batch); profile (also record a trace of
-  the last step and print where the device time goes, by kernel); nocheck (skip the per-step non-finite
-  check, to measure what its host sync costs).
+  the last step and print where the device time goes, by kernel); a=N (N micro-batches per rank per step,
+  gradient accumulation); bf16reduce (bf16 gradient reduction); nocheck (skip the per-step non-finite check,
+  to measure its host sync); bf16emb (cast the embedding output to bf16 under autocast, so the residual stream
+  is bf16 on one GPU as it is under FSDP: a probe for a model change).
 
 Launch with torchrun for several GPUs: every rank runs the same list, rank 0 prints and writes results.
 
@@ -37,29 +39,31 @@ from dlm_titan.config import load_config
 from dlm_titan.flops import flops_per_token, peak_flops
 
 FEATURES = {"eager", "compile", "ac", "acfull", "ac2", "float8", "fsdp", "noreshard", "default", "replicate", "profile",
-            "nocheck"}
+            "nocheck", "bf16reduce", "bf16emb"}
 
 
-def parse_run(spec: str) -> tuple[str, list[str], int | None]:
-    """``"1028M:compile,ac,b=4"`` -> ("1028M", ["compile", "ac"], 4)."""
+def parse_run(spec: str) -> tuple[str, list[str], int | None, int]:
+    """``"1028M:compile,ac,b=4,a=2"`` -> ("1028M", ["compile", "ac"], 4, 2)."""
     flavor, _, rest = spec.partition(":")
-    features, batch = [], None
+    features, batch, accum = [], None, 1
     for item in filter(None, rest.split(",")):
         if item.startswith("b="):
             batch = int(item[2:])
+        elif item.startswith("a="):
+            accum = int(item[2:])
         elif item in FEATURES:
             features.append(item)
         else:
-            raise SystemExit(f"error: unknown feature {item!r} in run {spec!r}; known: {', '.join(sorted(FEATURES))}, b=N")
-    return flavor, features, batch
+            raise SystemExit(f"error: unknown feature {item!r} in run {spec!r}; known: {', '.join(sorted(FEATURES))}, b=N, a=N")
+    return flavor, features, batch, accum
 
 
-def trainer_argv(flavor: str, features: list[str], args, world_size: int, dump: Path, batch: int) -> list[str]:
+def trainer_argv(flavor: str, features: list[str], args, world_size: int, dump: Path, batch: int, accum: int) -> list[str]:
     """CLI flags of one run: the features mapped onto the trainer's config sections."""
     steps = args.steps
     argv = [
         "--model.flavor", flavor, "--training.seq_len", str(args.seq_len), "--training.local_batch_size", str(batch),
-        "--training.global_batch_size", str(batch * world_size), "--training.steps", str(steps),
+        "--training.global_batch_size", str(batch * world_size * accum), "--training.steps", str(steps),
         "--lr_scheduler.warmup_steps", "2", "--metrics.log_freq", str(args.log_freq), "--metrics.no_enable_tensorboard",
         "--checkpoint.no_enable", "--validation.no_enable", "--job.no_print_config", "--job.dump_folder", str(dump),
         "--data.path", args.data_path, "--data.num_workers", str(args.num_workers),
@@ -79,6 +83,8 @@ def trainer_argv(flavor: str, features: list[str], args, world_size: int, dump: 
             argv += ["--parallelism.fsdp_reshard_after_forward", policy]
     if "replicate" in features:
         argv += ["--parallelism.data_parallel_replicate_degree", str(world_size)]
+    if "bf16reduce" in features:
+        argv += ["--training.mixed_precision_reduce", "bfloat16"]
     if "profile" in features:
         argv += ["--profiling.enable_profiling", "--profiling.profile_freq", str(steps)]
     return argv + list(args.trainer_args)
@@ -88,10 +94,10 @@ def run_one(spec: str, args, world_size: int, rank: int) -> dict:
     """Trains one setup and returns its timing record (rank 0's view)."""
     from dlm_titan.train import Trainer
 
-    flavor, features, batch = parse_run(spec)
+    flavor, features, batch, accum = parse_run(spec)
     batch = batch or args.local_batch_size
     dump = Path(args.dump_root) / spec.replace(":", "_").replace(",", "_").replace("=", "")
-    argv = trainer_argv(flavor, features, args, world_size, dump, batch)
+    argv = trainer_argv(flavor, features, args, world_size, dump, batch, accum)
     trainer = Trainer(load_config(argv))
     marks: list[tuple[int, float, dict]] = []
     log = trainer.metrics.log
@@ -103,10 +109,13 @@ def run_one(spec: str, args, world_size: int, rank: int) -> dict:
     trainer.metrics.log = capture
     if "nocheck" in features:
         trainer.checkpointer.check_finite = lambda *a, **k: True
+    if "bf16emb" in features:
+        embed = trainer.model.tok_embeddings.forward
+        trainer.model.tok_embeddings.forward = lambda tokens: embed(tokens).to(torch.bfloat16)
     start = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - start
-    tokens_per_step = batch * world_size * args.seq_len
+    tokens_per_step = batch * world_size * accum * args.seq_len
     windows = [
         (s1 - s0) * tokens_per_step / (t1 - t0)
         for (s0, t0, _), (s1, t1, _) in zip(marks, marks[1:])
@@ -120,7 +129,7 @@ def run_one(spec: str, args, world_size: int, rank: int) -> dict:
     tps = statistics.median(windows) if windows else float("nan")
     record = {
         "run": spec, "flavor": flavor, "features": features, "world_size": world_size, "device": name,
-        "date": datetime.date.today().isoformat(), "torch": torch.__version__, "local_batch": batch,
+        "date": datetime.date.today().isoformat(), "torch": torch.__version__, "local_batch": batch, "accum": accum,
         "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup, "tokens_per_s": tps,
         "tokens_per_s_per_gpu": tps / world_size, "mfu": tps / world_size * fpt / peak if peak else None,
         "windows_tokens_per_s": windows, "wall_s": total,
@@ -183,7 +192,7 @@ def cleanup() -> None:
 
 
 def print_table(records: list[dict]) -> None:
-    print("\n| run | GPUs | device | local batch | tokens/s | per GPU | MFU | peak active GiB | form |")
+    print("\n| run | GPUs | device | local batch x accum | tokens/s | per GPU | MFU | peak active GiB | form |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in records:
         if "error" in r:
@@ -191,7 +200,7 @@ def print_table(records: list[dict]) -> None:
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
         mem = f"{r['peak_active_gib']:.1f}" if r["peak_active_gib"] is not None else "-"
-        print(f"| {r['run']} | {r['world_size']} | {r['device']} | {r['local_batch']} | {r['tokens_per_s']:,.0f} | "
+        print(f"| {r['run']} | {r['world_size']} | {r['device']} | {r['local_batch']} x {r['accum']} | {r['tokens_per_s']:,.0f} | "
               f"{r['tokens_per_s_per_gpu']:,.0f} | {mfu} | {mem} | {r['form']} |")
     for r in records:
         if "profile" in r:
