@@ -2,9 +2,10 @@
 non-finite steps, export round trips, and loader resharding across world sizes (single process; the
 2-process FSDP tests are in test_checkpoint_multiprocess.py).
 
-Every run is the 6M model at seq_len 32, global batch 4 = 2 micro-batches of 2 (gradient accumulation 2), 2
-loader workers, 8 steps; losses are read exactly in-process (the local loss sum, which is the logged loss
-for one process).
+Every run is the 6M model with a 256-token vocabulary (on random shards, so the optimizer state is 6.4M
+parameters, not 22.7M) at seq_len 32, global batch 4 = 2 micro-batches of 2 (gradient accumulation 2), 2 loader
+workers, 8 steps; losses are read exactly in-process (the local loss sum, which is the logged loss for one
+process).
 """
 
 import json
@@ -15,25 +16,53 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from dlm_titan.checkpoint import MARKER, reposition, step_folders
 from dlm_titan.config import Data, load_config
-from dlm_titan.data import build_train_loader, resolve_data_path
+from dlm_titan.data import build_train_loader, resolve_data_path, write_shard
 from dlm_titan.export import export_model, load_model
 from dlm_titan.train import Trainer, main
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
+VOCAB = 256
+SHARDS = Path()  # set by the module fixture below
 ARGS = ["--job.config_file", "train_configs/debug.toml", "--training.steps", str(STEPS), "--training.seq_len", "32",
         "--training.global_batch_size", "4", "--training.local_batch_size", "2", "--data.num_workers", "2",
         "--metrics.log_freq", "1", "--job.no_print_config", "--metrics.no_enable_tensorboard",
-        "--checkpoint.export_dtype", "float32"]
+        "--checkpoint.export_dtype", "float32", "--model.vocab_size", str(VOCAB)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads spin against each other (steps 5-20x
+    slower). The SIGKILL child uses one too, so its numerics match the in-process runs bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shards(tmp_path_factory):
+    """Two shards of random ids below VOCAB (no tokenizer: the loader checks ids against the vocab)."""
+    global SHARDS
+    SHARDS = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    for n in range(2):
+        write_shard(SHARDS / f"train_slim_{n:010d}.bin", rng.integers(0, VOCAB, 33 * 64, dtype=np.uint16))
+    return SHARDS
+
+
+def cli(dump: Path, *extra: str) -> list[str]:
+    return [*ARGS, "--data.path", str(SHARDS), "--job.dump_folder", str(dump), *extra]
 
 
 def config(dump: Path, *extra: str):
-    return load_config([*ARGS, "--job.dump_folder", str(dump), *extra])
+    return load_config(cli(dump, *extra))
 
 
 def train(dump: Path, *extra: str, stop_after: int | None = None, on_step=None) -> tuple[Trainer, dict[int, float]]:
@@ -55,7 +84,16 @@ def train(dump: Path, *extra: str, stop_after: int | None = None, on_step=None) 
 
     trainer.train_step = recorded
     trainer.train()
+    _stop_workers(trainer)
     return trainer, losses
+
+
+def _stop_workers(trainer: Trainer) -> None:
+    """Ends the loader's persistent workers now: left to pytest's final garbage collection, each one's join
+    times out (5 s) instead of returning at once."""
+    iterator = getattr(trainer.data_loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +132,7 @@ def test_keep_latest_k_holds_and_markers_are_written(resumed):
 
 def test_export_and_checkpoint_reload_give_identical_logits(resumed, tmp_path):
     trained = resumed["trainer"].model.eval()
-    tokens = torch.randint(0, 32001, (2, 32), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, VOCAB + 1, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = trained(tokens)
         for path in (resumed["dump"] / "export", resumed["dump"] / "checkpoint" / "step-8", resumed["dump"]):
@@ -114,7 +152,7 @@ def test_export_cli_writes_a_loadable_export(resumed, tmp_path):
 
     step6 = resumed["dump"] / "checkpoint" / "step-6"
     assert export_main([str(step6), "--out", str(tmp_path / "e6"), "--dtype", "float32"]) == 0
-    tokens = torch.randint(0, 32001, (2, 16), generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(0, VOCAB + 1, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(load_model(tmp_path / "e6")(tokens), load_model(step6)(tokens))
     assert json.loads((tmp_path / "e6" / "config.json").read_text())["step"] == 6
@@ -130,10 +168,10 @@ def test_incomplete_checkpoint_is_skipped_and_explicit_load_of_it_exits_2(resume
     trainer = Trainer(config(dump, "--checkpoint.enable"))
     assert trainer.step == 8
     assert "skipping incomplete checkpoint" in capfd.readouterr().err
-    code = main([*ARGS, "--job.dump_folder", str(dump), "--checkpoint.enable", "--checkpoint.load_step", "10"])
+    code = main(cli(dump, "--checkpoint.enable", "--checkpoint.load_step", "10"))
     err = capfd.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: checkpoint ") and "step-10 is incomplete" in err[0]
-    assert main([*ARGS, "--job.dump_folder", str(dump), "--checkpoint.enable", "--checkpoint.load_step", "3"]) == 2
+    assert main(cli(dump, "--checkpoint.enable", "--checkpoint.load_step", "3")) == 2
     assert "complete checkpoints: [6, 8]" in capfd.readouterr().err
 
 
@@ -154,27 +192,30 @@ def test_sigterm_saves_at_step_boundary_and_rerun_reproduces(reference, tmp_path
 
 
 def test_sigkill_during_save_leaves_previous_checkpoint_for_resume(reference, tmp_path):
-    """A child process is SIGKILLed while DCP writes step-8 (data written, metadata and marker not yet)."""
+    """A child process is SIGKILLed while DCP writes step-4 (data written, metadata and marker not yet)."""
     dump = tmp_path / "out"
     child = f"""
 import os, signal, sys
+import torch
+torch.set_num_threads(1)
 from torch.distributed.checkpoint import FileSystemWriter
 from dlm_titan.train import main
 finish = FileSystemWriter.finish
 def killed(self, *a, **k):
-    if str(self.path).endswith("step-8"):
+    if str(self.path).endswith("step-4"):
         os.kill(os.getpid(), signal.SIGKILL)
     return finish(self, *a, **k)
 FileSystemWriter.finish = killed
-sys.exit(main({[*ARGS, "--job.dump_folder", str(dump), "--checkpoint.enable", "--checkpoint.interval", "4"]!r}))
+sys.exit(main({cli(dump, "--checkpoint.enable", "--checkpoint.interval", "2")!r}))
 """
     result = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
-    step8 = dump / "checkpoint" / "step-8"
-    assert list(step8.glob("*.distcp")) and not (step8 / MARKER).exists()
-    _, rest = train(dump, "--checkpoint.enable", "--checkpoint.interval", "4")
-    assert rest == {s: reference[s] for s in range(5, 9)}
-    assert (step8 / MARKER).is_file()  # the rerun saved step 8 again, completely
+    step4 = dump / "checkpoint" / "step-4"
+    assert list(step4.glob("*.distcp")) and not (step4 / MARKER).exists()
+    assert (dump / "checkpoint" / "step-2" / MARKER).is_file()
+    _, rest = train(dump, "--checkpoint.enable", "--checkpoint.interval", "2", stop_after=4)
+    assert rest == {s: reference[s] for s in (3, 4)}  # resumed from step 2, exactly
+    assert (step4 / MARKER).is_file()  # the rerun saved step 4 again, completely
 
 
 def _nan_at(step_to_poison: int, micro_batch: int = 0):
@@ -197,7 +238,7 @@ def _nan_at(step_to_poison: int, micro_batch: int = 0):
 
 
 def _train_with(dump: Path, install, *extra: str, steps: int = 4):
-    trainer = Trainer(config(dump, *extra, "--training.steps", str(steps)))
+    trainer = Trainer(config(dump, *extra, "--training.steps", str(steps), "--data.num_workers", "0"))
     install(trainer)
     snapshots: dict[int, torch.Tensor] = {}
     losses: dict[int, float] = {}
