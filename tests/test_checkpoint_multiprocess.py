@@ -1,0 +1,132 @@
+"""Multi-process checkpoint tests (torchrun, 2 processes, gloo FSDP2 on CPU): a checkpoint saved by 2 ranks
+resumes on 1 and one saved by 1 resumes on 2, continuing the uninterrupted run's losses (same samples, same
+noise) to within float summation order. Model, optimizer and data loader are all resharded.
+
+Runs: the 6M model with a 256-token vocabulary on random shards, seq_len 32, global batch 8 of micro-batches
+of 2 (4 per step on 1 rank, 2 per rank on 2), fp32, 8 steps, checkpoint after step 4. torchrun launches this
+file (see the ``__main__`` block), which trains with the real Trainer and writes the exact logged losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dlm_titan.config import load_config
+from dlm_titan.data.shards import write_shard
+
+VOCAB = 256
+STEPS = 8
+SAVED = 4
+TOL = 1e-6  # relative: 2 ranks sum gradients in another order than 1 rank's accumulation
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def train_args(data: Path, dump: Path, *extra: str) -> list[str]:
+    return [
+        "--model.flavor", "6M", "--model.vocab_size", str(VOCAB), "--data.path", str(data), "--data.num_workers", "1",
+        "--training.seq_len", "32", "--training.global_batch_size", "8", "--training.local_batch_size", "2",
+        "--training.steps", str(STEPS), "--training.dtype", "float32", "--optimizer.lr", "3e-3",
+        "--lr_scheduler.warmup_steps", "2", "--metrics.log_freq", "1", "--metrics.no_enable_tensorboard",
+        "--checkpoint.enable", "--checkpoint.interval", str(SAVED), "--validation.no_enable", "--job.no_print_config",
+        "--job.dump_folder", str(dump), *extra,
+    ]
+
+
+def run_trainer(argv: list[str], stop_after: int | None = None) -> dict[int, float]:
+    """Trains with the real Trainer (stopping after ``stop_after`` steps as if it were the last, the schedule
+    still spanning STEPS), capturing every logged loss; rank 0 writes them to losses.json."""
+    from dlm_titan import distributed as dist_utils
+    from dlm_titan.train import Trainer
+
+    cfg = load_config(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two OpenMP threads on two shared, busy cores run ~10x slower than one
+    try:
+        trainer = Trainer(cfg)
+        if stop_after is not None:
+            trainer.steps = stop_after
+        losses: dict[int, float] = {}
+        log = trainer.metrics.log
+
+        def capture(step: int, metrics: dict) -> None:
+            losses[step] = metrics["loss"]
+            log(step, metrics)
+
+        trainer.metrics.log = capture
+        trainer.train()
+        iterator = getattr(trainer.data_loader, "_iterator", None)
+        if iterator is not None:  # stop the loader worker now (at pytest's exit its join would time out)
+            iterator._shutdown_workers()
+        if trainer.rank == 0:
+            Path(cfg.job.dump_folder, "losses.json").write_text(json.dumps(losses))
+    finally:
+        torch.set_num_threads(threads)
+        dist_utils.shutdown()
+    return losses
+
+
+def torchrun(argv: list[str], stop_after: int | None = None) -> dict[int, float]:
+    """A 2-process launch of this file; returns rank 0's losses."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("WORLD_SIZE", None)
+    if stop_after is not None:
+        env["DLM_TEST_STOP_AFTER"] = str(stop_after)
+    cmd = [*TORCHRUN, "--nnodes", "1", "--nproc_per_node", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint",
+           "localhost:0", __file__, *argv]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    dump = Path(argv[argv.index("--job.dump_folder") + 1])
+    return {int(k): v for k, v in json.loads((dump / "losses.json").read_text()).items()}
+
+
+def assert_close(got: dict[int, float], want: dict[int, float], steps) -> None:
+    assert sorted(got) == list(steps)
+    for step in steps:
+        assert abs(got[step] - want[step]) <= TOL * abs(want[step]), f"step {step}: {got[step]!r} vs {want[step]!r}"
+    # the steps differ from each other, or agreement would say nothing about training
+    assert len({round(want[s], 4) for s in steps}) == len(steps)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        write_shard(folder / f"train_slim_{i:010d}.bin", rng.integers(0, VOCAB, size=4096).astype(np.uint16))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def two_ranks(data, tmp_path_factory) -> dict[int, float]:
+    """The uninterrupted 2-process run (it also saves step 4, which changes nothing)."""
+    return torchrun(train_args(data, tmp_path_factory.mktemp("two")))
+
+
+def test_multiprocess_two_rank_checkpoint_resumes_on_one_rank(data, two_ranks, tmp_path, capsys):
+    first = torchrun(train_args(data, tmp_path), stop_after=SAVED)
+    assert first == {s: two_ranks[s] for s in range(1, SAVED + 1)}  # same launch, same numbers
+    marker = json.loads((tmp_path / "checkpoint" / f"step-{SAVED}" / "complete.json").read_text())
+    assert marker["world_size"] == 2
+    rest = run_trainer(train_args(data, tmp_path))
+    assert "data loader resharded from 2 to 1 ranks at step 4" in capsys.readouterr().out
+    assert_close(rest, two_ranks, range(SAVED + 1, STEPS + 1))
+
+
+def test_multiprocess_one_rank_checkpoint_resumes_on_two_ranks(data, two_ranks, tmp_path):
+    first = run_trainer(train_args(data, tmp_path), stop_after=SAVED)
+    assert_close(first, two_ranks, range(1, SAVED + 1))
+    rest = torchrun(train_args(data, tmp_path))
+    assert_close(rest, two_ranks, range(SAVED + 1, STEPS + 1))
+
+
+if __name__ == "__main__":  # a torchrun worker: train with the given CLI arguments
+    stop = os.environ.get("DLM_TEST_STOP_AFTER")
+    run_trainer(sys.argv[1:], int(stop) if stop else None)
