@@ -271,7 +271,7 @@ def test_generate_cli_keeps_prompts_verbatim(export_dir, capsys):
     from scripts import generate
 
     prompts = ["In the  beginning", "def main(", ""]
-    argv = ["--checkpoint", str(export_dir), "--length", "8", "--steps", "4", "--temperature", "1", "--seed", "3"]
+    argv = ["--checkpoint", str(export_dir), "--device", "cpu", "--length", "8", "--steps", "4", "--temperature", "1", "--seed", "3"]
     for p in prompts:
         argv += ["--prompt", p]
     assert generate.main(argv) == 0
@@ -309,7 +309,7 @@ def test_eval_elbo_cli_text_and_shards(export_dir, tmp_path, capsys):
 
     text = tmp_path / "t.txt"
     text.write_text("In the beginning God created the heaven and the earth.")
-    base = ["--checkpoint", str(export_dir), "--mc_samples", "8", "--seq_len", "8", "--json"]
+    base = ["--checkpoint", str(export_dir), "--device", "cpu", "--mc_samples", "8", "--seq_len", "8", "--json"]
     assert eval_elbo.main([*base, "--text_file", str(text), "--chain_rule"]) == 0
     r = json.loads(capsys.readouterr().out)
     ids = load_tokenizer("").encode(text.read_text(), eos=True)
