@@ -1,7 +1,7 @@
 """Reverse-process samplers of SMDM (``eval/gen_model_answer.py::diff_sample``), made exact per sample.
 
 The canvas is ``[prompt, mask x length]``. Each step runs the model once on the whole canvas, draws a token for
-every masked position (Gumbel-max in float64, so temperature 0 is argmax and temperature 1 samples the model's
+every masked position of the current block (Gumbel-max in float64: temperature 0 is argmax, 1 samples the model's
 distribution), and reveals some of them:
 
 - ``"stochastic"`` (SMDM ``origin``): going from time t to s (linspace(1, 0, steps + 1)) each masked position is
