@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,9 +165,11 @@ class CheckpointManager:
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
-        # CPU collectives (stop flags, async-save planning) run on their own gloo group: they must not
-        # interleave with the training stream's NCCL collectives or need a GPU sync.
-        self._cpu_group = dist.new_group(backend="gloo") if self.distributed else None
+        # Two gloo groups: DCP's planning collectives (in a background thread while an async save runs) and
+        # the main thread's per-step flags must not interleave on one group, and neither may touch the NCCL
+        # stream or sync the GPU.
+        self._save_group = dist.new_group(backend="gloo") if self.distributed else None
+        self._flag_group = dist.new_group(backend="gloo") if self.distributed else None
         self._pending: _Pending | None = None
         self._stager = None
         self._last_saved = -1
@@ -249,7 +252,7 @@ class CheckpointManager:
 
     def _dcp_load(self, state: dict[str, Any], step_dir: Path) -> None:
         """Loads ``state``'s keys from a checkpoint in place (DCP reshards DTensors to this run's layout)."""
-        dcp.load(state, checkpoint_id=str(step_dir), process_group=self._cpu_group, no_dist=not self.distributed)
+        dcp.load(state, checkpoint_id=str(step_dir), process_group=self._save_group, no_dist=not self.distributed)
 
     def _check_model(self, saved: dict[str, Any], where: Path) -> None:
         keys = ("n_layers", "n_heads", "dim", "ffn_dim", "vocab_size")
@@ -327,20 +330,31 @@ class CheckpointManager:
         state = self._state_to_save(step, tokens_seen)
         mode = self.cfg.async_mode
         if mode == "disabled" or blocking:
-            dcp.save(state, checkpoint_id=str(path), process_group=self._cpu_group, no_dist=not self.distributed)
+            dcp.save(state, checkpoint_id=str(path), process_group=self._save_group, no_dist=not self.distributed)
             self._finish(step, path, start, time.perf_counter() - start)
             return
-        kwargs: dict[str, Any] = {"process_group": self._cpu_group, "no_dist": not self.distributed}
-        if mode == "async_with_pinned_mem" and torch.cuda.is_available():
-            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-            if self._stager is None:  # reused: its pinned buffers are allocated once
-                self._stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
-                                                            use_async_staging=True, use_non_blocking_copy=True))
-            kwargs["async_stager"] = self._stager
-        result = dcp.async_save(state, checkpoint_id=str(path), **kwargs)
-        upload, staging = (result.upload_completion, result.staging_completion) if hasattr(result, "upload_completion") else (result, None)
+        upload, staging = self._async_save(state, path)
         self._pending = _Pending(step, path, upload, staging, start, time.perf_counter() - start)
+
+    def _async_save(self, state: dict[str, Any], path: Path) -> tuple[Future, Future | None]:
+        """Starts a background save: (upload future, staging future or None when staging was synchronous).
+
+        "async": DCP copies the state to CPU memory here, then writes it from a thread. "async_with_pinned_mem"
+        (CUDA): the copy goes to reused pinned buffers on a side stream and overlaps the next forward and
+        backward; the optimizer step waits for it (see :meth:`_wait_for_staging`).
+        """
+        kwargs: dict[str, Any] = {"process_group": self._save_group}
+        if self.cfg.async_mode == "async_with_pinned_mem" and torch.cuda.is_available():
+            if self._stager is None:  # reused: its pinned buffers are allocated once
+                self._stager = _pinned_stager()
+            if self._stager is not None:
+                kwargs["async_stager"] = self._stager
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
+            result = dcp.async_save(state, checkpoint_id=str(path), **kwargs)
+        if hasattr(result, "upload_completion"):  # AsyncSaveResponse: staging runs in the background
+            return result.upload_completion, result.staging_completion
+        return result, None
 
     def _wait_for_staging(self) -> None:
         """Blocks until an async save has copied the state (before the optimizer changes it)."""
@@ -399,7 +413,7 @@ class CheckpointManager:
 
     def _barrier(self) -> None:
         if self.distributed:
-            dist.barrier(group=self._cpu_group)
+            dist.barrier(group=self._flag_group)
 
     # -- the training loop's hooks ------------------------------------------------------------------------------
 
@@ -412,7 +426,7 @@ class CheckpointManager:
         local_bad = ~torch.isfinite(losses)
         flag = torch.stack([local_bad.any().float(), (~torch.isfinite(grad_norm.detach().float())).float()]).cpu()
         if self.distributed:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._cpu_group)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._flag_group)
         if not flag.any():
             return True
         action = self.training.on_nonfinite
@@ -481,8 +495,19 @@ class CheckpointManager:
         if not self.distributed:
             return self._signal or 0
         flag = torch.tensor([self._signal or 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._cpu_group)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._flag_group)
         return int(flag.item())
+
+
+def _pinned_stager():
+    """DCP's stager into pinned CPU buffers with background, non-blocking copies (None on a torch without it)."""
+    try:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    except ImportError:
+        _warn("this torch has no DCP DefaultStager: async_with_pinned_mem saves like async")
+        return None
+    return DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False, use_async_staging=True,
+                                        use_non_blocking_copy=True))
 
 
 # Optimizer state keyed by parameter FQN ("state.<fqn>.exp_avg"), so any sharding layout can load it.

@@ -121,6 +121,18 @@ def test_resume_reproduces_uninterrupted_losses_bit_for_bit(reference, resumed):
     assert resumed["second"] == {s: reference[s] for s in range(5, 9)}  # exact float equality
 
 
+def test_async_save_resumes_exactly(reference, tmp_path):
+    """async_mode = async (async_with_pinned_mem falls back to it without CUDA): training continues while a
+    thread writes; the checkpoints are complete and resume exactly."""
+    dump = tmp_path / "out"
+    ckpt = ["--checkpoint.enable", "--checkpoint.interval", "2", "--checkpoint.async_mode", "async"]
+    first, _ = train(dump, *ckpt, stop_after=4)
+    assert [s["step"] for s in first.checkpointer.save_stats] == [2, 4]
+    assert all((p / MARKER).is_file() for _, p in step_folders(dump / "checkpoint"))
+    _, rest = train(dump, *ckpt, "--checkpoint.async_mode", "async_with_pinned_mem")
+    assert rest == {s: reference[s] for s in range(5, 9)}
+
+
 def test_keep_latest_k_holds_and_markers_are_written(resumed):
     assert resumed["after_first"] == [2, 4]
     folders = step_folders(resumed["dump"] / "checkpoint")
