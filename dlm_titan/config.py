@@ -137,9 +137,11 @@ class Parallelism:
     data_parallel_shard_degree: int = -1
     """FSDP shard degree; -1 = all ranks not used by replication."""
     data_parallel_replicate_degree: int = 1
-    """HSDP replica count (replicate x shard = world size)."""
-    fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"
-    """Free gathered parameters after forward: "default" = yes except the root module."""
+    """HSDP replica count (replicate x shard = world size); the world size (shard 1) is plain replication."""
+    fsdp_reshard_after_forward: Literal["auto", "never", "default", "always"] = "auto"
+    """Free gathered parameters after forward? "never": keep them for backward and accumulate micro-batches
+    without communication (fastest, 6 bytes a parameter more memory); "always": free them (least memory);
+    "default": free all but the last block and the head; "auto": "never" up to 3B parameters, else "default"."""
 
 
 @dataclass

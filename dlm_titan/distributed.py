@@ -89,40 +89,21 @@ def set_determinism(enabled: bool, model_cfg, device: torch.device) -> None:
         model_cfg.attn_backend = "flash"
 
 
-def resolve_parallel_dims(parallelism_cfg, world_size: int, rank: int, num_params: int | None = None) -> ParallelDims:
-    """Checks the data-parallel degrees against the world size and resolves "auto" choices.
-
-    Args:
-        parallelism_cfg: the ``parallelism`` section (data_parallel_replicate_degree, data_parallel_shard_degree,
-            fsdp_reshard_after_forward).
-        world_size: number of processes.
-        rank: this process's rank.
-        num_params: total model parameters, used by the "auto" rule (see :func:`auto_dp_form`); None = assume
-            a large model (full sharding).
+def resolve_parallel_dims(parallelism_cfg, world_size: int, rank: int) -> ParallelDims:
+    """Checks data_parallel_replicate_degree x data_parallel_shard_degree against the world size.
 
     Raises:
-        UserError: degrees that do not multiply to the world size, or invalid values.
+        UserError: degrees that are not positive (shard may be -1: all ranks not used by replication) or do
+            not multiply to the world size; the message names the fix.
     """
     replicate = parallelism_cfg.data_parallel_replicate_degree
     shard = parallelism_cfg.data_parallel_shard_degree
-    reshard = parallelism_cfg.fsdp_reshard_after_forward
-    if replicate == 0 or replicate < -1:
-        raise UserError(
-            f"parallelism.data_parallel_replicate_degree must be >= 1 or -1 (auto), got {replicate}"
-        )
+    if replicate < 1:
+        raise UserError(f"parallelism.data_parallel_replicate_degree must be >= 1, got {replicate}")
     if shard == 0 or shard < -1:
         raise UserError(
             f"parallelism.data_parallel_shard_degree must be >= 1 or -1 (all ranks not used by replication), got {shard}"
         )
-    if replicate == -1:
-        if shard != -1:
-            raise UserError(
-                "parallelism.data_parallel_replicate_degree = -1 (auto) needs data_parallel_shard_degree = -1; set "
-                "both degrees explicitly or leave both at -1"
-            )
-        replicate, auto_reshard = auto_dp_form(num_params, world_size)
-        if reshard == "auto":
-            reshard = auto_reshard
     if world_size % replicate:
         raise UserError(
             f"parallelism.data_parallel_replicate_degree = {replicate} does not divide the world size {world_size}; "
@@ -136,27 +117,7 @@ def resolve_parallel_dims(parallelism_cfg, world_size: int, rank: int, num_param
             f"{replicate * shard} must equal the world size ({world_size}); set --parallelism.data_parallel_shard_degree "
             "-1 to infer it"
         )
-    if reshard == "auto":
-        reshard = auto_dp_form(num_params, world_size)[1]
-    return ParallelDims(replicate=replicate, shard=shard, world_size=world_size, rank=rank, reshard_after_forward=reshard)
-
-
-# Models up to this many parameters train with plain replication under the "auto" rule (see auto_dp_form).
-AUTO_REPLICATE_MAX_PARAMS = 400_000_000
-
-
-def auto_dp_form(num_params: int | None, world_size: int) -> tuple[int, str]:
-    """The "auto" data-parallel form: (replicate degree, reshard-after-forward policy).
-
-    Rule (measured on H100s, README "Performance"): small models (<= AUTO_REPLICATE_MAX_PARAMS total
-    parameters) replicate over all ranks: one gradient all-reduce per block group and no parameter
-    all-gathers, the cheapest form when whole fp32 weights + Adam states (16 bytes a parameter) fit easily.
-    Larger models shard fully (FSDP) but keep gathered bf16 parameters from forward to backward ("never"
-    reshard): one all-gather and one reduce-scatter per block per step, at 2 bytes a parameter of memory.
-    """
-    if num_params is not None and num_params <= AUTO_REPLICATE_MAX_PARAMS:
-        return world_size, "never"
-    return 1, "never"
+    return ParallelDims(replicate=replicate, shard=shard, world_size=world_size, rank=rank)
 
 
 def build_mesh(dims: ParallelDims, device: torch.device) -> DeviceMesh | None:

@@ -197,8 +197,7 @@ def test_compiled_block_equals_eager():
         (1, 3, 4, "must equal the world size (4)"),
         (2, 4, 4, "must equal the world size (4)"),
         (0, -1, 4, "data_parallel_replicate_degree must be >= 1"),
-        (1, 0, 4, "data_parallel_shard_degree must be >= 1"),
-        (-1, 2, 4, "needs data_parallel_shard_degree = -1"),
+        (1, 0, 4, "data_parallel_shard_degree must be >= 1 or -1"),
     ],
 )
 def test_bad_degrees_name_the_fix(replicate, shard, world, message):
@@ -215,6 +214,16 @@ def test_degrees_resolve_to_the_forms():
     dims = resolve_parallel_dims(Parallelism(data_parallel_replicate_degree=8), 8, rank=0)
     assert (dims.replicate, dims.shard, dims.form) == (8, 1, "replicate")
     assert resolve_parallel_dims(Parallelism(), 1, rank=0).form == "single"
+
+
+def test_auto_reshard_rule():
+    from dlm_titan.models import get_model_args
+    from dlm_titan.parallelize import resolve_reshard
+
+    for flavor in ("6M", "170M", "1028M", "2121M"):  # every SMDM size keeps gathered parameters
+        assert resolve_reshard("auto", get_model_args(flavor, 32000).total_params()) == "never"
+    assert resolve_reshard("auto", 7_000_000_000) == "default"
+    assert resolve_reshard("always", 1) == "always"
 
 
 def test_bad_selective_option_is_a_user_error():
