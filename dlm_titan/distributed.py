@@ -17,15 +17,13 @@ class ParallelDims:
     """Data-parallel layout: replicate x shard = world size.
 
     shard = world size is FSDP; replicate > 1 with shard > 1 is HSDP; shard = 1 is plain replication (each
-    rank keeps whole parameters and all-reduces gradients, like DDP). ``reshard_after_forward`` is the
-    resolved FSDP policy ("default", "always" or "never").
+    rank keeps whole parameters and all-reduces gradients, like DDP).
     """
 
     replicate: int
     shard: int
     world_size: int
     rank: int
-    reshard_after_forward: str = "default"
 
     @property
     def dp_enabled(self) -> bool:
