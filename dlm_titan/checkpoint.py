@@ -121,6 +121,11 @@ def _from_json_tensor(t: torch.Tensor) -> Any:
     return json.loads(bytes(t.numpy().tobytes()).decode())
 
 
+def _jsonable(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(obj))
+
+
 def _like(saved: Any, template: Any) -> Any:
     """A JSON value converted back to the template's container types (tuples do not survive JSON)."""
     if isinstance(template, tuple) and isinstance(saved, list):
@@ -178,17 +183,17 @@ class CheckpointManager:
         self._old_handlers: dict[int, Any] = {}
         self.save_stats: list[dict[str, float]] = []
         """One entry per completed save: step, blocking_s (training stall), total_s (until complete)."""
-        if self.cfg.async_mode != "disabled":
-            optimizer.register_step_pre_hook(lambda *_: self._wait_for_staging())
         if self.cfg.enable:
+            self._check_config()
+            if self.cfg.async_mode != "disabled":
+                optimizer.register_step_pre_hook(lambda *_: self._wait_for_staging())
             self._install_signal_handlers()
-        self._check_config()
 
     def _check_config(self) -> None:
         if self.cfg.keep_latest_k < 0:
             raise UserError(f"checkpoint.keep_latest_k = {self.cfg.keep_latest_k} must be >= 0 (0 keeps all)")
         if self.cfg.async_mode == "async_with_pinned_mem" and not torch.cuda.is_available():
-            self._log('checkpoint.async_mode = "async_with_pinned_mem" needs CUDA; saving with "async" instead')
+            self._log('async_mode = "async_with_pinned_mem" needs CUDA; saving like "async" instead')
 
     def _log(self, msg: str) -> None:
         if self.rank == 0:
@@ -262,20 +267,22 @@ class CheckpointManager:
                             "use the same model.flavor/vocab_size or another dump_folder")
 
     def _load_data_loader(self, step_dir: Path, train_state: dict[str, Any], sizes: dict[str, Any]) -> None:
-        """The rank's own saved loader state under the same world size; under another world size the loader
-        is repositioned at the start of the next step (its position is global: see :func:`reposition`)."""
+        """The rank's own saved loader state when the layout is unchanged. Under another world size (or worker
+        count or micro-batch size) the loader is repositioned at the start of the next step instead: its
+        position is global (see :func:`reposition`)."""
         own = f"dataloader.rank_{self.rank}"
         same_world = int(train_state["world_size"]) == self.world_size
         key = own if same_world and own in sizes else "dataloader.rank_0"
         blob = {"dataloader": {key.split(".", 1)[1]: torch.empty(sizes[key], dtype=torch.uint8)}}
         self._dcp_load(blob, step_dir)
         saved = _from_json_tensor(next(iter(blob["dataloader"].values())))
-        if same_world:
+        layout = getattr(self.data_loader, "layout", None)
+        if same_world and (layout is None or _jsonable(layout) == saved.get("layout")):
             self.data_loader.load_state_dict(saved)
             return
         self.data_loader.load_state_dict(reposition(self.data_loader, saved, int(train_state["step"])))
-        self._log(f"data loader resharded from {train_state['world_size']} to {self.world_size} ranks at step "
-                  f"{train_state['step']}")
+        self._log(f"data loader repositioned at step {train_state['step']} (saved by {train_state['world_size']} "
+                  f"ranks, {saved['layout'].get('num_workers')} workers; now {self.world_size} ranks)")
 
     def _load_weights(self, path: Path) -> None:
         """Model weights only (``initial_load_path``): DCP checkpoints load resharded, exports as full tensors."""

@@ -199,7 +199,8 @@ def test_sigterm_saves_at_step_boundary_and_rerun_reproduces(reference, tmp_path
     assert signal.getsignal(signal.SIGTERM) is previous  # restored at close
     assert first.step == 5 and sorted(losses) == [1, 2, 3, 4, 5]
     assert [s for s, _ in step_folders(dump / "checkpoint")] == [5] and not (dump / "export").exists()
-    _, rest = train(dump, "--checkpoint.enable", "--checkpoint.interval", "100")
+    # the rerun also changes the worker count (2 -> 0): the loader is repositioned, same samples
+    _, rest = train(dump, "--checkpoint.enable", "--checkpoint.interval", "100", "--data.num_workers", "0")
     assert rest == {s: reference[s] for s in range(6, 9)}
 
 
