@@ -450,30 +450,28 @@ class CheckpointManager:
         return False
 
     def step_end(self, step: int, tokens_seen: int, last: bool) -> bool:
-        """After each step: finishes a completed async save, saves on interval/last step, and handles stop
-        requests (SIGTERM/SIGUSR1: save and return True; non-finite with "stop": save and raise)."""
+        """After each step: finishes a completed async save, saves on interval or at the last step, and handles
+        stop requests (SIGTERM/SIGUSR1, or a non-finite step under on_nonfinite = "stop"): saves and returns True,
+        so the trainer leaves its loop (and :meth:`close` raises for the non-finite case)."""
         self._poll()
         signalled = self._signalled()
-        stop = signalled or self._stop_reason is not None
+        stop = bool(signalled) or self._stop_reason is not None
         if stop or (self.cfg.enable and (last or (self.cfg.interval > 0 and step % self.cfg.interval == 0))):
             if step != self._last_saved:
                 self.save(step, tokens_seen, blocking=stop)
             elif stop:
                 self.wait()
-        if self._stop_reason == "nonfinite":
-            raise FloatingPointError(f"stopped at step {step} after a non-finite loss or grad norm "
-                                     f"(training.on_nonfinite = stop); state saved in {self.folder / f'step-{step}'}")
         if signalled:
             self._log(f"stopping at step {step} on signal {signal.Signals(signalled).name}; rerun the same command "
                       "to resume")
-            return True
-        return False
+        return stop
 
     def close(self, step: int, completed: bool) -> None:
         """End of training: waits for saves in flight, exports the final weights of a completed run, and
-        restores signal handlers. Collective."""
+        restores signal handlers; then raises FloatingPointError if a non-finite step stopped the run
+        (on_nonfinite = "stop"). Collective."""
         self.wait()
-        if completed and self.cfg.enable:
+        if completed and self.cfg.enable and self._stop_reason is None:
             start = time.perf_counter()
             export_model(self.model, self.model_config, self.export_folder, self.cfg.export_dtype, step)
             self._log(f"exported step {step} ({self.cfg.export_dtype}) to {self.export_folder} in "
@@ -484,6 +482,9 @@ class CheckpointManager:
         for signum, handler in self._old_handlers.items():
             signal.signal(signum, handler)
         self._old_handlers = {}
+        if self._stop_reason == "nonfinite":
+            raise FloatingPointError(f"stopped at step {step} after a non-finite loss or grad norm "
+                                     f"(training.on_nonfinite = stop); state saved in {self.folder / f'step-{step}'}")
 
     # -- preemption ---------------------------------------------------------------------------------------------
 

@@ -210,10 +210,10 @@ class Trainer:
                 if self.validator is not None and (self.step % self.cfg.validation.freq == 0 or self.step == self.steps):
                     self._validate()
                 if self.checkpointer.step_end(self.step, self.tokens_seen, last=self.step == self.steps):
-                    break  # preempted (SIGTERM/SIGUSR1): state saved
-        self.checkpointer.close(self.step, completed=self.step >= self.steps)
+                    break  # SIGTERM/SIGUSR1 or a non-finite step with on_nonfinite = "stop": state saved
         self.metrics.close()
         gc.enable()
+        self.checkpointer.close(self.step, completed=self.step >= self.steps)  # export; raises after a "stop"
 
     def _is_log_step(self, step: int) -> bool:
         return step % self.cfg.metrics.log_freq == 0 or step in (1, self.steps)

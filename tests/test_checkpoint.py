@@ -8,6 +8,7 @@ workers, 8 steps; losses are read exactly in-process (the local loss sum, which 
 process).
 """
 
+import gc
 import json
 import os
 import shutil
@@ -286,7 +287,9 @@ def test_nonfinite_loss_stop_saves_then_raises(tmp_path):
     trainer, losses, params = _train_with(dump, _nan_at(2), "--training.on_nonfinite", "stop", "--checkpoint.enable")
     with pytest.raises(FloatingPointError, match="stopped at step 2"):
         trainer.train()
+    assert gc.isenabled()  # the trainer finished its loop normally before the error
     assert sorted(losses) == [1, 2] and [s for s, _ in step_folders(dump / "checkpoint")] == [2]
+    assert not (dump / "export").exists()
     saved = load_model(dump / "checkpoint" / "step-2")  # the weights of step 1: step 2's update was dropped
     assert torch.equal(torch.cat([p.flatten() for p in saved.parameters()]), params[1])
 
