@@ -491,8 +491,12 @@ class CheckpointManager:
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
+        for signum in STOP_SIGNALS:
             self._old_handlers[signum] = signal.signal(signum, self._on_signal)
+        # Slurm signals every process of a job step: loader workers must outlive the signal until the trainer
+        # has saved (torch's worker handler would kill them, failing the next batch). Workers start on iter().
+        if hasattr(self.data_loader, "worker_init_fn"):
+            self.data_loader.worker_init_fn = _IgnoreStopSignals(self.data_loader.worker_init_fn)
 
     def _on_signal(self, signum: int, frame) -> None:
         # Only record it: the save happens at the next step boundary, where every rank agrees on the state.
@@ -505,6 +509,24 @@ class CheckpointManager:
         flag = torch.tensor([self._signal or 0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._flag_group)
         return int(flag.item())
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""Preemption signals: save at the next step boundary and exit 0."""
+
+
+class _IgnoreStopSignals:
+    """A loader ``worker_init_fn`` (picklable) that makes the worker ignore STOP_SIGNALS, then runs ``inner``.
+    Workers still end with the trainer: on shutdown, or by their parent watchdog if it dies."""
+
+    def __init__(self, inner=None):
+        self.inner = inner
+
+    def __call__(self, worker_id: int) -> None:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        if self.inner is not None:
+            self.inner(worker_id)
 
 
 def _pinned_stager():

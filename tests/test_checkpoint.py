@@ -205,6 +205,27 @@ def test_sigterm_saves_at_step_boundary_and_rerun_reproduces(reference, tmp_path
     assert rest == {s: reference[s] for s in range(6, 9)}
 
 
+def test_sigterm_to_the_whole_process_group_exits_0_with_a_checkpoint(tmp_path):
+    """The CLI in its own session; SIGTERM goes to every process of the group, loader workers included (as
+    Slurm signals a job step). The trainer saves at the next step boundary and exits 0."""
+    dump = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dlm_titan.train", *cli(dump, "--checkpoint.enable")], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step: 2 "):
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+    out = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    stopped = [s for s, _ in step_folders(dump / "checkpoint")]
+    assert len(stopped) == 1 and 2 <= stopped[0] < STEPS, out[-3000:]
+    assert f"stopping at step {stopped[0]} on signal SIGTERM" in out
+    assert (dump / "checkpoint" / f"step-{stopped[0]}" / MARKER).is_file() and not (dump / "export").exists()
+
+
 def test_sigkill_during_save_leaves_previous_checkpoint_for_resume(reference, tmp_path):
     """A child process is SIGKILLed while DCP writes step-4 (data written, metadata and marker not yet)."""
     dump = tmp_path / "out"
