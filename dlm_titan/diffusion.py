@@ -82,12 +82,14 @@ def ssl_length(seed: int, step: int, first_position: int, seq_len: int, ssl_rati
 
 @dataclass
 class MaskedBatch:
-    """Model input (clean tokens with masked ones replaced by mask_id), the clean targets, and per-token loss
-    weights: 1 / (p * token_count) at masked positions, exactly 0 elsewhere."""
+    """Model input (clean tokens with masked ones replaced by mask_id), the clean targets, per-token loss
+    weights (1 / (p * token_count) at masked positions, exactly 0 elsewhere) and the flat indices of the masked
+    positions (so the loss needs no device-to-host sync to find them)."""
 
     inputs: torch.Tensor
     targets: torch.Tensor
     token_weights: torch.Tensor
+    masked_index: torch.Tensor
     num_masked: int
 
 
@@ -103,4 +105,7 @@ def forward_process(
     masked = noise.uniforms[:, : tokens.shape[1]].to(tokens.device) < p
     inputs = torch.where(masked, torch.full_like(tokens, mask_id), tokens)
     weights = torch.where(masked, 1.0 / (p * token_count), torch.zeros((), device=tokens.device))
-    return MaskedBatch(inputs=inputs, targets=tokens, token_weights=weights.float(), num_masked=int(masked.sum()))
+    masked_index = torch.nonzero(masked.flatten()).squeeze(1)
+    return MaskedBatch(
+        inputs=inputs, targets=tokens, token_weights=weights.float(), masked_index=masked_index, num_masked=masked_index.numel()
+    )

@@ -170,9 +170,11 @@ class Trainer:
             )
             mb = forward_process(tokens, noise, eps=d.eps, mask_id=self.model_args.mask_id, token_count=token_count)
             masked += mb.num_masked
-            inputs, targets, weights = (x.to(self.device, non_blocking=True) for x in (mb.inputs, mb.targets, mb.token_weights))
+            inputs, targets, weights, index = (
+                self._to_device(x) for x in (mb.inputs, mb.targets, mb.token_weights, mb.masked_index)
+            )
             with self.autocast:
-                loss = self.model(inputs, targets, weights)
+                loss = self.model(inputs, targets, weights, index)
             loss.backward()
             loss_sum += loss.detach()
             micro_losses.append(loss.detach())
@@ -185,6 +187,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.tokens_seen += token_count
         return {"loss_sum": loss_sum, "grad_norm": grad_norm, "masked": masked, "tokens": token_count, "data_time": data_time}
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """Host-to-GPU copy from pinned memory: a copy from pageable memory makes the host wait for the GPU's
+        queue to drain, leaving the GPU idle while the next micro-batch's kernels are launched."""
+        if self.device.type != "cuda":
+            return x
+        return x.pin_memory().to(self.device, non_blocking=True)
 
     def _clip_grad_norm(self) -> torch.Tensor:
         max_norm = self.cfg.training.max_norm if self.cfg.training.max_norm > 0 else float("inf")

@@ -80,8 +80,8 @@ class SequenceLossTap:
         self.armed = False
         self._recorded: list[torch.Tensor] = []
 
-    def __call__(self, hidden, weight, targets, token_weights) -> torch.Tensor:
-        loss = self.loss_fn(hidden, weight, targets, token_weights)
+    def __call__(self, hidden, weight, targets, token_weights, **kwargs) -> torch.Tensor:
+        loss = self.loss_fn(hidden, weight, targets, token_weights, **kwargs)
         if self.armed:
             self._recorded.append(per_token_weighted_ce(hidden.detach(), weight.detach(), targets, token_weights))
         return loss

@@ -55,6 +55,7 @@ def masked_linear_cross_entropy(
     targets: torch.Tensor,
     token_weights: torch.Tensor,
     impl: Impl = "auto",
+    masked_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Weighted cross-entropy of an LM head over the masked rows, without logits for the unmasked ones.
 
@@ -65,6 +66,8 @@ def masked_linear_cross_entropy(
         token_weights: ``[N]`` fp32, ``1 / (p_i * global_token_count)`` at masked rows and exactly 0 elsewhere.
         impl: "auto" (fused on CUDA when triton works, else "torch"), "fused" (Triton row kernel + cuBLAS,
             gradients in forward) or "torch" (the chunked pure-PyTorch reference).
+        masked_index: optional int64 ``[M]`` indices (into the flattened rows) of exactly the rows with a
+            non-zero weight, ascending. Passing it avoids a device-to-host sync to count them.
 
     Returns:
         fp32 scalar ``sum_i w_i * CE(hidden_i @ weight^T, targets_i)``, differentiable wrt ``hidden`` and
@@ -77,5 +80,5 @@ def masked_linear_cross_entropy(
     y = targets.reshape(-1).long()
     w = token_weights.reshape(-1).float()
     if path == "fused":
-        return fused_masked_linear_cross_entropy(h, weight, y, w)
-    return masked_linear_cross_entropy_reference(h, weight, y, w)
+        return fused_masked_linear_cross_entropy(h, weight, y, w, masked_index)
+    return masked_linear_cross_entropy_reference(h, weight, y, w, masked_index)

@@ -21,6 +21,8 @@ the dW GEMMs on a side stream, with or without a second logits buffer, was no fa
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from . import masked_ce_triton as kernels
@@ -73,6 +75,7 @@ def masked_lce_fwd(
     weight: torch.Tensor,
     targets: torch.Tensor,
     token_weights: torch.Tensor,
+    masked_index: Optional[torch.Tensor],  # noqa: UP045 (custom_op schema inference wants Optional)
     grad_hidden: bool,
     grad_weight: bool,
     chunk_bytes: int,
@@ -92,7 +95,9 @@ def masked_lce_fwd(
         if grad_weight
         else weight.new_empty((0,), dtype=torch.float32)
     )
-    idx = torch.nonzero(token_weights).squeeze(1)
+    # A caller that knows the masked rows (the trainer builds masks on the CPU) passes them: nonzero on the
+    # device would stall the host until the GPU catches up, once per micro-batch.
+    idx = torch.nonzero(token_weights).squeeze(1) if masked_index is None else masked_index
     m = idx.numel()
     if m == 0:
         if grad_weight:
@@ -122,7 +127,7 @@ def masked_lce_fwd(
 
 
 @masked_lce_fwd.register_fake
-def _(hidden, weight, targets, token_weights, grad_hidden, grad_weight, chunk_bytes, block_v):
+def _(hidden, weight, targets, token_weights, masked_index, grad_hidden, grad_weight, chunk_bytes, block_v):
     dh = hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty((0,))
     dw_shape = weight.shape if grad_weight else (0,)
     return (
@@ -149,9 +154,9 @@ class _MaskedLCE(torch.autograd.Function):
     """Autograd view of :func:`masked_lce_fwd`: gradients come from forward, backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, token_weights, grad_hidden, grad_weight, chunk_bytes, block_v):
+    def forward(ctx, hidden, weight, targets, token_weights, masked_index, grad_hidden, grad_weight, chunk_bytes, block_v):
         loss, dh, dw = masked_lce_fwd(
-            hidden, weight, targets, token_weights, grad_hidden, grad_weight, chunk_bytes, block_v
+            hidden, weight, targets, token_weights, masked_index, grad_hidden, grad_weight, chunk_bytes, block_v
         )
         ctx.save_for_backward(dh, dw)
         ctx.dtypes = (hidden.dtype, weight.dtype)
@@ -164,7 +169,7 @@ class _MaskedLCE(torch.autograd.Function):
         scale = grad_loss.float().reshape(1)
         grad_h = scale_cast(dh, scale, ctx.dtypes[0]) if ctx.wants[0] else None
         grad_w = scale_cast(dw, scale, ctx.dtypes[1]) if ctx.wants[1] else None
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def fused_masked_linear_cross_entropy(
@@ -172,6 +177,7 @@ def fused_masked_linear_cross_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     token_weights: torch.Tensor,
+    masked_index: torch.Tensor | None = None,
     *,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     block_v: int = 0,
@@ -179,7 +185,7 @@ def fused_masked_linear_cross_entropy(
     """Fused path of :func:`dlm_kernels.masked_linear_cross_entropy` on 2-D, validated inputs.
 
     Args:
-        hidden, weight, targets, token_weights: as in ``masked_linear_cross_entropy``.
+        hidden, weight, targets, token_weights, masked_index: as in ``masked_linear_cross_entropy``.
         chunk_bytes: byte budget of the reused logits buffer (sets the rows per chunk).
         block_v: row-kernel tile width (power of two); 0 picks one from ``V``.
     """
@@ -187,7 +193,7 @@ def fused_masked_linear_cross_entropy(
     grad_hidden = grads and hidden.requires_grad
     grad_weight = grads and weight.requires_grad
     if not (grad_hidden or grad_weight):
-        return masked_lce_fwd(hidden, weight, targets, token_weights, False, False, chunk_bytes, block_v)[0]
+        return masked_lce_fwd(hidden, weight, targets, token_weights, masked_index, False, False, chunk_bytes, block_v)[0]
     return _MaskedLCE.apply(
-        hidden, weight, targets, token_weights, grad_hidden, grad_weight, chunk_bytes, block_v
+        hidden, weight, targets, token_weights, masked_index, grad_hidden, grad_weight, chunk_bytes, block_v
     )

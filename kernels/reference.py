@@ -15,9 +15,10 @@ DEFAULT_CHUNK_ROWS = 4096
 
 
 def gather_masked_rows(
-    hidden: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor
+    hidden: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor, masked_index: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gather the rows with a non-zero weight (one device-to-host sync for their count).
+    """Gather the rows with a non-zero weight (one device-to-host sync for their count, unless the caller
+    passes ``masked_index``, the indices of those rows).
 
     Args:
         hidden: ``[N, d]`` hidden states.
@@ -27,7 +28,7 @@ def gather_masked_rows(
     Returns:
         ``(hidden_m [M, d], targets_m [M], weights_m [M])`` for the ``M`` rows with a non-zero weight.
     """
-    idx = torch.nonzero(token_weights).squeeze(1)
+    idx = torch.nonzero(token_weights).squeeze(1) if masked_index is None else masked_index
     return hidden.index_select(0, idx), targets.index_select(0, idx), token_weights.index_select(0, idx)
 
 
@@ -58,6 +59,7 @@ def masked_linear_cross_entropy_reference(
     weight: torch.Tensor,
     targets: torch.Tensor,
     token_weights: torch.Tensor,
+    masked_index: torch.Tensor | None = None,
     *,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> torch.Tensor:
@@ -73,5 +75,5 @@ def masked_linear_cross_entropy_reference(
     Returns:
         fp32 scalar ``sum_i token_weights[i] * CE(hidden[i] @ weight^T, targets[i])``.
     """
-    hidden_m, targets_m, weights_m = gather_masked_rows(hidden, targets, token_weights)
+    hidden_m, targets_m, weights_m = gather_masked_rows(hidden, targets, token_weights, masked_index)
     return chunked_weighted_cross_entropy(hidden_m, weight, targets_m, weights_m, chunk_rows)

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from dlm_kernels import masked_linear_cross_entropy
 
 from dlm_titan.config import Model
 from dlm_titan.diffusion import Noise, forward_process, sample_noise, ssl_length
 from dlm_titan.models import build_model
 from dlm_titan.optim import lr_factor
-from dlm_kernels import masked_linear_cross_entropy
 
 MASK_ID = 32000
 
@@ -22,7 +22,7 @@ def tiny_model(seq_len=16, loss_fn=None):
     model = build_model(Model(flavor="6M"), seq_len, torch.device("cpu"))
     model.to_empty(device="cpu")
     model.init_weights(seed=7)
-    model.loss_fn = loss_fn or (lambda h, w, y, tw: masked_linear_cross_entropy(h, w, y, tw, impl="torch"))
+    model.loss_fn = loss_fn or (lambda h, w, y, tw, **kw: masked_linear_cross_entropy(h, w, y, tw, impl="torch", **kw))
     return model
 
 
@@ -142,3 +142,16 @@ def test_lr_schedule_warmup_cosine_floor():
     assert lr_factor(60, warm, total, ratio, "cosine") == pytest.approx(0.55)  # halfway down the cosine
     assert lr_factor(110, warm, total, ratio, "cosine") == pytest.approx(0.1)
     assert lr_factor(500, warm, total, ratio, "cosine") == pytest.approx(0.1)
+
+
+def test_masked_index_matches_the_weights():
+    """The trainer passes the masked rows' flat indices so the loss needs no device sync; same loss either way."""
+    model = tiny_model()
+    tokens = torch.randint(0, 32000, (3, 16))
+    batch = forward_process(tokens, sample_noise(torch.arange(3), 16, seed=0, step=1), eps=1e-3, mask_id=MASK_ID,
+                            token_count=48)
+    assert torch.equal(batch.masked_index, torch.nonzero(batch.token_weights.flatten()).squeeze(1))
+    with torch.no_grad():
+        with_index = model(batch.inputs, batch.targets, batch.token_weights, batch.masked_index)
+        without = model(batch.inputs, batch.targets, batch.token_weights)
+    assert with_index.item() == without.item()

@@ -180,9 +180,22 @@ def test_compiles_fullgraph_without_graph_break():
 
 def test_custom_ops_pass_opcheck():
     hidden, weight, targets, token_weights = _inputs(12, 16, V, 6, seed=4)
-    args = (hidden, weight, targets, token_weights, True, True, 1 << 20, 0)
+    args = (hidden, weight, targets, token_weights, None, True, True, 1 << 20, 0)
     torch.library.opcheck(masked_lce_fwd, args, test_utils=("test_schema", "test_faketensor"))
+    index = torch.nonzero(token_weights).squeeze(1)
+    torch.library.opcheck(masked_lce_fwd, (*args[:4], index, *args[5:]), test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(scale_cast, (weight, torch.tensor([2.0]), torch.float32))
+
+
+def test_masked_index_gives_the_same_loss_and_grads():
+    """Passing the masked rows' indices (no device sync) changes nothing in the result."""
+    inputs = _inputs(24, 16, V, 10, seed=6)
+    index = torch.nonzero(inputs[3]).squeeze(1)
+    for impl in ("fused", "torch"):
+        plain = _run(lambda *a, i=impl: masked_linear_cross_entropy(*a, impl=i), *inputs)
+        indexed = _run(lambda *a, i=impl: masked_linear_cross_entropy(*a, impl=i, masked_index=index), *inputs)
+        for a, b in zip(plain, indexed):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -71,15 +71,18 @@ class TransEncoder(nn.Module):
         tokens: torch.Tensor,
         targets: torch.Tensor | None = None,
         token_weights: torch.Tensor | None = None,
+        masked_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, L, vocab] of ``tokens``, or, given targets and per-token loss weights, the weighted
-        cross-entropy sum computed by ``self.loss_fn`` inside forward (where FSDP has gathered the head)."""
+        cross-entropy sum computed by ``self.loss_fn`` inside forward (where FSDP has gathered the head).
+        ``masked_index`` (flat indices of the non-zero weights) spares the loss a device-to-host sync."""
         h = self.hidden_states(tokens)
         if targets is None:
             return self.output(h)
         weight = self.output.weight
         dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else weight.dtype
-        return self.loss_fn(h.flatten(0, 1).to(dtype), weight.to(dtype), targets.flatten(), token_weights.flatten())
+        extra = {} if masked_index is None else {"masked_index": masked_index}
+        return self.loss_fn(h.flatten(0, 1).to(dtype), weight.to(dtype), targets.flatten(), token_weights.flatten(), **extra)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 3407) -> None:
