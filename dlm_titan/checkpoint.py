@@ -1,15 +1,14 @@
 """Checkpoints: DCP save/resume of the whole training state, crash safety, preemption and non-finite steps.
 
-Layout: ``{dump_folder}/{checkpoint.folder}/step-N`` is one DCP checkpoint; it is complete only once its
-marker ``complete.json`` exists, written by rank 0 after every rank's data and DCP's ``.metadata`` are on disk.
-A crash or SIGKILL mid-save therefore leaves a folder without a marker, which resume skips with a warning.
+Layout and completion markers: see checkpoint_layout.py. What a checkpoint holds (DCP keys): ``model.*`` and
+``optimizer.*`` tensors (FQN-keyed, DTensor shards under FSDP2, so any world size can load them), and JSON in
+uint8 tensors for ``optimizer_groups`` (hyper-parameters), ``lr_scheduler``, ``train_state`` (step,
+tokens_seen, world_size, seed) and ``dataloader.rank_R`` (each rank's loader state).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
 import signal
 import sys
@@ -33,79 +32,18 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from dlm_titan.checkpoint_layout import (
+    find_checkpoint,
+    is_complete,
+    is_dcp_folder,
+    newest_complete,
+    print_warning,
+    read_marker,
+    step_folders,
+    write_marker,
+)
 from dlm_titan.errors import UserError
 from dlm_titan.export import EXPORT_FOLDER, export_model, is_export_folder, read_model_weights
-
-MARKER = "complete.json"
-"""Written last into a step folder: its presence makes the checkpoint complete (JSON: step, model shape, ...)."""
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def _warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr, flush=True)
-
-
-def step_folders(folder: Path) -> list[tuple[int, Path]]:
-    """``(N, path)`` of every ``step-N`` folder in ``folder``, oldest first (complete or not)."""
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return sorted(found)
-
-
-def is_complete(step_dir: Path) -> bool:
-    return (step_dir / MARKER).is_file() and (step_dir / ".metadata").is_file()
-
-
-def is_dcp_folder(path: Path) -> bool:
-    """A DCP checkpoint folder (complete or not): DCP metadata, a marker, or a ``step-N`` name."""
-    return (path / ".metadata").is_file() or (path / MARKER).is_file() or bool(_STEP_DIR.match(path.name))
-
-
-def read_marker(step_dir: Path) -> dict[str, Any]:
-    """The marker JSON of a complete checkpoint; UserError naming the folder when it is incomplete."""
-    try:
-        marker = json.loads((step_dir / MARKER).read_text())
-    except (OSError, json.JSONDecodeError):
-        marker = None
-    if not isinstance(marker, dict) or not (step_dir / ".metadata").is_file():
-        raise UserError(f"checkpoint {step_dir} is incomplete (no {MARKER} or .metadata: its save was interrupted); "
-                        f"load another step (checkpoint.load_step) or delete it")
-    return marker
-
-
-def checkpoint_folder_of(dump_folder: Path) -> Path:
-    """The checkpoint folder of a dump folder: ``checkpoint.folder`` from its saved config.toml, else
-    ``checkpoint``."""
-    folder = "checkpoint"
-    config = dump_folder / "config.toml"
-    if config.is_file():
-        import tomllib
-
-        try:
-            folder = tomllib.loads(config.read_text()).get("checkpoint", {}).get("folder", folder)
-        except tomllib.TOMLDecodeError:
-            pass
-    return dump_folder / folder
-
-
-def newest_complete(folder: Path, warn: bool = True) -> Path | None:
-    """The newest complete ``step-N`` in a checkpoint folder; newer incomplete ones are skipped with a warning."""
-    for step, path in reversed(step_folders(folder)):
-        if is_complete(path):
-            return path
-        if warn:
-            _warn(f"skipping incomplete checkpoint {path} (no {MARKER}: its save was interrupted)")
-    return None
-
-
-def find_checkpoint(path: Path, warn: bool = True) -> Path | None:
-    """The newest complete checkpoint under ``path``: a dump folder or a checkpoint folder. None if there is none."""
-    path = Path(path)
-    if step_folders(path):
-        return newest_complete(path, warn)
-    return newest_complete(checkpoint_folder_of(path), warn)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Non-tensor state (lr schedule, data loader, train state, optimizer hyper-parameters) is stored as JSON bytes in
@@ -394,11 +332,7 @@ class CheckpointManager:
         if self.rank == 0:
             marker = {"step": step, "world_size": self.world_size, "model": self.model_config,
                       "async_mode": self.cfg.async_mode, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            tmp = path / (MARKER + ".tmp")
-            tmp.write_text(json.dumps(marker, indent=2) + "\n")
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path / MARKER)
+            write_marker(path, marker)
             self._purge()
         self._last_saved = step
         total = time.perf_counter() - started
@@ -444,7 +378,7 @@ class CheckpointManager:
         if action == "raise":
             raise FloatingPointError(f"{msg}; training.on_nonfinite = raise")
         if self.rank == 0:
-            _warn(f"{msg}: update skipped (training.on_nonfinite = {action})")
+            print_warning(f"{msg}: update skipped (training.on_nonfinite = {action})")
         if action == "stop":
             self._stop_reason = "nonfinite"
         return False
@@ -534,7 +468,7 @@ def _pinned_stager():
     try:
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
     except ImportError:
-        _warn("this torch has no DCP DefaultStager: async_with_pinned_mem saves like async")
+        print_warning("this torch has no DCP DefaultStager: async_with_pinned_mem saves like async")
         return None
     return DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False, use_async_staging=True,
                                         use_non_blocking_copy=True))

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dlm_titan.checkpoint_layout import find_checkpoint, is_dcp_folder, read_marker
 from dlm_titan.errors import UserError
 from dlm_titan.models import TransEncoder
 from dlm_titan.models.attention import resolve_attn_backend, rope_cache
@@ -134,8 +135,6 @@ def read_model_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torc
     A dump folder resolves to its newest complete checkpoint, or to its ``export`` folder when it has no
     checkpoint. Raises UserError when ``path`` is none of these.
     """
-    from dlm_titan.checkpoint import find_checkpoint, is_dcp_folder  # checkpoint imports this module
-
     path = Path(path)
     if not path.exists():
         raise UserError(f"no such checkpoint or export: {path}")
@@ -153,16 +152,13 @@ def read_model_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torc
 
 
 def _read_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         cfg = json.loads((path / CONFIG_FILE).read_text())
         state = load_file(str(path / WEIGHTS_FILE))
-    except (OSError, ValueError, json.JSONDecodeError) as e:  # safetensors raises SafetensorError(Exception)
-        raise UserError(f"cannot read the export in {path} ({e}); re-export it") from None
-    except Exception as e:
-        if type(e).__name__ != "SafetensorError":
-            raise
+    except (OSError, ValueError, SafetensorError) as e:  # JSONDecodeError is a ValueError
         raise UserError(f"cannot read the export in {path} ({e}); re-export it") from None
     return cfg, state
 
@@ -170,8 +166,6 @@ def _read_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 def _read_dcp_model(step_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Model weights only of a DCP checkpoint, read into a fresh CPU state dict of the recorded shape."""
     import torch.distributed.checkpoint as dcp
-
-    from dlm_titan.checkpoint import read_marker  # checkpoint imports this module
 
     marker = read_marker(step_dir)  # raises UserError for an incomplete checkpoint
     cfg = marker["model"]

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from dlm_titan.checkpoint import MARKER, reposition, step_folders
+from dlm_titan.checkpoint import reposition
+from dlm_titan.checkpoint_layout import MARKER, step_folders
 from dlm_titan.config import Data, load_config
 from dlm_titan.data import build_train_loader, resolve_data_path, write_shard
 from dlm_titan.export import export_model, load_model
@@ -261,8 +262,8 @@ def _nan_at(step_to_poison: int, micro_batch: int = 0):
         inner = trainer.model.loss_fn
         per_step = trainer.micro_batches
 
-        def poisoned(*args):
-            loss = inner(*args)
+        def poisoned(*args, **kwargs):
+            loss = inner(*args, **kwargs)
             k = calls["n"]
             calls["n"] += 1
             return loss * float("nan") if k == (step_to_poison - 1) * per_step + micro_batch else loss

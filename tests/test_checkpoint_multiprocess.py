@@ -21,6 +21,7 @@ import torch
 
 from dlm_titan.config import load_config
 from dlm_titan.data.shards import write_shard
+from dlm_titan.export import load_model
 
 VOCAB = 256
 STEPS = 8
@@ -125,6 +126,12 @@ def test_multiprocess_one_rank_checkpoint_resumes_on_two_ranks(data, two_ranks, 
     assert_close(first, two_ranks, range(1, SAVED + 1))
     rest = torchrun(train_args(data, tmp_path))
     assert_close(rest, two_ranks, range(SAVED + 1, STEPS + 1))
+    # the final export, gathered from the 2 FSDP shards, holds the step-8 checkpoint's weights in bf16
+    exported = load_model(tmp_path / "export")
+    saved = load_model(tmp_path / "checkpoint" / f"step-{STEPS}", dtype="bfloat16")
+    assert exported.config["step"] == STEPS
+    for (name, p), q in zip(exported.named_parameters(), saved.parameters(), strict=True):
+        assert p.dtype == torch.bfloat16 and torch.equal(p, q), name
 
 
 if __name__ == "__main__":  # a torchrun worker: train with the given CLI arguments

@@ -1,0 +1,99 @@
+"""On-disk layout of checkpoints, shared by the checkpoint manager and the model loader (export.py).
+
+``{dump_folder}/{checkpoint.folder}/step-N`` is one DCP checkpoint. It is complete only once its marker
+``complete.json`` exists: the checkpoint manager writes it (rank 0) after every rank's data and DCP's
+``.metadata`` are on disk, so a crash or SIGKILL mid-save leaves a folder without a marker, which is skipped.
+The marker holds the step, the saving world size and the model's shape, so weights can be read without the
+run's config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from dlm_titan.errors import UserError
+
+MARKER = "complete.json"
+"""Written last into a step folder: its presence makes the checkpoint complete (JSON: step, model shape, ...)."""
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def print_warning(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def step_folders(folder: Path) -> list[tuple[int, Path]]:
+    """``(N, path)`` of every ``step-N`` folder in ``folder``, oldest first (complete or not)."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return sorted(found)
+
+
+def is_complete(step_dir: Path) -> bool:
+    return (step_dir / MARKER).is_file() and (step_dir / ".metadata").is_file()
+
+
+def is_dcp_folder(path: Path) -> bool:
+    """A DCP checkpoint folder (complete or not): DCP metadata, a marker, or a ``step-N`` name."""
+    return (path / ".metadata").is_file() or (path / MARKER).is_file() or bool(_STEP_DIR.match(path.name))
+
+
+def read_marker(step_dir: Path) -> dict[str, Any]:
+    """The marker JSON of a complete checkpoint; UserError naming the folder when it is incomplete."""
+    try:
+        marker = json.loads((step_dir / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        marker = None
+    if not isinstance(marker, dict) or not (step_dir / ".metadata").is_file():
+        raise UserError(f"checkpoint {step_dir} is incomplete (no {MARKER} or .metadata: its save was interrupted); "
+                        f"load another step (checkpoint.load_step) or delete it")
+    return marker
+
+
+def write_marker(step_dir: Path, content: dict[str, Any]) -> None:
+    """Marks a fully written checkpoint complete: the marker goes through a temporary name, is fsynced and
+    renamed, so it is either absent or whole."""
+    tmp = step_dir / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2) + "\n")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, step_dir / MARKER)
+
+
+def checkpoint_folder_of(dump_folder: Path) -> Path:
+    """The checkpoint folder of a dump folder: ``checkpoint.folder`` from its saved config.toml, else
+    ``checkpoint``."""
+    folder = "checkpoint"
+    config = dump_folder / "config.toml"
+    if config.is_file():
+        import tomllib
+
+        try:
+            folder = tomllib.loads(config.read_text()).get("checkpoint", {}).get("folder", folder)
+        except tomllib.TOMLDecodeError:
+            pass
+    return dump_folder / folder
+
+
+def newest_complete(folder: Path, warn: bool = True) -> Path | None:
+    """The newest complete ``step-N`` in a checkpoint folder; newer incomplete ones are skipped with a warning."""
+    for _, path in reversed(step_folders(folder)):
+        if is_complete(path):
+            return path
+        if warn:
+            print_warning(f"skipping incomplete checkpoint {path} (no {MARKER}: its save was interrupted)")
+    return None
+
+
+def find_checkpoint(path: Path, warn: bool = True) -> Path | None:
+    """The newest complete checkpoint under ``path``: a dump folder or a checkpoint folder. None if there is none."""
+    path = Path(path)
+    if step_folders(path):
+        return newest_complete(path, warn)
+    return newest_complete(checkpoint_folder_of(path), warn)
