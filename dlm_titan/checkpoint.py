@@ -117,6 +117,9 @@ class CheckpointManager:
         self._stager = None
         self._last_saved = -1
         self._stop_reason: str | None = None
+        self._deferred: tuple[int, torch.Tensor, torch.Tensor] | None = None  # a "raise" verdict to read later
+        self._deferred_event = None
+        self._defer_raise = False  # tests set it to exercise the deferred path on the CPU
         self._signal: int | None = None
         self._old_handlers: dict[int, Any] = {}
         self.save_stats: list[dict[str, float]] = []
@@ -361,11 +364,38 @@ class CheckpointManager:
     def check_finite(self, step: int, micro_losses: list[torch.Tensor], grad_norm: torch.Tensor) -> bool:
         """Whether to apply this step's update. A non-finite loss (any micro-batch, any rank) or grad norm
         triggers ``training.on_nonfinite``: "skip" drops the update (grads are zeroed by the caller, the
-        optimizer does not step, the lr schedule and data move on), "stop" does the same then saves and stops
-        at the step's end, "raise" raises. Costs one host sync (and one scalar all-reduce) per step."""
+        optimizer does not step, the lr schedule and data move on), "stop" does the same, then saves and stops
+        at the step's end, "raise" raises.
+
+        "skip" and "stop" must decide before the optimizer step: one host sync (and, with several ranks, one
+        scalar gloo all-reduce) per step. "raise" on a GPU costs no sync: the verdict is copied to the host
+        asynchronously and read one step later (before any save, so no checkpoint holds a non-finite update).
+        """
         losses = torch.stack([x.detach().float().reshape(()) for x in micro_losses])
+        norm = grad_norm.detach().float().reshape(())
+        if self.training.on_nonfinite == "raise" and (norm.device.type == "cuda" or self._defer_raise):
+            self.raise_if_nonfinite()  # the previous step's verdict, long since computed: no pipeline stall
+            self._deferred = (step, losses.to("cpu", non_blocking=True), norm.to("cpu", non_blocking=True))
+            if norm.device.type == "cuda":
+                self._deferred_event = torch.cuda.Event()
+                self._deferred_event.record()
+            return True
+        return self._verdict(step, losses.cpu(), norm.cpu())
+
+    def raise_if_nonfinite(self) -> None:
+        """Resolves a deferred "raise" check (see :meth:`check_finite`)."""
+        if self._deferred is None:
+            return
+        if self._deferred_event is not None:
+            self._deferred_event.synchronize()
+        step, losses, norm = self._deferred
+        self._deferred, self._deferred_event = None, None
+        self._verdict(step, losses, norm)
+
+    def _verdict(self, step: int, losses: torch.Tensor, norm: torch.Tensor) -> bool:
+        """Applies on_nonfinite to one step's (CPU) micro-batch losses and grad norm; True = update."""
         local_bad = ~torch.isfinite(losses)
-        flag = torch.stack([local_bad.any().float(), (~torch.isfinite(grad_norm.detach().float())).float()]).cpu()
+        flag = torch.stack([local_bad.any(), ~torch.isfinite(norm)]).float()
         if self.distributed:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._flag_group)
         if not flag.any():
@@ -374,7 +404,7 @@ class CheckpointManager:
         for m in local_bad.nonzero().flatten().tolist():
             print(f"warning: non-finite loss at step {step}, rank {self.rank}, micro-batch {m}: "
                   f"{losses[m].item()}", file=sys.stderr, flush=True)
-        msg = f"non-finite {'loss' if flag[0] else 'grad norm'} at step {step} (grad norm {grad_norm.item()})"
+        msg = f"non-finite {'loss' if flag[0] else 'grad norm'} at step {step} (grad norm {norm.item()})"
         if action == "raise":
             raise FloatingPointError(f"{msg}; training.on_nonfinite = raise")
         if self.rank == 0:
@@ -391,6 +421,7 @@ class CheckpointManager:
         signalled = self._signalled()
         stop = bool(signalled) or self._stop_reason is not None
         if stop or (self.cfg.enable and (last or (self.cfg.interval > 0 and step % self.cfg.interval == 0))):
+            self.raise_if_nonfinite()
             if step != self._last_saved:
                 self.save(step, tokens_seen, blocking=stop)
             elif stop:
@@ -402,20 +433,23 @@ class CheckpointManager:
 
     def close(self, step: int, completed: bool) -> None:
         """End of training: waits for saves in flight, exports the final weights of a completed run, and
-        restores signal handlers; then raises FloatingPointError if a non-finite step stopped the run
-        (on_nonfinite = "stop"). Collective."""
-        self.wait()
-        if completed and self.cfg.enable and self._stop_reason is None:
-            start = time.perf_counter()
-            export_model(self.model, self.model_config, self.export_folder, self.cfg.export_dtype, step)
-            self._log(f"exported step {step} ({self.cfg.export_dtype}) to {self.export_folder} in "
-                      f"{time.perf_counter() - start:.2f} s")
-        if self._stager is not None:
-            self._stager.close()
-            self._stager = None
-        for signum, handler in self._old_handlers.items():
-            signal.signal(signum, handler)
-        self._old_handlers = {}
+        restores signal handlers; raises FloatingPointError if a non-finite step ended the run ("stop", or a
+        deferred "raise"). Collective."""
+        try:
+            self.raise_if_nonfinite()
+            self.wait()
+            if completed and self.cfg.enable and self._stop_reason is None:
+                start = time.perf_counter()
+                export_model(self.model, self.model_config, self.export_folder, self.cfg.export_dtype, step)
+                self._log(f"exported step {step} ({self.cfg.export_dtype}) to {self.export_folder} in "
+                          f"{time.perf_counter() - start:.2f} s")
+        finally:
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None
+            for signum, handler in self._old_handlers.items():
+                signal.signal(signum, handler)
+            self._old_handlers = {}
         if self._stop_reason == "nonfinite":
             raise FloatingPointError(f"stopped at step {step} after a non-finite loss or grad norm "
                                      f"(training.on_nonfinite = stop); state saved in {self.folder / f'step-{step}'}")

@@ -316,10 +316,26 @@ def test_nonfinite_loss_stop_saves_then_raises(tmp_path):
     assert torch.equal(torch.cat([p.flatten() for p in saved.parameters()]), params[1])
 
 
-def test_nonfinite_loss_raise(tmp_path):
-    trainer, losses, _ = _train_with(tmp_path / "out", _nan_at(2), "--training.on_nonfinite", "raise", "--checkpoint.enable")
+@pytest.mark.parametrize("deferred", [False, True])
+def test_nonfinite_loss_raise(tmp_path, deferred):
+    """The immediate verdict (CPU) raises inside the bad step; the deferred one (the GPU path, no host sync)
+    raises in the next step's check, before that step's update. Both name the bad step."""
+    trainer, losses, _ = _train_with(tmp_path / "out", _nan_at(1), "--training.on_nonfinite", "raise")
+    trainer.checkpointer._defer_raise = deferred
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 1"):
+        trainer.train()
+    assert sorted(losses) == ([1] if deferred else [])
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_nonfinite_verdict_precedes_the_save(tmp_path, deferred):
+    """A save due at the bad step (interval 2, NaN at step 2) never happens, deferred verdict or not."""
+    trainer, losses, _ = _train_with(tmp_path / "out", _nan_at(2), "--training.on_nonfinite", "raise",
+                                     "--checkpoint.enable", "--checkpoint.interval", "2")
+    trainer.checkpointer._defer_raise = deferred
     with pytest.raises(FloatingPointError, match="non-finite loss at step 2"):
         trainer.train()
+    assert sorted(losses) == ([1, 2] if deferred else [1])
     assert not step_folders(tmp_path / "out" / "checkpoint")
 
 
