@@ -179,7 +179,7 @@ def _read_dcp_model(step_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Ten
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-               attn_backend: str = "auto") -> TransEncoder:
+               attn_backend: str = "auto", max_seq_len: int | None = None) -> TransEncoder:
     """Builds a TransEncoder in eval mode from an export folder, a ``step-N`` checkpoint or a dump folder.
 
     Args:
@@ -188,12 +188,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str 
         device: where the model lives.
         dtype: parameter dtype; None keeps the stored one (the export dtype, float32 for checkpoints).
         attn_backend: as ``model.attn_backend``; "auto" picks by device.
+        max_seq_len: longest sequence the RoPE cache covers (default: the training seq_len).
 
     Returns:
         the model, with ``model.config`` (the config JSON, including ``step``) and ``model.loss_fn`` set
         (the masked cross-entropy, so ``model(tokens, targets, token_weights)`` works as in training).
     """
     cfg, state = read_model_weights(path)
+    if max_seq_len is not None:
+        cfg = {**cfg, "max_seq_len": int(max_seq_len)}
     model = build_model_from_config(cfg, device, attn_backend)
     missing = set(model.state_dict()) - set(state)
     unexpected = set(state) - set(model.state_dict())
