@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -132,6 +133,30 @@ def test_multiprocess_one_rank_checkpoint_resumes_on_two_ranks(data, two_ranks, 
     assert exported.config["step"] == STEPS
     for (name, p), q in zip(exported.named_parameters(), saved.parameters(), strict=True):
         assert p.dtype == torch.bfloat16 and torch.equal(p, q), name
+
+
+def test_multiprocess_sigterm_to_torchrun_saves_on_both_ranks_and_resumes(data, two_ranks, tmp_path):
+    """SIGTERM to the torchrun agent: it forwards the signal to both trainers, which agree on the step to stop
+    at (the flag is all-reduced), save a complete checkpoint and exit 0; a 1-process rerun continues."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [*TORCHRUN, "--nnodes", "1", "--nproc_per_node", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint",
+           "localhost:0", "-m", "dlm_titan.train", *train_args(data, tmp_path, "--checkpoint.interval", "100")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step: 2 "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = "".join(lines) + proc.communicate(timeout=300)[0]
+    saved = [p for p in (tmp_path / "checkpoint").glob("step-*") if (p / "complete.json").is_file()]
+    assert len(saved) == 1, out[-4000:]
+    step = int(saved[0].name.split("-")[1])
+    assert 2 <= step < STEPS and f"stopping at step {step} on signal SIGTERM" in out
+    assert json.loads((saved[0] / "complete.json").read_text())["world_size"] == 2
+    rest = run_trainer(train_args(data, tmp_path, "--checkpoint.interval", "100"))
+    assert_close(rest, two_ranks, range(step + 1, STEPS + 1))
 
 
 if __name__ == "__main__":  # a torchrun worker: train with the given CLI arguments
