@@ -205,6 +205,16 @@ class Trainer:
         validating every validation.freq steps and at the end."""
         self.data_iter = iter(self.data_loader)
         gc.disable()  # automatic collection stalls steps at random; collect every gc_freq steps instead
+        try:
+            self._train_loop()
+        finally:
+            gc.enable()
+            self.metrics.close()
+            if hasattr(self.data_iter.it, "_shutdown_workers"):
+                self.data_iter.it._shutdown_workers()  # else each persistent worker waits out a 5 s timeout
+        self.checkpointer.close(self.step, completed=self.step >= self.steps)  # export; raises after a "stop"
+
+    def _train_loop(self) -> None:
         self.window = ThroughputWindow()
         with Profiler(self.cfg.profiling, self.dump_folder, self.rank, self.device, self.step, self.log) as profiler:
             while self.step < self.steps:
@@ -220,9 +230,6 @@ class Trainer:
                     self._validate()
                 if self.checkpointer.step_end(self.step, self.tokens_seen, last=self.step == self.steps):
                     break  # SIGTERM/SIGUSR1 or a non-finite step with on_nonfinite = "stop": state saved
-        self.metrics.close()
-        gc.enable()
-        self.checkpointer.close(self.step, completed=self.step >= self.steps)  # export; raises after a "stop"
 
     def _is_log_step(self, step: int) -> bool:
         return step % self.cfg.metrics.log_freq == 0 or step in (1, self.steps)
