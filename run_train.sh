@@ -5,7 +5,6 @@
 # NGPU: processes on this node (default 1; without CUDA they use gloo on the CPU).
 # CONFIG_FILE: TOML config (default train_configs/debug.toml). Extra arguments are CLI overrides.
 # Multi-node: NNODES=<nodes> RDZV_ENDPOINT=<node0 host>:<port> on every node (c10d rendezvous).
-# LOG_RANK: which local ranks print (default 0).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -29,7 +28,7 @@ fi
 # Check the config once before starting many processes, so bad input fails with one line and exit 2.
 DLM_TITAN_CHECK_ONLY=1 WORLD_SIZE=$((NGPU * NNODES)) "$PYTHON" -m dlm_titan.train "${args[@]}"
 
+# Only rank 0 prints, so lines keep the `step: N  loss: ...` form that scripts parse (no torchrun prefixes).
 exec torchrun --nnodes "$NNODES" --nproc_per_node "$NGPU" \
     --rdzv_backend c10d --rdzv_endpoint "${RDZV_ENDPOINT:-localhost:0}" --rdzv_id "${RDZV_ID:-dlm_titan}" \
-    --local-ranks-filter "${LOG_RANK:-0}" --role rank --tee 3 \
     -m dlm_titan.train "${args[@]}"

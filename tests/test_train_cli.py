@@ -74,3 +74,23 @@ def test_flops_budget_sets_steps(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "training: 3 steps, 384 tokens, warmup 3 steps" in result.stdout
     assert "step: 3 " in result.stdout and "step: 4 " not in result.stdout
+
+
+def test_run_train_sh_two_processes_prints_plain_step_lines(tmp_path):
+    """NGPU=2 goes through torchrun (gloo on CPU); rank 0's lines keep the `step: N  loss: X` form."""
+    env = {"PYTHON": sys.executable, "NGPU": "2", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = run(["--training.steps", "2", *TINY, "--checkpoint.no_enable"], tmp_path, launcher=("./run_train.sh",), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [line.split()[1] for line in result.stdout.splitlines() if line.startswith("step: ")] == ["1", "2"]
+    assert "2 ranks x 1 micro-batches x 2" in result.stdout
+
+
+def test_run_train_sh_checks_config_before_starting_processes(tmp_path):
+    env = {"PYTHON": sys.executable, "NGPU": "2"}
+    result = run(["--training.global_batch_size", "6", "--training.local_batch_size", "4"], tmp_path,
+                 launcher=("./run_train.sh",), env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: training.global_batch_size (6) must be a multiple of local_batch_size (4) x data-parallel ranks (2); "
+        "e.g. --training.global_batch_size 8"
+    ]
