@@ -34,16 +34,13 @@ def add_common_args(parser: argparse.ArgumentParser, default_split: str) -> None
     parser.add_argument("--num_workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from dlm_titan.data.prepare import SLIMPAJAMA, prepare_split
+def run(args: argparse.Namespace, corpus, skip_github: bool = False) -> int:
+    """Prepares one split with parsed arguments; prints a summary line, or one error line and returns 2."""
+    from dlm_titan.data.prepare import prepare_split
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_args(parser, "train")
-    parser.add_argument("--skip_github", action="store_true", help="drop RedPajamaGithub documents (TinyLlama)")
-    args = parser.parse_args(argv)
     try:
         manifest = prepare_split(args.source_path, args.tokenizer_path, args.destination_path, args.split,
-                                 args.percentage, args.chunk_size, args.num_workers, args.skip_github, SLIMPAJAMA)
+                                 args.percentage, args.chunk_size, args.num_workers, skip_github, corpus)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -51,6 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.split}: {t['inputs']} files, {t['documents']:,} documents, {t['tokens']:,} tokens, "
           f"{t['shards']} shards in {args.destination_path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dlm_titan.data.prepare import SLIMPAJAMA
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(parser, "train")
+    parser.add_argument("--skip_github", action="store_true", help="drop RedPajamaGithub documents (TinyLlama)")
+    args = parser.parse_args(argv)
+    return run(args, SLIMPAJAMA, args.skip_github)
 
 
 if __name__ == "__main__":

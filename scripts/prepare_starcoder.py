@@ -14,26 +14,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dlm_titan.errors import EXIT_USER_ERROR, UserError
-from scripts.prepare_slim_pajama import add_common_args
+from scripts.prepare_slim_pajama import add_common_args, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dlm_titan.data.prepare import STARCODER, prepare_split
+    from dlm_titan.data.prepare import STARCODER
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser, "train")
-    args = parser.parse_args(argv)
-    try:
-        manifest = prepare_split(args.source_path, args.tokenizer_path, args.destination_path, args.split,
-                                 args.percentage, args.chunk_size, args.num_workers, False, STARCODER)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    t = manifest["totals"]
-    print(f"{args.split}: {t['inputs']} files, {t['documents']:,} documents, {t['tokens']:,} tokens, "
-          f"{t['shards']} shards in {args.destination_path}")
-    return 0
+    return run(parser.parse_args(argv), STARCODER)
 
 
 if __name__ == "__main__":
