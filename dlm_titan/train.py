@@ -20,7 +20,7 @@ import torch
 from dlm_titan import distributed as dist_utils
 from dlm_titan.checkpoint import CheckpointManager
 from dlm_titan.config import JobConfig, load_config, to_toml
-from dlm_titan.data import build_train_loader, load_tokenizer, resolve_data_path
+from dlm_titan.data import build_train_loader, resolve_data_path
 from dlm_titan.diffusion import forward_process, sample_noise, ssl_length
 from dlm_titan.errors import EXIT_USER_ERROR, UserError
 from dlm_titan.export import model_config
@@ -68,7 +68,6 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.optimizer.lr, self.steps)
         data_path = resolve_data_path(cfg.data)
-        self._check_tokenizer()
         self.data_loader = build_train_loader(
             cfg.data,
             data_path=data_path,
@@ -103,16 +102,6 @@ class Trainer:
         if steps < 1:
             raise UserError(f"training.flops_budget = {t.flops_budget:.3g} is less than one step of this model and batch")
         return steps
-
-    def _check_tokenizer(self) -> None:
-        if not self.cfg.data.tokenizer_path and self.cfg.data.path:
-            return  # user shards without a tokenizer: token ids are checked against the vocab by the loader
-        vocab = load_tokenizer(self.cfg.data.tokenizer_path).vocab_size
-        if vocab > self.cfg.model.vocab_size:
-            raise UserError(
-                f"tokenizer has {vocab} tokens but model.vocab_size is {self.cfg.model.vocab_size}: raise "
-                f"--model.vocab_size to at least {vocab} or use a smaller tokenizer"
-            )
 
     def _write_config(self) -> None:
         if self.rank == 0:

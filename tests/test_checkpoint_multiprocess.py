@@ -16,12 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from harness import read_losses, run_trainer, write_random_shards
 
-from dlm_titan.config import load_config
-from dlm_titan.data.shards import write_shard
 from dlm_titan.export import load_model
 
 VOCAB = 256
@@ -42,39 +40,6 @@ def train_args(data: Path, dump: Path, *extra: str) -> list[str]:
     ]
 
 
-def run_trainer(argv: list[str], stop_after: int | None = None) -> dict[int, float]:
-    """Trains with the real Trainer (stopping after ``stop_after`` steps as if it were the last, the schedule
-    still spanning STEPS), capturing every logged loss; rank 0 writes them to losses.json."""
-    from dlm_titan import distributed as dist_utils
-    from dlm_titan.train import Trainer
-
-    cfg = load_config(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two OpenMP threads on two shared, busy cores run ~10x slower than one
-    try:
-        trainer = Trainer(cfg)
-        if stop_after is not None:
-            trainer.steps = stop_after
-        losses: dict[int, float] = {}
-        log = trainer.metrics.log
-
-        def capture(step: int, metrics: dict) -> None:
-            losses[step] = metrics["loss"]
-            log(step, metrics)
-
-        trainer.metrics.log = capture
-        trainer.train()
-        iterator = getattr(trainer.data_loader, "_iterator", None)
-        if iterator is not None:  # stop the loader worker now (at pytest's exit its join would time out)
-            iterator._shutdown_workers()
-        if trainer.rank == 0:
-            Path(cfg.job.dump_folder, "losses.json").write_text(json.dumps(losses))
-    finally:
-        torch.set_num_threads(threads)
-        dist_utils.shutdown()
-    return losses
-
-
 def torchrun(argv: list[str], stop_after: int | None = None) -> dict[int, float]:
     """A 2-process launch of this file; returns rank 0's losses."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -85,8 +50,7 @@ def torchrun(argv: list[str], stop_after: int | None = None) -> dict[int, float]
            "localhost:0", __file__, *argv]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    dump = Path(argv[argv.index("--job.dump_folder") + 1])
-    return {int(k): v for k, v in json.loads((dump / "losses.json").read_text()).items()}
+    return read_losses(Path(argv[argv.index("--job.dump_folder") + 1]))
 
 
 def assert_close(got: dict[int, float], want: dict[int, float], steps) -> None:
@@ -99,11 +63,7 @@ def assert_close(got: dict[int, float], want: dict[int, float], steps) -> None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        write_shard(folder / f"train_slim_{i:010d}.bin", rng.integers(0, VOCAB, size=4096).astype(np.uint16))
-    return folder
+    return write_random_shards(tmp_path_factory.mktemp("shards"), VOCAB)
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,17 @@ hand-written random shards, seq_len 32, so each launch takes seconds.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from harness import read_losses, run_trainer, write_random_shards
 
-from dlm_titan.config import ActivationCheckpoint, Parallelism, load_config
-from dlm_titan.data.shards import write_shard
+from dlm_titan.config import ActivationCheckpoint, Parallelism
 from dlm_titan.distributed import resolve_parallel_dims
 from dlm_titan.errors import UserError
 
@@ -40,37 +38,6 @@ def train_args(data: Path, dump: Path, *extra: str) -> list[str]:
         "--checkpoint.no_enable", "--validation.no_enable", "--job.no_print_config", "--job.dump_folder", str(dump),
         *extra,
     ]
-
-
-def run_trainer(argv: list[str]) -> dict[int, float]:
-    """Trains with the real Trainer, capturing every logged loss; rank 0 writes them to losses.json."""
-    from dlm_titan import distributed as dist_utils
-    from dlm_titan.train import Trainer
-
-    cfg = load_config(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two OpenMP threads on two shared, busy cores run ~10x slower than one
-    try:
-        trainer = Trainer(cfg)
-        losses: dict[int, float] = {}
-        log = trainer.metrics.log
-
-        def capture(step: int, metrics: dict) -> None:
-            losses[step] = metrics["loss"]
-            log(step, metrics)
-
-        trainer.metrics.log = capture
-        trainer.train()
-        if trainer.rank == 0:
-            Path(cfg.job.dump_folder, "losses.json").write_text(json.dumps(losses))
-    finally:
-        torch.set_num_threads(threads)
-        dist_utils.shutdown()
-    return losses
-
-
-def read_losses(dump: Path) -> dict[int, float]:
-    return {int(k): v for k, v in json.loads((dump / "losses.json").read_text()).items()}
 
 
 def assert_close(losses: dict[int, float], reference: dict[int, float], tol: float = TOL) -> None:
@@ -103,11 +70,7 @@ def finish(*procs: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        write_shard(folder / f"train_slim_{i:010d}.bin", rng.integers(0, VOCAB, size=4096).astype(np.uint16))
-    return folder
+    return write_random_shards(tmp_path_factory.mktemp("shards"), VOCAB)
 
 
 @pytest.fixture(scope="module")

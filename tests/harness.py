@@ -1,0 +1,56 @@
+"""Helpers shared by the tests that train with the real Trainer in torchrun launches (parallel, checkpoint):
+random shards and a run that records every logged loss exactly (the console prints 4 decimals)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dlm_titan.config import load_config
+from dlm_titan.data.shards import write_shard
+
+
+def write_random_shards(folder: Path, vocab: int, files: int = 2, tokens: int = 4096) -> Path:
+    """``train_slim_*`` shards of uniform random token ids below ``vocab`` (seeded)."""
+    rng = np.random.default_rng(0)
+    for i in range(files):
+        write_shard(folder / f"train_slim_{i:010d}.bin", rng.integers(0, vocab, size=tokens).astype(np.uint16))
+    return folder
+
+
+def run_trainer(argv: list[str], stop_after: int | None = None) -> dict[int, float]:
+    """Trains with the real Trainer (ending after ``stop_after`` steps as if that were the last, the schedule
+    still spanning the configured steps), capturing every logged loss; rank 0 writes them to losses.json."""
+    from dlm_titan import distributed as dist_utils
+    from dlm_titan.train import Trainer
+
+    cfg = load_config(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two OpenMP threads on two shared, busy cores run ~10x slower than one
+    try:
+        trainer = Trainer(cfg)
+        if stop_after is not None:
+            trainer.steps = stop_after
+        losses: dict[int, float] = {}
+        log = trainer.metrics.log
+
+        def capture(step: int, metrics: dict) -> None:
+            losses[step] = metrics["loss"]
+            log(step, metrics)
+
+        trainer.metrics.log = capture
+        trainer.train()
+        if trainer.rank == 0:
+            Path(cfg.job.dump_folder, "losses.json").write_text(json.dumps(losses))
+    finally:
+        torch.set_num_threads(threads)
+        dist_utils.shutdown()
+    return losses
+
+
+def read_losses(dump: Path) -> dict[int, float]:
+    """The losses a (torchrun-launched) run_trainer wrote to ``dump``."""
+    return {int(k): v for k, v in json.loads((dump / "losses.json").read_text()).items()}
