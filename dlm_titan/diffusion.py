@@ -15,14 +15,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# Independent noise streams: keys of one never collide with another's.
-TRAIN_STREAM, VALIDATION_STREAM, SSL_STREAM, STRATIFY_STREAM = 0, 1, 2, 3
+# Noise streams, all defined here so their keys never collide: training, validation, SSL crop lengths, and
+# evaluation MC samples (dlm_titan.likelihood).
+TRAIN_STREAM, VALIDATION_STREAM, SSL_STREAM, EVAL_STREAM = 0, 1, 2, 5
 
 
-def noise_generator(seed: int, stream: int, step: int, index: int) -> torch.Generator:
-    """A CPU generator keyed by (seed, stream, step, index); keys are mixed by numpy's SeedSequence."""
-    key = np.random.SeedSequence([seed, stream, step, index]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(key))
+def noise_generator(seed: int, stream: int, step: int, index: int, *, stratify_offset: bool = False) -> torch.Generator:
+    """A CPU generator keyed by (seed, stream, step, index), keys mixed by numpy's SeedSequence. The step's
+    stratification offset gets a key of its own (one element longer, so it equals no sequence's key)."""
+    key = [seed, stream, step, index] + ([1] if stratify_offset else [])
+    state = np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
 
 
 @dataclass
@@ -63,7 +66,7 @@ def sample_noise(
         uniforms.append(torch.rand(seq_len, generator=gen))
     t = torch.stack(ts)
     if t_sampling == "stratified":
-        offset = torch.rand((), generator=noise_generator(seed, STRATIFY_STREAM + 4 * stream, step, 0))
+        offset = torch.rand((), generator=noise_generator(seed, stream, step, 0, stratify_offset=True))
         t = torch.remainder(offset + positions.to(torch.float32) / num_positions, 1.0)
     return Noise(t=t, uniforms=torch.stack(uniforms))
 

@@ -24,11 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dlm_titan.diffusion import Noise, forward_process, sample_noise
+from dlm_titan.diffusion import EVAL_STREAM, Noise, forward_process, sample_noise
 from dlm_titan.sampling import guided_logits
-
-# Noise stream of evaluation MC samples; the trainer uses 0-3 and 7 (see dlm_titan.diffusion).
-EVAL_STREAM = 5
 
 
 @dataclass
