@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import warnings
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from dlm_titan.checkpoint_layout import (
     step_folders,
     write_marker,
 )
+from dlm_titan.checkpoint_staging import StateStager
 from dlm_titan.errors import UserError
 from dlm_titan.export import EXPORT_FOLDER, export_model, is_export_folder, read_model_weights
 
@@ -73,12 +74,11 @@ def _like(saved: Any, template: Any) -> Any:
 
 @dataclass
 class _Pending:
-    """An async save in flight: its step, folder, upload future and (pinned mode) staging future."""
+    """An async save in flight: its step, folder and the future of its background write."""
 
     step: int
     path: Path
     upload: Future
-    staging: Future | None
     started: float
     blocking_s: float
 
@@ -114,7 +114,9 @@ class CheckpointManager:
         self._save_group = dist.new_group(backend="gloo") if self.distributed else None
         self._flag_group = dist.new_group(backend="gloo") if self.distributed else None
         self._pending: _Pending | None = None
-        self._stager = None
+        self._stager: StateStager | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._reserved = False
         self._last_saved = -1
         self._stop_reason: str | None = None
         self._deferred: tuple[int, torch.Tensor, torch.Tensor] | None = None  # a "raise" verdict to read later
@@ -127,10 +129,15 @@ class CheckpointManager:
         if self.cfg.enable:
             self._check_config()
             if self.cfg.async_mode != "disabled":
+                # one stager and writer thread for the whole run: the stager's CPU buffers are reused by every save
+                self._stager = StateStager(pin_memory=self.cfg.async_mode == "async_with_pinned_mem")
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
                 optimizer.register_step_pre_hook(lambda *_: self._wait_for_staging())
             self._install_signal_handlers()
 
     def _check_config(self) -> None:
+        if self.cfg.write_threads < 1:
+            raise UserError(f"checkpoint.write_threads = {self.cfg.write_threads} must be >= 1")
         if self.cfg.keep_latest_k < 0:
             raise UserError(f"checkpoint.keep_latest_k = {self.cfg.keep_latest_k} must be >= 0 (0 keeps all)")
         if self.cfg.async_mode == "async_with_pinned_mem" and not torch.cuda.is_available():
@@ -278,39 +285,33 @@ class CheckpointManager:
         state = self._state_to_save(step, tokens_seen)
         mode = self.cfg.async_mode
         if mode == "disabled" or blocking:
-            dcp.save(state, checkpoint_id=str(path), process_group=self._save_group, no_dist=not self.distributed)
+            self._dcp_save(state, path)
             self._finish(step, path, start, time.perf_counter() - start)
             return
-        upload, staging = self._async_save(state, path)
-        self._pending = _Pending(step, path, upload, staging, start, time.perf_counter() - start)
+        upload = self._async_save(state, path)
+        self._pending = _Pending(step, path, upload, start, time.perf_counter() - start)
 
-    def _async_save(self, state: dict[str, Any], path: Path) -> tuple[Future, Future | None]:
-        """Starts a background save: (upload future, staging future or None when staging was synchronous).
+    def _async_save(self, state: dict[str, Any], path: Path) -> Future:
+        """Stages ``state`` into CPU buffers (pinned in "async_with_pinned_mem" on CUDA, where the copy overlaps the
+        next forward and backward) and writes the copy from a background thread; returns the write's future."""
+        staged = self._stager.stage(state)
+        return self._writer.submit(self._write_staged, staged, path)
 
-        "async": DCP copies the state to CPU memory here, then writes it from a thread. "async_with_pinned_mem"
-        (CUDA): the copy goes to reused pinned buffers on a side stream and overlaps the next forward and
-        backward; the optimizer step waits for it (see :meth:`_wait_for_staging`).
-        """
-        kwargs: dict[str, Any] = {"process_group": self._save_group}
-        if self.cfg.async_mode == "async_with_pinned_mem" and torch.cuda.is_available():
-            if self._stager is None:  # reused: its pinned buffers are allocated once
-                self._stager = _pinned_stager()
-            if self._stager is not None:
-                kwargs["async_stager"] = self._stager
+    def _write_staged(self, staged: dict[str, Any], path: Path) -> None:
+        self._stager.synchronize()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
-            result = dcp.async_save(state, checkpoint_id=str(path), **kwargs)
-        if hasattr(result, "upload_completion"):  # AsyncSaveResponse: staging runs in the background
-            return result.upload_completion, result.staging_completion
-        return result, None
+            self._dcp_save(staged, path)
+
+    def _dcp_save(self, state: dict[str, Any], path: Path) -> None:
+        writer = dcp.FileSystemWriter(str(path), thread_count=self.cfg.write_threads)
+        dcp.save(state, storage_writer=writer, process_group=self._save_group, no_dist=not self.distributed)
 
     def _wait_for_staging(self) -> None:
-        """Blocks until an async save has copied the state (before the optimizer changes it)."""
-        p = self._pending
-        if p is not None and p.staging is not None and not p.staging.done():
-            start = time.perf_counter()
-            p.staging.result()
-            p.blocking_s += time.perf_counter() - start
+        """Before each optimizer step: the step may not change tensors still being copied. The wait is queued on
+        the GPU stream (pinned copies), so the host goes on."""
+        if self._pending is not None and self._stager is not None and self._stager.pin_memory:
+            self._stager.guard_current_stream()
 
     def _poll(self) -> None:
         p = self._pending
@@ -324,8 +325,6 @@ class CheckpointManager:
         p = self._pending
         if p is not None:
             start = time.perf_counter()
-            if p.staging is not None:
-                p.staging.result()
             p.upload.result()
             p.blocking_s += time.perf_counter() - start
             self._poll()
@@ -418,6 +417,13 @@ class CheckpointManager:
         stop requests (SIGTERM/SIGUSR1, or a non-finite step under on_nonfinite = "stop"): saves and returns True,
         so the trainer leaves its loop (and :meth:`close` raises for the non-finite case)."""
         self._poll()
+        if self._stager is not None and self._stager.pin_memory and not self._reserved:
+            # After the first optimizer step, when Adam's state exists: pin the staging buffers in the background
+            # now rather than inside the first save, where it would stall training for seconds.
+            state = self._tensor_state()
+            state.pop("_optim_extras")
+            self._stager.reserve(state)
+            self._reserved = True
         signalled = self._signalled()
         stop = bool(signalled) or self._stop_reason is not None
         if stop or (self.cfg.enable and (last or (self.cfg.interval > 0 and step % self.cfg.interval == 0))):
@@ -444,9 +450,10 @@ class CheckpointManager:
                 self._log(f"exported step {step} ({self.cfg.export_dtype}) to {self.export_folder} in "
                           f"{time.perf_counter() - start:.2f} s")
         finally:
-            if self._stager is not None:
-                self._stager.close()
-                self._stager = None
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
+            self._stager = None
             for signum, handler in self._old_handlers.items():
                 signal.signal(signum, handler)
             self._old_handlers = {}
@@ -495,17 +502,6 @@ class _IgnoreStopSignals:
             signal.signal(signum, signal.SIG_IGN)
         if self.inner is not None:
             self.inner(worker_id)
-
-
-def _pinned_stager():
-    """DCP's stager into pinned CPU buffers with background, non-blocking copies (None on a torch without it)."""
-    try:
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-    except ImportError:
-        print_warning("this torch has no DCP DefaultStager: async_with_pinned_mem saves like async")
-        return None
-    return DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False, use_async_staging=True,
-                                        use_non_blocking_copy=True))
 
 
 # Optimizer state keyed by parameter FQN ("state.<fqn>.exp_avg"), so any sharding layout can load it.

@@ -135,9 +135,13 @@ class Data:
 @dataclass
 class Parallelism:
     data_parallel_shard_degree: int = -1
-    """FSDP shard degree; -1 = all ranks not used by replication."""
+    """FSDP shard degree; -1 = all ranks not used by replication; 1 = plain replication (DDP), the faster form
+    for models up to ~400M parameters (README, Parallelism)."""
     data_parallel_replicate_degree: int = 1
-    """HSDP replica count (replicate x shard = world size); the world size (shard 1) is plain replication."""
+    """Replica count (replicate x shard = world size): > 1 with shard > 1 is HSDP; -1 = all ranks not used by
+    sharding."""
+    ddp_bucket_cap_mb: int = 100
+    """Plain replication (DDP): gradient bucket size in MB; all-reduces of full buckets overlap backward."""
     fsdp_reshard_after_forward: Literal["auto", "never", "default", "always"] = "auto"
     """Free gathered parameters after forward? "never": keep them for backward and accumulate micro-batches
     without communication (fastest, 6 bytes a parameter more memory); "always": free them (least memory);
@@ -177,7 +181,10 @@ class Checkpoint:
     keep_latest_k: int = 0
     """Keep only the newest k checkpoints; 0 keeps all."""
     async_mode: Literal["disabled", "async", "async_with_pinned_mem"] = "disabled"
-    """Save in the background so training stalls only for the copy."""
+    """Save in the background: "async" stalls training for a copy to CPU memory; "async_with_pinned_mem" (CUDA)
+    copies into pinned memory alongside the next step (stall well under a second)."""
+    write_threads: int = 4
+    """Threads (and files) per rank writing a checkpoint."""
     load_step: int = -1
     """Resume from this step; -1 = newest complete checkpoint."""
     initial_load_path: str = ""

@@ -16,8 +16,8 @@ from dlm_titan.errors import UserError
 class ParallelDims:
     """Data-parallel layout: replicate x shard = world size.
 
-    shard = world size is FSDP; replicate > 1 with shard > 1 is HSDP; shard = 1 is plain replication (each
-    rank keeps whole parameters and all-reduces gradients, like DDP).
+    shard = world size is FSDP; replicate > 1 with shard > 1 is HSDP; shard = 1 is plain replication (DDP: each
+    rank keeps whole parameters and all-reduces gradients).
     """
 
     replicate: int
@@ -30,12 +30,17 @@ class ParallelDims:
         return self.world_size > 1
 
     @property
+    def sharded(self) -> bool:
+        """Whether FSDP2 shards parameters (FSDP or HSDP); plain replication uses DDP."""
+        return self.dp_enabled and self.shard > 1
+
+    @property
     def form(self) -> str:
-        """Short name for logs: "single", "replicate", "fsdp" or "hsdp"."""
+        """Short name for logs: "single", "ddp", "fsdp" or "hsdp"."""
         if not self.dp_enabled:
             return "single"
         if self.shard == 1:
-            return "replicate"
+            return "ddp"
         return "fsdp" if self.replicate == 1 else "hsdp"
 
 
@@ -91,24 +96,30 @@ def resolve_parallel_dims(parallelism_cfg, world_size: int, rank: int) -> Parall
     """Checks data_parallel_replicate_degree x data_parallel_shard_degree against the world size.
 
     Raises:
-        UserError: degrees that are not positive (shard may be -1: all ranks not used by replication) or do
-            not multiply to the world size; the message names the fix.
+        UserError: degrees that are neither positive nor -1 (all ranks the other degree leaves), both -1, or
+            not multiplying to the world size; the message names the fix.
     """
     replicate = parallelism_cfg.data_parallel_replicate_degree
     shard = parallelism_cfg.data_parallel_shard_degree
-    if replicate < 1:
-        raise UserError(f"parallelism.data_parallel_replicate_degree must be >= 1, got {replicate}")
-    if shard == 0 or shard < -1:
+    if parallelism_cfg.ddp_bucket_cap_mb < 1:
+        raise UserError(f"parallelism.ddp_bucket_cap_mb must be >= 1, got {parallelism_cfg.ddp_bucket_cap_mb}")
+    for name, degree in (("replicate", replicate), ("shard", shard)):
+        if degree == 0 or degree < -1:
+            raise UserError(f"parallelism.data_parallel_{name}_degree must be >= 1 or -1 (all ranks the other degree "
+                            f"leaves), got {degree}")
+    if replicate == -1 and shard == -1:
+        raise UserError("parallelism.data_parallel_replicate_degree and data_parallel_shard_degree are both -1; set "
+                        "one of them (shard 1 = plain replication with DDP, replicate 1 = FSDP)")
+    fixed, other = ("replicate", replicate) if shard == -1 else ("shard", shard)
+    if -1 in (replicate, shard) and world_size % other:
         raise UserError(
-            f"parallelism.data_parallel_shard_degree must be >= 1 or -1 (all ranks not used by replication), got {shard}"
-        )
-    if world_size % replicate:
-        raise UserError(
-            f"parallelism.data_parallel_replicate_degree = {replicate} does not divide the world size {world_size}; "
+            f"parallelism.data_parallel_{fixed}_degree = {other} does not divide the world size {world_size}; "
             f"use a divisor of {world_size}"
         )
     if shard == -1:
         shard = world_size // replicate
+    if replicate == -1:
+        replicate = world_size // shard
     if replicate * shard != world_size:
         raise UserError(
             f"data_parallel_replicate_degree ({replicate}) x data_parallel_shard_degree ({shard}) = "

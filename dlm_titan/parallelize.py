@@ -1,4 +1,5 @@
-"""Activation checkpointing, torch.compile, float8 and FSDP2/HSDP, applied in this order to a meta-device model.
+"""Activation checkpointing, torch.compile, float8 and data parallelism (FSDP2/HSDP or DDP), applied in this order
+to a meta-device model.
 
 Each ``apply_*`` takes the model and its own config section and changes the model in place, adding no wrapper
 modules: parameter names stay those of the plain model (they key init, checkpoints and exports), whichever of
@@ -8,6 +9,7 @@ these were applied.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
@@ -118,8 +120,8 @@ def fsdp_groups(model: nn.Module) -> list[nn.Module | list[nn.Module]]:
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, training_cfg, reshard_after_forward: str, device_type: str) -> None:
     """Shards the embedding, each block, the final norm + head (one group) and the root with FSDP2.
 
-    A 2-D (dp_replicate, dp_shard) mesh gives HSDP; a shard dimension of 1 is plain replication (gradients
-    all-reduced, no parameter all-gathers across ranks). Mixed precision (bf16 compute parameters, fp32
+    A 2-D (dp_replicate, dp_shard) mesh gives HSDP (the trainer uses :func:`apply_ddp` when the shard dimension
+    is 1). Mixed precision (bf16 compute parameters, fp32
     gradient reduction) applies on GPU only. Gradients are reduced as plain sums (divide factor 1, SUM
     collectives): the trainer already divides the loss by the global token count of the step.
 
@@ -152,18 +154,55 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, training_cfg, reshard_after_f
                 module.set_force_sum_reduction_for_comms(True)
 
 
-def set_gradient_sync(model: nn.Module, last_micro_batch: bool) -> None:
-    """Gradient accumulation without communication, for FSDP models that keep gathered parameters ("never"
-    reshard, which includes plain replication): on every micro-batch but the last of a step, skip the
-    gradient reduce-scatter/all-reduce (FSDP sums the unsharded gradients in the fp32 reduce dtype) and keep
-    the gathered parameters after backward. A step then costs one all-gather and one gradient reduction
-    whatever its number of micro-batches, for 6 bytes a parameter more memory. No-op otherwise.
+def apply_ddp(model: nn.Module, device: torch.device, bucket_cap_mb: int, reduce_dtype: str = "float32") -> None:
+    """Plain replication (shard degree 1) through DDP's C++ reducer: whole fp32 parameters on every rank,
+    gradients all-reduced in buckets that start while backward still runs; compute in bf16 by autocast.
 
-    Call before each micro-batch's backward (before its forward is fine).
+    Why not FSDP with a shard dimension of 1: its per-group Python hooks cost ~1 ms of host time a block, and a
+    small model's GPU work per block is about as short, so the host falls behind and ranks drift apart (README,
+    "Data parallel"). DDP's hooks run in C++ and its buckets (``bucket_cap_mb``) are few. Buffers (the RoPE
+    table) are constants, so they are not broadcast before every forward.
+
+    Composable ``replicate`` keeps the module (and parameter names) as they are; it builds the reducer at the
+    first forward, after the weights are initialised. The comm hook sums gradients instead of averaging them
+    (the trainer already divides the loss by the global token count of the step), in ``reduce_dtype``
+    (training.mixed_precision_reduce on GPU).
+    """
+    from torch.distributed._composable.replicate import replicate
+
+    replicate(model, device_id=device, bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=True,
+              broadcast_buffers=False)
+    model.register_comm_hook(_DTYPES[reduce_dtype], _sum_gradients)
+    model.accumulate_without_sync = True
+
+
+def _sum_gradients(dtype: torch.dtype, bucket):  # DDP rejects a return annotation that is a string
+    """DDP comm hook: all-reduces a gradient bucket as a plain sum in ``dtype``; returns a future of the bucket."""
+    grads = bucket.buffer()
+    wire = grads if grads.dtype == dtype else grads.to(dtype)
+    work = dist.all_reduce(wire, op=dist.ReduceOp.SUM, async_op=True)
+
+    def unpack(fut):
+        if wire is not grads:
+            grads.copy_(fut.value()[0])
+        return grads
+
+    return work.get_future().then(unpack)
+
+
+def set_gradient_sync(model: nn.Module, last_micro_batch: bool) -> None:
+    """Gradient accumulation without communication, for models that keep whole parameters between micro-batches
+    (DDP, and FSDP with "never" reshard): on every micro-batch but the last of a step, skip the gradient
+    reduction (FSDP sums unsharded gradients in the fp32 reduce dtype and keeps the gathered parameters after
+    backward). A step then costs one gradient reduction (and under FSDP one all-gather) whatever its number of
+    micro-batches, for 6 bytes a parameter more memory under FSDP. No-op otherwise.
+
+    Call before each micro-batch's forward.
     """
     if getattr(model, "accumulate_without_sync", False):
         model.set_requires_gradient_sync(last_micro_batch)
-        model.set_reshard_after_backward(last_micro_batch)
+        if hasattr(model, "set_reshard_after_backward"):
+            model.set_reshard_after_backward(last_micro_batch)
 
 
 # Up to this many parameters, "auto" keeps gathered parameters from forward to backward (see resolve_reshard).
@@ -183,24 +222,33 @@ def resolve_reshard(policy: str, num_params: int) -> str:
     return "never" if num_params <= AUTO_NO_RESHARD_MAX_PARAMS else "default"
 
 
-def parallelize_model(model: nn.Module, cfg, mesh: DeviceMesh | None, device_type: str) -> dict[str, object]:
-    """Applies AC, compile, float8 and (with a mesh) FSDP2, in that order, and returns a summary for the log.
+def parallelize_model(model: nn.Module, cfg, mesh: DeviceMesh | None, device: torch.device) -> dict[str, object]:
+    """Applies AC, compile, float8 and data parallelism, in that order, and returns a summary for the log.
+
+    Data parallelism follows the mesh: none for one process; DDP when the shard dimension is 1 (plain
+    replication); else FSDP2 over the (dp_replicate, dp_shard) mesh (HSDP when both are > 1).
 
     Args:
         model: a TransEncoder on the meta device.
         cfg: the JobConfig (activation_checkpoint, compile, float8, training, parallelism sections).
         mesh: the (dp_replicate, dp_shard) mesh, or None for one process.
-        device_type: "cuda" or "cpu".
+        device: this rank's device.
     """
     apply_ac(model, cfg.activation_checkpoint)
     apply_compile(model, cfg.compile)
-    float8_linears = apply_float8(model, cfg.float8, device_type)
+    float8_linears = apply_float8(model, cfg.float8, device.type)
     reshard = resolve_reshard(cfg.parallelism.fsdp_reshard_after_forward, model.args.total_params())
-    if mesh is not None:
-        apply_fsdp(model, mesh, cfg.training, reshard, device_type)
+    data_parallel = None
+    if mesh is not None and mesh.shape[1] == 1:
+        reduce_dtype = cfg.training.mixed_precision_reduce if device.type == "cuda" else "float32"
+        apply_ddp(model, device, cfg.parallelism.ddp_bucket_cap_mb, reduce_dtype)
+        data_parallel = f"DDP over {mesh.shape[0]} ranks"
+    elif mesh is not None:
+        apply_fsdp(model, mesh, cfg.training, reshard, device.type)
+        data_parallel = f"FSDP2, mesh {tuple(mesh.shape)}, reshard after forward: {reshard}"
     return {
         "ac": cfg.activation_checkpoint.mode,
         "compiled_blocks": len(model.layers) if cfg.compile.enable else 0,
         "float8_linears": float8_linears,
-        "fsdp": None if mesh is None else f"mesh {tuple(mesh.shape)}, reshard after forward: {reshard}",
+        "data_parallel": data_parallel,
     }

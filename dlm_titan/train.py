@@ -58,7 +58,7 @@ class Trainer:
         self.model = build_model(cfg.model, t.seq_len, self.device)
         self.model_args = self.model.args
         self.steps = self._resolve_steps()
-        parallelize_model(self.model, cfg, dist_utils.build_mesh(self.dims, self.device), self.device.type)
+        self.parallel_plan = parallelize_model(self.model, cfg, dist_utils.build_mesh(self.dims, self.device), self.device)
         self.model.to_empty(device=self.device)
         self.model.init_weights(seed=t.seed)
         self.loss_tap = SequenceLossTap(partial(_loss_fn(), impl=cfg.diffusion.loss_impl))  # per-sequence losses on log steps
@@ -79,7 +79,7 @@ class Trainer:
             seed=t.seed,
             vocab_size=cfg.model.vocab_size,
         )
-        self.autocast = _autocast(t.dtype, self.device, data_parallel=self.dims.dp_enabled)
+        self.autocast = _autocast(t.dtype, self.device, fsdp=self.dims.sharded)
         self.metrics = MetricsLogger(self.dump_folder / cfg.metrics.save_tb_folder, self.rank, cfg.metrics.enable_tensorboard,
                                      enable_wandb=cfg.metrics.enable_wandb, wandb_config=dataclasses.asdict(cfg))
         self.validator = build_validator(cfg, self.model, data_path, self.rank, world_size, self.device, self.autocast)
@@ -122,6 +122,9 @@ class Trainer:
             f"{warmup} steps, global batch {t.global_batch_size} x {t.seq_len} = {self.dims.world_size} ranks x "
             f"{self.micro_batches} micro-batches x {t.local_batch_size}; device {self.device}; data {data_path}"
         )
+        p = self.parallel_plan
+        self.log(f"parallelism: {p['data_parallel'] or 'one process'}; compiled blocks {p['compiled_blocks']}; "
+                 f"activation checkpointing {p['ac']}; float8 linears {p['float8_linears']}")
 
     def _step_token_count(self, step: int) -> int:
         """Tokens in the whole optimizer step, over every micro-batch of every rank. Each micro-batch's length
@@ -137,8 +140,8 @@ class Trainer:
 
         Loss normalisation: SMDM's loss of a batch is sum_{masked i} CE_i / p_i divided by its token count.
         Each micro-batch backpropagates its own masked sum divided by the token count T of the whole step
-        (all micro-batches, all ranks: known up front, see _step_token_count), and FSDP sums gradients over
-        ranks (divide factor 1). The accumulated gradient is then d/dθ [sum over the step / T], the same
+        (all micro-batches, all ranks: known up front, see _step_token_count), and FSDP or DDP sums gradients
+        over ranks (divide factor 1, or a summing comm hook). The accumulated gradient is then d/dθ [sum over the step / T], the same
         whatever the split into ranks and micro-batches, so 1 rank x 8 micro-batches equals 8 ranks x 1.
         """
         t, d = self.cfg.training, self.cfg.diffusion
@@ -260,10 +263,10 @@ def _accumulation_steps(global_batch: int, local_batch: int, world_size: int) ->
     return global_batch // (local_batch * world_size)
 
 
-def _autocast(dtype: str, device: torch.device, data_parallel: bool):
-    """bf16 autocast on GPU when one process trains (with FSDP, its mixed-precision policy casts instead);
+def _autocast(dtype: str, device: torch.device, fsdp: bool):
+    """bf16 autocast on GPU for one process or DDP (with FSDP, its mixed-precision policy casts instead);
     float32 on CPU unless asked otherwise."""
-    if dtype == "float32" or (dtype == "auto" and (device.type != "cuda" or data_parallel)):
+    if dtype == "float32" or (dtype == "auto" and (device.type != "cuda" or fsdp)):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 

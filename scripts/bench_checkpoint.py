@@ -50,7 +50,7 @@ def bench_mode(mode: str, args: argparse.Namespace, data: Path, dump: Path) -> d
         "--training.steps", str(steps), "--metrics.log_freq", str(args.interval), "--metrics.no_enable_tensorboard",
         "--validation.no_enable", "--job.no_print_config", "--job.dump_folder", str(dump),
         "--checkpoint.enable", "--checkpoint.interval", str(args.interval), "--checkpoint.keep_latest_k", "1",
-        "--checkpoint.async_mode", mode,
+        "--checkpoint.async_mode", mode, "--checkpoint.write_threads", str(args.write_threads),
     ])
     trainer = Trainer(cfg)
     starts: list[float] = []
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro_batches", type=int, default=4, help="gradient accumulation steps")
     parser.add_argument("--interval", type=int, default=20, help="steps between saves (longer than a save's write)")
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--write_threads", type=int, default=4, help="checkpoint.write_threads")
     parser.add_argument("--dir", default=None, help="folder for shards and checkpoints (default: a temp folder)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             worst[mode] = stalls[-1] if stalls else float("nan")
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
         print(f"bench_checkpoint summary: {name} | {args.flavor}, {result['state_gb']:.1f} GB of params + Adam state, "
-              f"torch {torch.__version__} | " + " | ".join(lines)
+              f"torch {torch.__version__}, {args.write_threads} write threads, interval {args.interval} | " + " | ".join(lines)
               + f" | steady-state stall of the last mode {worst[mode]:.2f} s (target < 1 s)")
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -31,19 +31,29 @@ from dlm_kernels.reference import chunked_weighted_cross_entropy, gather_masked_
 GIB = 2**30
 
 
-def time_ms(fn, iters: int, warmup: int) -> float:
-    """Median milliseconds of ``fn()`` over ``iters`` runs, timed with CUDA events after ``warmup`` runs."""
+def time_ms(fn, iters: int, warmup: int, sync_each: bool = False) -> float:
+    """Median milliseconds of ``fn()`` over ``iters`` runs, timed with CUDA events after ``warmup`` runs.
+
+    By default the runs are queued back to back (a 256 MB L2 flush between them, as ``triton.testing.do_bench``
+    does), so the host launches ahead of the GPU as it does inside a training step and the time is the GPU's.
+    ``sync_each`` waits for each run before launching the next: the time then includes the host's launch
+    latency at the start of every run (a latency, not a throughput, measure).
+    """
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    torch.cuda.synchronize()
+    for start, end in zip(starts, ends):
+        flush.zero_()
         start.record()
         fn()
         end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        if sync_each:
+            end.synchronize()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
 def matmul_tflops(iters: int) -> float:
@@ -63,25 +73,25 @@ def make_inputs(n: int, d: int, vocab: int, mask_ratio: float, seed: int = 0):
     return hidden, weight, targets, token_weights
 
 
-def full_logits(hidden, weight, targets, token_weights):
+def full_logits(hidden, weight, targets, token_weights, masked_index=None):
     ce = F.cross_entropy((hidden @ weight.t()).float(), targets, reduction="none")
     return (ce * token_weights).sum()
 
 
-def gather_ce(hidden, weight, targets, token_weights):
-    x, y, w = gather_masked_rows(hidden, targets, token_weights)
+def gather_ce(hidden, weight, targets, token_weights, masked_index=None):
+    x, y, w = gather_masked_rows(hidden, targets, token_weights, masked_index)
     return (F.cross_entropy((x @ weight.t()).float(), y, reduction="none") * w).sum()
 
 
 _compiled_chunked = torch.compile(chunked_weighted_cross_entropy, dynamic=False)
 
 
-def compiled_chunked(hidden, weight, targets, token_weights):
-    x, y, w = gather_masked_rows(hidden, targets, token_weights)
+def compiled_chunked(hidden, weight, targets, token_weights, masked_index=None):
+    x, y, w = gather_masked_rows(hidden, targets, token_weights, masked_index)
     return _compiled_chunked(x, weight, y, w, 4096)
 
 
-def measure(loss_fn, inputs, iters: int, warmup: int) -> tuple[float, float]:
+def measure(loss_fn, inputs, iters: int, warmup: int, sync_each: bool = False) -> tuple[float, float]:
     """(median fwd+bwd ms, peak memory above the resident inputs in GiB) of ``loss_fn`` on ``inputs``."""
     hidden, weight = inputs[0], inputs[1]
 
@@ -90,7 +100,7 @@ def measure(loss_fn, inputs, iters: int, warmup: int) -> tuple[float, float]:
         weight.grad = None
         loss_fn(*inputs).backward()
 
-    ms = time_ms(step, iters, warmup)
+    ms = time_ms(step, iters, warmup, sync_each)
     hidden.grad = None
     weight.grad = None
     torch.cuda.synchronize()
@@ -120,6 +130,29 @@ def sweep_row_kernel(vocab: int, rows: int, iters: int) -> list[str]:
     return lines
 
 
+def profile_kernels(loss_fn, inputs, iters: int = 5, top: int = 12) -> list[str]:
+    """Device time per kernel of ``loss_fn`` fwd+bwd (ms per iteration, profiler), most expensive first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    hidden, weight = inputs[0], inputs[1]
+    for _ in range(3):
+        loss_fn(*inputs).backward()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            hidden.grad = None
+            weight.grad = None
+            loss_fn(*inputs).backward()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events) / iters / 1e3
+    lines = [f"  kernels total {total:.3f} ms/iter"]
+    for e in events[:top]:
+        lines.append(f"  {e.device_time_total / iters / 1e3:7.3f} ms x{e.count // iters:<3d} {e.key[:110]}")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -135,6 +168,11 @@ def main() -> None:
     )
     parser.add_argument("--sweep-rows", action="store_true", help="also time the row kernel per tile shape")
     parser.add_argument("--skip", nargs="*", default=[], help="paths to leave out, e.g. full_logits")
+    parser.add_argument("--sync-each", action="store_true",
+                        help="wait for each run before the next (adds the host's launch latency to every time)")
+    parser.add_argument("--given-index", action="store_true",
+                        help="pass every path the masked rows' index, as the trainer does (no nonzero host sync)")
+    parser.add_argument("--profile", nargs="*", default=[], help="paths to profile by kernel, e.g. fused")
     parser.add_argument("--json", default="", help="write all numbers to this file")
     args = parser.parse_args()
 
@@ -143,15 +181,16 @@ def main() -> None:
     header = (
         f"{name}, torch {torch.__version__}, triton {getattr(row_kernels.triton, '__version__', None)}, "
         f"{datetime.date.today()}, N={args.tokens}, V={args.vocab}, mask ratio {args.mask_ratio}, "
-        f"bf16 matmul 8192^3 {mm:.0f} TFLOP/s"
+        f"bf16 matmul 8192^3 {mm:.0f} TFLOP/s, masked index {'given' if args.given_index else 'found by nonzero'}, "
+        f"{'each run synced' if args.sync_each else 'runs queued back to back'}"
     )
     print(header, flush=True)
     paths = {
         "full_logits": full_logits,
         "gather_ce": gather_ce,
         "compiled_chunked": compiled_chunked,
-        "torch_chunked": lambda *a: masked_linear_cross_entropy(*a, impl="torch"),
-        "fused": lambda *a: masked_linear_cross_entropy(*a, impl="fused"),
+        "torch_chunked": lambda h, w, y, tw, i=None: masked_linear_cross_entropy(h, w, y, tw, "torch", masked_index=i),
+        "fused": lambda h, w, y, tw, i=None: masked_linear_cross_entropy(h, w, y, tw, "fused", masked_index=i),
     }
     if args.sweep:
         for mib in (128, 512):
@@ -164,13 +203,15 @@ def main() -> None:
     rows, table = [], []
     for d in args.dims:
         inputs = make_inputs(args.tokens, d, args.vocab, args.mask_ratio)
+        if args.given_index:  # as in training: the masked rows' index comes with the batch (no nonzero sync)
+            inputs = (*inputs, torch.nonzero(inputs[3]).squeeze(1))
         masked = int((inputs[3] != 0).sum())
         useful = 6 * masked * d * args.vocab
         base_ms = None
         for path, fn in paths.items():
             if path in args.skip:
                 continue
-            ms, gib = measure(fn, inputs, args.iters, args.warmup)
+            ms, gib = measure(fn, inputs, args.iters, args.warmup, args.sync_each)
             base_ms = ms if path == "compiled_chunked" else base_ms
             tflops = useful / ms / 1e9
             row = dict(
@@ -184,6 +225,8 @@ def main() -> None:
             )
             rows.append(row)
             print(f"d={d} {path}: {ms:.3f} ms {gib:.2f} GiB {tflops:.0f} TFLOP/s", flush=True)
+            if path in args.profile:
+                print("\n".join(profile_kernels(fn, inputs)), flush=True)
         for row in rows:
             if row["d"] == d:
                 speedup = f"{base_ms / row['ms']:.2f}x" if base_ms else "-"

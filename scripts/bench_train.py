@@ -8,11 +8,12 @@ between logged steps (the log step syncs the device). tokens/s and MFU use the t
 A run is ``FLAVOR:feature,feature,...`` with features:
   eager (default) | compile; ac (selective, per op) | acfull | ac2 (every 2nd block); float8;
   fsdp (full shard, reshard after forward) | noreshard (full shard, keep gathered params) | default (FSDP
-  "default" policy) | replicate (HSDP, shard degree 1); b=N (local batch); profile (also record a trace of
+  "default" policy) | replicate (DDP, shard degree 1); b=N (local batch); profile (also record a trace of
   the last step and print where the device time goes, by kernel); a=N (N micro-batches per rank per step,
   gradient accumulation); bf16reduce (bf16 gradient reduction); nocheck (skip the per-step non-finite check,
   to measure its host sync); bf16emb (cast the embedding output to bf16 under autocast, so the residual stream
-  is bf16 on one GPU as it is under FSDP: a probe for a model change).
+  is bf16 on one GPU as it is under FSDP: a probe for a model change); losstorch (the chunked PyTorch loss
+  reference instead of the fused Triton kernel).
 
 Launch with torchrun for several GPUs: every rank runs the same list, rank 0 prints and writes results.
 
@@ -39,7 +40,7 @@ from dlm_titan.config import load_config
 from dlm_titan.flops import flops_per_token, peak_flops
 
 FEATURES = {"eager", "compile", "ac", "acfull", "ac2", "float8", "fsdp", "noreshard", "default", "replicate", "profile",
-            "nocheck", "bf16reduce", "bf16emb"}
+            "nocheck", "bf16reduce", "bf16emb", "losstorch"}
 
 
 def parse_run(spec: str) -> tuple[str, list[str], int | None, int]:
@@ -77,12 +78,14 @@ def trainer_argv(flavor: str, features: list[str], args, world_size: int, dump: 
         argv += ["--activation_checkpoint.mode", "full"]
     if "float8" in features:
         argv += ["--float8.enable"]
-    reshard = {"fsdp": "always", "noreshard": "never", "default": "default", "replicate": "never"}
+    reshard = {"fsdp": "always", "noreshard": "never", "default": "default"}
     for feature, policy in reshard.items():
         if feature in features:
             argv += ["--parallelism.fsdp_reshard_after_forward", policy]
     if "replicate" in features:
-        argv += ["--parallelism.data_parallel_replicate_degree", str(world_size)]
+        argv += ["--parallelism.data_parallel_replicate_degree", "-1", "--parallelism.data_parallel_shard_degree", "1"]
+    if "losstorch" in features:
+        argv += ["--diffusion.loss_impl", "torch"]
     if "bf16reduce" in features:
         argv += ["--training.mixed_precision_reduce", "bfloat16"]
     if "profile" in features:

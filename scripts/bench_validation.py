@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config([*rest, "--validation.enable"])
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = build_model(cfg.model, cfg.training.seq_len, device)
-        parallelize_model(model, cfg, None, device.type)
+        parallelize_model(model, cfg, None, device)
         model.to_empty(device=device)
         model.init_weights(seed=cfg.training.seed)
         use_bf16 = device.type == "cuda" and cfg.training.dtype != "float32"

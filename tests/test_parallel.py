@@ -92,10 +92,11 @@ def test_fsdp_two_ranks_equal_one_process(fsdp_losses, reference):
     assert_close(fsdp_losses, reference)
 
 
-def test_hsdp_2x1_equals_fsdp_1x2(data, tmp_path, fsdp_losses):
-    """Replicate 2 x shard 1 (plain replication through the 2-D mesh), with parameters kept after forward."""
-    argv = train_args(data, tmp_path, "--parallelism.data_parallel_replicate_degree", "2",
-                      "--parallelism.fsdp_reshard_after_forward", "never")
+def test_ddp_2x1_equals_fsdp_1x2(data, tmp_path, fsdp_losses):
+    """Replicate 2 x shard 1: plain replication through DDP's reducer (summing comm hook, no sync on the first
+    micro-batch of each step) equals FSDP over the same 2 ranks."""
+    argv = train_args(data, tmp_path, "--parallelism.data_parallel_replicate_degree", "-1",
+                      "--parallelism.data_parallel_shard_degree", "1")
     finish(torchrun(1, 2, "localhost:0", argv))
     assert_close(read_losses(tmp_path), fsdp_losses)
 
@@ -159,8 +160,10 @@ def test_compiled_block_equals_eager():
         (3, -1, 4, "does not divide the world size 4"),
         (1, 3, 4, "must equal the world size (4)"),
         (2, 4, 4, "must equal the world size (4)"),
-        (0, -1, 4, "data_parallel_replicate_degree must be >= 1"),
+        (0, -1, 4, "data_parallel_replicate_degree must be >= 1 or -1"),
         (1, 0, 4, "data_parallel_shard_degree must be >= 1 or -1"),
+        (-1, -1, 4, "are both -1"),
+        (-1, 3, 4, "data_parallel_shard_degree = 3 does not divide the world size 4"),
     ],
 )
 def test_bad_degrees_name_the_fix(replicate, shard, world, message):
@@ -175,7 +178,9 @@ def test_degrees_resolve_to_the_forms():
     dims = resolve_parallel_dims(Parallelism(data_parallel_replicate_degree=2), 8, rank=0)
     assert (dims.replicate, dims.shard, dims.form) == (2, 4, "hsdp")
     dims = resolve_parallel_dims(Parallelism(data_parallel_replicate_degree=8), 8, rank=0)
-    assert (dims.replicate, dims.shard, dims.form) == (8, 1, "replicate")
+    assert (dims.replicate, dims.shard, dims.form) == (8, 1, "ddp")
+    dims = resolve_parallel_dims(Parallelism(data_parallel_replicate_degree=-1, data_parallel_shard_degree=1), 8, 0)
+    assert (dims.replicate, dims.shard, dims.form, dims.sharded) == (8, 1, "ddp", False)
     assert resolve_parallel_dims(Parallelism(), 1, rank=0).form == "single"
 
 

@@ -1,10 +1,12 @@
-"""Deterministic mode on a GPU: two runs of the same config give bitwise-equal losses (skipped without CUDA)."""
+"""GPU runs (skipped without CUDA): deterministic mode repeats bitwise; DDP over 2 GPUs (bf16 autocast, NCCL,
+summing comm hook) reproduces one GPU training the same global batch."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_parallel import data, run_trainer, train_args  # noqa: F401  (data is a fixture)
+from harness import read_losses
+from test_parallel import data, finish, run_trainer, torchrun, train_args  # noqa: F401  (data is a fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -18,3 +20,18 @@ def test_deterministic_runs_repeat_bitwise(data, tmp_path):  # noqa: F811
     assert len(set(first.values())) == len(first) > 1
     assert torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(False)  # leave the process as other tests expect it
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_ddp_two_gpus_equal_one_gpu(data, tmp_path):  # noqa: F811
+    """Same samples and noise (layout invariance); bf16 matmuls whose gradient sums differ only in order, so the
+    losses agree to ~1e-4 relative, not bitwise."""
+    argv = ["--training.dtype", "bfloat16", "--training.seq_len", "256", "--training.local_batch_size", "2",
+            "--training.global_batch_size", "8"]
+    one = run_trainer(train_args(data, tmp_path / "one", *argv))
+    ddp = ["--parallelism.data_parallel_replicate_degree", "-1", "--parallelism.data_parallel_shard_degree", "1"]
+    finish(torchrun(1, 2, "localhost:0", train_args(data, tmp_path / "ddp", *argv, *ddp)))
+    two = read_losses(tmp_path / "ddp")
+    assert sorted(two) == sorted(one) and len(set(one.values())) == len(one) > 1
+    for step, ref in one.items():
+        assert abs(two[step] - ref) <= 2e-3 * abs(ref), f"step {step}: {two[step]!r} vs {ref!r}"
