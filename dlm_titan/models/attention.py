@@ -69,8 +69,11 @@ class Attention(nn.Module):
 
             out = flash_attn_func(q, k, v, causal=False)
         else:
+            backend = self.backend
+            if backend in ("cudnn", "flash") and q.dtype == torch.float32:
+                backend = "efficient"  # neither takes fp32 (training.dtype float32, or evaluation without autocast)
             # The context sits inside forward so that it also reaches the graph of a compiled block.
-            with sdpa_kernel(_SDPA[self.backend]):
+            with sdpa_kernel(_SDPA[backend]):
                 out = F.scaled_dot_product_attention(
                     q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=False
                 ).transpose(1, 2)
