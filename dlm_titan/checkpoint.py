@@ -1,4 +1,5 @@
-"""Checkpoints: DCP save/resume of the whole training state, crash safety, preemption and non-finite steps.
+"""Checkpoints: DCP save/resume of the whole training state and crash safety; saves on preemption and on a
+"stop" after a non-finite step (the signals and the guard live in preemption.py and nonfinite.py).
 
 Layout and completion markers: see checkpoint_layout.py. What a checkpoint holds (DCP keys): ``model.*`` and
 ``optimizer.*`` tensors (FQN-keyed, DTensor shards under FSDP2, so any world size can load them), and JSON in
@@ -11,8 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import sys
-import threading
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,7 +36,6 @@ from dlm_titan.checkpoint_layout import (
     is_complete,
     is_dcp_folder,
     newest_complete,
-    print_warning,
     read_marker,
     step_folders,
     write_marker,
@@ -45,6 +43,8 @@ from dlm_titan.checkpoint_layout import (
 from dlm_titan.checkpoint_staging import StateStager
 from dlm_titan.errors import UserError
 from dlm_titan.export import EXPORT_FOLDER, export_model, is_export_folder, read_model_weights
+from dlm_titan.nonfinite import NonFiniteGuard
+from dlm_titan.preemption import StopSignals
 
 # ---------------------------------------------------------------------------------------------------------------
 # Non-tensor state (lr schedule, data loader, train state, optimizer hyper-parameters) is stored as JSON bytes in
@@ -118,12 +118,8 @@ class CheckpointManager:
         self._writer: ThreadPoolExecutor | None = None
         self._reserved = False
         self._last_saved = -1
-        self._stop_reason: str | None = None
-        self._deferred: tuple[int, torch.Tensor, torch.Tensor] | None = None  # a "raise" verdict to read later
-        self._deferred_event = None
-        self._defer_raise = False  # tests set it to exercise the deferred path on the CPU
-        self._signal: int | None = None
-        self._old_handlers: dict[int, Any] = {}
+        self.nonfinite = NonFiniteGuard(cfg.training.on_nonfinite, self.rank, self._flag_group)
+        self.signals = StopSignals(self._flag_group)
         self.save_stats: list[dict[str, float]] = []
         """One entry per completed save: step, blocking_s (training stall), total_s (until complete)."""
         if self.cfg.enable:
@@ -133,7 +129,7 @@ class CheckpointManager:
                 self._stager = StateStager(pin_memory=self.cfg.async_mode == "async_with_pinned_mem")
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
                 optimizer.register_step_pre_hook(lambda *_: self._wait_for_staging())
-            self._install_signal_handlers()
+            self.signals.install(data_loader)
 
     def _check_config(self) -> None:
         if self.cfg.write_threads < 1:
@@ -361,56 +357,8 @@ class CheckpointManager:
     # -- the training loop's hooks ------------------------------------------------------------------------------
 
     def check_finite(self, step: int, micro_losses: list[torch.Tensor], grad_norm: torch.Tensor) -> bool:
-        """Whether to apply this step's update. A non-finite loss (any micro-batch, any rank) or grad norm
-        triggers ``training.on_nonfinite``: "skip" drops the update (grads are zeroed by the caller, the
-        optimizer does not step, the lr schedule and data move on), "stop" does the same, then saves and stops
-        at the step's end, "raise" raises.
-
-        "skip" and "stop" must decide before the optimizer step: one host sync (and, with several ranks, one
-        scalar gloo all-reduce) per step. "raise" on a GPU costs no sync: the verdict is copied to the host
-        asynchronously and read one step later (before any save, so no checkpoint holds a non-finite update).
-        """
-        losses = torch.stack([x.detach().float().reshape(()) for x in micro_losses])
-        norm = grad_norm.detach().float().reshape(())
-        if self.training.on_nonfinite == "raise" and (norm.device.type == "cuda" or self._defer_raise):
-            self.raise_if_nonfinite()  # the previous step's verdict, long since computed: no pipeline stall
-            self._deferred = (step, losses.to("cpu", non_blocking=True), norm.to("cpu", non_blocking=True))
-            if norm.device.type == "cuda":
-                self._deferred_event = torch.cuda.Event()
-                self._deferred_event.record()
-            return True
-        return self._verdict(step, losses.cpu(), norm.cpu())
-
-    def raise_if_nonfinite(self) -> None:
-        """Resolves a deferred "raise" check (see :meth:`check_finite`)."""
-        if self._deferred is None:
-            return
-        if self._deferred_event is not None:
-            self._deferred_event.synchronize()
-        step, losses, norm = self._deferred
-        self._deferred, self._deferred_event = None, None
-        self._verdict(step, losses, norm)
-
-    def _verdict(self, step: int, losses: torch.Tensor, norm: torch.Tensor) -> bool:
-        """Applies on_nonfinite to one step's (CPU) micro-batch losses and grad norm; True = update."""
-        local_bad = ~torch.isfinite(losses)
-        flag = torch.stack([local_bad.any(), ~torch.isfinite(norm)]).float()
-        if self.distributed:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._flag_group)
-        if not flag.any():
-            return True
-        action = self.training.on_nonfinite
-        for m in local_bad.nonzero().flatten().tolist():
-            print(f"warning: non-finite loss at step {step}, rank {self.rank}, micro-batch {m}: "
-                  f"{losses[m].item()}", file=sys.stderr, flush=True)
-        msg = f"non-finite {'loss' if flag[0] else 'grad norm'} at step {step} (grad norm {norm.item()})"
-        if action == "raise":
-            raise FloatingPointError(f"{msg}; training.on_nonfinite = raise")
-        if self.rank == 0:
-            print_warning(f"{msg}: update skipped (training.on_nonfinite = {action})")
-        if action == "stop":
-            self._stop_reason = "nonfinite"
-        return False
+        """Whether to apply this step's update (see :class:`NonFiniteGuard`)."""
+        return self.nonfinite.check(step, micro_losses, grad_norm)
 
     def step_end(self, step: int, tokens_seen: int, last: bool) -> bool:
         """After each step: finishes a completed async save, saves on interval or at the last step, and handles
@@ -424,10 +372,10 @@ class CheckpointManager:
             state.pop("_optim_extras")
             self._stager.reserve(state)
             self._reserved = True
-        signalled = self._signalled()
-        stop = bool(signalled) or self._stop_reason is not None
+        signalled = self.signals.received()
+        stop = bool(signalled) or self.nonfinite.stop_requested
         if stop or (self.cfg.enable and (last or (self.cfg.interval > 0 and step % self.cfg.interval == 0))):
-            self.raise_if_nonfinite()
+            self.nonfinite.resolve_deferred()
             if step != self._last_saved:
                 self.save(step, tokens_seen, blocking=stop)
             elif stop:
@@ -442,9 +390,9 @@ class CheckpointManager:
         restores signal handlers; raises FloatingPointError if a non-finite step ended the run ("stop", or a
         deferred "raise"). Collective."""
         try:
-            self.raise_if_nonfinite()
+            self.nonfinite.resolve_deferred()
             self.wait()
-            if completed and self.cfg.enable and self._stop_reason is None:
+            if completed and self.cfg.enable and not self.nonfinite.stop_requested:
                 start = time.perf_counter()
                 export_model(self.model, self.model_config, self.export_folder, self.cfg.export_dtype, step)
                 self._log(f"exported step {step} ({self.cfg.export_dtype}) to {self.export_folder} in "
@@ -454,54 +402,10 @@ class CheckpointManager:
                 self._writer.shutdown(wait=True)
                 self._writer = None
             self._stager = None
-            for signum, handler in self._old_handlers.items():
-                signal.signal(signum, handler)
-            self._old_handlers = {}
-        if self._stop_reason == "nonfinite":
+            self.signals.restore()
+        if self.nonfinite.stop_requested:
             raise FloatingPointError(f"stopped at step {step} after a non-finite loss or grad norm "
                                      f"(training.on_nonfinite = stop); state saved in {self.folder / f'step-{step}'}")
-
-    # -- preemption ---------------------------------------------------------------------------------------------
-
-    def _install_signal_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for signum in STOP_SIGNALS:
-            self._old_handlers[signum] = signal.signal(signum, self._on_signal)
-        # Slurm signals every process of a job step: loader workers must outlive the signal until the trainer
-        # has saved (torch's worker handler would kill them, failing the next batch). Workers start on iter().
-        if hasattr(self.data_loader, "worker_init_fn"):
-            self.data_loader.worker_init_fn = _IgnoreStopSignals(self.data_loader.worker_init_fn)
-
-    def _on_signal(self, signum: int, frame) -> None:
-        # Only record it: the save happens at the next step boundary, where every rank agrees on the state.
-        self._signal = signum
-
-    def _signalled(self) -> int:
-        """The signal any rank received (0 if none); all ranks agree, so they stop at the same step."""
-        if not self.distributed:
-            return self._signal or 0
-        flag = torch.tensor([self._signal or 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._flag_group)
-        return int(flag.item())
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-"""Preemption signals: save at the next step boundary and exit 0."""
-
-
-class _IgnoreStopSignals:
-    """A loader ``worker_init_fn`` (picklable) that makes the worker ignore STOP_SIGNALS, then runs ``inner``.
-    Workers still end with the trainer: on shutdown, or by their parent watchdog if it dies."""
-
-    def __init__(self, inner=None):
-        self.inner = inner
-
-    def __call__(self, worker_id: int) -> None:
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, signal.SIG_IGN)
-        if self.inner is not None:
-            self.inner(worker_id)
 
 
 # Optimizer state keyed by parameter FQN ("state.<fqn>.exp_avg"), so any sharding layout can load it.

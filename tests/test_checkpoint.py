@@ -326,7 +326,7 @@ def test_nonfinite_loss_raise(tmp_path, deferred):
     if torch.cuda.is_available() and not deferred:
         pytest.skip("on CUDA the verdict is always deferred (no host sync)")
     trainer, losses, _ = _train_with(tmp_path / "out", _nan_at(1), "--training.on_nonfinite", "raise")
-    trainer.checkpointer._defer_raise = deferred
+    trainer.checkpointer.nonfinite.defer_raise = deferred
     with pytest.raises(FloatingPointError, match="non-finite loss at step 1"):
         trainer.train()
     assert sorted(losses) == ([1] if deferred else [])
@@ -339,7 +339,7 @@ def test_nonfinite_verdict_precedes_the_save(tmp_path, deferred):
         pytest.skip("on CUDA the verdict is always deferred (no host sync)")
     trainer, losses, _ = _train_with(tmp_path / "out", _nan_at(2), "--training.on_nonfinite", "raise",
                                      "--checkpoint.enable", "--checkpoint.interval", "2")
-    trainer.checkpointer._defer_raise = deferred
+    trainer.checkpointer.nonfinite.defer_raise = deferred
     with pytest.raises(FloatingPointError, match="non-finite loss at step 2"):
         trainer.train()
     assert sorted(losses) == ([1, 2] if deferred else [1])
