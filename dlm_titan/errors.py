@@ -6,9 +6,17 @@ into ``error: <message>`` on stderr and exit code 2. Bugs in our own code raise 
 their traceback.
 """
 
+import sys
+
 
 class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
 EXIT_USER_ERROR = 2
+
+
+def report(error: UserError) -> int:
+    """Prints ``error: <message>`` on stderr (the entry points' one line) and returns the exit code, 2."""
+    print(f"error: {error}", file=sys.stderr)
+    return EXIT_USER_ERROR

@@ -22,7 +22,7 @@ from dlm_titan.checkpoint import CheckpointManager
 from dlm_titan.config import JobConfig, load_config, to_toml
 from dlm_titan.data import build_train_loader, resolve_data_path
 from dlm_titan.diffusion import forward_process, sample_noise, ssl_length
-from dlm_titan.errors import EXIT_USER_ERROR, UserError
+from dlm_titan.errors import UserError, report
 from dlm_titan.export import model_config
 from dlm_titan.flops import steps_from_budget
 from dlm_titan.metrics import (
@@ -295,8 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             return check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         Trainer(cfg).train()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return report(e)
     finally:
         dist_utils.shutdown()
     return 0

@@ -23,7 +23,7 @@ import torch
 
 from dlm_titan.config import load_config
 from dlm_titan.data import resolve_data_path
-from dlm_titan.errors import UserError
+from dlm_titan.errors import UserError, report
 from dlm_titan.flops import peak_flops
 from dlm_titan.metrics import model_flops_per_token
 from dlm_titan.models import build_model
@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
         validator = build_validator(cfg, model, resolve_data_path(cfg.data), 0, 1, device, autocast)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}; model {cfg.model.flavor} ({model.attn_backend} attention, "
           f"compile {cfg.compile.enable}, {'bf16 autocast' if use_bf16 else 'fp32'})")

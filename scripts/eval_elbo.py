@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from dlm_titan.errors import EXIT_USER_ERROR, UserError
+from dlm_titan.errors import UserError, report
 from dlm_titan.likelihood import chain_rule_logprob, elbo
 from scripts.generate import add_model_args, load_for_inference, load_tokenizer_for
 
@@ -152,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return report(e)
     print(json.dumps(result) if args.json else "\n".join(format_result(result)))
     return 0
 

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dlm_titan.errors import EXIT_USER_ERROR, UserError
+from dlm_titan.errors import UserError, report
 from dlm_titan.export import DTYPES, read_model_weights, write_export
 
 _NOT_SHAPE = ("dtype", "step", "format")  # config.json fields that describe the file, not the model
@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         shape = {k: v for k, v in cfg.items() if k not in _NOT_SHAPE}
         write_export(state, shape, out, args.dtype, step)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return report(e)
     print(f"exported step {step} of {args.source} ({cfg.get('flavor')}, {args.dtype}) to {out}")
     return 0
 

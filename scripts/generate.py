@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from dlm_titan.errors import EXIT_USER_ERROR, UserError
+from dlm_titan.errors import UserError, report
 from dlm_titan.sampling import ALGORITHMS, SamplerConfig, generate
 
 
@@ -139,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         outputs = run(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return report(e)
     for i, text in enumerate(outputs):
         if len(outputs) > 1:
             print(f"--- sample {i + 1}/{len(outputs)} ---")

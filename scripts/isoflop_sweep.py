@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from dlm_titan.errors import EXIT_USER_ERROR, UserError
+from dlm_titan.errors import EXIT_USER_ERROR, UserError, report
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAN_FILE = "plan.json"
@@ -290,8 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             train_locally(rows, output_dir, args.ngpu, args.rerun)
         fit_and_report(*collect(rows, output_dir), output_dir, plot=not args.no_plot)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return report(e)
     return 0
 
 

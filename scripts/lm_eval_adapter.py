@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dlm_titan.errors import EXIT_USER_ERROR, UserError
+from dlm_titan.errors import UserError, report
 from dlm_titan.likelihood import chain_rule_logprob, elbo
 from dlm_titan.sampling import SamplerConfig, generate
 
@@ -255,8 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         results = lm_eval.simple_evaluate(model=lm, tasks=args.tasks.split(","), num_fewshot=args.num_fewshot,
                                           limit=args.limit, task_manager=tasks)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return report(e)
     if results is not None:
         print(json.dumps(results["results"], indent=2, default=str))
         if args.output_path:

@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 
-from dlm_titan.errors import EXIT_USER_ERROR, UserError
+from dlm_titan.errors import UserError, report
 
 
 def add_common_args(parser: argparse.ArgumentParser, default_split: str) -> None:
@@ -42,8 +42,7 @@ def run(args: argparse.Namespace, corpus, skip_github: bool = False) -> int:
         manifest = prepare_split(args.source_path, args.tokenizer_path, args.destination_path, args.split,
                                  args.percentage, args.chunk_size, args.num_workers, skip_github, corpus)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return report(e)
     t = manifest["totals"]
     print(f"{args.split}: {t['inputs']} files, {t['documents']:,} documents, {t['tokens']:,} tokens, "
           f"{t['shards']} shards in {args.destination_path}")
