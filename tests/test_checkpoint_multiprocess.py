@@ -1,5 +1,5 @@
-"""Multi-process checkpoint tests (torchrun, 2 processes, gloo FSDP2 on CPU): a checkpoint saved by 2 ranks
-resumes on 1 and one saved by 1 resumes on 2, continuing the uninterrupted run's losses (same samples, same
+"""Multi-process checkpoint tests (torchrun, 2 processes, gloo FSDP2 or DDP on CPU): a checkpoint saved by 2 ranks
+resumes on 1, one saved by 1 resumes on 2, one saved under DDP resumes under FSDP, continuing the uninterrupted run's losses (same samples, same
 noise) to within float summation order. Model, optimizer and data loader are all resharded.
 
 Runs: the 6M model with a 256-token vocabulary on random shards, seq_len 32, global batch 8 of micro-batches
@@ -93,6 +93,16 @@ def test_multiprocess_one_rank_checkpoint_resumes_on_two_ranks(data, two_ranks, 
     assert exported.config["step"] == STEPS
     for (name, p), q in zip(exported.named_parameters(), saved.parameters(), strict=True):
         assert p.dtype == torch.bfloat16 and torch.equal(p, q), name
+
+
+def test_multiprocess_ddp_checkpoint_resumes_under_fsdp(data, two_ranks, tmp_path):
+    """Plain replication (DDP: whole parameters, saved once by DCP) for 4 steps, then FSDP from its checkpoint:
+    both forms continue the uninterrupted FSDP run."""
+    ddp = ("--parallelism.data_parallel_replicate_degree", "-1", "--parallelism.data_parallel_shard_degree", "1")
+    first = torchrun(train_args(data, tmp_path, *ddp), stop_after=SAVED)
+    assert_close(first, two_ranks, range(1, SAVED + 1))
+    rest = torchrun(train_args(data, tmp_path))
+    assert_close(rest, two_ranks, range(SAVED + 1, STEPS + 1))
 
 
 def test_multiprocess_sigterm_to_torchrun_saves_on_both_ranks_and_resumes(data, two_ranks, tmp_path):
