@@ -95,7 +95,10 @@ class StateStager:
         if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
             buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=self.pin_memory and src.is_cuda)
             self._buffers[key] = buf
-        buf.copy_(src.detach(), non_blocking=self.pin_memory and src.is_cuda)
+        asynchronous = self.pin_memory and src.is_cuda
+        buf.copy_(src.detach(), non_blocking=asynchronous)
+        if asynchronous:  # a state-dict temporary freed after stage() returns must not be reused mid-copy
+            src.record_stream(self._stream)
         return buf
 
 
