@@ -95,14 +95,21 @@ def test_multiprocess_one_rank_checkpoint_resumes_on_two_ranks(data, two_ranks, 
         assert p.dtype == torch.bfloat16 and torch.equal(p, q), name
 
 
-def test_multiprocess_ddp_checkpoint_resumes_under_fsdp(data, two_ranks, tmp_path):
-    """Plain replication (DDP: whole parameters, saved once by DCP) for 4 steps, then FSDP from its checkpoint:
-    both forms continue the uninterrupted FSDP run."""
+def test_multiprocess_ddp_checkpoints_and_exports_across_forms(data, two_ranks, tmp_path):
+    """Plain replication (DDP: whole parameters, saved once by DCP) for 4 steps, then FSDP from its checkpoint,
+    and FSDP for 4 steps, then DDP from its checkpoint: all continue the uninterrupted FSDP run, and the final
+    export written under DDP holds the step-8 checkpoint's weights."""
     ddp = ("--parallelism.data_parallel_replicate_degree", "-1", "--parallelism.data_parallel_shard_degree", "1")
-    first = torchrun(train_args(data, tmp_path, *ddp), stop_after=SAVED)
+    first = torchrun(train_args(data, tmp_path / "a", *ddp), stop_after=SAVED)
     assert_close(first, two_ranks, range(1, SAVED + 1))
-    rest = torchrun(train_args(data, tmp_path))
-    assert_close(rest, two_ranks, range(SAVED + 1, STEPS + 1))
+    assert_close(torchrun(train_args(data, tmp_path / "a")), two_ranks, range(SAVED + 1, STEPS + 1))
+
+    torchrun(train_args(data, tmp_path / "b"), stop_after=SAVED)
+    assert_close(torchrun(train_args(data, tmp_path / "b", *ddp)), two_ranks, range(SAVED + 1, STEPS + 1))
+    exported = load_model(tmp_path / "b" / "export")
+    saved = load_model(tmp_path / "b" / "checkpoint" / f"step-{STEPS}", dtype="bfloat16")
+    for (name, p), q in zip(exported.named_parameters(), saved.parameters(), strict=True):
+        assert torch.equal(p, q), name
 
 
 def test_multiprocess_sigterm_to_torchrun_saves_on_both_ranks_and_resumes(data, two_ranks, tmp_path):
