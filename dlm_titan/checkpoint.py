@@ -40,7 +40,7 @@ from dlm_titan.checkpoint_layout import (
     step_folders,
     write_marker,
 )
-from dlm_titan.checkpoint_staging import StateStager
+from dlm_titan.checkpoint_staging import StateStager, current_cuda_device, use_device
 from dlm_titan.errors import UserError
 from dlm_titan.export import EXPORT_FOLDER, export_model, is_export_folder, read_model_weights
 from dlm_titan.nonfinite import NonFiniteGuard
@@ -127,7 +127,10 @@ class CheckpointManager:
             if self.cfg.async_mode != "disabled":
                 # one stager and writer thread for the whole run: the stager's CPU buffers are reused by every save
                 self._stager = StateStager(pin_memory=self.cfg.async_mode == "async_with_pinned_mem")
-                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+                # The writer thread waits on CUDA events and DCP touches streams there: on this rank's GPU, not on
+                # GPU 0, where a new thread starts (and would create a context).
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer",
+                                                  initializer=use_device, initargs=(current_cuda_device(),))
                 optimizer.register_step_pre_hook(lambda *_: self._wait_for_staging())
             self.signals.install(data_loader)
 
@@ -365,9 +368,10 @@ class CheckpointManager:
         stop requests (SIGTERM/SIGUSR1, or a non-finite step under on_nonfinite = "stop"): saves and returns True,
         so the trainer leaves its loop (and :meth:`close` raises for the non-finite case)."""
         self._poll()
-        if self._stager is not None and self._stager.pin_memory and not self._reserved:
-            # After the first optimizer step, when Adam's state exists: pin the staging buffers in the background
-            # now rather than inside the first save, where it would stall training for seconds.
+        if self._stager is not None and self._stager.pin_memory and not self._reserved and self.optimizer.state:
+            # Once Adam's state exists (after the first applied update: asking for the state dict of an optimizer
+            # without state would make torch take a zero step): pin the staging buffers in the background now
+            # rather than inside the first save, where it would stall training for seconds.
             state = self._tensor_state()
             state.pop("_optim_extras")
             self._stager.reserve(state)

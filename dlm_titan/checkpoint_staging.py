@@ -38,7 +38,7 @@ class StateStager:
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self._buffers: dict[str, torch.Tensor] = {}
         self._stream = torch.cuda.Stream() if self.pin_memory else None
-        self._device = torch.cuda.current_device() if self.pin_memory else None
+        self._device = current_cuda_device()
         self._done: torch.cuda.Event | None = None
         self._guarded = True
         self._reserving: threading.Thread | None = None
@@ -54,8 +54,7 @@ class StateStager:
         _map_tensors(state, "", note, wrap=False)
 
         def allocate():
-            if self._device is not None:
-                torch.cuda.set_device(self._device)  # a new thread starts on GPU 0
+            use_device(self._device)
             for key, (shape, dtype, is_cuda) in specs.items():
                 self._buffers[key] = torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory and is_cuda)
 
@@ -102,9 +101,21 @@ class StateStager:
         return buf
 
 
+def current_cuda_device() -> int | None:
+    """This thread's CUDA device index, or None without CUDA."""
+    return torch.cuda.current_device() if torch.cuda.is_available() else None
+
+
+def use_device(device: int | None) -> None:
+    """Binds the calling thread to CUDA ``device`` (a new thread starts on GPU 0, where it would create a
+    context of its own); no-op for None."""
+    if device is not None:
+        torch.cuda.set_device(device)
+
+
 def _map_tensors(obj: Any, key: str, fn: Callable[[torch.Tensor, str], torch.Tensor], wrap: bool = True) -> Any:
     """``obj`` with every tensor ``t`` at dotted path ``key`` replaced by ``fn(t, key)``; a DTensor's local shard
-    goes through ``fn`` and is wrapped back into a DTensor of the same mesh, placements and global shape."""
+    goes through ``fn`` and is wrapped back into a DTensor of the same spec (mesh, placements, global shape)."""
     if isinstance(obj, dict):
         return {k: _map_tensors(v, f"{key}.{k}", fn, wrap) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -113,8 +124,9 @@ def _map_tensors(obj: Any, key: str, fn: Callable[[torch.Tensor, str], torch.Ten
         local = fn(obj.to_local(), key)
         if not wrap:
             return obj
-        return DTensor.from_local(local, obj.device_mesh, obj.placements, run_check=False, shape=obj.shape,
-                                  stride=obj.stride())
+        # The constructor keeps the shard where it is (on the CPU); DTensor.from_local would move it back to the
+        # mesh's device, i.e. to the GPU.
+        return DTensor(local, obj._spec, requires_grad=False)
     if isinstance(obj, torch.Tensor):
         return fn(obj, key)
     return obj  # ints, floats, strings: immutable

@@ -176,7 +176,9 @@ class Trainer:
         if self.checkpointer.check_finite(step, micro_losses, grad_norm):  # else training.on_nonfinite
             self.optimizer.step()
         self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # DDP keeps gradients as views of its buckets: zero them in place, or autograd allocates a second set and
+        # the reducer copies it into the buckets at every synced backward.
+        self.optimizer.zero_grad(set_to_none=self.dims.form != "ddp")
         self.tokens_seen += token_count
         return {"loss_sum": loss_sum, "grad_norm": grad_norm, "masked": masked, "tokens": token_count, "data_time": data_time}
 

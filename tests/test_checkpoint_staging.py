@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+
+import pytest
 import torch
+import torch.distributed as dist
 
 from dlm_titan.checkpoint_staging import StateStager
 
@@ -41,3 +45,35 @@ def test_reserved_buffers_are_the_ones_staged_into():
     reserved = stager._buffers[".model.w"]
     assert staged["model"]["w"].data_ptr() == reserved.data_ptr()
     assert torch.equal(staged["model"]["b"], torch.arange(4.0) * 3)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_dtensor_shards_are_staged_on_the_cpu_with_their_spec(device):
+    """A DTensor (FSDP2's parameters and optimizer state) is staged as a DTensor of the same spec whose local shard
+    is the CPU buffer: never a copy back on the mesh's device (on CUDA, pinned copies on a side stream)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}",
+                            rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh(device, (1,))
+        live = distribute_tensor(torch.arange(24.0, device=device).reshape(6, 4), mesh, [Shard(0)])
+        stager = StateStager(pin_memory=device == "cuda")
+        staged = stager.stage({"model": {"w": live}})["model"]["w"]
+        stager.synchronize()
+        assert staged.placements == live.placements and staged.shape == live.shape
+        assert staged.device_mesh == mesh and staged.to_local().device.type == "cpu"
+        assert staged.to_local().data_ptr() == stager._buffers[".model.w"].data_ptr()
+        assert torch.equal(staged.to_local(), live.to_local().cpu())
+        if device == "cuda":
+            assert staged.to_local().is_pinned()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
