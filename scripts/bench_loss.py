@@ -153,7 +153,7 @@ def profile_kernels(loss_fn, inputs, iters: int = 5, top: int = 12) -> list[str]
     return lines
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -174,8 +174,63 @@ def main() -> None:
                         help="pass every path the masked rows' index, as the trainer does (no nonzero host sync)")
     parser.add_argument("--profile", nargs="*", default=[], help="paths to profile by kernel, e.g. fused")
     parser.add_argument("--json", default="", help="write all numbers to this file")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def loss_paths(sweep: bool) -> dict:
+    """The paths to time, by name; each takes (hidden, weight, targets, token_weights[, masked_index])."""
+    paths = {
+        "full_logits": full_logits,
+        "gather_ce": gather_ce,
+        "compiled_chunked": compiled_chunked,
+        "torch_chunked": lambda h, w, y, tw, i=None: masked_linear_cross_entropy(h, w, y, tw, "torch", masked_index=i),
+        "fused": lambda h, w, y, tw, i=None: masked_linear_cross_entropy(h, w, y, tw, "fused", masked_index=i),
+    }
+    if sweep:
+        for mib in (128, 512):
+            paths[f"fused_c{mib}"] = lambda *a, c=mib * 2**20: fused_masked_linear_cross_entropy(
+                *a, chunk_bytes=c
+            )
+    return paths
+
+
+def bench_dim(d: int, paths: dict, args: argparse.Namespace, mm: float) -> list[dict]:
+    """Times every path not skipped at hidden size ``d``; one record per path."""
+    inputs = make_inputs(args.tokens, d, args.vocab, args.mask_ratio)
+    if args.given_index:  # as in training: the masked rows' index comes with the batch (no nonzero sync)
+        inputs = (*inputs, torch.nonzero(inputs[3]).squeeze(1))
+    masked = int((inputs[3] != 0).sum())
+    useful = 6 * masked * d * args.vocab
+    rows = []
+    for path, fn in paths.items():
+        if path in args.skip:
+            continue
+        ms, gib = measure(fn, inputs, args.iters, args.warmup, args.sync_each)
+        tflops = useful / ms / 1e9
+        rows.append(dict(d=d, path=path, ms=ms, peak_gib=gib, tflops=tflops, pct_matmul=100 * tflops / mm,
+                         masked=masked))
+        print(f"d={d} {path}: {ms:.3f} ms {gib:.2f} GiB {tflops:.0f} TFLOP/s", flush=True)
+        if path in args.profile:
+            print("\n".join(profile_kernels(fn, inputs)), flush=True)
+    return rows
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    """The README table: one line per record, with the speed-up over the compiled chunked path of its ``d``."""
+    base = {r["d"]: r["ms"] for r in rows if r["path"] == "compiled_chunked"}
+    lines = [
+        "| d | path | fwd+bwd ms | peak extra GiB | useful TFLOP/s (% of matmul) | vs compiled chunked |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        speedup = f"{base[r['d']] / r['ms']:.2f}x" if r["d"] in base else "-"
+        lines.append(f"| {r['d']} | {r['path']} | {r['ms']:.2f} | {r['peak_gib']:.2f} | {r['tflops']:.0f} "
+                     f"({r['pct_matmul']:.0f}%) | {speedup} |")
+    return lines
+
+
+def main() -> None:
+    args = parse_args()
     name = torch.cuda.get_device_name()
     mm = matmul_tflops(args.iters)
     header = (
@@ -185,59 +240,13 @@ def main() -> None:
         f"{'each run synced' if args.sync_each else 'runs queued back to back'}"
     )
     print(header, flush=True)
-    paths = {
-        "full_logits": full_logits,
-        "gather_ce": gather_ce,
-        "compiled_chunked": compiled_chunked,
-        "torch_chunked": lambda h, w, y, tw, i=None: masked_linear_cross_entropy(h, w, y, tw, "torch", masked_index=i),
-        "fused": lambda h, w, y, tw, i=None: masked_linear_cross_entropy(h, w, y, tw, "fused", masked_index=i),
-    }
-    if args.sweep:
-        for mib in (128, 512):
-            paths[f"fused_c{mib}"] = lambda *a, c=mib * 2**20: fused_masked_linear_cross_entropy(
-                *a, chunk_bytes=c
-            )
+    paths = loss_paths(args.sweep)
     if args.sweep_rows:
         for line in sweep_row_kernel(args.vocab, 4096, args.iters):
             print(line, flush=True)
-    rows, table = [], []
-    for d in args.dims:
-        inputs = make_inputs(args.tokens, d, args.vocab, args.mask_ratio)
-        if args.given_index:  # as in training: the masked rows' index comes with the batch (no nonzero sync)
-            inputs = (*inputs, torch.nonzero(inputs[3]).squeeze(1))
-        masked = int((inputs[3] != 0).sum())
-        useful = 6 * masked * d * args.vocab
-        base_ms = None
-        for path, fn in paths.items():
-            if path in args.skip:
-                continue
-            ms, gib = measure(fn, inputs, args.iters, args.warmup, args.sync_each)
-            base_ms = ms if path == "compiled_chunked" else base_ms
-            tflops = useful / ms / 1e9
-            row = dict(
-                d=d,
-                path=path,
-                ms=ms,
-                peak_gib=gib,
-                tflops=tflops,
-                pct_matmul=100 * tflops / mm,
-                masked=masked,
-            )
-            rows.append(row)
-            print(f"d={d} {path}: {ms:.3f} ms {gib:.2f} GiB {tflops:.0f} TFLOP/s", flush=True)
-            if path in args.profile:
-                print("\n".join(profile_kernels(fn, inputs)), flush=True)
-        for row in rows:
-            if row["d"] == d:
-                speedup = f"{base_ms / row['ms']:.2f}x" if base_ms else "-"
-                table.append(
-                    f"| {d} | {row['path']} | {row['ms']:.2f} | {row['peak_gib']:.2f} | {row['tflops']:.0f} "
-                    f"({row['pct_matmul']:.0f}%) | {speedup} |"
-                )
+    rows = [row for d in args.dims for row in bench_dim(d, paths, args, mm)]
     print(f"\n{header}; N_masked per d: {sorted({(r['d'], r['masked']) for r in rows})}")
-    print("| d | path | fwd+bwd ms | peak extra GiB | useful TFLOP/s (% of matmul) | vs compiled chunked |")
-    print("|---|---|---|---|---|---|")
-    print("\n".join(table))
+    print("\n".join(table_lines(rows)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"header": header, "matmul_tflops": mm, "rows": rows}, f, indent=1)

@@ -21,6 +21,20 @@ def write_random_shards(folder: Path, vocab: int, files: int = 2, tokens: int = 
     return folder
 
 
+def tiny_run_args(data: Path, dump: Path, vocab: int, steps: int, global_batch: int, local_batch: int,
+                  workers: int, *extra: str) -> list[str]:
+    """Flags of a seconds-long fp32 run of the 6M model over ``data`` (seq_len 32, a loss logged every step,
+    no validation, no TensorBoard), checkpoints off unless ``extra`` turns them on."""
+    return [
+        "--model.flavor", "6M", "--model.vocab_size", str(vocab), "--data.path", str(data),
+        "--data.num_workers", str(workers), "--training.seq_len", "32", "--training.global_batch_size", str(global_batch),
+        "--training.local_batch_size", str(local_batch), "--training.steps", str(steps), "--training.dtype", "float32",
+        "--optimizer.lr", "3e-3", "--lr_scheduler.warmup_steps", "2", "--metrics.log_freq", "1",
+        "--metrics.no_enable_tensorboard", "--checkpoint.no_enable", "--validation.no_enable", "--job.no_print_config",
+        "--job.dump_folder", str(dump), *extra,
+    ]
+
+
 def run_trainer(argv: list[str], stop_after: int | None = None) -> dict[int, float]:
     """Trains with the real Trainer (ending after ``stop_after`` steps as if that were the last, the schedule
     still spanning the configured steps), capturing every logged loss; rank 0 writes them to losses.json."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import read_losses, run_trainer, write_random_shards
+from harness import read_losses, run_trainer, tiny_run_args, write_random_shards
 
 from dlm_titan.export import load_model
 
@@ -30,14 +30,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def train_args(data: Path, dump: Path, *extra: str) -> list[str]:
-    return [
-        "--model.flavor", "6M", "--model.vocab_size", str(VOCAB), "--data.path", str(data), "--data.num_workers", "1",
-        "--training.seq_len", "32", "--training.global_batch_size", "8", "--training.local_batch_size", "2",
-        "--training.steps", str(STEPS), "--training.dtype", "float32", "--optimizer.lr", "3e-3",
-        "--lr_scheduler.warmup_steps", "2", "--metrics.log_freq", "1", "--metrics.no_enable_tensorboard",
-        "--checkpoint.enable", "--checkpoint.interval", str(SAVED), "--validation.no_enable", "--job.no_print_config",
-        "--job.dump_folder", str(dump), *extra,
-    ]
+    checkpoints = ("--checkpoint.enable", "--checkpoint.interval", str(SAVED))
+    return tiny_run_args(data, dump, VOCAB, STEPS, 8, 2, 1, *checkpoints, *extra)
 
 
 def torchrun(argv: list[str], stop_after: int | None = None) -> dict[int, float]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import read_losses, run_trainer, write_random_shards
+from harness import read_losses, run_trainer, tiny_run_args, write_random_shards
 
 from dlm_titan.config import ActivationCheckpoint, Parallelism
 from dlm_titan.distributed import resolve_parallel_dims
@@ -30,14 +30,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def train_args(data: Path, dump: Path, *extra: str) -> list[str]:
-    return [
-        "--model.flavor", "6M", "--model.vocab_size", str(VOCAB), "--data.path", str(data), "--data.num_workers", "0",
-        "--training.seq_len", "32", "--training.global_batch_size", "4", "--training.local_batch_size", "1",
-        "--training.steps", str(STEPS), "--training.dtype", "float32", "--optimizer.lr", "3e-3",
-        "--lr_scheduler.warmup_steps", "2", "--metrics.log_freq", "1", "--metrics.no_enable_tensorboard",
-        "--checkpoint.no_enable", "--validation.no_enable", "--job.no_print_config", "--job.dump_folder", str(dump),
-        *extra,
-    ]
+    return tiny_run_args(data, dump, VOCAB, STEPS, 4, 1, 0, *extra)
 
 
 def assert_close(losses: dict[int, float], reference: dict[int, float], tol: float = TOL) -> None:
