@@ -75,13 +75,26 @@ def apply_ac(model: nn.Module, ac_cfg) -> None:
             _checkpoint_forward(block, selective=per_op)
 
 
-def apply_compile(model: nn.Module, compile_cfg) -> None:
+def apply_compile(model: nn.Module, compile_cfg, cudagraphs: bool = False) -> None:
     """Compiles each block on its own (fullgraph). Blocks share one graph, so compile time does not grow with
-    depth; FSDP's hooks run outside it. The head and loss stay eager (the fused loss is a Triton kernel)."""
+    depth; FSDP's hooks run outside it. The head and loss stay eager (the fused loss is a Triton kernel).
+
+    With ``cudagraphs`` (compile.cudagraphs on a GPU) each block's forward and backward replay as CUDA graphs
+    (CUDAGraph trees, torch.compile's "reduce-overhead" mode).
+    Its heuristic would start a new generation (freeing the previous outputs) at every block called under
+    no_grad, while the next block still reads them, so every model call marks the step explicitly instead.
+    """
     if not compile_cfg.enable:
         return
+    mode = "reduce-overhead" if cudagraphs else None
     for block in model.layers.children():
-        block.compile(fullgraph=True)
+        block.compile(fullgraph=True, mode=mode)
+    if cudagraphs:
+        model.register_forward_pre_hook(_mark_cudagraph_step)
+
+
+def _mark_cudagraph_step(module: nn.Module, args) -> None:
+    torch.compiler.cudagraph_mark_step_begin()
 
 
 def _float8_worth_it(module: nn.Module, fqn: str, min_dim: int) -> bool:
@@ -234,8 +247,14 @@ def parallelize_model(model: nn.Module, cfg, mesh: DeviceMesh | None, device: to
         mesh: the (dp_replicate, dp_shard) mesh, or None for one process.
         device: this rank's device.
     """
+    # CUDA graphs exist on GPUs only: a config that asks for them still runs (without them) on a CPU.
+    cudagraphs = cfg.compile.enable and cfg.compile.cudagraphs and device.type == "cuda"
+    if cudagraphs and mesh is not None and mesh.shape[1] > 1:
+        raise UserError("--compile.cudagraphs cannot replay FSDP-sharded blocks (their gathered parameters move "
+                        "every step): use plain replication (--parallelism.data_parallel_shard_degree 1) or "
+                        "--compile.no_cudagraphs")
     apply_ac(model, cfg.activation_checkpoint)
-    apply_compile(model, cfg.compile)
+    apply_compile(model, cfg.compile, cudagraphs)
     float8_linears = apply_float8(model, cfg.float8, device.type)
     reshard = resolve_reshard(cfg.parallelism.fsdp_reshard_after_forward, model.args.total_params())
     data_parallel = None
@@ -249,6 +268,7 @@ def parallelize_model(model: nn.Module, cfg, mesh: DeviceMesh | None, device: to
     return {
         "ac": cfg.activation_checkpoint.mode,
         "compiled_blocks": len(model.layers) if cfg.compile.enable else 0,
+        "cudagraphs": cudagraphs,
         "float8_linears": float8_linears,
         "data_parallel": data_parallel,
     }

@@ -66,6 +66,12 @@ class Trainer:
         self.model.train()
 
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
+        # Gradients that stay allocated are what CUDA-graphed backward passes accumulate into; one left to the
+        # first backward would live in the graphs' memory pool and be overwritten by the next micro-batch.
+        self.keep_grads = self.dims.form == "ddp" or self.parallel_plan["cudagraphs"]
+        if self.parallel_plan["cudagraphs"]:
+            for param in self.model.parameters():
+                param.grad = torch.zeros_like(param)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.optimizer.lr, self.steps)
         data_path = resolve_data_path(cfg.data)
         self.data_loader = build_train_loader(
@@ -123,7 +129,8 @@ class Trainer:
             f"{self.micro_batches} micro-batches x {t.local_batch_size}; device {self.device}; data {data_path}"
         )
         p = self.parallel_plan
-        self.log(f"parallelism: {p['data_parallel'] or 'one process'}; compiled blocks {p['compiled_blocks']}; "
+        self.log(f"parallelism: {p['data_parallel'] or 'one process'}; compiled blocks {p['compiled_blocks']}"
+                 f"{' (CUDA graphs)' if p['cudagraphs'] else ''}; "
                  f"activation checkpointing {p['ac']}; float8 linears {p['float8_linears']}")
 
     def _step_token_count(self, step: int) -> int:
@@ -177,8 +184,8 @@ class Trainer:
             self.optimizer.step()
         self.lr_scheduler.step()
         # DDP keeps gradients as views of its buckets: zero them in place, or autograd allocates a second set and
-        # the reducer copies it into the buckets at every synced backward.
-        self.optimizer.zero_grad(set_to_none=self.dims.form != "ddp")
+        # the reducer copies it into the buckets at every synced backward. CUDA graphs need them in place too.
+        self.optimizer.zero_grad(set_to_none=not self.keep_grads)
         self.tokens_seen += token_count
         return {"loss_sum": loss_sum, "grad_norm": grad_norm, "masked": masked, "tokens": token_count, "data_time": data_time}
 

@@ -5,11 +5,14 @@ of rows sized so that its logits fit a fixed byte budget:
 
 1. ``Z = X_c W^T`` into one reused ``[rows, V]`` buffer (input dtype, cuBLAS);
 2. the Triton row kernel writes ``w_i (lse_i - Z_{i,y_i})`` and overwrites ``Z`` with ``G``;
-3. ``dX_c = G W`` (cuBLAS), scattered into the full-size ``dH``;
+3. ``dX_c = G W`` (cuBLAS), written straight into the chunk's rows of a compact ``[M, d]`` block (kept in an
+   ``[N, d]`` buffer: a static shape for the compiler), with ``row_of`` mapping each of the N rows to its masked
+   row or -1;
 4. ``dW += G^T X_c`` accumulated in fp32 (cuBLAS with an fp32 output).
 
 All of it happens in forward (the loss is a scalar); backward only multiplies the stored gradients by the
-upstream gradient and casts them (one Triton pass each). The forward and that pass are
+upstream gradient and casts them: one Triton pass each, the one for ``dH`` also scattering the masked rows to
+their places and writing zeros elsewhere (so ``dH`` is written once, never zero-filled and then copied into). The forward and that pass are
 ``torch.library.custom_op`` s with fake implementations, and autograd sees them through one
 ``torch.autograd.Function``, so ``torch.compile(fullgraph=True)`` traces the loss without a graph break or a
 data-dependent shape (the gather happens inside the op).
@@ -80,21 +83,20 @@ def masked_lce_fwd(
     grad_weight: bool,
     chunk_bytes: int,
     block_v: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss and (unscaled) gradients of the masked weighted linear cross-entropy.
 
     Returns:
-        ``(loss, dH, dW)``: fp32 scalar; ``dH [N, d]`` in ``hidden``'s dtype (0 rows where unmasked) or an
-        empty tensor if not ``grad_hidden``; ``dW [V, d]`` fp32 or an empty tensor if not ``grad_weight``.
+        ``(loss, dX, row_of, dW)``: fp32 scalar; ``dX [N, d]`` in ``hidden``'s dtype, whose first M rows are the
+        gradients of the masked rows in index order (the rest is never read); ``row_of [N]`` int64, the row of
+        ``dX`` that belongs to each hidden row, -1 for unmasked rows; ``dW [V, d]`` fp32. ``dX`` and ``row_of``
+        are empty if not ``grad_hidden``, ``dW`` if not ``grad_weight``.
     """
     n, d = hidden.shape
     vocab = weight.shape[0]
-    dh = hidden.new_zeros((n, d)) if grad_hidden else hidden.new_empty((0,))
-    dw = (
-        weight.new_empty((vocab, d), dtype=torch.float32)
-        if grad_weight
-        else weight.new_empty((0,), dtype=torch.float32)
-    )
+    dx = hidden.new_empty((n, d)) if grad_hidden else hidden.new_empty((0,))
+    row_of = targets.new_full((n,), -1) if grad_hidden else targets.new_empty((0,))
+    dw = weight.new_empty((vocab, d) if grad_weight else (0,), dtype=torch.float32)
     # A caller that knows the masked rows (the trainer builds masks on the CPU) passes them: nonzero on the
     # device would stall the host until the GPU catches up, once per micro-batch.
     idx = torch.nonzero(token_weights).squeeze(1) if masked_index is None else masked_index
@@ -102,13 +104,14 @@ def masked_lce_fwd(
     if m == 0:
         if grad_weight:
             dw.zero_()
-        return hidden.new_zeros((), dtype=torch.float32), dh, dw
+        return hidden.new_zeros((), dtype=torch.float32), dx, row_of, dw
+    if grad_hidden:
+        row_of.index_copy_(0, idx, torch.arange(m, device=idx.device))
     x = hidden.index_select(0, idx)
     y = targets.index_select(0, idx)
     w = token_weights.index_select(0, idx)
     rows = chunk_rows_for(m, vocab, hidden.element_size(), chunk_bytes)
     logits = hidden.new_empty((rows, vocab))
-    dx = hidden.new_empty((rows, d)) if grad_hidden else None
     row_loss = torch.empty(m, dtype=torch.float32, device=hidden.device)
     weight_t = weight.t()
     for start in range(0, m, rows):
@@ -119,21 +122,19 @@ def masked_lce_fwd(
             z, y[start:stop], w[start:stop], row_loss[start:stop], grad_hidden or grad_weight, block_v
         )
         if grad_hidden:
-            torch.mm(z, weight, out=dx[: stop - start])
-            dh.index_copy_(0, idx[start:stop], dx[: stop - start])
+            torch.mm(z, weight, out=dx[start:stop])
         if grad_weight:
             _accumulate_fp32(dw, z.t(), x[start:stop], first=start == 0)
-    return row_loss.sum(), dh, dw
+    return row_loss.sum(), dx, row_of, dw
 
 
 @masked_lce_fwd.register_fake
 def _(hidden, weight, targets, token_weights, masked_index, grad_hidden, grad_weight, chunk_bytes, block_v):
-    dh = hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty((0,))
-    dw_shape = weight.shape if grad_weight else (0,)
     return (
         hidden.new_empty((), dtype=torch.float32),
-        dh,
-        weight.new_empty(dw_shape, dtype=torch.float32),
+        hidden.new_empty(hidden.shape if grad_hidden else (0,)),
+        targets.new_empty(targets.shape if grad_hidden else (0,)),
+        weight.new_empty(weight.shape if grad_weight else (0,), dtype=torch.float32),
     )
 
 
@@ -150,24 +151,37 @@ def _(src, scale, dtype):
     return torch.empty(src.shape, dtype=dtype, device=src.device)
 
 
+@torch.library.custom_op("dlm_kernels::scatter_rows", mutates_args=())
+def scatter_rows(src: torch.Tensor, row_of: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``out[r] = scale * src[row_of[r]]`` (0 where ``row_of[r] < 0``) as ``dtype``, one pass, no host sync."""
+    if kernels.runs_on(src.device):
+        return kernels.scatter_rows(src, row_of, scale, dtype)
+    return kernels.scatter_rows_reference(src, row_of, scale, dtype)
+
+
+@scatter_rows.register_fake
+def _(src, row_of, scale, dtype):
+    return torch.empty((row_of.shape[0], src.shape[1]), dtype=dtype, device=src.device)
+
+
 class _MaskedLCE(torch.autograd.Function):
     """Autograd view of :func:`masked_lce_fwd`: gradients come from forward, backward scales them."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, token_weights, masked_index, grad_hidden, grad_weight, chunk_bytes, block_v):
-        loss, dh, dw = masked_lce_fwd(
+        loss, dx, row_of, dw = masked_lce_fwd(
             hidden, weight, targets, token_weights, masked_index, grad_hidden, grad_weight, chunk_bytes, block_v
         )
-        ctx.save_for_backward(dh, dw)
+        ctx.save_for_backward(dx, row_of, dw)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         ctx.wants = (grad_hidden, grad_weight)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        dh, dw = ctx.saved_tensors
+        dx, row_of, dw = ctx.saved_tensors
         scale = grad_loss.float().reshape(1)
-        grad_h = scale_cast(dh, scale, ctx.dtypes[0]) if ctx.wants[0] else None
+        grad_h = scatter_rows(dx, row_of, scale, ctx.dtypes[0]) if ctx.wants[0] else None
         grad_w = scale_cast(dw, scale, ctx.dtypes[1]) if ctx.wants[1] else None
         return grad_h, grad_w, None, None, None, None, None, None, None
 

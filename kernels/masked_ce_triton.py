@@ -127,6 +127,20 @@ if triton is not None:
                     )
 
     @triton.jit
+    def _scatter_rows_kernel(src_ptr, row_of_ptr, dst_ptr, scale_ptr, d, BLOCK_D: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+        in_row = cols < d
+        src_row = tl.load(row_of_ptr + row)
+        scale = tl.load(scale_ptr).to(tl.float32)
+        # Rows without a source (src_row = -1) load nothing and store zeros.
+        limit = tl.where(src_row >= 0, d, 0)
+        x = tl.load(src_ptr + src_row * d + cols, mask=cols < limit, other=0.0).to(tl.float32)
+        tl.store(
+            dst_ptr + row * d + cols, (x * scale).to(dst_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=in_row
+        )
+
+    @triton.jit
     def _scale_cast_kernel(src_ptr, dst_ptr, scale_ptr, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         in_range = offs < n
@@ -207,4 +221,36 @@ def scale_cast(src: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, block
         return out
     grid = (triton.cdiv(n, block),)
     _scale_cast_kernel[grid](src, out, scale.reshape(1), n, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    return out
+
+
+def scatter_rows(src: torch.Tensor, row_of: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``out[r] = scale * src[row_of[r]]`` where ``row_of[r] >= 0``, else 0; one pass, math in fp32.
+
+    Args:
+        src: ``[R, d]`` rows (row-contiguous); only the rows that ``row_of`` names are read.
+        row_of: ``[N]`` int64 source row of each output row, or -1 for a zero row.
+        scale: one-element tensor (no host sync).
+        dtype: output dtype.
+
+    Returns:
+        ``[N, d]`` tensor of ``dtype``.
+    """
+    n, d = row_of.shape[0], src.shape[1]
+    out = torch.empty((n, d), dtype=dtype, device=src.device)
+    if n == 0 or d == 0:
+        return out
+    src = src.contiguous()
+    block = min(_next_pow2(d), 2048)
+    _scatter_rows_kernel[(n, triton.cdiv(d, block))](
+        src, row_of, out, scale.reshape(1), d, BLOCK_D=block, num_warps=max(1, min(8, block // 256))
+    )
+    return out
+
+
+def scatter_rows_reference(src: torch.Tensor, row_of: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """PyTorch twin of :func:`scatter_rows` (CPU fallback and test reference)."""
+    out = torch.zeros((row_of.shape[0], src.shape[1]), dtype=dtype, device=src.device)
+    has_src = row_of >= 0
+    out[has_src] = (src[row_of[has_src]].float() * scale.float()).to(dtype)
     return out

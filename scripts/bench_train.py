@@ -13,7 +13,7 @@ A run is ``FLAVOR:feature,feature,...`` with features:
   gradient accumulation); bf16reduce (bf16 gradient reduction); nocheck (skip the per-step non-finite check,
   to measure its host sync); bf16emb (cast the embedding output to bf16 under autocast, so the residual stream
   is bf16 on one GPU as it is under FSDP: a probe for a model change); losstorch (the chunked PyTorch loss
-  reference instead of the fused Triton kernel).
+  reference instead of the fused Triton kernel); cudagraphs (compiled blocks replayed as CUDA graphs).
 
 Launch with torchrun for several GPUs: every rank runs the same list, rank 0 prints and writes results.
 
@@ -40,7 +40,7 @@ from dlm_titan.config import load_config
 from dlm_titan.flops import flops_per_token, peak_flops
 
 FEATURES = {"eager", "compile", "ac", "acfull", "ac2", "float8", "fsdp", "noreshard", "default", "replicate", "profile",
-            "nocheck", "bf16reduce", "bf16emb", "losstorch"}
+            "nocheck", "bf16reduce", "bf16emb", "losstorch", "cudagraphs"}
 
 
 def parse_run(spec: str) -> tuple[str, list[str], int | None, int]:
@@ -84,6 +84,8 @@ def trainer_argv(flavor: str, features: list[str], args, world_size: int, dump: 
             argv += ["--parallelism.fsdp_reshard_after_forward", policy]
     if "replicate" in features:
         argv += ["--parallelism.data_parallel_replicate_degree", "-1", "--parallelism.data_parallel_shard_degree", "1"]
+    if "cudagraphs" in features:
+        argv += ["--compile.cudagraphs"]
     if "losstorch" in features:
         argv += ["--diffusion.loss_impl", "torch"]
     if "bf16reduce" in features:

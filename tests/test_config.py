@@ -85,3 +85,11 @@ def test_shipped_configs_load():
     assert (t.global_batch_size, t.local_batch_size, t.seq_len, t.seed, t.max_norm) == (256, 8, 2048, 3407, 1.0)
     assert (cfg.optimizer.lr, cfg.lr_scheduler.min_lr, cfg.optimizer.weight_decay) == (2e-4, 2e-5, 0.1)
     assert cfg.optimizer.betas == (0.9, 0.95)
+
+
+def test_cudagraphs_need_compile_and_fixed_lengths():
+    with pytest.raises(UserError, match="add --compile.enable"):
+        load_config(["--compile.cudagraphs"])
+    with pytest.raises(UserError, match="ssl_ratio"):
+        load_config(["--compile.enable", "--compile.cudagraphs", "--diffusion.ssl_ratio", "0.01"])
+    assert load_config(["--compile.enable", "--compile.cudagraphs"]).compile.cudagraphs

@@ -31,7 +31,7 @@ from dlm_kernels import (  # noqa: E402
     masked_linear_cross_entropy,
     masked_linear_cross_entropy_reference,
 )
-from dlm_kernels.masked_ce_fused import masked_lce_fwd, scale_cast  # noqa: E402
+from dlm_kernels.masked_ce_fused import masked_lce_fwd, scale_cast, scatter_rows  # noqa: E402
 
 V = 97  # prime: no power-of-two block divides it
 
@@ -185,6 +185,25 @@ def test_custom_ops_pass_opcheck():
     index = torch.nonzero(token_weights).squeeze(1)
     torch.library.opcheck(masked_lce_fwd, (*args[:4], index, *args[5:]), test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(scale_cast, (weight, torch.tensor([2.0]), torch.float32))
+    row_of = torch.tensor([2, -1, 0, -1, 1])
+    torch.library.opcheck(scatter_rows, (hidden[:3], row_of, torch.tensor([2.0]), torch.float32))
+
+
+def test_scatter_rows_kernel_matches_float64():
+    """Backward's dH pass: scaled source rows where a row has one, exact zeros elsewhere; d not a power of 2."""
+    g = torch.Generator().manual_seed(9)
+    src = torch.randn(5, 40, generator=g)
+    row_of = torch.tensor([3, -1, 0, -1, -1, 4, 1])
+    scale = torch.tensor([0.75])
+    want = torch.zeros(7, 40, dtype=torch.float64)
+    for r, j in enumerate(row_of.tolist()):
+        if j >= 0:
+            want[r] = src[j].double() * 0.75
+    for fn in (masked_ce_triton.scatter_rows, masked_ce_triton.scatter_rows_reference):
+        got = fn(src, row_of, scale, torch.float32)
+        assert got.dtype == torch.float32 and got.shape == (7, 40)
+        torch.testing.assert_close(got.double(), want, rtol=1e-7, atol=0)
+        assert torch.all(got[row_of < 0] == 0)
 
 
 def test_masked_index_gives_the_same_loss_and_grads():

@@ -19,7 +19,7 @@ import pytest
 import torch
 from harness import read_losses, run_trainer, tiny_run_args, write_random_shards
 
-from dlm_titan.config import ActivationCheckpoint, Parallelism
+from dlm_titan.config import ActivationCheckpoint, Parallelism, load_config
 from dlm_titan.distributed import resolve_parallel_dims
 from dlm_titan.errors import UserError
 
@@ -195,6 +195,23 @@ def test_bad_selective_option_is_a_user_error():
     model = build_model(Model(flavor="6M"), 32, torch.device("cpu"))
     with pytest.raises(UserError, match="selective_ac_option"):
         apply_ac(model, ActivationCheckpoint(mode="selective", selective_ac_option="every"))
+
+
+
+def test_cudagraphs_are_ignored_on_cpu_and_refused_with_fsdp(monkeypatch):
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from dlm_titan.models import build_model
+    from dlm_titan.parallelize import parallelize_model
+
+    cfg = load_config(["--model.flavor", "6M", "--compile.enable", "--compile.cudagraphs"])
+    model = build_model(cfg.model, 32, torch.device("meta"))
+    assert parallelize_model(model, cfg, None, torch.device("cpu"))["cudagraphs"] is False
+    # On a GPU with a sharded mesh (a stand-in: only its shape is read before the check) it is a UserError.
+    mesh = DeviceMesh.__new__(DeviceMesh)
+    monkeypatch.setattr(DeviceMesh, "shape", property(lambda self: (1, 2)))
+    with pytest.raises(UserError, match="cannot replay FSDP-sharded blocks"):
+        parallelize_model(build_model(cfg.model, 32, torch.device("meta")), cfg, mesh, torch.device("cuda"))
 
 
 if __name__ == "__main__":  # a torchrun worker: train with the given CLI arguments
