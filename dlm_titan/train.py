@@ -66,12 +66,6 @@ class Trainer:
         self.model.train()
 
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
-        # Gradients that stay allocated are what CUDA-graphed backward passes accumulate into; one left to the
-        # first backward would live in the graphs' memory pool and be overwritten by the next micro-batch.
-        self.keep_grads = self.dims.form == "ddp" or self.parallel_plan["cudagraphs"]
-        if self.parallel_plan["cudagraphs"]:
-            for param in self.model.parameters():
-                param.grad = torch.zeros_like(param)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.optimizer.lr, self.steps)
         data_path = resolve_data_path(cfg.data)
         self.data_loader = build_train_loader(
@@ -97,6 +91,14 @@ class Trainer:
         self.checkpointer = CheckpointManager(cfg, self.model, self.optimizer, self.lr_scheduler, self.data_loader,
                                               model_config(self.model, cfg.model.flavor))
         self.step, self.tokens_seen = self.checkpointer.load()  # resume, or initial_load_path weights
+        # Gradients that stay allocated are what CUDA-graphed backward passes accumulate into; one left to the
+        # first backward would live in the graphs' memory pool and be overwritten by the next micro-batch.
+        # Allocated only after the load: DCP fills an optimizer's empty state (to load Adam's moments into it)
+        # only while no parameter has a gradient.
+        self.keep_grads = self.dims.form == "ddp" or self.parallel_plan["cudagraphs"]
+        if self.parallel_plan["cudagraphs"]:
+            for param in self.model.parameters():
+                param.grad = torch.zeros_like(param)
 
     def _resolve_steps(self) -> int:
         t = self.cfg.training
