@@ -234,6 +234,14 @@ class Trainer:
                 if self.checkpointer.step_end(self.step, self.tokens_seen, last=self.step == self.steps):
                     break  # SIGTERM/SIGUSR1 or a non-finite step with on_nonfinite = "stop": state saved
 
+    def _memory(self) -> dict[str, float | None]:
+        memory = device_memory(self.device)
+        if self.parallel_plan["cudagraphs"]:
+            # Tensors that CUDA graphs replay into live in the graphs' private pool, outside the allocator's
+            # active count (which then shows a few GiB): report the reserved peak, which includes the pool.
+            memory["memory_gib"] = memory["memory_reserved_gib"]
+        return memory
+
     def _is_log_step(self, step: int) -> bool:
         return step % self.cfg.metrics.log_freq == 0 or step in (1, self.steps)
 
@@ -257,7 +265,7 @@ class Trainer:
             "mfu": mfu(rates["tokens_per_s_per_device"], fpt, device_name(self.device)),
             "tokens_seen": float(self.tokens_seen),
             "masked_fraction": masked / out["tokens"],
-            **device_memory(self.device),
+            **self._memory(),
             **self.t_buckets.scalars(),
         }
         self.metrics.log(self.step, metrics)

@@ -3,7 +3,8 @@
 Each run builds a fresh Trainer from flags, trains ``--steps`` steps with one micro-batch per rank per step
 (global batch = local batch x ranks, as torchtitan's benchmarks), and times the steps after ``--warmup``
 between logged steps (the log step syncs the device). tokens/s and MFU use the trainer's formula
-(DESIGN.md), peak memory is the allocator's peak of active memory over a window.
+(DESIGN.md), peak memory is the allocator's peak of active memory over a window (of reserved memory with CUDA
+graphs, whose pool the active count misses).
 
 A run is ``FLAVOR:feature,feature,...`` with features:
   eager (default) | compile; ac (selective, per op) | acfull | ac2 (every 2nd block); float8;
@@ -197,7 +198,7 @@ def cleanup() -> None:
 
 
 def print_table(records: list[dict]) -> None:
-    print("\n| run | GPUs | device | local batch x accum | tokens/s | per GPU | MFU | peak active GiB | form |")
+    print("\n| run | GPUs | device | local batch x accum | tokens/s | per GPU | MFU | peak GiB | form |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in records:
         if "error" in r:
