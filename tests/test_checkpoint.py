@@ -135,6 +135,22 @@ def test_async_save_resumes_exactly(reference, tmp_path):
     assert rest == {s: reference[s] for s in range(5, 9)}
 
 
+def test_resume_exact_with_gradients_kept_allocated(reference, tmp_path, monkeypatch):
+    """Under CUDA graphs the trainer keeps gradient buffers allocated and zeroes them in place; that must not stop
+    the checkpoint load from restoring Adam's moments. The CPU has no CUDA graphs, so the plan only claims them."""
+    import dlm_titan.train as train_module
+
+    parallelize = train_module.parallelize_model
+    monkeypatch.setattr(train_module, "parallelize_model", lambda *a, **k: {**parallelize(*a, **k), "cudagraphs": True})
+    dump = tmp_path / "out"
+    ckpt = ["--checkpoint.enable", "--checkpoint.interval", "2"]
+    _, first = train(dump, *ckpt, stop_after=4)
+    trainer, rest = train(dump, *ckpt)
+    assert all(p.grad is not None for p in trainer.model.parameters())  # the kept buffers, zeroed in place
+    assert first == {s: reference[s] for s in range(1, 5)}
+    assert rest == {s: reference[s] for s in range(5, 9)}
+
+
 def test_keep_latest_k_holds_and_markers_are_written(resumed):
     assert resumed["after_first"] == [2, 4]
     folders = step_folders(resumed["dump"] / "checkpoint")
