@@ -162,8 +162,8 @@ class Compile:
     """torch.compile each transformer block (fullgraph)."""
     cudagraphs: bool = False
     """Replay each compiled block as CUDA graphs (torch.compile mode "reduce-overhead"): no per-kernel host
-    launches, so ranks of a small model stop waiting for each other's host. GPU only (ignored on a CPU); needs
-    compile.enable; not with FSDP sharding (its gathered parameters move every step) or diffusion.ssl_ratio > 0
+    launches, so ranks of a small model stop waiting for each other's host. Has no effect without compile.enable
+    or on a CPU; not with FSDP sharding (its gathered parameters move every step) or diffusion.ssl_ratio > 0
     (every new length would record new graphs)."""
 
 
@@ -386,11 +386,9 @@ def _check_choices(config: JobConfig) -> None:
         )
     if not 0.0 <= config.diffusion.ssl_ratio <= 1.0:
         raise UserError(f"--diffusion.ssl_ratio must be in [0, 1], got {config.diffusion.ssl_ratio}")
-    if config.compile.cudagraphs and not config.compile.enable:
-        raise UserError("--compile.cudagraphs replays compiled blocks: add --compile.enable")
-    if config.compile.cudagraphs and config.diffusion.ssl_ratio > 0:
-        raise UserError("--compile.cudagraphs needs fixed shapes, but --diffusion.ssl_ratio > 0 crops batches to random "
-                        "lengths (each records new graphs): set one of them off")
+    if config.compile.enable and config.compile.cudagraphs and config.diffusion.ssl_ratio > 0:
+        raise UserError("--compile.cudagraphs needs fixed shapes, but --diffusion.ssl_ratio > 0 crops batches to "
+                        "random lengths (each would record new graphs): add --compile.no_cudagraphs")
 
 
 def to_toml(config: JobConfig) -> str:

@@ -26,6 +26,7 @@ _CONSOLE = (
     ("tokens_per_s", "tokens/s: {:,.0f}"),
     ("mfu", "mfu: {:.2%}"),
     ("memory_gib", "memory: {:.2f}GiB"),
+    ("memory_reserved_gib", "reserved: {:.2f}GiB"),
     ("memory_rss_gib", "rss: {:.2f}GiB"),
     ("step_time_s", "time: {:.3f}s/it"),
     ("data_wait_fraction", "data: {:.1%}"),

@@ -79,10 +79,14 @@ def apply_compile(model: nn.Module, compile_cfg, cudagraphs: bool = False) -> No
     """Compiles each block on its own (fullgraph). Blocks share one graph, so compile time does not grow with
     depth; FSDP's hooks run outside it. The head and loss stay eager (the fused loss is a Triton kernel).
 
-    With ``cudagraphs`` (compile.cudagraphs on a GPU) each block's forward and backward replay as CUDA graphs
-    (CUDAGraph trees, torch.compile's "reduce-overhead" mode).
-    Its heuristic would start a new generation (freeing the previous outputs) at every block called under
-    no_grad, while the next block still reads them, so every model call marks the step explicitly instead.
+    Args:
+        model: the TransEncoder.
+        compile_cfg: the compile section (``enable``).
+        cudagraphs: replay each block's forward and backward as CUDA graphs (CUDAGraph trees, torch.compile's
+            "reduce-overhead" mode). Their heuristic would start a new generation (freeing the previous
+            outputs) at every block called under no_grad, while the next block still reads them, so every model
+            call marks a new step instead. That assumes one backward, if any, per model call before the next
+            call, as in training (each micro-batch's forward then backward), validation and sampling.
     """
     if not compile_cfg.enable:
         return
@@ -93,7 +97,9 @@ def apply_compile(model: nn.Module, compile_cfg, cudagraphs: bool = False) -> No
         model.register_forward_pre_hook(_mark_cudagraph_step)
 
 
-def _mark_cudagraph_step(module: nn.Module, args) -> None:
+def _mark_cudagraph_step(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: a model call starts a new CUDA-graph step (the previous call's graph outputs may be
+    overwritten from here on)."""
     torch.compiler.cudagraph_mark_step_begin()
 
 

@@ -91,14 +91,19 @@ class Trainer:
         self.checkpointer = CheckpointManager(cfg, self.model, self.optimizer, self.lr_scheduler, self.data_loader,
                                               model_config(self.model, cfg.model.flavor))
         self.step, self.tokens_seen = self.checkpointer.load()  # resume, or initial_load_path weights
-        # Gradients that stay allocated are what CUDA-graphed backward passes accumulate into; one left to the
-        # first backward would live in the graphs' memory pool and be overwritten by the next micro-batch.
-        # Allocated only after the load: DCP fills an optimizer's empty state (to load Adam's moments into it)
-        # only while no parameter has a gradient.
         self.keep_grads = self.dims.form == "ddp" or self.parallel_plan["cudagraphs"]
         if self.parallel_plan["cudagraphs"]:
-            for param in self.model.parameters():
-                param.grad = torch.zeros_like(param)
+            self._allocate_gradients()
+
+    def _allocate_gradients(self) -> None:
+        """Zeroed gradient buffers for CUDA-graphed backward passes to accumulate into (with zero_grad in place).
+
+        A gradient left to the first backward would live in the graphs' memory pool and be overwritten by the
+        next micro-batch. Call after the checkpoint load: DCP fills an optimizer's empty state (to load Adam's
+        moments into) only while no parameter has a gradient.
+        """
+        for param in self.model.parameters():
+            param.grad = torch.zeros_like(param)
 
     def _resolve_steps(self) -> int:
         t = self.cfg.training
@@ -234,14 +239,6 @@ class Trainer:
                 if self.checkpointer.step_end(self.step, self.tokens_seen, last=self.step == self.steps):
                     break  # SIGTERM/SIGUSR1 or a non-finite step with on_nonfinite = "stop": state saved
 
-    def _memory(self) -> dict[str, float | None]:
-        memory = device_memory(self.device)
-        if self.parallel_plan["cudagraphs"]:
-            # Tensors that CUDA graphs replay into live in the graphs' private pool, outside the allocator's
-            # active count (which then shows a few GiB): report the reserved peak, which includes the pool.
-            memory["memory_gib"] = memory["memory_reserved_gib"]
-        return memory
-
     def _is_log_step(self, step: int) -> bool:
         return step % self.cfg.metrics.log_freq == 0 or step in (1, self.steps)
 
@@ -265,7 +262,7 @@ class Trainer:
             "mfu": mfu(rates["tokens_per_s_per_device"], fpt, device_name(self.device)),
             "tokens_seen": float(self.tokens_seen),
             "masked_fraction": masked / out["tokens"],
-            **self._memory(),
+            **device_memory(self.device),
             **self.t_buckets.scalars(),
         }
         self.metrics.log(self.step, metrics)

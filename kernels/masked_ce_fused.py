@@ -12,8 +12,8 @@ of rows sized so that its logits fit a fixed byte budget:
 
 All of it happens in forward (the loss is a scalar); backward only multiplies the stored gradients by the
 upstream gradient and casts them: one Triton pass each, the one for ``dH`` also scattering the masked rows to
-their places and writing zeros elsewhere (so ``dH`` is written once, never zero-filled and then copied into). The forward and that pass are
-``torch.library.custom_op`` s with fake implementations, and autograd sees them through one
+their places and writing zeros elsewhere (so ``dH`` is written once, never zero-filled and then copied into).
+The forward and those passes are ``torch.library.custom_op`` s with fake implementations, and autograd sees them through one
 ``torch.autograd.Function``, so ``torch.compile(fullgraph=True)`` traces the loss without a graph break or a
 data-dependent shape (the gather happens inside the op).
 
@@ -95,7 +95,7 @@ def masked_lce_fwd(
     n, d = hidden.shape
     vocab = weight.shape[0]
     dx = hidden.new_empty((n, d)) if grad_hidden else hidden.new_empty((0,))
-    row_of = targets.new_full((n,), -1) if grad_hidden else targets.new_empty((0,))
+    row_of = torch.full((n,) if grad_hidden else (0,), -1, dtype=torch.long, device=hidden.device)
     dw = weight.new_empty((vocab, d) if grad_weight else (0,), dtype=torch.float32)
     # A caller that knows the masked rows (the trainer builds masks on the CPU) passes them: nonzero on the
     # device would stall the host until the GPU catches up, once per micro-batch.
@@ -133,7 +133,7 @@ def _(hidden, weight, targets, token_weights, masked_index, grad_hidden, grad_we
     return (
         hidden.new_empty((), dtype=torch.float32),
         hidden.new_empty(hidden.shape if grad_hidden else (0,)),
-        targets.new_empty(targets.shape if grad_hidden else (0,)),
+        hidden.new_empty((hidden.shape[0],) if grad_hidden else (0,), dtype=torch.long),
         weight.new_empty(weight.shape if grad_weight else (0,), dtype=torch.float32),
     )
 
@@ -153,7 +153,8 @@ def _(src, scale, dtype):
 
 @torch.library.custom_op("dlm_kernels::scatter_rows", mutates_args=())
 def scatter_rows(src: torch.Tensor, row_of: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``out[r] = scale * src[row_of[r]]`` (0 where ``row_of[r] < 0``) as ``dtype``, one pass, no host sync."""
+    """``out[r] = scale * src[row_of[r]]`` (0 where ``row_of[r] < 0``) as ``dtype``: one Triton pass, no host sync
+    (the PyTorch fallback, for devices the kernel cannot run on, indexes with a mask)."""
     if kernels.runs_on(src.device):
         return kernels.scatter_rows(src, row_of, scale, dtype)
     return kernels.scatter_rows_reference(src, row_of, scale, dtype)

@@ -248,7 +248,9 @@ def scatter_rows(src: torch.Tensor, row_of: torch.Tensor, scale: torch.Tensor, d
     return out
 
 
-def scatter_rows_reference(src: torch.Tensor, row_of: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def scatter_rows_reference(
+    src: torch.Tensor, row_of: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """PyTorch twin of :func:`scatter_rows` (CPU fallback and test reference)."""
     out = torch.zeros((row_of.shape[0], src.shape[1]), dtype=dtype, device=src.device)
     has_src = row_of >= 0

@@ -3,8 +3,8 @@
 Each run builds a fresh Trainer from flags, trains ``--steps`` steps with one micro-batch per rank per step
 (global batch = local batch x ranks, as torchtitan's benchmarks), and times the steps after ``--warmup``
 between logged steps (the log step syncs the device). tokens/s and MFU use the trainer's formula
-(DESIGN.md), peak memory is the allocator's peak of active memory over a window (of reserved memory with CUDA
-graphs, whose pool the active count misses).
+(DESIGN.md), peak memory is the allocator's peak of active and of reserved memory over a window (with CUDA graphs
+only the reserved one counts the graphs' memory pool).
 
 A run is ``FLAVOR:feature,feature,...`` with features:
   eager (default) | compile; ac (selective, per op) | acfull | ac2 (every 2nd block); float8;
@@ -14,7 +14,7 @@ A run is ``FLAVOR:feature,feature,...`` with features:
   gradient accumulation); bf16reduce (bf16 gradient reduction); nocheck (skip the per-step non-finite check,
   to measure its host sync); bf16emb (cast the embedding output to bf16 under autocast, so the residual stream
   is bf16 on one GPU as it is under FSDP: a probe for a model change); losstorch (the chunked PyTorch loss
-  reference instead of the fused Triton kernel); cudagraphs (compiled blocks replayed as CUDA graphs).
+  reference instead of the fused Triton kernel); cudagraphs (compiled blocks replayed as CUDA graphs; with compile).
 
 Launch with torchrun for several GPUs: every rank runs the same list, rank 0 prints and writes results.
 
@@ -198,14 +198,15 @@ def cleanup() -> None:
 
 
 def print_table(records: list[dict]) -> None:
-    print("\n| run | GPUs | device | local batch x accum | tokens/s | per GPU | MFU | peak GiB | form |")
+    print("\n| run | GPUs | device | local batch x accum | tokens/s | per GPU | MFU | peak GiB active / reserved "
+          "| form |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in records:
         if "error" in r:
             print(f"| {r['run']} | {r.get('world_size')} | | | failed: {r['error'][:80]} | | | | |")
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
-        mem = f"{r['peak_active_gib']:.1f}" if r["peak_active_gib"] is not None else "-"
+        mem = "-" if r["peak_active_gib"] is None else f"{r['peak_active_gib']:.1f} / {r['peak_reserved_gib']:.1f}"
         print(f"| {r['run']} | {r['world_size']} | {r['device']} | {r['local_batch']} x {r['accum']} | {r['tokens_per_s']:,.0f} | "
               f"{r['tokens_per_s_per_gpu']:,.0f} | {mfu} | {mem} | {r['form']} |")
     for r in records:

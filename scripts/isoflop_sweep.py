@@ -117,6 +117,8 @@ def run_config(base, plan, dump_folder: Path, local_batch_size: int):
     cfg.training.local_batch_size = local_batch_size
     cfg.training.seq_len = plan.seq_len
     cfg.diffusion.ssl_ratio = plan.ssl_ratio
+    # Random lengths would record new CUDA graphs at every new length (the trainer refuses the pair).
+    cfg.compile.cudagraphs = cfg.compile.cudagraphs and plan.ssl_ratio == 0
     cfg.validation.enable = True
     cfg.validation.freq = plan.steps
     return cfg

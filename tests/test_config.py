@@ -87,9 +87,12 @@ def test_shipped_configs_load():
     assert cfg.optimizer.betas == (0.9, 0.95)
 
 
-def test_cudagraphs_need_compile_and_fixed_lengths():
-    with pytest.raises(UserError, match="add --compile.enable"):
-        load_config(["--compile.cudagraphs"])
-    with pytest.raises(UserError, match="ssl_ratio"):
+def test_cudagraphs_refuse_random_lengths_and_are_inert_without_compile():
+    with pytest.raises(UserError, match="ssl_ratio.*--compile.no_cudagraphs"):
         load_config(["--compile.enable", "--compile.cudagraphs", "--diffusion.ssl_ratio", "0.01"])
     assert load_config(["--compile.enable", "--compile.cudagraphs"]).compile.cudagraphs
+    # Without compile there is nothing to replay: the shipped 170M config still runs with --compile.no_enable.
+    cfg = load_config(
+        ["--job.config_file", "train_configs/170m.toml", "--compile.no_enable", "--diffusion.ssl_ratio", "0.01"]
+    )
+    assert cfg.compile.cudagraphs and not cfg.compile.enable

@@ -189,21 +189,30 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(scatter_rows, (hidden[:3], row_of, torch.tensor([2.0]), torch.float32))
 
 
-def test_scatter_rows_kernel_matches_float64():
+@pytest.mark.parametrize("d", [40, 2100])  # one column tile; two (the tile is at most 2048 wide) with a ragged end
+def test_scatter_rows_kernel_matches_float64(d):
     """Backward's dH pass: scaled source rows where a row has one, exact zeros elsewhere; d not a power of 2."""
     g = torch.Generator().manual_seed(9)
-    src = torch.randn(5, 40, generator=g)
+    src = torch.randn(5, d, generator=g)
     row_of = torch.tensor([3, -1, 0, -1, -1, 4, 1])
     scale = torch.tensor([0.75])
-    want = torch.zeros(7, 40, dtype=torch.float64)
+    want = torch.zeros(7, d, dtype=torch.float64)
     for r, j in enumerate(row_of.tolist()):
         if j >= 0:
             want[r] = src[j].double() * 0.75
     for fn in (masked_ce_triton.scatter_rows, masked_ce_triton.scatter_rows_reference):
         got = fn(src, row_of, scale, torch.float32)
-        assert got.dtype == torch.float32 and got.shape == (7, 40)
+        assert got.dtype == torch.float32 and got.shape == (7, d)
         torch.testing.assert_close(got.double(), want, rtol=1e-7, atol=0)
         assert torch.all(got[row_of < 0] == 0)
+
+
+def test_int32_targets_still_work():
+    """row_of is int64 whatever the targets' dtype (it once took theirs and broke index_copy_)."""
+    hidden, weight, targets, token_weights = _inputs(20, 16, V, 9, seed=11)
+    ref = _float64_loss_and_grads(hidden, weight, targets, token_weights)
+    got = _run(fused_masked_linear_cross_entropy, hidden, weight, targets.int(), token_weights)
+    _assert_close64(got, ref)
 
 
 def test_masked_index_gives_the_same_loss_and_grads():

@@ -197,7 +197,6 @@ def test_bad_selective_option_is_a_user_error():
         apply_ac(model, ActivationCheckpoint(mode="selective", selective_ac_option="every"))
 
 
-
 def test_cudagraphs_are_ignored_on_cpu_and_refused_with_fsdp(monkeypatch):
     from torch.distributed.device_mesh import DeviceMesh
 
@@ -207,6 +206,7 @@ def test_cudagraphs_are_ignored_on_cpu_and_refused_with_fsdp(monkeypatch):
     cfg = load_config(["--model.flavor", "6M", "--compile.enable", "--compile.cudagraphs"])
     model = build_model(cfg.model, 32, torch.device("meta"))
     assert parallelize_model(model, cfg, None, torch.device("cpu"))["cudagraphs"] is False
+    assert not model._forward_pre_hooks  # no CUDA-graph step marks either
     # On a GPU with a sharded mesh (a stand-in: only its shape is read before the check) it is a UserError.
     mesh = DeviceMesh.__new__(DeviceMesh)
     monkeypatch.setattr(DeviceMesh, "shape", property(lambda self: (1, 2)))

@@ -14,12 +14,14 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_deterministic_runs_repeat_bitwise(data, tmp_path):  # noqa: F811
     argv = ["--training.deterministic", "--training.dtype", "bfloat16", "--training.seq_len", "256",
             "--training.local_batch_size", "2", "--training.global_batch_size", "4"]
-    first = run_trainer(train_args(data, tmp_path / "a", *argv))
-    second = run_trainer(train_args(data, tmp_path / "b", *argv))
+    try:
+        first = run_trainer(train_args(data, tmp_path / "a", *argv))
+        second = run_trainer(train_args(data, tmp_path / "b", *argv))
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)  # leave the process as other tests expect it
     assert first == second
     assert len(set(first.values())) == len(first) > 1
-    assert torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(False)  # leave the process as other tests expect it
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
@@ -37,15 +39,35 @@ def test_ddp_two_gpus_equal_one_gpu(data, tmp_path):  # noqa: F811
         assert abs(two[step] - ref) <= 2e-3 * abs(ref), f"step {step}: {two[step]!r} vs {ref!r}"
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_ddp_with_cudagraphs_on_two_gpus_equals_one_gpu(data, tmp_path):  # noqa: F811
+    """The 170m.toml form: DDP with CUDA-graphed blocks (bucket-view gradients, 2 micro-batches per rank
+    accumulated without sync) trains like one GPU without CUDA graphs on the same global batch."""
+    argv = ["--training.dtype", "bfloat16", "--training.seq_len", "256", "--training.local_batch_size", "2",
+            "--training.global_batch_size", "8", "--compile.enable"]
+    one = run_trainer(train_args(data, tmp_path / "one", *argv))
+    ddp = ["--parallelism.data_parallel_replicate_degree", "-1", "--parallelism.data_parallel_shard_degree", "1",
+           "--compile.cudagraphs"]
+    finish(torchrun(1, 2, "localhost:0", train_args(data, tmp_path / "ddp", *argv, *ddp)))
+    two = read_losses(tmp_path / "ddp")
+    assert sorted(two) == sorted(one) and len(set(one.values())) == len(one) > 1
+    for step, ref in one.items():
+        assert abs(two[step] - ref) <= 2e-3 * abs(ref), f"step {step}: {two[step]!r} vs {ref!r}"
+
+
 def test_cudagraphs_train_like_plain_compile(data, tmp_path):  # noqa: F811
     """Compiled blocks replayed as CUDA graphs, with 2 micro-batches a step (gradients accumulate into buffers
     outside the graphs' pool) and validation between steps (no_grad calls of the chained blocks): the same
-    kernels as plain compile, so the losses agree to bf16 noise."""
+    kernels as plain compile, so the losses agree to bf16 noise; and no graph was skipped (replayed eagerly)."""
+    from torch._dynamo.utils import counters
+
     argv = ["--training.dtype", "bfloat16", "--training.seq_len", "256", "--training.local_batch_size", "2",
             "--training.global_batch_size", "4", "--compile.enable", "--validation.enable", "--validation.freq", "2",
             "--validation.steps", "2", "--data.val_prefix", "train_slim"]
     plain = run_trainer(train_args(data, tmp_path / "plain", *argv))
+    counters.clear()
     graphs = run_trainer(train_args(data, tmp_path / "graphs", *argv, "--compile.cudagraphs"))
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
     assert sorted(graphs) == sorted(plain) and len(set(plain.values())) == len(plain) > 1
     for step, ref in plain.items():
         assert abs(graphs[step] - ref) <= 2e-3 * abs(ref), f"step {step}: {graphs[step]!r} vs {ref!r}"
@@ -57,9 +79,11 @@ def test_cudagraphs_resume_equals_uninterrupted(data, tmp_path):  # noqa: F811
     argv = ["--training.deterministic", "--training.dtype", "bfloat16", "--training.seq_len", "256",
             "--training.local_batch_size", "2", "--training.global_batch_size", "4", "--compile.enable",
             "--compile.cudagraphs", "--checkpoint.enable", "--checkpoint.interval", "2"]
-    full = run_trainer(train_args(data, tmp_path / "full", *argv))
-    run_trainer(train_args(data, tmp_path / "resumed", *argv), stop_after=2)
-    resumed = run_trainer(train_args(data, tmp_path / "resumed", *argv))
-    torch.use_deterministic_algorithms(False)  # leave the process as other tests expect it
+    try:
+        full = run_trainer(train_args(data, tmp_path / "full", *argv))
+        run_trainer(train_args(data, tmp_path / "resumed", *argv), stop_after=2)
+        resumed = run_trainer(train_args(data, tmp_path / "resumed", *argv))
+    finally:
+        torch.use_deterministic_algorithms(False)  # leave the process as other tests expect it
     assert sorted(resumed) == list(range(3, len(full) + 1)) and len(full) >= 4
     assert resumed == {step: full[step] for step in resumed}
