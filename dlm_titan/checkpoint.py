@@ -253,12 +253,31 @@ class CheckpointManager:
 
     def _tensor_state(self) -> dict[str, Any]:
         """Model and optimizer tensors (DTensor shards under FSDP2); optimizer hyper-parameters apart."""
-        optim = get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIM_OPTIONS)
+        optim = self._optimizer_state_dict()
         return {
             "model": get_model_state_dict(self.model),
             "optimizer": {k: v for k, v in optim.items() if isinstance(v, torch.Tensor)},
             "_optim_extras": {k: v for k, v in optim.items() if not isinstance(v, torch.Tensor)},
         }
+
+    def _optimizer_state_dict(self) -> dict[str, Any]:
+        """DCP's flattened optimizer state dict, with Adam's state present even before the first update.
+
+        Before any update DCP creates the state (a zero-gradient step at lr 0) only if no parameter has a
+        gradient. Gradients that stay allocated (DDP's bucket views, CUDA graphs' buffers) would make it return
+        an empty state: a checkpoint saved then (e.g. a stop at step 1) could not be loaded by a process whose
+        state DCP does create. So they are set aside for the call and put back.
+        """
+        kept = {}
+        if not self.optimizer.state:
+            kept = {p: p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None}
+            for param in kept:
+                param.grad = None
+        try:
+            return get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIM_OPTIONS)
+        finally:
+            for param, grad in kept.items():
+                param.grad = grad
 
     def _state_to_save(self, step: int, tokens_seen: int) -> dict[str, Any]:
         state = self._tensor_state()

@@ -151,6 +151,25 @@ def test_resume_exact_with_gradients_kept_allocated(reference, tmp_path, monkeyp
     assert rest == {s: reference[s] for s in range(5, 9)}
 
 
+def test_save_before_any_update_with_kept_gradients_loads(tmp_path, monkeypatch):
+    """A checkpoint written before the first optimizer update while gradient buffers are kept allocated (CUDA
+    graphs, DDP) holds Adam's (zero) state, so a new process loads it; the kept buffers survive the save."""
+    import dlm_titan.train as train_module
+
+    parallelize = train_module.parallelize_model
+    monkeypatch.setattr(train_module, "parallelize_model", lambda *a, **k: {**parallelize(*a, **k), "cudagraphs": True})
+    dump = tmp_path / "out"
+    ckpt = ["--checkpoint.enable", "--checkpoint.interval", "2"]
+    first = Trainer(config(dump, *ckpt))
+    grads = [p.grad for p in first.model.parameters()]
+    first.checkpointer.save(1, 0, blocking=True)
+    assert all(p.grad is g for p, g in zip(first.model.parameters(), grads))
+    _stop_workers(first)
+    second = Trainer(config(dump, *ckpt))
+    assert second.step == 1 and second.optimizer.state
+    _stop_workers(second)
+
+
 def test_keep_latest_k_holds_and_markers_are_written(resumed):
     assert resumed["after_first"] == [2, 4]
     folders = step_folders(resumed["dump"] / "checkpoint")
