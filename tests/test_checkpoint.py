@@ -135,13 +135,19 @@ def test_async_save_resumes_exactly(reference, tmp_path):
     assert rest == {s: reference[s] for s in range(5, 9)}
 
 
-def test_resume_exact_with_gradients_kept_allocated(reference, tmp_path, monkeypatch):
-    """Under CUDA graphs the trainer keeps gradient buffers allocated and zeroes them in place; that must not stop
-    the checkpoint load from restoring Adam's moments. The CPU has no CUDA graphs, so the plan only claims them."""
+@pytest.fixture
+def graphs_claimed(monkeypatch):
+    """The trainer's parallel plan claims CUDA graphs: the CPU has none, but the trainer then keeps zeroed
+    gradient buffers allocated from the start, as it does for them."""
     import dlm_titan.train as train_module
 
     parallelize = train_module.parallelize_model
     monkeypatch.setattr(train_module, "parallelize_model", lambda *a, **k: {**parallelize(*a, **k), "cudagraphs": True})
+
+
+def test_resume_exact_with_gradients_kept_allocated(reference, tmp_path, graphs_claimed):
+    """Under CUDA graphs the trainer keeps gradient buffers allocated and zeroes them in place; that must not stop
+    the checkpoint load from restoring Adam's moments."""
     dump = tmp_path / "out"
     ckpt = ["--checkpoint.enable", "--checkpoint.interval", "2"]
     _, first = train(dump, *ckpt, stop_after=4)
@@ -151,13 +157,9 @@ def test_resume_exact_with_gradients_kept_allocated(reference, tmp_path, monkeyp
     assert rest == {s: reference[s] for s in range(5, 9)}
 
 
-def test_save_before_any_update_with_kept_gradients_loads(tmp_path, monkeypatch):
+def test_save_before_any_update_with_kept_gradients_loads(tmp_path, graphs_claimed):
     """A checkpoint written before the first optimizer update while gradient buffers are kept allocated (CUDA
     graphs, DDP) holds Adam's (zero) state, so a new process loads it; the kept buffers survive the save."""
-    import dlm_titan.train as train_module
-
-    parallelize = train_module.parallelize_model
-    monkeypatch.setattr(train_module, "parallelize_model", lambda *a, **k: {**parallelize(*a, **k), "cudagraphs": True})
     dump = tmp_path / "out"
     ckpt = ["--checkpoint.enable", "--checkpoint.interval", "2"]
     first = Trainer(config(dump, *ckpt))
