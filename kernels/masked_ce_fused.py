@@ -13,9 +13,9 @@ of rows sized so that its logits fit a fixed byte budget:
 All of it happens in forward (the loss is a scalar); backward only multiplies the stored gradients by the
 upstream gradient and casts them: one Triton pass each, the one for ``dH`` also scattering the masked rows to
 their places and writing zeros elsewhere (so ``dH`` is written once, never zero-filled and then copied into).
-The forward and those passes are ``torch.library.custom_op`` s with fake implementations, and autograd sees them through one
-``torch.autograd.Function``, so ``torch.compile(fullgraph=True)`` traces the loss without a graph break or a
-data-dependent shape (the gather happens inside the op).
+The forward and those passes are ``torch.library.custom_op`` s with fake implementations, and autograd sees
+them through one ``torch.autograd.Function``, so ``torch.compile(fullgraph=True)`` traces the loss without a
+graph break or a data-dependent shape (the gather happens inside the op).
 
 Measured on an H200 (scripts/bench_loss.py, d=768 and 2048, V=32000, ~8k masked rows): a 256 MiB buffer
 beat 128 MiB (more dW read-modify-write passes, smaller GEMMs) and matched 512 MiB at less memory; running
