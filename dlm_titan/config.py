@@ -72,8 +72,9 @@ class Optimizer:
     """AdamW epsilon."""
     weight_decay: float = 0.1
     """Decoupled weight decay, applied to every parameter as in SMDM."""
-    implementation: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
-    """AdamW kernel: "auto" = fused on CUDA, foreach on CPU."""
+    implementation: Literal["auto", "triton", "fused", "foreach", "for-loop"] = "auto"
+    """AdamW kernel: "triton" (one launch over every parameter, gradient clipping folded in), PyTorch's "fused",
+    "foreach" or "for-loop"; "auto" = triton on CUDA, foreach on CPU."""
 
 
 @dataclass

@@ -35,7 +35,7 @@ from dlm_titan.metrics import (
     model_flops_per_token,
 )
 from dlm_titan.models import build_model
-from dlm_titan.optim import build_lr_scheduler, build_optimizer, resolve_warmup_steps
+from dlm_titan.optim import build_lr_scheduler, build_optimizer, clip_grad_norm, resolve_warmup_steps
 from dlm_titan.parallelize import parallelize_model, set_gradient_sync
 from dlm_titan.profiling import Profiler
 from dlm_titan.validation import SequenceLossTap, build_validator
@@ -66,6 +66,7 @@ class Trainer:
         self.model.train()
 
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
+        self.params = list(self.model.parameters())
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.optimizer.lr, self.steps)
         data_path = resolve_data_path(cfg.data)
         self.data_loader = build_train_loader(
@@ -186,9 +187,10 @@ class Trainer:
             micro_losses.append(loss.detach())
             if self.loss_tap.armed:  # per-sequence loss: sum of CE / p over its tokens, divided by its length
                 self.t_buckets.add(noise.t, self.loss_tap.take(len(positions)) * (token_count / length))
-        grad_norm = self._clip_grad_norm()
+        # The Triton AdamW takes the clip coefficient into its update; other optimizers get clipped gradients.
+        grad_norm, grad_scale = clip_grad_norm(self.params, self.cfg.training.max_norm, self.optimizer)
         if self.checkpointer.check_finite(step, micro_losses, grad_norm):  # else training.on_nonfinite
-            self.optimizer.step()
+            self.optimizer.step(**({} if grad_scale is None else {"grad_scale": grad_scale}))
         self.lr_scheduler.step()
         # DDP keeps gradients as views of its buckets: zero them in place, or autograd allocates a second set and
         # the reducer copies it into the buckets at every synced backward. CUDA graphs need them in place too.
@@ -202,11 +204,6 @@ class Trainer:
         if self.device.type != "cuda":
             return x
         return x.pin_memory().to(self.device, non_blocking=True)
-
-    def _clip_grad_norm(self) -> torch.Tensor:
-        max_norm = self.cfg.training.max_norm if self.cfg.training.max_norm > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=self.device.type == "cuda")
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def train(self) -> None:
         """Runs steps until ``self.steps``, logging every metrics.log_freq steps and at the last step, and

@@ -14,7 +14,8 @@ A run is ``FLAVOR:feature,feature,...`` with features:
   gradient accumulation); bf16reduce (bf16 gradient reduction); nocheck (skip the per-step non-finite check,
   to measure its host sync); bf16emb (cast the embedding output to bf16 under autocast, so the residual stream
   is bf16 on one GPU as it is under FSDP: a probe for a model change); losstorch (the chunked PyTorch loss
-  reference instead of the fused Triton kernel); cudagraphs (compiled blocks replayed as CUDA graphs; with compile).
+  reference instead of the fused Triton kernel); cudagraphs (compiled blocks replayed as CUDA graphs; with compile);
+  adamfused (PyTorch's fused AdamW after clip_grad_norm_ instead of the Triton AdamW with clipping folded in).
 
 Launch with torchrun for several GPUs: every rank runs the same list, rank 0 prints and writes results.
 
@@ -41,7 +42,7 @@ from dlm_titan.config import load_config
 from dlm_titan.flops import flops_per_token, peak_flops
 
 FEATURES = {"eager", "compile", "ac", "acfull", "ac2", "float8", "fsdp", "noreshard", "default", "replicate", "profile",
-            "nocheck", "bf16reduce", "bf16emb", "losstorch", "cudagraphs"}
+            "nocheck", "bf16reduce", "bf16emb", "losstorch", "cudagraphs", "adamfused"}
 
 
 def parse_run(spec: str) -> tuple[str, list[str], int | None, int]:
@@ -87,6 +88,8 @@ def trainer_argv(flavor: str, features: list[str], args, world_size: int, dump: 
         argv += ["--parallelism.data_parallel_replicate_degree", "-1", "--parallelism.data_parallel_shard_degree", "1"]
     if "cudagraphs" in features:
         argv += ["--compile.cudagraphs"]
+    if "adamfused" in features:
+        argv += ["--optimizer.implementation", "fused"]
     if "losstorch" in features:
         argv += ["--diffusion.loss_impl", "torch"]
     if "bf16reduce" in features:

@@ -1,37 +1,24 @@
-"""CPU tests of the fused masked linear cross-entropy: its Triton kernels run under TRITON_INTERPRET=1.
+"""CPU tests of the fused masked linear cross-entropy: its Triton kernels run under TRITON_INTERPRET=1
+(in a process of their own, see ``interpreted.py``).
 
 fp32 only (the interpreter is exact in fp32), tiny shapes (one program per masked row costs ~15 ms), every
 result compared with a float64 loss written here from the definition.
 """
 
-import importlib
-import os
-import subprocess
-import sys
-
-# triton reads TRITON_INTERPRET when it and each kernel are defined, so this must precede their import. If
-# another test module imported triton first without it, the cases run in a fresh process (see the end).
-_TRITON_PRELOADED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
 import dlm_kernels  # noqa: E402
-from dlm_kernels import masked_ce_triton  # noqa: E402
-
-if not _TRITON_PRELOADED and not masked_ce_triton.interpreter_active():
-    # Another test module imported the kernels (not triton) first: define them again, interpreted.
-    importlib.reload(masked_ce_triton)
-
 from dlm_kernels import (  # noqa: E402
     fused_masked_linear_cross_entropy,
+    masked_ce_triton,
     masked_linear_cross_entropy,
     masked_linear_cross_entropy_reference,
 )
 from dlm_kernels.masked_ce_fused import masked_lce_fwd, scale_cast, scatter_rows  # noqa: E402
+from interpreted import replace_unless_interpreted  # noqa: E402
 
 V = 97  # prime: no power-of-two block divides it
 
@@ -237,15 +224,4 @@ def test_bad_inputs_raise_clear_errors():
     assert dlm_kernels.resolve_impl("auto", torch.device("cpu")) == "torch"
 
 
-if _TRITON_PRELOADED:
-    # triton's own helpers were compiled for a GPU in this process, so the cases above cannot run here:
-    # replace them by one test that runs this file in a fresh process.
-    for _name in [n for n in globals() if n.startswith("test_")]:
-        del globals()[_name]
-
-    def test_interpreter_cases_in_fresh_process():
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-        assert " passed" in proc.stdout and "skipped" not in proc.stdout
+replace_unless_interpreted(globals(), __file__)

@@ -47,8 +47,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nnodes: int, nproc: int, endpoint: str, argv: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def torchrun(nnodes: int, nproc: int, endpoint: str, argv: list[str], **env_extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env_extra}
     env.pop("WORLD_SIZE", None)
     cmd = [*TORCHRUN, "--nnodes", str(nnodes), "--nproc_per_node", str(nproc), "--rdzv_backend", "c10d",
            "--rdzv_endpoint", endpoint, "--rdzv_id", "dlm_titan_test", __file__, *argv]
@@ -92,6 +92,19 @@ def test_ddp_2x1_equals_fsdp_1x2(data, tmp_path, fsdp_losses):
                       "--parallelism.data_parallel_shard_degree", "1")
     finish(torchrun(1, 2, "localhost:0", argv))
     assert_close(read_losses(tmp_path), fsdp_losses)
+
+
+@pytest.mark.parametrize("form", [("1", "-1"), ("-1", "1")], ids=["fsdp", "ddp"])
+def test_triton_adamw_on_two_ranks_equals_one_process(data, tmp_path, reference, form):
+    """The Triton AdamW (run by triton's CPU interpreter) on FSDP's DTensor shards and on DDP's bucket-view
+    gradients, with clipping (max_norm 1, grad norms ~5) folded into the update, equals one process with the
+    foreach AdamW."""
+    pytest.importorskip("triton")
+    argv = train_args(data, tmp_path, "--optimizer.implementation", "triton",
+                      "--parallelism.data_parallel_replicate_degree", form[0],
+                      "--parallelism.data_parallel_shard_degree", form[1])
+    finish(torchrun(1, 2, "localhost:0", argv, TRITON_INTERPRET="1"))
+    assert_close(read_losses(tmp_path), reference)
 
 
 def test_two_nodes_on_localhost_equal_one_process(data, tmp_path, reference):

@@ -1,0 +1,160 @@
+"""CPU tests of the Triton AdamW (kernels/adamw.py, dlm_titan.optim.TritonAdamW) under TRITON_INTERPRET=1 (in a
+process of their own, see ``interpreted.py``): the kernel against float64 AdamW written here from its definition,
+the optimizer against ``torch.optim.AdamW`` with ``clip_grad_norm_``, checkpoints across implementations, and
+the trainer."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from dlm_kernels.adamw import AdamWLaunch  # noqa: E402
+from harness import run_trainer, tiny_run_args, write_random_shards  # noqa: E402
+from interpreted import replace_unless_interpreted  # noqa: E402
+
+from dlm_titan.optim import TritonAdamW, clip_grad_norm  # noqa: E402
+
+HYPER = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+def _adamw_float64(p, g, m, v, step, scale):
+    """One AdamW step in float64, from the definition (decoupled decay, bias-corrected moments)."""
+    lr, (b1, b2), eps, wd = HYPER["lr"], HYPER["betas"], HYPER["eps"], HYPER["weight_decay"]
+    g = g * scale
+    p = p * (1 - lr * wd)
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    m_hat, v_hat = m / (1 - b1**step), v / (1 - b2**step)
+    return p - lr * m_hat / (v_hat.sqrt() + eps), m, v
+
+
+def _rel(a, b):
+    return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_kernel_matches_float64(scaled):
+    # Sizes: below one block, one block exactly, a ragged tail over several blocks, a 2-D tensor, one element.
+    g = torch.Generator().manual_seed(1)
+    shapes = [(7,), (32,), (77,), (5, 13), (1,)]
+    params = [torch.randn(s, generator=g) for s in shapes]
+    moments = [torch.randn(s, generator=g) * 0.1 for s in shapes]
+    squares = [torch.rand(s, generator=g) * 0.01 for s in shapes]
+    ref = [(p.double(), m.double(), v.double()) for p, m, v in zip(params, moments, squares)]
+    launch = AdamWLaunch(params, moments, squares, block=32, num_warps=1)
+    scale = torch.tensor([0.37]) if scaled else None
+    for step in (1, 2, 3):
+        # New gradient tensors each step (the address table is rebuilt), then the same ones again (reused).
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        for reuse in range(2 if step == 3 else 1):
+            launch(grads, lr=HYPER["lr"], beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=step + reuse,
+                   grad_scale=scale)
+            ref = [_adamw_float64(p, gr.double(), m, v, step + reuse, 0.37 if scaled else 1.0)
+                   for (p, m, v), gr in zip(ref, grads)]
+    for got, want in zip(zip(params, moments, squares), ref):
+        for a, b in zip(got, want):
+            assert _rel(a, b) <= 1e-6
+
+
+def test_kernel_refuses_what_it_cannot_take():
+    with pytest.raises(ValueError, match="fp32"):
+        AdamWLaunch([torch.zeros(4, dtype=torch.float64)], [torch.zeros(4)], [torch.zeros(4)])
+    with pytest.raises(ValueError, match="shapes differ"):
+        AdamWLaunch([torch.zeros(4)], [torch.zeros(5)], [torch.zeros(4)])
+
+
+def _model(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(9, 40), torch.nn.LayerNorm(40), torch.nn.Linear(40, 3))
+
+
+def _train(model, optimizer, steps, max_norm, triton_clip, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    norms = []
+    for _ in range(steps):
+        x = torch.randn(16, 9, generator=g).to(dtype)
+        optimizer.zero_grad()
+        (model(x) ** 2).sum().backward()
+        params = list(model.parameters())
+        if triton_clip:
+            norm, scale = clip_grad_norm(params, max_norm, optimizer)
+            optimizer.step(**({} if scale is None else {"grad_scale": scale}))
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            optimizer.step()
+        norms.append(norm.item())
+    return norms
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 0.0])
+def test_triton_adamw_matches_torch_adamw_with_clipping(max_norm):
+    ours, theirs = _model(0), _model(0)
+    opt_ours = TritonAdamW(ours.parameters(), block=64, **HYPER)
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), foreach=False, **HYPER)
+    norms = _train(ours, opt_ours, 4, max_norm, triton_clip=True)
+    ref_norms = _train(theirs, opt_theirs, 4, max_norm if max_norm > 0 else math.inf, triton_clip=False)
+    if max_norm > 0:
+        assert min(norms) > max_norm  # every step clipped, so the folded scale mattered
+    assert norms == pytest.approx(ref_norms, rel=1e-6)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert _rel(a, b.double()) <= 1e-6
+    state, ref_state = opt_ours.state_dict(), opt_theirs.state_dict()
+    assert state["state"].keys() == ref_state["state"].keys()
+    for key, s in state["state"].items():
+        assert s.keys() == ref_state["state"][key].keys()
+        assert s["step"].device.type == "cpu" and s["step"].item() == ref_state["state"][key]["step"].item() == 4
+
+
+@pytest.mark.parametrize("first", ["torch", "triton"])
+def test_checkpoint_state_loads_across_implementations(first):
+    """Two steps with one implementation, its state loaded into the other, two more steps: equal to four steps
+    of torch's AdamW. The receiving optimizer first steps with lr 0 and zero gradients, as DCP does to create
+    state before loading into it, so the Triton launch it caches must follow the loaded (new) tensors."""
+    build = {"torch": lambda m: torch.optim.AdamW(m.parameters(), foreach=False, **HYPER),
+             "triton": lambda m: TritonAdamW(m.parameters(), block=64, **HYPER)}
+    second = "triton" if first == "torch" else "torch"
+    model, straight = _model(0), _model(0)
+    opt = build[first](model)
+    _train(model, opt, 2, 0.5, triton_clip=first == "triton")
+    moved = build[second](model)
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    moved.param_groups[0]["lr"] = 0.0
+    moved.step()
+    moved.load_state_dict(copy.deepcopy(opt.state_dict()))
+    _train(model, moved, 2, 0.5, triton_clip=second == "triton", seed=8)
+    ref_opt = build["torch"](straight)
+    _train(straight, ref_opt, 2, 0.5, triton_clip=False)
+    _train(straight, ref_opt, 2, 0.5, triton_clip=False, seed=8)
+    for a, b in zip(model.parameters(), straight.parameters()):
+        assert _rel(a, b.double()) <= 1e-6
+
+
+def test_tensors_the_kernel_cannot_take_get_the_same_math():
+    ours, theirs = _model(0).double(), _model(0).double()
+    _train(ours, TritonAdamW(ours.parameters(), **HYPER), 3, 0.5, triton_clip=True)
+    _train(theirs, torch.optim.AdamW(theirs.parameters(), foreach=False, **HYPER), 3, 0.5, triton_clip=False)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert _rel(a, b) <= 1e-12
+
+
+def test_trainer_with_triton_adamw_equals_foreach_and_resumes(tmp_path):
+    (tmp_path / "shards").mkdir()
+    data = write_random_shards(tmp_path / "shards", 256)
+    args = lambda name, *extra: tiny_run_args(data, tmp_path / name, 256, 4, 4, 2, 0, *extra)  # noqa: E731
+    foreach = run_trainer(args("foreach", "--optimizer.implementation", "foreach"))
+    triton = run_trainer(args("triton", "--optimizer.implementation", "triton"))
+    assert len({round(v, 4) for v in foreach.values()}) == 4  # the steps differ: equality means something
+    assert triton == pytest.approx(foreach, rel=1e-6)
+    ckpt = ("--optimizer.implementation", "triton", "--checkpoint.enable", "--checkpoint.interval", "2")
+    run_trainer(args("resumed", *ckpt), stop_after=2)
+    resumed = run_trainer(args("resumed", *ckpt))
+    assert sorted(resumed) == [3, 4]
+    assert all(resumed[s] == triton[s] for s in (3, 4))  # bit for bit: the moments came back exactly
+
+
+replace_unless_interpreted(globals(), __file__)
