@@ -1,4 +1,5 @@
-"""dlm_kernels: fused masked-diffusion linear cross-entropy (Triton) and its PyTorch reference.
+"""dlm_kernels: Triton kernels with their PyTorch twins: the fused masked-diffusion linear cross-entropy
+(re-exported here) and a multi-tensor AdamW (:mod:`dlm_kernels.adamw`).
 
 Standalone: imports torch and, when installed, triton; never dlm_titan. Importable without CUDA or triton.
 """
