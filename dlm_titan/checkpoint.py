@@ -65,6 +65,10 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
+# Optimizer group entries that pick a kernel, not the math: a resume keeps the running optimizer's own.
+_IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+
+
 def _like(saved: Any, template: Any) -> Any:
     """A JSON value converted back to the template's container types (tuples do not survive JSON)."""
     if isinstance(template, tuple) and isinstance(saved, list):
@@ -192,7 +196,9 @@ class CheckpointManager:
         groups = _from_json_tensor(state["optimizer_groups"])
         optim_state = dict(state["optimizer"])
         for key, template in optim_extras.items():
-            optim_state[key] = _like(groups[key], template) if key in groups else template
+            # Hyper-parameters come from the checkpoint; the kernel choice (optimizer.implementation) from this run.
+            saved = key in groups and key.rsplit(".", 1)[-1] not in _IMPLEMENTATION_FLAGS
+            optim_state[key] = _like(groups[key], template) if saved else template
         set_optimizer_state_dict(self.model, self.optimizer, optim_state, options=_OPTIM_OPTIONS)
         self.lr_scheduler.load_state_dict(_from_json_tensor(state["lr_scheduler"]))
         self._load_data_loader(step_dir, train_state, sizes)

@@ -74,7 +74,7 @@ class Optimizer:
     """Decoupled weight decay, applied to every parameter as in SMDM."""
     implementation: Literal["auto", "triton", "fused", "foreach", "for-loop"] = "auto"
     """AdamW kernel: "triton" (one launch over every parameter, gradient clipping folded in), PyTorch's "fused",
-    "foreach" or "for-loop"; "auto" = triton on CUDA, foreach on CPU."""
+    "foreach" or "for-loop"; "auto" = triton on CUDA (fused without triton), foreach on CPU."""
 
 
 @dataclass

@@ -22,17 +22,21 @@ _ADAMW_BLOCK, _ADAMW_WARPS = (65536, 4) if interpreter_active() else (1024, 4)
 class TritonAdamW(torch.optim.AdamW):
     """``torch.optim.AdamW`` whose step is one Triton launch per parameter group (:mod:`dlm_kernels.adamw`).
 
-    Same hyperparameters, same state (``step`` on the CPU, ``exp_avg``, ``exp_avg_sq``) and so the same
-    checkpoints as the other implementations. ``step(grad_scale=c)`` multiplies every gradient by the one-element
-    tensor ``c`` inside the update: :func:`clip_grad_norm` hands it the clip coefficient instead of scaling the
-    gradients in place. Parameters may be DTensors (FSDP2): the kernel updates their local shards. Tensors the
-    kernel cannot take (not fp32, or on a device triton cannot run on) get the same math in PyTorch.
+    The same math, state (``step`` on the CPU, ``exp_avg``, ``exp_avg_sq``) and so the same checkpoints as
+    ``torch.optim.AdamW`` (without amsgrad or maximize). ``step(grad_scale=c)`` multiplies every gradient by the
+    one-element tensor ``c`` inside the update: :func:`clip_grad_norm` hands it the clip coefficient instead of
+    scaling the gradients in place. Parameters may be DTensors (FSDP2): the kernel updates their local shards.
+    Tensors the kernel cannot take (not fp32, misaligned, or on a device triton cannot run on) get the same math
+    in PyTorch; ``tensors_by_kernel`` and ``tensors_by_pytorch`` count the updates of each kind.
     """
 
-    def __init__(self, params, block: int = _ADAMW_BLOCK, num_warps: int = _ADAMW_WARPS, **hyper):
-        super().__init__(params, foreach=False, fused=False, **hyper)
+    def __init__(self, params, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                 block: int = _ADAMW_BLOCK, num_warps: int = _ADAMW_WARPS):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False, fused=False)
         self.block, self.num_warps = block, num_warps
-        self._launches: dict[int, tuple[list, list, AdamWLaunch | None]] = {}
+        self._launches: list[AdamWLaunch] = []  # one per parameter group
+        self.tensors_by_kernel = 0
+        self.tensors_by_pytorch = 0
 
     @torch.no_grad()
     def step(self, closure=None, grad_scale: torch.Tensor | None = None):
@@ -40,7 +44,9 @@ class TritonAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for index, group in enumerate(self.param_groups):
+        while len(self._launches) < len(self.param_groups):
+            self._launches.append(AdamWLaunch(self.block, self.num_warps))
+        for group, launch in zip(self.param_groups, self._launches):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
@@ -48,45 +54,20 @@ class TritonAdamW(torch.optim.AdamW):
                 if not self.state[p]:
                     zeros = torch.zeros_like
                     self.state[p].update(step=torch.tensor(0.0), exp_avg=zeros(p), exp_avg_sq=zeros(p))
-            steps = [self.state[p]["step"] for p in params]
+            states = [self.state[p] for p in params]
+            steps = [s["step"] for s in states]
             torch._foreach_add_(steps, 1.0)
             beta1, beta2 = group["betas"]
             hyper = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                          weight_decay=group["weight_decay"], grad_scale=grad_scale)
-            launch = self._launch(index, params)
-            if launch is not None:
-                try:
-                    launch([_local(p.grad) for p in params], step=int(steps[0]), **hyper)
-                    continue
-                except ValueError:  # a gradient the kernel cannot take (e.g. a misaligned bucket view)
-                    pass
-            for p, step in zip(params, steps):  # PyTorch math, tensor by tensor
-                state = self.state[p]
-                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
-                adamw_reference(*(_local(t) for t in tensors), step=int(step), **hyper)
+            tensors = [[_local(t) for t in row] for row in (params, [p.grad for p in params],
+                       [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states])]
+            left = launch(*tensors, steps, **hyper) if adamw_runs_on(tensors[0][0].device) else range(len(params))
+            for i in left:  # PyTorch math, tensor by tensor
+                adamw_reference(*(row[i] for row in tensors), step=int(steps[i]), **hyper)
+            self.tensors_by_pytorch += len(left)
+            self.tensors_by_kernel += len(params) - len(left)
         return loss
-
-    def _launch(self, index: int, params: list) -> AdamWLaunch | None:
-        """The cached launch of group ``index`` if it still covers exactly ``params`` and their state tensors."""
-        states = [self.state[p] for p in params]
-        moments = [s["exp_avg"] for s in states]
-        cached = self._launches.get(index)
-        if cached is not None and _same(cached[0], params) and _same(cached[1], moments):
-            return cached[2]
-        launch = None
-        steps = {float(s["step"]) for s in states}
-        if len(steps) == 1 and adamw_runs_on(_local(params[0]).device):  # else some parameters skipped steps
-            try:
-                launch = AdamWLaunch([_local(p) for p in params], [_local(m) for m in moments],
-                                     [_local(s["exp_avg_sq"]) for s in states], self.block, self.num_warps)
-            except ValueError:  # a tensor the kernel cannot take
-                launch = None
-        self._launches[index] = (params, moments, launch)
-        return launch
-
-
-def _same(a: list, b: list) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def _local(x: torch.Tensor) -> torch.Tensor:

@@ -14,14 +14,17 @@ element is read once (p, grad, m, v) and written once (p, m, v): 28 bytes per pa
 step can move.
 
 One launch covers every tensor (:class:`AdamWLaunch`): program ``i`` owns block ``i - first_block[t]`` of tensor
-``t = tensor_of[i]`` and finds the tensor's four addresses in a ``[4, T]`` int64 table. Full blocks load without a
-mask (16-byte vector accesses); only a tensor's last block is masked.
+``t = tensor_of[i]``, finds the tensor's four addresses in a ``[4, T]`` int64 table and its step size
+``lr / (1 - b1^t)`` and ``sqrt(1 - b2^t)`` in a ``[2, T]`` table (computed in float64 on the host, so tensors may
+be at different step counts). Full blocks load without a mask (16-byte vector accesses); only a tensor's last
+block is masked.
 
 :func:`adamw_reference` is the PyTorch twin (CPU fallback and test reference).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -40,6 +43,7 @@ if triton is not None:
     @triton.jit
     def _adamw_kernel(
         table_ptr,
+        coef_ptr,
         numel_ptr,
         first_block_ptr,
         tensor_of_ptr,
@@ -49,14 +53,14 @@ if triton is not None:
         beta1,
         beta2,
         eps,
-        step_size,
-        bc2_sqrt,
         HAS_SCALE: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
         t = tl.load(tensor_of_ptr + pid).to(tl.int64)
         n = tl.load(numel_ptr + t)
+        step_size = tl.load(coef_ptr + t)  # lr / (1 - b1^t) and sqrt(1 - b2^t) of this tensor's step count
+        bc2_sqrt = tl.load(coef_ptr + n_tensors + t)
         start = (pid - tl.load(first_block_ptr + t)).to(tl.int64) * BLOCK
         offs = start + tl.arange(0, BLOCK)
         p_ptr = _base(table_ptr, t) + offs
@@ -97,7 +101,7 @@ def _coefficients(lr: float, weight_decay: float, beta1: float, beta2: float, st
 
 
 class BlockPlan:
-    """Which tensor and block each program of the launch owns, for tensors of fixed sizes (built once).
+    """Which tensor and block each program of the launch owns, for tensors of given sizes.
 
     Args:
         numels: element count of each tensor.
@@ -107,79 +111,101 @@ class BlockPlan:
 
     def __init__(self, numels: Sequence[int], block: int, device: torch.device):
         blocks = [-(-n // block) for n in numels]
-        first = [0]
-        for b in blocks[:-1]:
-            first.append(first[-1] + b)
-        self.numels = tuple(numels)
         self.block = block
         self.n_programs = sum(blocks)
         self.numel = torch.tensor(numels, dtype=torch.int64, device=device)
-        self.first_block = torch.tensor(first, dtype=torch.int64, device=device)
+        self.first_block = torch.tensor([0, *itertools.accumulate(blocks)][:-1], dtype=torch.int64, device=device)
         counts = torch.tensor(blocks, dtype=torch.int64)
         self.tensor_of = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts).to(device)
 
 
 class AdamWLaunch:
-    """The one Triton launch of an AdamW step over fixed parameters and moments; gradients may move between steps.
+    """One Triton launch per AdamW step over many tensors; its device tables follow the tensors' addresses.
 
-    The ``[4, T]`` address table lives on the device and is rebuilt only when a gradient's address changes (the
-    caching allocator usually hands a step's gradients the same blocks as the last step's), so a step costs the
-    host little more than one launch.
+    The ``[4, T]`` address table and the block plan are rebuilt only when some tensor's address changes (the
+    caching allocator usually hands a step's gradients the blocks of the last step's), so a step costs the host a
+    pass over the addresses, one small copy of per-tensor coefficients and one launch. It holds no tensors.
 
     Args:
-        params, exp_avgs, exp_avg_sqs: contiguous fp32 tensors on one device, 16-byte aligned, shapes pairwise
-            equal. They stay referenced (the table holds their addresses).
         block: elements per program.
         num_warps: warps per program.
-
-    Raises:
-        ValueError: the tensors break a condition above (callers fall back to :func:`adamw_reference`).
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
-                 exp_avg_sqs: Sequence[torch.Tensor], block: int = 2048, num_warps: int = 4):
-        self.tensors = [list(params), list(exp_avgs), list(exp_avg_sqs)]
-        self.device = params[0].device
-        for p, m, v in zip(*self.tensors):
-            if not (m.shape == v.shape == p.shape):
-                raise ValueError("adamw: parameter and moment shapes differ")
-            _check_kernel_operand(p, self.device)
-            _check_kernel_operand(m, self.device)
-            _check_kernel_operand(v, self.device)
-        self.plan = BlockPlan([p.numel() for p in params], block, self.device)
-        self.num_warps = num_warps
-        self._fixed = [[t.data_ptr() for t in row] for row in self.tensors]
-        self._grad_ptrs: list[int] | None = None
+    def __init__(self, block: int, num_warps: int):
+        self.block, self.num_warps = block, num_warps
+        self._addresses: list[int] | None = None
+        self._ready: list[int] = []
+        self._plan: BlockPlan | None = None
         self._table: torch.Tensor | None = None
 
-    def __call__(self, grads: Sequence[torch.Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
-                 weight_decay: float, step: int, grad_scale: torch.Tensor | None = None) -> None:
-        """One AdamW step with these gradients (one per parameter); see :func:`adamw_reference` for the args."""
-        if self.plan.n_programs == 0:
-            return
-        grad_ptrs = [g.data_ptr() for g in grads]
-        if grad_ptrs != self._grad_ptrs:
-            for g, p in zip(grads, self.tensors[0]):
-                _check_kernel_operand(g, self.device)
-                if g.shape != p.shape:
-                    raise ValueError("adamw: gradient and parameter shapes differ")
-            table = torch.tensor([self._fixed[0], grad_ptrs, self._fixed[1], self._fixed[2]], dtype=torch.int64)
-            if self.device.type == "cuda":
-                table = table.pin_memory().to(self.device, non_blocking=True)
-            self._table, self._grad_ptrs = table, grad_ptrs
-        decay, step_size, bc2_sqrt = _coefficients(lr, weight_decay, beta1, beta2, step)
-        scale = grad_scale if grad_scale is not None else self._table  # never read when HAS_SCALE is False
-        _adamw_kernel[(self.plan.n_programs,)](
-            self._table, self.plan.numel, self.plan.first_block, self.plan.tensor_of, scale, len(grads),
-            decay, beta1, beta2, eps, step_size, bc2_sqrt,
-            HAS_SCALE=grad_scale is not None, BLOCK=self.plan.block, num_warps=self.num_warps,
+    def __call__(
+        self,
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        exp_avgs: Sequence[torch.Tensor],
+        exp_avg_sqs: Sequence[torch.Tensor],
+        steps: Sequence[torch.Tensor],
+        *,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        grad_scale: torch.Tensor | None = None,
+    ) -> list[int]:
+        """One AdamW step (see the module docstring) of every tensor the kernel can take, in place.
+
+        Args:
+            params, grads, exp_avgs, exp_avg_sqs: one entry per parameter.
+            steps: each parameter's step count after this update (CPU scalars, as ``torch.optim.AdamW`` keeps).
+            lr, beta1, beta2, eps, weight_decay: AdamW hyperparameters.
+            grad_scale: one-element fp32 tensor ``c`` multiplying every gradient, or None for 1.
+
+        Returns:
+            The indices of the parameters left alone: not contiguous 16-byte aligned fp32 on the device of the
+            first parameter, for the caller to update with :func:`adamw_reference`.
+        """
+        rows = (params, grads, exp_avgs, exp_avg_sqs)
+        addresses = [t.data_ptr() for row in rows for t in row]
+        if addresses != self._addresses:
+            self._rebuild(rows, addresses)
+        if self._plan is None:
+            return self._left_out(len(params))
+        device = self._table.device
+        counts = torch.stack([steps[i] for i in self._ready]).double()
+        coef = torch.stack([lr / (1.0 - beta1**counts), (1.0 - beta2**counts).sqrt()]).float()
+        if device.type == "cuda":
+            coef = coef.pin_memory().to(device, non_blocking=True)
+        scale = grad_scale if grad_scale is not None else coef  # never read when HAS_SCALE is False
+        plan = self._plan
+        _adamw_kernel[(plan.n_programs,)](
+            self._table, coef, plan.numel, plan.first_block, plan.tensor_of, scale, len(self._ready),
+            1.0 - lr * weight_decay, beta1, beta2, eps,
+            HAS_SCALE=grad_scale is not None, BLOCK=plan.block, num_warps=self.num_warps,
         )
+        return self._left_out(len(params))
+
+    def _rebuild(self, rows: tuple[Sequence[torch.Tensor], ...], addresses: list[int]) -> None:
+        device = rows[0][0].device
+        self._ready = [i for i in range(len(rows[0])) if all(_kernel_takes(row[i], rows[0][i], device) for row in rows)]
+        self._plan, self._table = None, None
+        if self._ready and sum(rows[0][i].numel() for i in self._ready):
+            self._plan = BlockPlan([rows[0][i].numel() for i in self._ready], self.block, device)
+            table = torch.tensor([[row[i].data_ptr() for i in self._ready] for row in rows], dtype=torch.int64)
+            self._table = table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
+        self._addresses = addresses
+
+    def _left_out(self, n: int) -> list[int]:
+        if self._plan is None:
+            return list(range(n))
+        taken = set(self._ready)
+        return [i for i in range(n) if i not in taken]
 
 
-def _check_kernel_operand(t: torch.Tensor, device: torch.device) -> None:
-    if t.dtype != torch.float32 or not t.is_contiguous() or t.device != device or t.data_ptr() % 16:
-        raise ValueError(f"adamw: the kernel takes contiguous, 16-byte aligned fp32 tensors on one device, "
-                         f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+def _kernel_takes(t: torch.Tensor, param: torch.Tensor, device: torch.device) -> bool:
+    """Contiguous, 16-byte aligned fp32 of the parameter's shape on ``device``, which triton can run on."""
+    return (t.dtype == torch.float32 and t.is_contiguous() and t.device == device and t.data_ptr() % 16 == 0
+            and t.shape == param.shape and runs_on(device))
 
 
 def adamw_reference(
@@ -206,5 +232,5 @@ def adamw_reference(
 
 
 def adamw_runs_on(device: torch.device) -> bool:
-    """Whether :func:`adamw_multi_tensor` can run on tensors of ``device``."""
+    """Whether :class:`AdamWLaunch` can run on tensors of ``device``."""
     return runs_on(device)

@@ -37,33 +37,42 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("scaled", [False, True])
 def test_kernel_matches_float64(scaled):
-    # Sizes: below one block, one block exactly, a ragged tail over several blocks, a 2-D tensor, one element.
+    # Sizes: below one block, one block exactly, a ragged tail over several blocks, a 2-D tensor, one element;
+    # each tensor at its own step count (as after steps some parameters had no gradient).
     g = torch.Generator().manual_seed(1)
     shapes = [(7,), (32,), (77,), (5, 13), (1,)]
     params = [torch.randn(s, generator=g) for s in shapes]
     moments = [torch.randn(s, generator=g) * 0.1 for s in shapes]
     squares = [torch.rand(s, generator=g) * 0.01 for s in shapes]
+    steps = [torch.tensor(float(k)) for k in (1, 5, 2, 40, 3)]
     ref = [(p.double(), m.double(), v.double()) for p, m, v in zip(params, moments, squares)]
-    launch = AdamWLaunch(params, moments, squares, block=32, num_warps=1)
+    launch = AdamWLaunch(block=32, num_warps=1)
     scale = torch.tensor([0.37]) if scaled else None
-    for step in (1, 2, 3):
+    for step in range(3):
         # New gradient tensors each step (the address table is rebuilt), then the same ones again (reused).
         grads = [torch.randn(s, generator=g) for s in shapes]
-        for reuse in range(2 if step == 3 else 1):
-            launch(grads, lr=HYPER["lr"], beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=step + reuse,
-                   grad_scale=scale)
-            ref = [_adamw_float64(p, gr.double(), m, v, step + reuse, 0.37 if scaled else 1.0)
-                   for (p, m, v), gr in zip(ref, grads)]
+        for _ in range(2 if step == 2 else 1):
+            torch._foreach_add_(steps, 1.0)
+            left = launch(params, grads, moments, squares, steps, lr=HYPER["lr"], beta1=0.9, beta2=0.95, eps=1e-8,
+                          weight_decay=0.1, grad_scale=scale)
+            assert left == []
+            ref = [_adamw_float64(p, gr.double(), m, v, int(t), 0.37 if scaled else 1.0)
+                   for (p, m, v), gr, t in zip(ref, grads, steps)]
     for got, want in zip(zip(params, moments, squares), ref):
         for a, b in zip(got, want):
             assert _rel(a, b) <= 1e-6
 
 
-def test_kernel_refuses_what_it_cannot_take():
-    with pytest.raises(ValueError, match="fp32"):
-        AdamWLaunch([torch.zeros(4, dtype=torch.float64)], [torch.zeros(4)], [torch.zeros(4)])
-    with pytest.raises(ValueError, match="shapes differ"):
-        AdamWLaunch([torch.zeros(4)], [torch.zeros(5)], [torch.zeros(4)])
+def test_kernel_leaves_out_what_it_cannot_take():
+    """A float64 parameter and a misaligned view are returned for PyTorch math; the others are still updated."""
+    base = torch.zeros(33)
+    params = [torch.ones(8), torch.ones(8, dtype=torch.float64), base[1:9].fill_(1.0)]  # 4-byte offset: misaligned
+    grads = [torch.full_like(p, 0.5) for p in params]
+    moments, squares = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    left = AdamWLaunch(block=8, num_warps=1)(params, grads, moments, squares, [torch.tensor(1.0)] * 3, lr=0.1,
+                                             beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0)
+    assert left == [1, 2]
+    assert torch.all(params[0] < 1) and torch.all(params[1] == 1) and torch.all(params[2] == 1)
 
 
 def _model(seed):
@@ -97,6 +106,7 @@ def test_triton_adamw_matches_torch_adamw_with_clipping(max_norm):
     opt_theirs = torch.optim.AdamW(theirs.parameters(), foreach=False, **HYPER)
     norms = _train(ours, opt_ours, 4, max_norm, triton_clip=True)
     ref_norms = _train(theirs, opt_theirs, 4, max_norm if max_norm > 0 else math.inf, triton_clip=False)
+    assert opt_ours.tensors_by_pytorch == 0 and opt_ours.tensors_by_kernel == 4 * 6  # 6 tensors, 4 steps: all by the kernel
     if max_norm > 0:
         assert min(norms) > max_norm  # every step clipped, so the folded scale mattered
     assert norms == pytest.approx(ref_norms, rel=1e-6)
@@ -134,9 +144,40 @@ def test_checkpoint_state_loads_across_implementations(first):
         assert _rel(a, b.double()) <= 1e-6
 
 
+def test_steps_loaded_in_place_at_different_counts():
+    """DCP primes the optimizer with a zero-lr step, then loads the checkpoint's tensors in place: per-parameter
+    step counts that differ (parameters without gradients in some steps) must each get their own bias correction."""
+    ours, theirs = _model(0), _model(0)
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), foreach=False, **HYPER)
+    _train(theirs, opt_theirs, 2, 0.5, triton_clip=False)
+    theirs[0].weight.grad = None  # two more steps without the first weight: its count stays at 2
+    for _ in range(2):
+        for p in list(theirs.parameters())[1:]:
+            p.grad = torch.ones_like(p) * 0.01
+        opt_theirs.step()
+    ours.load_state_dict(theirs.state_dict())
+    opt_ours = TritonAdamW(ours.parameters(), block=64, **HYPER)
+    for p in ours.parameters():
+        p.grad = torch.zeros_like(p)
+    lr = opt_ours.param_groups[0]["lr"]
+    opt_ours.param_groups[0]["lr"] = 0.0
+    opt_ours.step()
+    opt_ours.param_groups[0]["lr"] = lr
+    for p, q in zip(ours.parameters(), theirs.parameters()):  # in place, as DCP loads
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            opt_ours.state[p][key].copy_(opt_theirs.state[q][key])
+    assert sorted({int(s["step"]) for s in opt_ours.state.values()}) == [2, 4]
+    _train(ours, opt_ours, 1, 0.5, triton_clip=True, seed=9)
+    _train(theirs, opt_theirs, 1, 0.5, triton_clip=False, seed=9)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert _rel(a, b.double()) <= 1e-6
+
+
 def test_tensors_the_kernel_cannot_take_get_the_same_math():
     ours, theirs = _model(0).double(), _model(0).double()
-    _train(ours, TritonAdamW(ours.parameters(), **HYPER), 3, 0.5, triton_clip=True)
+    opt = TritonAdamW(ours.parameters(), **HYPER)
+    _train(ours, opt, 3, 0.5, triton_clip=True)
+    assert opt.tensors_by_kernel == 0 and opt.tensors_by_pytorch == 3 * 6
     _train(theirs, torch.optim.AdamW(theirs.parameters(), foreach=False, **HYPER), 3, 0.5, triton_clip=False)
     for a, b in zip(ours.parameters(), theirs.parameters()):
         assert _rel(a, b) <= 1e-12

@@ -172,6 +172,21 @@ def test_save_before_any_update_with_kept_gradients_loads(tmp_path, graphs_claim
     _stop_workers(second)
 
 
+def test_resume_keeps_this_runs_optimizer_implementation(tmp_path):
+    """Hyper-parameters come back from the checkpoint, the kernel choice does not: a checkpoint of a run whose
+    AdamW had foreach off (the Triton AdamW's groups say so too) resumes with the foreach kernel asked for."""
+    dump = tmp_path / "out"
+    ckpt = ["--checkpoint.enable", "--checkpoint.interval", "2"]
+    first = Trainer(config(dump, *ckpt, "--optimizer.implementation", "for-loop", "--optimizer.lr", "1e-3"))
+    first.checkpointer.save(1, 0, blocking=True)
+    _stop_workers(first)
+    second = Trainer(config(dump, *ckpt, "--optimizer.implementation", "foreach", "--optimizer.lr", "5e-4"))
+    group = second.optimizer.param_groups[0]
+    assert second.step == 1 and group["foreach"] is True and group["fused"] is False
+    assert group["initial_lr"] == 1e-3  # a hyper-parameter: the checkpoint's
+    _stop_workers(second)
+
+
 def test_keep_latest_k_holds_and_markers_are_written(resumed):
     assert resumed["after_first"] == [2, 4]
     folders = step_folders(resumed["dump"] / "checkpoint")
