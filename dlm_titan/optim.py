@@ -38,6 +38,17 @@ class TritonAdamW(torch.optim.AdamW):
         self.tensors_by_kernel = 0
         self.tensors_by_pytorch = 0
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As ``torch.optim.AdamW``'s, with step counts kept on the CPU (a state dict of PyTorch's fused AdamW holds
+        them on the GPU, where reading them for the bias corrections would sync every step) and this optimizer's
+        own kernel flags."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.update(foreach=False, fused=False)
+        for state in self.state.values():
+            if "step" in state and state["step"].device.type != "cpu":
+                state["step"] = state["step"].detach().to("cpu", torch.float32)
+
     @torch.no_grad()
     def step(self, closure=None, grad_scale: torch.Tensor | None = None):
         loss = None

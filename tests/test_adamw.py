@@ -124,7 +124,7 @@ def test_checkpoint_state_loads_across_implementations(first):
     """Two steps with one implementation, its state loaded into the other, two more steps: equal to four steps
     of torch's AdamW. The receiving optimizer first steps with lr 0 and zero gradients, as DCP does to create
     state before loading into it, so the Triton launch it caches must follow the loaded (new) tensors."""
-    build = {"torch": lambda m: torch.optim.AdamW(m.parameters(), foreach=False, **HYPER),
+    build = {"torch": lambda m: torch.optim.AdamW(m.parameters(), foreach=True, **HYPER),
              "triton": lambda m: TritonAdamW(m.parameters(), block=64, **HYPER)}
     second = "triton" if first == "torch" else "torch"
     model, straight = _model(0), _model(0)
@@ -136,6 +136,8 @@ def test_checkpoint_state_loads_across_implementations(first):
     moved.param_groups[0]["lr"] = 0.0
     moved.step()
     moved.load_state_dict(copy.deepcopy(opt.state_dict()))
+    if second == "triton":  # its kernel flags stay its own (torch's load_state_dict takes the saved ones)
+        assert moved.param_groups[0]["foreach"] is False
     _train(model, moved, 2, 0.5, triton_clip=second == "triton", seed=8)
     ref_opt = build["torch"](straight)
     _train(straight, ref_opt, 2, 0.5, triton_clip=False)

@@ -34,3 +34,29 @@ def test_triton_adamw_matches_torch_fused_on_gpu(max_norm):
     assert opt_ours.tensors_by_kernel == 5 * len(SHAPES) and opt_ours.tensors_by_pytorch == 0
     for a, b in zip(ours, theirs):
         assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5
+
+
+def test_state_of_pytorch_fused_adamw_loads_with_steps_on_the_cpu():
+    """PyTorch's fused AdamW keeps step counts on the GPU; loaded here they move to the CPU and training goes on
+    as with the fused optimizer."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    init = [torch.randn(s, device="cuda", generator=g) * 0.02 for s in SHAPES]
+    theirs = [torch.nn.Parameter(t.clone()) for t in init]
+    opt_theirs = torch.optim.AdamW(theirs, fused=True, **HYPER)
+    grads = [[torch.randn(s, device="cuda", generator=g) * 0.01 for s in SHAPES] for _ in range(3)]
+    for step_grads in grads[:2]:
+        for p, grad in zip(theirs, step_grads):
+            p.grad = grad.clone()
+        opt_theirs.step()
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in theirs]
+    opt_ours = TritonAdamW(ours, **HYPER)
+    opt_ours.load_state_dict(opt_theirs.state_dict())
+    assert all(s["step"].device.type == "cpu" and s["step"].item() == 2 for s in opt_ours.state.values())
+    assert opt_ours.param_groups[0]["fused"] is False
+    for a, b, grad in zip(ours, theirs, grads[2]):
+        a.grad, b.grad = grad.clone(), grad.clone()
+    opt_ours.step()
+    opt_theirs.step()
+    assert opt_ours.tensors_by_kernel == len(SHAPES) and opt_ours.tensors_by_pytorch == 0
+    for a, b in zip(ours, theirs):
+        assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5
