@@ -73,7 +73,7 @@ class TritonAdamW(torch.optim.AdamW):
                          weight_decay=group["weight_decay"], grad_scale=grad_scale)
             tensors = [[_local(t) for t in row] for row in (params, [p.grad for p in params],
                        [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states])]
-            left = launch(*tensors, steps, **hyper) if adamw_runs_on(tensors[0][0].device) else range(len(params))
+            left = launch(*tensors, steps, **hyper)  # leaves out tensors on devices triton cannot run on
             for i in left:  # PyTorch math, tensor by tensor
                 adamw_reference(*(row[i] for row in tensors), step=int(steps[i]), **hyper)
             self.tensors_by_pytorch += len(left)

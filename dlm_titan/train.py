@@ -103,7 +103,7 @@ class Trainer:
         next micro-batch. Call after the checkpoint load: DCP fills an optimizer's empty state (to load Adam's
         moments into) only while no parameter has a gradient.
         """
-        for param in self.model.parameters():
+        for param in self.params:
             param.grad = torch.zeros_like(param)
 
     def _resolve_steps(self) -> int:

@@ -134,7 +134,8 @@ class AdamWLaunch:
     def __init__(self, block: int, num_warps: int):
         self.block, self.num_warps = block, num_warps
         self._addresses: list[int] | None = None
-        self._ready: list[int] = []
+        self._ready: list[int] = []  # parameters the kernel updates
+        self._left: list[int] = []  # and those it leaves to the caller
         self._plan: BlockPlan | None = None
         self._table: torch.Tensor | None = None
 
@@ -170,7 +171,7 @@ class AdamWLaunch:
         if addresses != self._addresses:
             self._rebuild(rows, addresses)
         if self._plan is None:
-            return self._left_out(len(params))
+            return self._left
         device = self._table.device
         counts = torch.stack([steps[i] for i in self._ready]).double()
         coef = torch.stack([lr / (1.0 - beta1**counts), (1.0 - beta2**counts).sqrt()]).float()
@@ -183,23 +184,21 @@ class AdamWLaunch:
             1.0 - lr * weight_decay, beta1, beta2, eps,
             HAS_SCALE=grad_scale is not None, BLOCK=plan.block, num_warps=self.num_warps,
         )
-        return self._left_out(len(params))
+        return self._left
 
     def _rebuild(self, rows: tuple[Sequence[torch.Tensor], ...], addresses: list[int]) -> None:
         device = rows[0][0].device
         self._ready = [i for i in range(len(rows[0])) if all(_kernel_takes(row[i], rows[0][i], device) for row in rows)]
         self._plan, self._table = None, None
-        if self._ready and sum(rows[0][i].numel() for i in self._ready):
+        if not sum(rows[0][i].numel() for i in self._ready):  # nothing for the kernel: all to the caller
+            self._ready = []
+        else:
             self._plan = BlockPlan([rows[0][i].numel() for i in self._ready], self.block, device)
             table = torch.tensor([[row[i].data_ptr() for i in self._ready] for row in rows], dtype=torch.int64)
             self._table = table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
-        self._addresses = addresses
-
-    def _left_out(self, n: int) -> list[int]:
-        if self._plan is None:
-            return list(range(n))
         taken = set(self._ready)
-        return [i for i in range(n) if i not in taken]
+        self._left = [i for i in range(len(rows[0])) if i not in taken]
+        self._addresses = addresses
 
 
 def _kernel_takes(t: torch.Tensor, param: torch.Tensor, device: torch.device) -> bool:
