@@ -111,20 +111,30 @@ class BlockPlan:
 
     def __init__(self, numels: Sequence[int], block: int, device: torch.device):
         blocks = [-(-n // block) for n in numels]
+        self.numels = list(numels)
         self.block = block
+        self.device = device
         self.n_programs = sum(blocks)
-        self.numel = torch.tensor(numels, dtype=torch.int64, device=device)
-        self.first_block = torch.tensor([0, *itertools.accumulate(blocks)][:-1], dtype=torch.int64, device=device)
+        self.numel = _to_device(torch.tensor(numels, dtype=torch.int64), device)
+        self.first_block = _to_device(torch.tensor([0, *itertools.accumulate(blocks)][:-1], dtype=torch.int64), device)
         counts = torch.tensor(blocks, dtype=torch.int64)
-        self.tensor_of = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts).to(device)
+        self.tensor_of = _to_device(torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts), device)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without blocking the host: a copy from pageable memory would wait for the
+    GPU's queue to drain (and leave the GPU idle while the host goes on)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 class AdamWLaunch:
     """One Triton launch per AdamW step over many tensors; its device tables follow the tensors' addresses.
 
-    The ``[4, T]`` address table and the block plan are rebuilt only when some tensor's address changes (the
-    caching allocator usually hands a step's gradients the blocks of the last step's), so a step costs the host a
-    pass over the addresses, one small copy of per-tensor coefficients and one launch. It holds no tensors.
+    The ``[4, T]`` address table is rebuilt when some tensor's address changes (gradients set to None between
+    steps come back at new addresses in most steps); the block plan (a program-to-tensor map of ~1M entries for
+    1B parameters) only when the tensors the kernel takes or their sizes change. A step costs the host a pass
+    over the addresses, at most two small copies (addresses, per-tensor coefficients) and one launch. It holds
+    no parameter or state tensors.
 
     Args:
         block: elements per program.
@@ -187,24 +197,31 @@ class AdamWLaunch:
         return self._left
 
     def _rebuild(self, rows: tuple[Sequence[torch.Tensor], ...], addresses: list[int]) -> None:
+        """Follows new addresses: which tensors the kernel takes (alignment may have changed), their address
+        table, and the block plan if those tensors' sizes differ from the plan's."""
         device = rows[0][0].device
-        self._ready = [i for i in range(len(rows[0])) if all(_kernel_takes(row[i], rows[0][i], device) for row in rows)]
-        self._plan, self._table = None, None
-        if not sum(rows[0][i].numel() for i in self._ready):  # nothing for the kernel: all to the caller
-            self._ready = []
-        else:
-            self._plan = BlockPlan([rows[0][i].numel() for i in self._ready], self.block, device)
-            table = torch.tensor([[row[i].data_ptr() for i in self._ready] for row in rows], dtype=torch.int64)
-            self._table = table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
-        taken = set(self._ready)
+        ready = [i for i in range(len(rows[0])) if all(_kernel_takes(row[i], rows[0][i], device) for row in rows)]
+        ready = ready if runs_on(device) else []
+        numels = [rows[0][i].numel() for i in ready]
+        if not sum(numels):  # nothing for the kernel: all to the caller
+            ready, numels = [], []
+        self._ready, self._table = ready, None
+        if not ready:
+            self._plan = None
+        elif self._plan is None or self._plan.numels != numels or self._plan.device != device:
+            self._plan = BlockPlan(numels, self.block, device)
+        if ready:
+            self._table = _to_device(torch.tensor([[row[i].data_ptr() for i in ready] for row in rows], dtype=torch.int64),
+                                     device)
+        taken = set(ready)
         self._left = [i for i in range(len(rows[0])) if i not in taken]
         self._addresses = addresses
 
 
 def _kernel_takes(t: torch.Tensor, param: torch.Tensor, device: torch.device) -> bool:
-    """Contiguous, 16-byte aligned fp32 of the parameter's shape on ``device``, which triton can run on."""
+    """Contiguous, 16-byte aligned fp32 of the parameter's shape on ``device``."""
     return (t.dtype == torch.float32 and t.is_contiguous() and t.device == device and t.data_ptr() % 16 == 0
-            and t.shape == param.shape and runs_on(device))
+            and t.shape == param.shape)
 
 
 def adamw_reference(

@@ -32,13 +32,24 @@ from . import masked_ce_triton as kernels
 
 # Bytes of the reused logits buffer: 256 MiB is 4096 rows of a 32000-entry bf16 vocabulary.
 DEFAULT_CHUNK_BYTES = 256 * 2**20
+# Chunk rows are a multiple of this, the last chunk padded with zero-weight rows. The masked count changes every
+# step, and cuBLAS picks a kernel for each new GEMM shape on the host: for the dX GEMM (K = V) that took ~4 ms
+# per step on an H200, more than the GPU time of the whole loss at 170M. With a quantum, the shapes repeat;
+# the padding adds under 128 rows of GEMM work per chunk.
+ROW_QUANTUM = 128
 
 
-def chunk_rows_for(n_rows: int, vocab: int, elem_size: int, chunk_bytes: int) -> int:
-    """Rows per chunk: as many as ``chunk_bytes`` of logits allow, balanced so no chunk is a small tail."""
+def chunk_rows_for(n_rows: int, vocab: int, elem_size: int, chunk_bytes: int, quantum: int = 1) -> int:
+    """Rows per chunk: as many as ``chunk_bytes`` of logits allow, balanced so no chunk is a small tail, then
+    rounded up to a multiple of ``quantum`` (where the budget holds at least one quantum)."""
     max_rows = max(1, chunk_bytes // (vocab * elem_size))
+    if max_rows >= quantum:
+        max_rows -= max_rows % quantum
+    else:
+        quantum = 1
     n_chunks = -(-n_rows // max_rows)
-    return -(-n_rows // n_chunks)
+    rows = -(-n_rows // n_chunks)
+    return min(-(-rows // quantum) * quantum, max_rows)
 
 
 # Whether cuBLAS addmm accepts an fp32 C with bf16/fp16 A and B (newer torch); probed on first use.
@@ -83,6 +94,7 @@ def masked_lce_fwd(
     grad_weight: bool,
     chunk_bytes: int,
     block_v: int,
+    row_quantum: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss and (unscaled) gradients of the masked weighted linear cross-entropy.
 
@@ -107,15 +119,21 @@ def masked_lce_fwd(
         return hidden.new_zeros((), dtype=torch.float32), dx, row_of, dw
     if grad_hidden:
         row_of.index_copy_(0, idx, torch.arange(m, device=idx.device))
+    rows = chunk_rows_for(m, vocab, hidden.element_size(), chunk_bytes, row_quantum)
+    # Pad to whole chunks with copies of row 0 of weight 0 (their loss and gradients are exact zeros; their dX rows
+    # land past the M masked ones, never read), unless dX has no room: then the last chunk stays short.
+    padded = min(-(-m // rows) * rows, n)
+    if padded > m:
+        idx = torch.cat([idx, idx.new_zeros(padded - m)])
     x = hidden.index_select(0, idx)
     y = targets.index_select(0, idx)
     w = token_weights.index_select(0, idx)
-    rows = chunk_rows_for(m, vocab, hidden.element_size(), chunk_bytes)
+    w[m:] = 0
     logits = hidden.new_empty((rows, vocab))
-    row_loss = torch.empty(m, dtype=torch.float32, device=hidden.device)
+    row_loss = torch.empty(padded, dtype=torch.float32, device=hidden.device)
     weight_t = weight.t()
-    for start in range(0, m, rows):
-        stop = min(start + rows, m)
+    for start in range(0, padded, rows):
+        stop = min(start + rows, padded)
         z = logits[: stop - start]
         torch.mm(x[start:stop], weight_t, out=z)
         kernels.ce_rows(
@@ -125,11 +143,11 @@ def masked_lce_fwd(
             torch.mm(z, weight, out=dx[start:stop])
         if grad_weight:
             _accumulate_fp32(dw, z.t(), x[start:stop], first=start == 0)
-    return row_loss.sum(), dx, row_of, dw
+    return row_loss[:m].sum(), dx, row_of, dw
 
 
 @masked_lce_fwd.register_fake
-def _(hidden, weight, targets, token_weights, masked_index, grad_hidden, grad_weight, chunk_bytes, block_v):
+def _(hidden, weight, targets, token_weights, masked_index, grad_hidden, grad_weight, chunk_bytes, block_v, row_quantum):
     return (
         hidden.new_empty((), dtype=torch.float32),
         hidden.new_empty(hidden.shape if grad_hidden else (0,)),
@@ -169,9 +187,11 @@ class _MaskedLCE(torch.autograd.Function):
     """Autograd view of :func:`masked_lce_fwd`: gradients come from forward, backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, token_weights, masked_index, grad_hidden, grad_weight, chunk_bytes, block_v):
+    def forward(ctx, hidden, weight, targets, token_weights, masked_index, grad_hidden, grad_weight, chunk_bytes, block_v,
+                row_quantum):
         loss, dx, row_of, dw = masked_lce_fwd(
-            hidden, weight, targets, token_weights, masked_index, grad_hidden, grad_weight, chunk_bytes, block_v
+            hidden, weight, targets, token_weights, masked_index, grad_hidden, grad_weight, chunk_bytes, block_v,
+            row_quantum,
         )
         ctx.save_for_backward(dx, row_of, dw)
         ctx.dtypes = (hidden.dtype, weight.dtype)
@@ -184,7 +204,7 @@ class _MaskedLCE(torch.autograd.Function):
         scale = grad_loss.float().reshape(1)
         grad_h = scatter_rows(dx, row_of, scale, ctx.dtypes[0]) if ctx.wants[0] else None
         grad_w = scale_cast(dw, scale, ctx.dtypes[1]) if ctx.wants[1] else None
-        return grad_h, grad_w, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None
 
 
 def fused_masked_linear_cross_entropy(
@@ -196,6 +216,7 @@ def fused_masked_linear_cross_entropy(
     *,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     block_v: int = 0,
+    row_quantum: int = ROW_QUANTUM,
 ) -> torch.Tensor:
     """Fused path of :func:`dlm_kernels.masked_linear_cross_entropy` on 2-D, validated inputs.
 
@@ -203,12 +224,14 @@ def fused_masked_linear_cross_entropy(
         hidden, weight, targets, token_weights, masked_index: as in ``masked_linear_cross_entropy``.
         chunk_bytes: byte budget of the reused logits buffer (sets the rows per chunk).
         block_v: row-kernel tile width (power of two); 0 picks one from ``V``.
+        row_quantum: chunk rows are a multiple of it (see ``ROW_QUANTUM``).
     """
     grads = torch.is_grad_enabled()
     grad_hidden = grads and hidden.requires_grad
     grad_weight = grads and weight.requires_grad
     if not (grad_hidden or grad_weight):
-        return masked_lce_fwd(hidden, weight, targets, token_weights, masked_index, False, False, chunk_bytes, block_v)[0]
+        return masked_lce_fwd(hidden, weight, targets, token_weights, masked_index, False, False, chunk_bytes, block_v,
+                              row_quantum)[0]
     return _MaskedLCE.apply(
-        hidden, weight, targets, token_weights, masked_index, grad_hidden, grad_weight, chunk_bytes, block_v
+        hidden, weight, targets, token_weights, masked_index, grad_hidden, grad_weight, chunk_bytes, block_v, row_quantum
     )

@@ -48,6 +48,7 @@ def test_kernel_matches_float64(scaled):
     ref = [(p.double(), m.double(), v.double()) for p, m, v in zip(params, moments, squares)]
     launch = AdamWLaunch(block=32, num_warps=1)
     scale = torch.tensor([0.37]) if scaled else None
+    plans, tables = [], []
     for step in range(3):
         # New gradient tensors each step (the address table is rebuilt), then the same ones again (reused).
         grads = [torch.randn(s, generator=g) for s in shapes]
@@ -56,11 +57,16 @@ def test_kernel_matches_float64(scaled):
             left = launch(params, grads, moments, squares, steps, lr=HYPER["lr"], beta1=0.9, beta2=0.95, eps=1e-8,
                           weight_decay=0.1, grad_scale=scale)
             assert left == []
+            plans.append(launch._plan)
+            tables.append(launch._table)
             ref = [_adamw_float64(p, gr.double(), m, v, int(t), 0.37 if scaled else 1.0)
                    for (p, m, v), gr, t in zip(ref, grads, steps)]
     for got, want in zip(zip(params, moments, squares), ref):
         for a, b in zip(got, want):
             assert _rel(a, b) <= 1e-6
+    # New gradients only move the address table; the block plan (same sizes) is built once.
+    assert all(plan is plans[0] for plan in plans)
+    assert [t is u for t, u in zip(tables, tables[1:])] == [False, False, True]
 
 
 def test_kernel_leaves_out_what_it_cannot_take():

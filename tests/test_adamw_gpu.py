@@ -1,6 +1,8 @@
 """GPU test of the Triton AdamW (skipped without CUDA): compiled kernel, vectorized full blocks and masked tails,
 against PyTorch's fused AdamW after clip_grad_norm_, on parameters shaped like a small model's."""
 
+import copy
+
 import pytest
 import torch
 
@@ -50,7 +52,9 @@ def test_state_of_pytorch_fused_adamw_loads_with_steps_on_the_cpu():
         opt_theirs.step()
     ours = [torch.nn.Parameter(p.detach().clone()) for p in theirs]
     opt_ours = TritonAdamW(ours, **HYPER)
-    opt_ours.load_state_dict(opt_theirs.state_dict())
+    # A copy: load_state_dict keeps tensors already on the right device and dtype, so without it both optimizers
+    # would update the same moment tensors.
+    opt_ours.load_state_dict(copy.deepcopy(opt_theirs.state_dict()))
     assert all(s["step"].device.type == "cpu" and s["step"].item() == 2 for s in opt_ours.state.values())
     assert opt_ours.param_groups[0]["fused"] is False
     for a, b, grad in zip(ours, theirs, grads[2]):

@@ -68,20 +68,24 @@ def _assert_close64(got, ref, upstream=1.0):
 
 
 @pytest.mark.parametrize(
-    "n,d,masked,chunk_rows,block_v",
+    "n,d,masked,chunk_rows,block_v,quantum",
     [
-        (64, 32, 32, 0, 0),  # one chunk, the whole row in one tile (BLOCK_V = 128 > V)
-        (48, 24, 48, 16, 32),  # all rows masked, 3 chunks (fp32 dW accumulation), tiled rows with a V tail
-        (40, 20, 1, 0, 64),  # a single masked row, two tiles
-        (33, 16, 17, 5, 0),  # chunks of 5 rows: ragged last chunk
+        (64, 32, 32, 0, 0, 1),  # one chunk, the whole row in one tile (BLOCK_V = 128 > V)
+        (48, 24, 48, 16, 32, 1),  # all rows masked, 3 chunks (fp32 dW accumulation), tiled rows with a V tail
+        (40, 20, 1, 0, 64, 1),  # a single masked row, two tiles
+        (33, 16, 17, 5, 0, 1),  # chunks of 5 rows: ragged last chunk
+        (33, 16, 17, 0, 0, 8),  # one chunk of 24 rows: 7 rows of padding
+        (40, 16, 21, 9, 0, 4),  # chunks of 8 rows: the last padded with 3 rows
+        (30, 16, 29, 12, 0, 8),  # chunks of 8: padding to 32 rows would pass the 30 of dX, so the last stays short
     ],
 )
-def test_fused_matches_float64(n, d, masked, chunk_rows, block_v):
+def test_fused_matches_float64(n, d, masked, chunk_rows, block_v, quantum):
     inputs = _inputs(n, d, V, masked, seed=n + d)
     chunk_bytes = chunk_rows * V * 4 if chunk_rows else 1 << 30
 
     def fused(h, w, y, tw):
-        return fused_masked_linear_cross_entropy(h, w, y, tw, chunk_bytes=chunk_bytes, block_v=block_v)
+        return fused_masked_linear_cross_entropy(h, w, y, tw, chunk_bytes=chunk_bytes, block_v=block_v,
+                                                 row_quantum=quantum)
 
     got = _run(fused, *inputs)
     _assert_close64(got, _float64_loss_and_grads(*inputs))
@@ -167,7 +171,7 @@ def test_compiles_fullgraph_without_graph_break():
 
 def test_custom_ops_pass_opcheck():
     hidden, weight, targets, token_weights = _inputs(12, 16, V, 6, seed=4)
-    args = (hidden, weight, targets, token_weights, None, True, True, 1 << 20, 0)
+    args = (hidden, weight, targets, token_weights, None, True, True, 1 << 20, 0, 4)
     torch.library.opcheck(masked_lce_fwd, args, test_utils=("test_schema", "test_faketensor"))
     index = torch.nonzero(token_weights).squeeze(1)
     torch.library.opcheck(masked_lce_fwd, (*args[:4], index, *args[5:]), test_utils=("test_schema", "test_faketensor"))
