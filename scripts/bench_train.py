@@ -10,9 +10,9 @@ A run is ``FLAVOR:feature,feature,...`` with features:
   eager (default) | compile; ac (selective, per op) | acfull | ac2 (every 2nd block); float8;
   fsdp (full shard, reshard after forward) | noreshard (full shard, keep gathered params) | default (FSDP
   "default" policy) | replicate (DDP, shard degree 1); b=N (local batch); profile (also record a trace of
-  the last step and print where the device time goes, by kernel); a=N (N micro-batches per rank per step,
-  gradient accumulation); bf16reduce (bf16 gradient reduction); nocheck (skip the per-step non-finite check,
-  to measure its host sync); bf16emb (cast the embedding output to bf16 under autocast, so the residual stream
+  the last step and print where the device time goes, by kernel, and how long it sat idle); a=N (N
+  micro-batches per rank per step, gradient accumulation); bf16reduce (bf16 gradient reduction); nocheck (skip
+  the per-step non-finite check, to measure its host sync); bf16emb (cast the embedding output to bf16 under autocast, so the residual stream
   is bf16 on one GPU as it is under FSDP: a probe for a model change); losstorch (the chunked PyTorch loss
   reference instead of the fused Triton kernel); cudagraphs (compiled blocks replayed as CUDA graphs; with compile);
   adamfused (PyTorch's fused AdamW after clip_grad_norm_ instead of the Triton AdamW with clipping folded in).
@@ -170,24 +170,46 @@ def kernel_category(name: str) -> str:
 
 
 def summarize_trace(path: Path, top: int = 12) -> dict:
-    """Device time of one profiled step by kernel and by category, from a chrome trace."""
+    """Device time of one profiled step by kernel and by category, from a chrome trace, and how long the device
+    sat idle between its first and last kernel (time no kernel, copy or memset ran on any stream: the host was
+    behind, or waiting on a sync)."""
     if not path.exists():
         return {"error": f"no trace at {path}"}
     events = json.loads(path.read_text())["traceEvents"]
+    device = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     by_name: dict[str, float] = {}
-    for e in events:
-        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
-            by_name[e["name"]] = by_name.get(e["name"], 0.0) + e.get("dur", 0.0) / 1000.0
+    for e in device:
+        by_name[e["name"]] = by_name.get(e["name"], 0.0) + e.get("dur", 0.0) / 1000.0
     by_cat: dict[str, float] = {}
     for kernel, ms in by_name.items():
         by_cat[kernel_category(kernel)] = by_cat.get(kernel_category(kernel), 0.0) + ms
     ranked = sorted(by_name.items(), key=lambda kv: -kv[1])
+    span, busy = busy_time([(e["ts"], e["ts"] + e.get("dur", 0.0)) for e in device])
     return {
         "device_ms": sum(by_name.values()),
+        "span_ms": span / 1000.0,
+        "idle_ms": (span - busy) / 1000.0,
         "by_category_ms": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
         "top_kernels_ms": [(k[:160], round(v, 3)) for k, v in ranked[:top]],
         "attention_kernels": sorted({k[:160] for k in by_name if kernel_category(k) == "attention"}),
     }
+
+
+def busy_time(intervals: list[tuple[float, float]]) -> tuple[float, float]:
+    """(span, covered time) of ``(start, end)`` intervals: from the first start to the last end, and the length
+    of their union (kernels of several streams may overlap)."""
+    if not intervals:
+        return 0.0, 0.0
+    intervals = sorted(intervals)
+    covered, (lo, hi) = 0.0, intervals[0]
+    for start, end in intervals[1:]:
+        if start > hi:
+            covered += hi - lo
+            lo, hi = start, end
+        else:
+            hi = max(hi, end)
+    covered += hi - lo
+    return max(end for _, end in intervals) - intervals[0][0], covered
 
 
 def cleanup() -> None:

@@ -51,3 +51,27 @@ def test_memory_snapshot_needs_cuda(tmp_path):
 def test_bad_freq_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="profile_freq must be >= 1"):
         Profiler(Profiling(enable_profiling=True, profile_freq=0), tmp_path, 0, torch.device("cpu"))
+
+
+def test_trace_summary_counts_idle_device_time(tmp_path):
+    """The benchmark's trace summary: kernel time by name and category, and the device's idle time between its
+    first and last kernel, with overlapping kernels of two streams counted once (a hand-written trace, in us)."""
+    from scripts.bench_train import summarize_trace
+
+    def event(name, ts, dur, cat="kernel"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    events = [
+        event("nvjet_sm90_gemm", 0.0, 1000.0),
+        event("ncclDevKernel_AllReduce", 500.0, 1000.0),  # overlaps the GEMM on another stream
+        event("triton_poi_fused_mul", 2500.0, 500.0),  # after 1 ms of nothing
+        event("Memcpy HtoD (Pinned -> Device)", 3000.0, 250.0, cat="gpu_memcpy"),
+        event("aten::mm", 0.0, 9000.0, cat="cpu_op"),  # host events are not device time
+    ]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    summary = summarize_trace(path)
+    assert summary["device_ms"] == pytest.approx(2.75)
+    assert summary["span_ms"] == pytest.approx(3.25)
+    assert summary["idle_ms"] == pytest.approx(1.0)
+    assert summary["by_category_ms"] == pytest.approx({"matmul": 1.0, "nccl": 1.0, "triton": 0.5, "other": 0.25})
