@@ -41,7 +41,8 @@ ROW_QUANTUM = 128
 
 def chunk_rows_for(n_rows: int, vocab: int, elem_size: int, chunk_bytes: int, quantum: int = 1) -> int:
     """Rows per chunk: as many as ``chunk_bytes`` of logits allow, balanced so no chunk is a small tail, then
-    rounded up to a multiple of ``quantum`` (where the budget holds at least one quantum)."""
+    rounded up to a multiple of ``quantum``. Where the budget holds at least one quantum, its row capacity is first
+    rounded down to a multiple of it (so the rounded-up rows still fit); else the quantum is ignored."""
     max_rows = max(1, chunk_bytes // (vocab * elem_size))
     if max_rows >= quantum:
         max_rows -= max_rows % quantum
@@ -120,11 +121,14 @@ def masked_lce_fwd(
     if grad_hidden:
         row_of.index_copy_(0, idx, torch.arange(m, device=idx.device))
     rows = chunk_rows_for(m, vocab, hidden.element_size(), chunk_bytes, row_quantum)
-    # Pad to whole chunks with copies of row 0 of weight 0 (their loss and gradients are exact zeros; their dX rows
-    # land past the M masked ones, never read), unless dX has no room: then the last chunk stays short.
-    padded = min(-(-m // rows) * rows, n)
+    # Pad to whole chunks with copies of the first masked row at weight 0 (a masked row's logits are finite unless
+    # the loss is not, so their loss and gradients are exact zeros; their dX rows land past the M masked ones,
+    # never read), unless dX has no room: then the last chunk stays short.
+    padded = -(-m // rows) * rows
+    if grad_hidden:
+        padded = max(m, min(padded, n))
     if padded > m:
-        idx = torch.cat([idx, idx.new_zeros(padded - m)])
+        idx = torch.cat([idx, idx[:1].expand(padded - m)])
     x = hidden.index_select(0, idx)
     y = targets.index_select(0, idx)
     w = token_weights.index_select(0, idx)
@@ -226,6 +230,8 @@ def fused_masked_linear_cross_entropy(
         block_v: row-kernel tile width (power of two); 0 picks one from ``V``.
         row_quantum: chunk rows are a multiple of it (see ``ROW_QUANTUM``).
     """
+    if row_quantum < 1:
+        raise ValueError(f"row_quantum must be a positive number of rows, got {row_quantum}")
     grads = torch.is_grad_enabled()
     grad_hidden = grads and hidden.requires_grad
     grad_weight = grads and weight.requires_grad

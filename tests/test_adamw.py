@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from dlm_kernels.adamw import AdamWLaunch  # noqa: E402
+from dlm_kernels.adamw import AdamWLaunch, adamw_reference  # noqa: E402
 from harness import run_trainer, tiny_run_args, write_random_shards  # noqa: E402
 from interpreted import replace_unless_interpreted  # noqa: E402
 
@@ -67,6 +67,36 @@ def test_kernel_matches_float64(scaled):
     # New gradients only move the address table; the block plan (same sizes) is built once.
     assert all(plan is plans[0] for plan in plans)
     assert [t is u for t, u in zip(tables, tables[1:])] == [False, False, True]
+
+
+def test_plan_follows_the_tensors_the_kernel_takes():
+    """A gradient that turns misaligned leaves the kernel (a plan without it; the caller updates it) and comes back
+    (a plan with it again); steps in between reuse the plan. Every step matches float64 AdamW."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(40,), (9, 5), (70,)]
+    params = [torch.randn(s, generator=g) for s in shapes]
+    moments, squares = [torch.zeros(s) for s in shapes], [torch.zeros(s) for s in shapes]
+    ref = [(p.double(), m.double(), v.double()) for p, m, v in zip(params, moments, squares)]
+    steps = [torch.tensor(0.0) for _ in shapes]
+    hyper = dict(lr=HYPER["lr"], beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    launch, plans = AdamWLaunch(block=32, num_warps=1), []
+    for misaligned in (None, 1, 1, None, None):  # which gradient is a view 4 bytes into its buffer
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        if misaligned is not None:
+            buffer = torch.empty(grads[misaligned].numel() + 1)
+            buffer[1:].copy_(grads[misaligned].flatten())
+            grads[misaligned] = buffer[1:].view(shapes[misaligned])
+        torch._foreach_add_(steps, 1.0)
+        left = launch(params, grads, moments, squares, steps, **hyper)
+        assert left == ([] if misaligned is None else [misaligned])
+        for i in left:
+            adamw_reference(params[i], grads[i], moments[i], squares[i], step=int(steps[i]), **hyper)
+        plans.append(launch._plan)
+        ref = [_adamw_float64(p, gr.double(), m, v, int(t), 1.0) for (p, m, v), gr, t in zip(ref, grads, steps)]
+    assert [a is b for a, b in zip(plans, plans[1:])] == [False, True, False, True]
+    for got, want in zip(zip(params, moments, squares), ref):
+        for a, b in zip(got, want):
+            assert _rel(a, b) <= 1e-6
 
 
 def test_kernel_leaves_out_what_it_cannot_take():

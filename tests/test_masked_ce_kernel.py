@@ -217,6 +217,27 @@ def test_masked_index_gives_the_same_loss_and_grads():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("frozen", ["hidden", "weight"])
+def test_padded_chunks_with_index_and_one_gradient(frozen):
+    """Chunks padded to a quantum, the masked rows given, gradients for only one input: as float64. An unmasked
+    row 0 holding inf must not reach the result (padding copies a masked row, never row 0)."""
+    hidden, weight, targets, token_weights = _inputs(40, 16, V, 21, seed=9)
+    token_weights[0] = 0.0
+    ref = _float64_loss_and_grads(hidden, weight, targets, token_weights)
+    hidden[0] = float("inf")
+    index = torch.nonzero(token_weights).squeeze(1)
+    h = hidden.clone().requires_grad_(frozen != "hidden")
+    w = weight.clone().requires_grad_(frozen != "weight")
+    loss = fused_masked_linear_cross_entropy(h, w, targets, token_weights, index, chunk_bytes=9 * V * 4, row_quantum=4)
+    loss.backward()
+    assert abs(loss.item() - ref[0].item()) <= 1e-5 * abs(ref[0].item())
+    grad, want = (w.grad, ref[2]) if frozen == "hidden" else (h.grad, ref[1])
+    assert torch.isfinite(grad).all() and _rel(grad, want) <= 1e-5
+    assert (h.grad if frozen == "hidden" else w.grad) is None
+    with pytest.raises(ValueError, match="row_quantum"):
+        fused_masked_linear_cross_entropy(h, w, targets, token_weights, row_quantum=0)
+
+
 def test_bad_inputs_raise_clear_errors():
     hidden, weight, targets, token_weights = _inputs(8, 16, V, 4, seed=0)
     with pytest.raises(ValueError, match="one of auto, fused, torch"):
