@@ -144,6 +144,8 @@ class AdamWLaunch:
     def __init__(self, block: int, num_warps: int):
         self.block, self.num_warps = block, num_warps
         self._addresses: list[int] | None = None
+        self._device: torch.device | None = None
+        self._suits: list[bool] = []  # per tensor, in the order of the addresses: whether it suits the kernel
         self._ready: list[int] = []  # parameters the kernel updates
         self._left: list[int] = []  # and those it leaves to the caller
         self._plan: BlockPlan | None = None
@@ -197,10 +199,18 @@ class AdamWLaunch:
         return self._left
 
     def _rebuild(self, rows: tuple[Sequence[torch.Tensor], ...], addresses: list[int]) -> None:
-        """Follows new addresses: which tensors the kernel takes (alignment may have changed), their address
-        table, and the block plan if those tensors' sizes differ from the plan's."""
-        device = rows[0][0].device
-        ready = [i for i in range(len(rows[0])) if all(_kernel_takes(row[i], rows[0][i], device) for row in rows)]
+        """Follows new addresses: which tensors the kernel takes (rechecked only for tensors that moved: alignment
+        may have changed), their address table, and the block plan if those tensors' sizes differ from the plan's."""
+        n, device = len(rows[0]), rows[0][0].device
+        if self._addresses is None or len(self._addresses) != len(addresses) or device != self._device:
+            moved = range(len(addresses))
+            self._suits = [False] * len(addresses)
+        else:
+            moved = [k for k, (new, old) in enumerate(zip(addresses, self._addresses)) if new != old]
+        for k in moved:
+            self._suits[k] = _kernel_takes(rows[k // n][k % n], rows[0][k % n], device)
+        suits = self._suits
+        ready = [i for i in range(n) if suits[i] and suits[n + i] and suits[2 * n + i] and suits[3 * n + i]]
         ready = ready if runs_on(device) else []
         numels = [rows[0][i].numel() for i in ready]
         if not sum(numels):  # nothing for the kernel: all to the caller
@@ -211,11 +221,11 @@ class AdamWLaunch:
         elif self._plan is None or self._plan.numels != numels or self._plan.device != device:
             self._plan = BlockPlan(numels, self.block, device)
         if ready:
-            self._table = _to_device(torch.tensor([[row[i].data_ptr() for i in ready] for row in rows], dtype=torch.int64),
-                                     device)
+            table = torch.tensor(addresses, dtype=torch.int64).view(len(rows), n)[:, ready]
+            self._table = _to_device(table.contiguous(), device)
         taken = set(ready)
-        self._left = [i for i in range(len(rows[0])) if i not in taken]
-        self._addresses = addresses
+        self._left = [i for i in range(n) if i not in taken]
+        self._addresses, self._device = addresses, device
 
 
 def _kernel_takes(t: torch.Tensor, param: torch.Tensor, device: torch.device) -> bool:
