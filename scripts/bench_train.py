@@ -7,14 +7,14 @@ between logged steps (the log step syncs the device). tokens/s and MFU use the t
 only the reserved one counts the graphs' memory pool).
 
 A run is ``FLAVOR:feature,feature,...`` with features:
-  eager (default) | compile; ac (selective, per op) | acfull | ac2 (every 2nd block); float8;
-  fsdp (full shard, reshard after forward) | noreshard (full shard, keep gathered params) | default (FSDP
-  "default" policy) | replicate (DDP, shard degree 1); b=N (local batch); profile (also record a trace of
-  the last step and print where the device time goes, by kernel, and how long it sat idle); a=N (N
-  micro-batches per rank per step, gradient accumulation); bf16reduce (bf16 gradient reduction); nocheck (skip
-  the per-step non-finite check, to measure its host sync); bf16emb (cast the embedding output to bf16 under autocast, so the residual stream
-  is bf16 on one GPU as it is under FSDP: a probe for a model change); losstorch (the chunked PyTorch loss
-  reference instead of the fused Triton kernel); cudagraphs (compiled blocks replayed as CUDA graphs; with compile);
+  eager (default) | compile; ac (selective, per op) | acfull | ac2 (every 2nd block); float8; fsdp (full shard,
+  reshard after forward) | noreshard (full shard, keep gathered params) | default (FSDP "default" policy) |
+  replicate (DDP, shard degree 1); b=N (local batch); profile (also record a trace of the last step and print
+  where the device time goes, by kernel, and how long it sat idle); a=N (N micro-batches per rank per step,
+  gradient accumulation); bf16reduce (bf16 gradient reduction); nocheck (skip the per-step non-finite check, to
+  measure its host sync); bf16emb (cast the embedding output to bf16 under autocast, so the residual stream is
+  bf16 on one GPU as it is under FSDP: a probe for a model change); losstorch (the chunked PyTorch loss reference
+  instead of the fused Triton kernel); cudagraphs (compiled blocks replayed as CUDA graphs; with compile);
   adamfused (PyTorch's fused AdamW after clip_grad_norm_ instead of the Triton AdamW with clipping folded in).
 
 Launch with torchrun for several GPUs: every rank runs the same list, rank 0 prints and writes results.
