@@ -201,6 +201,9 @@ def _rank_main(rank, world, init_file, out_file):
         result = validator(tiny_model(), batches(2, 2, rank=rank, world=world), mc_samples=2).run()
         if rank == 0:
             torch.save(dataclasses.asdict(result), out_file)
+        # Both ranks past their last collective before either tears gloo down. Without it, one CI run in many saw
+        # rank 1 abort (std::terminate) around teardown; the cause was not pinned down.
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
