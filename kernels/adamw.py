@@ -111,7 +111,7 @@ class BlockPlan:
 
     def __init__(self, numels: Sequence[int], block: int, device: torch.device):
         blocks = [-(-n // block) for n in numels]
-        self.numels = list(numels)
+        self.sizes = list(numels)  # on the host, to compare with; ``numel`` is the device copy the kernel reads
         self.block = block
         self.device = device
         self.n_programs = sum(blocks)
@@ -186,9 +186,7 @@ class AdamWLaunch:
             return self._left
         device = self._table.device
         counts = torch.stack([steps[i] for i in self._ready]).double()
-        coef = torch.stack([lr / (1.0 - beta1**counts), (1.0 - beta2**counts).sqrt()]).float()
-        if device.type == "cuda":
-            coef = coef.pin_memory().to(device, non_blocking=True)
+        coef = _to_device(torch.stack([lr / (1.0 - beta1**counts), (1.0 - beta2**counts).sqrt()]).float(), device)
         scale = grad_scale if grad_scale is not None else coef  # never read when HAS_SCALE is False
         plan = self._plan
         _adamw_kernel[(plan.n_programs,)](
@@ -209,16 +207,15 @@ class AdamWLaunch:
             moved = [k for k, (new, old) in enumerate(zip(addresses, self._addresses)) if new != old]
         for k in moved:
             self._suits[k] = _kernel_takes(rows[k // n][k % n], rows[0][k % n], device)
-        suits = self._suits
-        ready = [i for i in range(n) if suits[i] and suits[n + i] and suits[2 * n + i] and suits[3 * n + i]]
-        ready = ready if runs_on(device) else []
+        per_row = (self._suits[r * n:(r + 1) * n] for r in range(len(rows)))
+        ready = [i for i, column in enumerate(zip(*per_row)) if all(column)] if runs_on(device) else []
         numels = [rows[0][i].numel() for i in ready]
         if not sum(numels):  # nothing for the kernel: all to the caller
             ready, numels = [], []
         self._ready, self._table = ready, None
         if not ready:
             self._plan = None
-        elif self._plan is None or self._plan.numels != numels or self._plan.device != device:
+        elif self._plan is None or self._plan.sizes != numels or self._plan.device != device:
             self._plan = BlockPlan(numels, self.block, device)
         if ready:
             table = torch.tensor(addresses, dtype=torch.int64).view(len(rows), n)[:, ready]
