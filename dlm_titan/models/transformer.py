@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlm_kernels.add_rms_norm import add_rms_norm
 from dlm_titan.models.attention import Attention, rope_cache
 from dlm_titan.models.flavors import ModelArgs
 
@@ -25,19 +26,41 @@ class FeedForward(nn.Module):
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
+class AddRMSNorm(nn.Module):
+    """RMSNorm that first adds a pending branch output to the residual stream: ``(h, norm(h))`` with
+    ``h = x + delta`` (``x`` when ``delta`` is None), in one fused op. ``norm(h)`` comes out in the autocast dtype,
+    as the bf16 GEMM that reads it would cast it anyway."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return add_rms_norm(x, delta, self.weight, self.eps, out_dtype)
+
+
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm block: h = x + attn(norm(x)), out = h + mlp(norm(h)).
+
+    The block leaves its last add to the next norm: it takes the previous block's MLP output as ``delta`` (zeros
+    for the first block) and returns ``(h, mlp output)``. Each residual add then happens inside the fused
+    add + RMSNorm that reads the sum, instead of as a pass of its own between two compiled blocks.
+    """
 
     def __init__(self, args: ModelArgs, attn_backend: str):
         super().__init__()
-        self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.attention_norm = AddRMSNorm(args.dim, eps=args.norm_eps)
         self.attention = Attention(args.dim, args.n_heads, attn_backend)
-        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = AddRMSNorm(args.dim, eps=args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_dim)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), rope)
-        return x + self.feed_forward(self.ffn_norm(x))
+    def forward(self, x: torch.Tensor, delta: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, y = self.attention_norm(x, delta)
+        h, y = self.ffn_norm(h, self.attention(y, rope))
+        return h, self.feed_forward(y)
 
 
 class TransEncoder(nn.Module):
@@ -53,7 +76,7 @@ class TransEncoder(nn.Module):
         self.attn_backend = attn_backend
         self.tok_embeddings = nn.Embedding(args.vocab_size + 1, args.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args, attn_backend) for i in range(args.n_layers)})
-        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.norm = AddRMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # Not persistent: recomputed by init_weights, so checkpoints hold only parameters.
         self.register_buffer("rope", rope_cache(max_seq_len, args.head_dim, args.rope_theta), persistent=False)
@@ -62,9 +85,14 @@ class TransEncoder(nn.Module):
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states [B, L, dim] of token ids [B, L] (mask id = vocab_size)."""
         h = self.tok_embeddings(tokens)
+        device = h.device.type
+        branch_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        # The first block has no add pending: a zero one (of a branch output's dtype) gives every block the same
+        # signature, so one compiled graph serves them all, as before the adds were deferred.
+        delta = torch.zeros_like(h, dtype=branch_dtype)
         for layer in self.layers.values():
-            h = layer(h, self.rope)
-        return self.norm(h)
+            h, delta = layer(h, delta, self.rope)
+        return self.norm(h, delta)[1]
 
     def forward(
         self,
