@@ -100,7 +100,7 @@ def tile_config(dim: int, block_m: int = 0) -> tuple[int, int, int]:
     return block_m, block_d, num_warps
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _multiprocessors(device: torch.device) -> int:
     if interpreter_active() or device.type != "cuda":
         return 2  # the interpreter runs programs one by one: few programs keep CPU tests short
@@ -132,10 +132,14 @@ def add_rms_norm_forward(
 
 def add_rms_norm_backward(
     dy: torch.Tensor, dh_in: torch.Tensor | None, h: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
-    dx_dtype: torch.dtype, ddelta_dtype: torch.dtype | None, block_m: int = 0, programs_per_sm: int = 4,
+    dx_dtype: torch.dtype, ddelta_dtype: torch.dtype | None, block_m: int = 1, programs_per_sm: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, ddelta, dw)`` of contiguous ``[..., D]`` tensors; ``ddelta`` is empty unless ``ddelta_dtype`` asks
-    for a second copy of ``dx`` in another dtype. ``dw`` is fp32."""
+    for a second copy of ``dx`` in another dtype. ``dw`` is fp32.
+
+    Defaults from ``scripts/bench_add_rms_norm.py``'s sweep (H100, 16384 rows): one row per tile and 8 programs
+    per SM moved 2.31 TB/s at D=768 and 2.56 at D=1792, the best or within 1% of it at both widths (4 rows per
+    tile and 4 programs per SM: 2.00 and 2.29 TB/s; 8 rows per tile: 1.5-1.9)."""
     dim = h.shape[-1]
     rows = h.numel() // dim
     dx = torch.empty(h.shape, dtype=dx_dtype, device=h.device)

@@ -4,7 +4,6 @@ model's deferred residual adds against a block written the textbook way."""
 import pytest
 import torch
 import torch.nn.functional as F
-
 from dlm_kernels.add_rms_norm import add_rms_norm
 
 EPS = 1e-5

@@ -3,7 +3,6 @@ residual-stream dtypes (fp32 under autocast, bf16 under FSDP's mixed precision) 
 
 import pytest
 import torch
-
 from dlm_kernels.add_rms_norm import add_rms_norm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -65,7 +65,8 @@ def test_backward_walks_several_tiles_per_program(with_dh_in, second_copy):
 
 
 def test_default_tiles_cover_every_row():
-    """The default config at D=48: 16-row tiles, one per program (5 programs, the last one partly past the end)."""
+    """The default configs at D=48: forward 16-row tiles, the last partly past the end; backward one row per
+    tile, 14 programs of 5 rows each."""
     x, delta, w, dy, dh_in = _tensors(70, 2)
     h, y, rstd = K.add_rms_norm_forward(x, delta, w, EPS, torch.float32)
     dx, _, dw = K.add_rms_norm_backward(dy, dh_in, h, rstd, w, torch.float32, None)

@@ -6,9 +6,9 @@ import zlib
 
 import torch
 import torch.nn.functional as F
+from dlm_kernels.add_rms_norm import add_rms_norm
 from torch import nn
 
-from dlm_kernels.add_rms_norm import add_rms_norm
 from dlm_titan.models.attention import Attention, rope_cache
 from dlm_titan.models.flavors import ModelArgs
 
