@@ -1,5 +1,6 @@
 """dlm_kernels: Triton kernels with their PyTorch twins: the fused masked-diffusion linear cross-entropy
-(re-exported here) and a multi-tensor AdamW (:mod:`dlm_kernels.adamw`).
+(re-exported here), a multi-tensor AdamW (:mod:`dlm_kernels.adamw`) and a fused residual add + RMSNorm
+(:mod:`dlm_kernels.add_rms_norm`).
 
 Standalone: imports torch and, when installed, triton; never dlm_titan. Importable without CUDA or triton.
 """
