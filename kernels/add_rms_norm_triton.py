@@ -148,7 +148,8 @@ def add_rms_norm_backward(
     programs = max(1, min(triton.cdiv(rows, bm), _multiprocessors(h.device) * programs_per_sm))
     rows_per_program = triton.cdiv(triton.cdiv(rows, programs), bm) * bm
     programs = max(1, triton.cdiv(rows, rows_per_program))
-    partial = torch.zeros((programs, dim), dtype=torch.float32, device=h.device)
+    # Every program writes its row of partial sums; only an empty input needs them zeroed.
+    partial = (torch.empty if rows > 0 else torch.zeros)((programs, dim), dtype=torch.float32, device=h.device)
     if rows > 0:
         wrap_triton(_add_rms_norm_bwd_kernel)[(programs,)](
             dy, dy if dh_in is None else dh_in, h, rstd, weight, dx, dx if ddelta_dtype is None else ddelta, partial,

@@ -74,6 +74,15 @@ def test_default_tiles_cover_every_row():
     assert _rel(y, y64) < 1e-6 and _rel(dx, dh64) < 1e-6 and _rel(dw, dw64) < 1e-6
 
 
+def test_no_rows_gives_empty_outputs_and_a_zero_weight_gradient():
+    x = torch.empty(0, D)
+    w = torch.ones(D)
+    h, y, rstd = K.add_rms_norm_forward(x, x, w, EPS, torch.float32)
+    dx, _, dw = K.add_rms_norm_backward(x, x, x, rstd, w, torch.float32, None)
+    assert h.shape == y.shape == dx.shape == (0, D) and rstd.shape == (0,)
+    assert torch.equal(dw, torch.zeros(D))
+
+
 def test_autograd_op_runs_the_kernels_on_model_shaped_tensors():
     """The public op on [batch, seq, D] tensors (the interpreter makes the CPU a kernel device): h, y and the
     gradients of x, delta (the same tensor as x's: equal dtypes) and the weight."""
