@@ -146,7 +146,7 @@ def add_rms_norm_backward(
     ddelta = h.new_empty(0) if ddelta_dtype is None else torch.empty(h.shape, dtype=ddelta_dtype, device=h.device)
     bm, bd, warps = tile_config(dim, block_m)
     programs = max(1, min(triton.cdiv(rows, bm), _multiprocessors(h.device) * programs_per_sm))
-    rows_per_program = triton.cdiv(triton.cdiv(rows, programs), bm) * bm
+    rows_per_program = max(1, triton.cdiv(triton.cdiv(rows, programs), bm)) * bm
     programs = max(1, triton.cdiv(rows, rows_per_program))
     # Every program writes its row of partial sums; only an empty input needs them zeroed.
     partial = (torch.empty if rows > 0 else torch.zeros)((programs, dim), dtype=torch.float32, device=h.device)
