@@ -108,3 +108,26 @@ def test_model_defers_residual_adds_without_changing_the_function():
     assert _rel(outputs[0], outputs[1]) < 1e-13
     for name, g in grads[1].items():
         assert _rel(grads[0][name], g) < 1e-12, name
+
+
+def test_shape_mismatches_are_refused():
+    x = torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="delta has shape"):
+        add_rms_norm(x, torch.randn(1, 4, 8), torch.ones(8), EPS)
+    with pytest.raises(ValueError, match="weight has shape"):
+        add_rms_norm(x, None, torch.ones(7), EPS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ops_pass_opcheck(dtype):
+    """Schema, fake (meta) implementation and no aliasing between outputs and inputs, for both ops."""
+    from dlm_kernels.add_rms_norm import add_rms_norm_bwd, add_rms_norm_fwd
+
+    x, delta, weight = torch.randn(3, 16), torch.randn(3, 16).to(dtype), torch.rand(16) + 0.5
+    for args in ((x, delta, weight, EPS, dtype), (x, None, weight, EPS, torch.float32)):
+        torch.library.opcheck(add_rms_norm_fwd, args, test_utils=("test_schema", "test_faketensor"))
+    h, _, rstd = add_rms_norm_fwd(x, delta, weight, EPS, dtype)
+    dy = torch.randn(3, 16).to(dtype)
+    for args in ((dy, torch.randn(3, 16), h, rstd, weight, None), (dy, None, h, rstd, weight, torch.float32),
+                 (dy, None, h, rstd, weight, torch.bfloat16)):
+        torch.library.opcheck(add_rms_norm_bwd, args, test_utils=("test_schema", "test_faketensor"))

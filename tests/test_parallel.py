@@ -123,16 +123,19 @@ def test_activation_checkpointing_keeps_losses(data, tmp_path, reference, mode, 
 
 
 def test_compiled_block_equals_eager():
-    """torch.compile (Inductor) of a one-block model: loss and every gradient match eager within 1e-5.
+    """torch.compile (Inductor) of a two-block model: loss and every gradient match eager within 1e-5, and both
+    blocks run one graph (the first block's zero pending add looks like the second's real one).
 
-    One block of width 32 keeps Inductor's cold CPU compile (two C++ kernels files) to under a minute."""
+    Blocks of width 32 keep Inductor's cold CPU compile (two C++ kernels files) to under a minute."""
     from dlm_kernels import masked_linear_cross_entropy
+    from torch._dynamo.utils import counters
 
     from dlm_titan.config import Compile
     from dlm_titan.models import ModelArgs, TransEncoder
     from dlm_titan.parallelize import apply_compile
 
-    args = ModelArgs(n_layers=1, n_heads=2, dim=32, ffn_dim=64, vocab_size=64)
+    counters.clear()
+    args = ModelArgs(n_layers=2, n_heads=2, dim=32, ffn_dim=64, vocab_size=64)
     models = []
     for compiled in (False, True):
         with torch.device("meta"):
@@ -152,6 +155,7 @@ def test_compiled_block_equals_eager():
         loss.backward()
         losses.append(loss.detach())
     assert models[1].layers["0"]._compiled_call_impl is not None
+    assert counters["stats"]["unique_graphs"] == 1
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
     for (name, p_eager), (_, p_comp) in zip(models[0].named_parameters(), models[1].named_parameters()):
         g_eager, g_comp = p_eager.grad, p_comp.grad

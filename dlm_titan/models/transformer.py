@@ -87,9 +87,9 @@ class TransEncoder(nn.Module):
         h = self.tok_embeddings(tokens)
         device = h.device.type
         branch_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-        # The first block has no add pending: a zero one (of a branch output's dtype) gives every block the same
-        # signature, so one compiled graph serves them all, as before the adds were deferred.
-        delta = torch.zeros_like(h, dtype=branch_dtype)
+        # The first block has no add pending: a zero one, as a branch output would be (its dtype, requires_grad),
+        # gives every block the same signature, so one compiled graph serves them all.
+        delta = torch.zeros_like(h, dtype=branch_dtype).requires_grad_(h.requires_grad)
         for layer in self.layers.values():
             h, delta = layer(h, delta, self.rope)
         return self.norm(h, delta)[1]
