@@ -13,7 +13,6 @@ nearly the limit.)
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch.library import triton_op
 
 from . import add_rms_norm_triton as kernels
@@ -88,26 +87,21 @@ class _AddRMSNorm(torch.autograd.Function):
         h, y, rstd = add_rms_norm_fwd(x, delta, weight, eps, out_dtype)
         ctx.has_delta = delta is not None
         ctx.save_for_backward(h if ctx.has_delta else x, rstd, weight)
-        ctx.dtypes = (x.dtype, delta.dtype if ctx.has_delta else x.dtype)
-        # An unused h (the final norm's) then brings None, not a zero tensor for the kernel to read.
-        ctx.set_materialize_grads(False)
+        # d delta equals dx; a second copy is written only when the dtypes differ (fp32 stream, bf16 branch).
+        ctx.ddelta_dtype = delta.dtype if ctx.has_delta and delta.dtype != x.dtype else None
         return (h, y) if ctx.has_delta else y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, *grads):
+        # Kept to what torch 2.11's Dynamo was seen to trace on the GPU (no once_differentiable, no
+        # set_materialize_grads): an unused h (the final norm's, outside the compiled blocks) brings a zero
+        # gradient, which costs one extra read of it.
         dh_in, dy = grads if ctx.has_delta else (None, grads[0])
         h, rstd, weight = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros_like(h, dtype=ctx.dtypes[0])
-        # d delta equals dx: a second copy is written only when it is wanted in another dtype (fp32 stream,
-        # bf16 branch); otherwise delta gets dx itself.
-        wants_ddelta = ctx.has_delta and ctx.needs_input_grad[1]
-        copy_dtype = ctx.dtypes[1] if wants_ddelta and ctx.dtypes[1] != ctx.dtypes[0] else None
-        dx, ddelta, dw = add_rms_norm_bwd(dy, dh_in, h, rstd, weight, copy_dtype)
-        if not wants_ddelta:
+        dx, ddelta, dw = add_rms_norm_bwd(dy, dh_in, h, rstd, weight, ctx.ddelta_dtype)
+        if not ctx.has_delta:
             ddelta = None
-        elif copy_dtype is None:
+        elif ctx.ddelta_dtype is None:
             ddelta = dx
         return dx, ddelta, dw, None, None
 
