@@ -1,6 +1,7 @@
 """GPU runs (skipped without CUDA): deterministic mode repeats bitwise; DDP over 2 GPUs (bf16 autocast, NCCL,
 summing comm hook), also with CUDA-graphed blocks, reproduces one GPU training the same global batch; CUDA graphs
-train like plain compile and resume exactly."""
+train like plain compile and resume exactly; compiled blocks with activation checkpointing, and FSDP's bf16
+residual stream, train like plain compile on one GPU."""
 
 from __future__ import annotations
 
@@ -75,3 +76,33 @@ def test_cudagraphs_resume_equals_uninterrupted(data, tmp_path):  # noqa: F811
         torch.use_deterministic_algorithms(False)  # leave the process as other tests expect it
     assert sorted(resumed) == list(range(3, len(full) + 1)) and len(full) >= 4
     assert resumed == {step: full[step] for step in resumed}
+
+
+@pytest.mark.parametrize("mode,option", [("selective", "op"), ("full", "1")])
+def test_compiled_activation_checkpointing_trains_like_plain_compile(data, tmp_path, mode, option):  # noqa: F811
+    """Compiled blocks recomputed in backward (the fused add + RMSNorm's Triton kernels run again inside the
+    recompute): the same math as plain compile, so the losses agree to bf16 noise."""
+    argv = ["--training.dtype", "bfloat16", "--training.seq_len", "256", "--training.local_batch_size", "2",
+            "--training.global_batch_size", "4", "--compile.enable"]
+    plain = run_trainer(train_args(data, tmp_path / "plain", *argv))
+    ac = run_trainer(train_args(data, tmp_path / "ac", *argv, "--activation_checkpoint.mode", mode,
+                                "--activation_checkpoint.selective_ac_option", option))
+    assert sorted(ac) == sorted(plain) and len(set(plain.values())) == len(plain) > 1
+    for step, ref in plain.items():
+        assert abs(ac[step] - ref) <= 2e-3 * abs(ref), f"step {step}: {ac[step]!r} vs {ref!r}"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_fsdp_compiled_bf16_stream_trains_like_one_gpu(data, tmp_path):  # noqa: F811
+    """FSDP over 2 GPUs with compiled blocks: bf16 parameters, so the residual stream and the fused norm's kernels
+    run in bf16, against one GPU's autocast (fp32 stream) on the same global batch: close, not equal (bf16
+    rounding of the stream), and both training."""
+    argv = ["--training.dtype", "bfloat16", "--training.seq_len", "256", "--training.local_batch_size", "2",
+            "--training.global_batch_size", "4", "--compile.enable"]
+    one = run_trainer(train_args(data, tmp_path / "one", *argv))
+    fsdp = ["--parallelism.data_parallel_replicate_degree", "1", "--parallelism.data_parallel_shard_degree", "-1"]
+    finish(torchrun(1, 2, "localhost:0", train_args(data, tmp_path / "fsdp", *argv, *fsdp)))
+    two = read_losses(tmp_path / "fsdp")
+    assert sorted(two) == sorted(one) and len(set(one.values())) == len(one) > 1
+    for step, ref in one.items():
+        assert abs(two[step] - ref) <= 1e-2 * abs(ref), f"step {step}: {two[step]!r} vs {ref!r}"
