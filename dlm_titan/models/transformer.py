@@ -13,6 +13,11 @@ from dlm_titan.models.attention import Attention, rope_cache
 from dlm_titan.models.flavors import ModelArgs
 
 
+def _compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
+    """The dtype autocast gives matmuls on ``device``, or ``default`` outside autocast."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else default
+
+
 class FeedForward(nn.Module):
     """SwiGLU: w_down(silu(w_gate x) * w_up x). SMDM (xformers naming) calls these w1, w2, w3."""
 
@@ -37,9 +42,7 @@ class AddRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        device = x.device.type
-        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        return add_rms_norm(x, delta, self.weight, self.eps, out_dtype)
+        return add_rms_norm(x, delta, self.weight, self.eps, _compute_dtype(x.device, x.dtype))
 
 
 class TransformerBlock(nn.Module):
@@ -85,11 +88,9 @@ class TransEncoder(nn.Module):
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states [B, L, dim] of token ids [B, L] (mask id = vocab_size)."""
         h = self.tok_embeddings(tokens)
-        device = h.device.type
-        branch_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         # The first block has no add pending: a zero one, as a branch output would be (its dtype, requires_grad),
         # gives every block the same signature, so one compiled graph serves them all.
-        delta = torch.zeros_like(h, dtype=branch_dtype).requires_grad_(h.requires_grad)
+        delta = torch.zeros_like(h, dtype=_compute_dtype(h.device, h.dtype)).requires_grad_(h.requires_grad)
         for layer in self.layers.values():
             h, delta = layer(h, delta, self.rope)
         return self.norm(h, delta)[1]
@@ -108,7 +109,7 @@ class TransEncoder(nn.Module):
         if targets is None:
             return self.output(h)
         weight = self.output.weight
-        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else weight.dtype
+        dtype = _compute_dtype(h.device, weight.dtype)
         extra = {} if masked_index is None else {"masked_index": masked_index}
         return self.loss_fn(h.flatten(0, 1).to(dtype), weight.to(dtype), targets.flatten(), token_weights.flatten(), **extra)
 
