@@ -228,19 +228,51 @@ class TBuckets:
         self.counts = torch.zeros(bins, dtype=torch.float64, device=device)
 
     def add(self, t: torch.Tensor, losses: torch.Tensor) -> None:
-        """Adds sequences with noise levels ``t`` [B] and per-sequence losses ``losses`` [B]."""
-        idx = (t.to(self.sums.device, torch.float64) * self.bins).long().clamp_(0, self.bins - 1)
+        """Adds sequences with noise levels ``t`` [B] (any device) and per-sequence losses ``losses`` [B]."""
+        idx = (t.to(torch.float64) * self.bins).long().clamp_(0, self.bins - 1)
+        if idx.device != self.sums.device:  # a plain host-to-GPU copy would wait for the GPU's queue to drain
+            idx = idx.pin_memory().to(self.sums.device, non_blocking=True) if self.sums.is_cuda else idx.to(self.sums.device)
         self.sums.index_add_(0, idx, losses.to(self.sums.device, torch.float64))
         self.counts.index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
 
-    def scalars(self, prefix: str = T_BUCKET_PREFIX + "train_t") -> dict[str, float]:
-        """``{prefix + "0.0-0.1": mean, ...}`` over all ranks for the non-empty bins, then clears. Every rank
-        must call it (one all-reduce)."""
-        totals = all_reduce_sum(torch.stack([self.sums, self.counts])).tolist()
+    def take(self) -> torch.Tensor:
+        """``[2, bins]`` sums and counts over all ranks (on the device, not read), then clears. Every rank must
+        call it (one all-reduce)."""
+        totals = all_reduce_sum(torch.stack([self.sums, self.counts]))
         self.sums.zero_()
         self.counts.zero_()
-        out = {}
-        for b, (s, n) in enumerate(zip(*totals)):
-            if n > 0:
-                out[f"{prefix}{b / self.bins:.1f}-{(b + 1) / self.bins:.1f}"] = s / n
-        return out
+        return totals
+
+    def scalars(self, prefix: str = T_BUCKET_PREFIX + "train_t") -> dict[str, float]:
+        """``{prefix + "0.0-0.1": mean, ...}`` over all ranks for the non-empty bins, then clears. Collective."""
+        return bucket_means(self.take(), prefix)
+
+
+def bucket_means(totals: torch.Tensor, prefix: str = T_BUCKET_PREFIX + "train_t") -> dict[str, float]:
+    """The non-empty bins' means of :meth:`TBuckets.take`'s ``[2, bins]`` sums and counts."""
+    sums, counts = totals.tolist()
+    bins = len(sums)
+    return {f"{prefix}{b / bins:.1f}-{(b + 1) / bins:.1f}": s / n for b, (s, n) in enumerate(zip(sums, counts)) if n > 0}
+
+
+class HostCopy:
+    """Device tensors copied to the host behind the work that computes them.
+
+    The copies go to pinned memory without blocking; :meth:`read` waits for them alone. Read one step later,
+    when that step's work is queued behind them, they never leave the GPU idle: ``.item()`` at once would drain
+    the GPU's queue and keep it waiting while the host logs and refills it (~9 ms a logged step at 170M on an
+    H100). Tensors already on the CPU are kept as they are.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self._host = {k: v.detach().to("cpu", non_blocking=True) for k, v in tensors.items()}
+        self._event = None
+        if any(v.is_cuda for v in tensors.values()):
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def read(self) -> dict[str, torch.Tensor]:
+        """The host copies, once the device work before them is done."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import math
 import os
 import sys
 import time
@@ -26,9 +27,11 @@ from dlm_titan.errors import UserError, report
 from dlm_titan.export import model_config
 from dlm_titan.flops import steps_from_budget
 from dlm_titan.metrics import (
+    HostCopy,
     MetricsLogger,
     TBuckets,
     ThroughputWindow,
+    bucket_means,
     device_memory,
     device_name,
     mfu,
@@ -39,6 +42,17 @@ from dlm_titan.optim import build_lr_scheduler, build_optimizer, clip_grad_norm,
 from dlm_titan.parallelize import parallelize_model, set_gradient_sync
 from dlm_titan.profiling import Profiler
 from dlm_titan.validation import SequenceLossTap, build_validator
+
+
+@dataclasses.dataclass
+class _LoggedStep:
+    """A logged step between :meth:`Trainer._start_log` and :meth:`Trainer._finish_log`."""
+
+    step: int
+    device: HostCopy  # loss and masked-token totals, grad norm, loss-by-t sums
+    lr: float
+    tokens_seen: int
+    tokens: int
 
 
 class Trainer:
@@ -85,6 +99,9 @@ class Trainer:
                                      enable_wandb=cfg.metrics.enable_wandb, wandb_config=dataclasses.asdict(cfg))
         self.validator = build_validator(cfg, self.model, data_path, self.rank, world_size, self.device, self.autocast)
         self.t_buckets = TBuckets(self.device)
+        # Read a logged step's metrics one step later, behind queued work (see _start_log). On the CPU, work runs
+        # as it is issued: nothing to hide the wait behind, and the throughput window would miss that step.
+        self.defer_logs = self.device.type == "cuda"
         self.step = 0
         self.tokens_seen = 0
         self._write_config()
@@ -221,20 +238,31 @@ class Trainer:
 
     def _train_loop(self) -> None:
         self.window = ThroughputWindow()
+        pending = None  # a logged step's metrics on their way to the host (see _start_log)
         with Profiler(self.cfg.profiling, self.dump_folder, self.rank, self.device, self.step, self.log) as profiler:
             while self.step < self.steps:
                 self.step += 1
                 out = self.train_step(self.step)
+                if pending is not None:  # the previous step's, read now that this step's work is queued behind it
+                    self._finish_log(pending)
+                    pending = None
                 self.window.add(out["tokens"], out["data_time"])
                 if self.step % self.cfg.training.gc_freq == 0:
                     gc.collect(1)
+                validate = self.validator is not None and (
+                    self.step % self.cfg.validation.freq == 0 or self.step == self.steps)
                 if self._is_log_step(self.step):
-                    self._log_step(out)
+                    pending = self._start_log(out)
+                    if not self.defer_logs or validate or self.step == self.steps:  # nothing to hide the wait behind
+                        self._finish_log(pending)
+                        pending = None
                 profiler.step()
-                if self.validator is not None and (self.step % self.cfg.validation.freq == 0 or self.step == self.steps):
+                if validate:
                     self._validate()
                 if self.checkpointer.step_end(self.step, self.tokens_seen, last=self.step == self.steps):
                     break  # SIGTERM/SIGUSR1 or a non-finite step with on_nonfinite = "stop": state saved
+        if pending is not None:
+            self._finish_log(pending)
 
     def _is_log_step(self, step: int) -> bool:
         return step % self.cfg.metrics.log_freq == 0 or step in (1, self.steps)
@@ -244,25 +272,41 @@ class Trainer:
         self.window.exclude(result.seconds)
         self.metrics.log_validation(self.step, result.scalars(), result.summary())
 
-    def _log_step(self, out: dict) -> None:
-        totals = torch.stack([out["loss_sum"].float(), torch.tensor(float(out["masked"]), device=self.device)])
-        loss, masked = dist_utils.all_reduce_sum(totals).tolist()  # also syncs the device before timing
-        if not torch.isfinite(out["grad_norm"]):
-            self.log(f"warning: non-finite grad norm at step {self.step}")
+    def _start_log(self, out: dict) -> _LoggedStep:
+        """Queues the copy of a logged step's device metrics to the host (all-reduced over ranks) and notes its
+        host-side values; :meth:`_finish_log` reads and logs them, normally one step later."""
+        loss_sum = out["loss_sum"].double()  # float64: masked-token counts of large batches stay exact
+        totals = dist_utils.all_reduce_sum(torch.stack([loss_sum, loss_sum.new_full((), out["masked"])]))
+        return _LoggedStep(
+            step=self.step,
+            device=HostCopy({"totals": totals, "grad_norm": out["grad_norm"], "t_buckets": self.t_buckets.take()}),
+            lr=self.lr_scheduler.get_last_lr()[0],
+            tokens_seen=self.tokens_seen,
+            tokens=out["tokens"],
+        )
+
+    def _finish_log(self, pending: _LoggedStep) -> None:
+        """Logs a step started by :meth:`_start_log`. Waiting for its copies ends the throughput window when
+        that step's GPU work ends."""
+        values = pending.device.read()
         rates = self.window.read(self.dims.world_size)
+        loss, masked = values["totals"].tolist()
+        grad_norm = values["grad_norm"].item()
+        if not math.isfinite(grad_norm):
+            self.log(f"warning: non-finite grad norm at step {pending.step}")
         fpt = model_flops_per_token(self.model_args, self.cfg.training.seq_len)
         metrics = {
             "loss": loss,
-            "lr": self.lr_scheduler.get_last_lr()[0],
-            "grad_norm": out["grad_norm"].item(),
+            "lr": pending.lr,
+            "grad_norm": grad_norm,
             **rates,
             "mfu": mfu(rates["tokens_per_s_per_device"], fpt, device_name(self.device)),
-            "tokens_seen": float(self.tokens_seen),
-            "masked_fraction": masked / out["tokens"],
+            "tokens_seen": float(pending.tokens_seen),
+            "masked_fraction": masked / pending.tokens,
             **device_memory(self.device),
-            **self.t_buckets.scalars(),
+            **bucket_means(values["t_buckets"]),
         }
-        self.metrics.log(self.step, metrics)
+        self.metrics.log(pending.step, metrics)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 

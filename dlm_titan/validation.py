@@ -42,6 +42,7 @@ CHUNK_ROWS = 1024
 @torch.no_grad()
 def per_token_weighted_ce(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor,
+    masked_index: torch.Tensor | None = None,
     chunk_rows: int = CHUNK_ROWS,
 ) -> torch.Tensor:
     """``token_weights[i] * CE(hidden[i] @ weight^T, targets[i])`` for every row, without gradients.
@@ -52,12 +53,13 @@ def per_token_weighted_ce(
     Args:
         hidden: ``[N, d]`` final hidden states; weight: ``[V, d]`` output head.
         targets: ``[N]`` clean tokens; token_weights: ``[N]`` loss weights, 0 at unmasked rows.
+        masked_index: the indices of the non-zero weights if known (finding them on the GPU syncs the host).
 
     Returns:
         fp32 ``[N]``.
     """
     out = torch.zeros(token_weights.shape, dtype=torch.float32, device=hidden.device)
-    rows = torch.nonzero(token_weights).squeeze(1)
+    rows = torch.nonzero(token_weights).squeeze(1) if masked_index is None else masked_index
     for start in range(0, rows.numel(), chunk_rows):
         r = rows[start : start + chunk_rows]
         logits = hidden.index_select(0, r) @ weight.t()
@@ -67,12 +69,10 @@ def per_token_weighted_ce(
 
 
 class SequenceLossTap:
-    """Wraps the model's ``loss_fn`` and, while ``armed``, also records the per-token weighted CE of each
-    call, so a training step yields per-sequence losses (for the loss-by-t metrics) without a second forward.
-
-    Cost when armed: one more LM-head matmul over the masked rows, without grad: about 1/3 of the head's
-    forward plus backward, ~1.6% of the FLOPs of a 170M step at seq 2048; and CHUNK_ROWS x vocab fp32 logits
-    of transient memory. The trainer arms it on logged steps only (0.16% at log_freq 10); unarmed it is free.
+    """Wraps the model's ``loss_fn`` (``masked_linear_cross_entropy``) and, while ``armed``, also keeps the
+    per-token terms ``w_i CE_i`` of each call, so a training step yields per-sequence losses (for the loss-by-t
+    metrics) without a second forward. The loss computes those terms anyway: armed costs one ``[N]`` write.
+    The trainer arms it on logged steps.
     """
 
     def __init__(self, loss_fn: Callable[..., torch.Tensor]):
@@ -81,9 +81,10 @@ class SequenceLossTap:
         self._recorded: list[torch.Tensor] = []
 
     def __call__(self, hidden, weight, targets, token_weights, **kwargs) -> torch.Tensor:
-        loss = self.loss_fn(hidden, weight, targets, token_weights, **kwargs)
-        if self.armed:
-            self._recorded.append(per_token_weighted_ce(hidden.detach(), weight.detach(), targets, token_weights))
+        if not self.armed:
+            return self.loss_fn(hidden, weight, targets, token_weights, **kwargs)
+        loss, terms = self.loss_fn(hidden, weight, targets, token_weights, per_token=True, **kwargs)
+        self._recorded.append(terms)
         return loss
 
     def take(self, batch_size: int) -> torch.Tensor:

@@ -56,7 +56,8 @@ def masked_linear_cross_entropy(
     token_weights: torch.Tensor,
     impl: Impl = "auto",
     masked_index: torch.Tensor | None = None,
-) -> torch.Tensor:
+    per_token: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Weighted cross-entropy of an LM head over the masked rows, without logits for the unmasked ones.
 
     Args:
@@ -68,10 +69,13 @@ def masked_linear_cross_entropy(
             gradients in forward) or "torch" (the chunked pure-PyTorch reference).
         masked_index: optional int64 ``[M]`` indices (into the flattened rows) of exactly the rows with a
             non-zero weight, ascending. Passing it avoids a device-to-host sync to count them.
+        per_token: also return the summands (per-sequence losses for metrics, at no extra cost on the fused path).
 
     Returns:
         fp32 scalar ``sum_i w_i * CE(hidden_i @ weight^T, targets_i)``, differentiable wrt ``hidden`` and
-        ``weight``; exactly 0 with zero gradients when no row is masked.
+        ``weight``; exactly 0 with zero gradients when no row is masked. With ``per_token``, the pair
+        ``(loss, terms)``: ``terms`` is fp32 of ``hidden``'s leading shape, ``w_i * CE_i`` (0 at unmasked rows),
+        without gradient.
     """
     _check_inputs(hidden, weight, targets, token_weights)
     path = resolve_impl(impl, hidden.device)
@@ -80,5 +84,10 @@ def masked_linear_cross_entropy(
     y = targets.reshape(-1).long()
     w = token_weights.reshape(-1).float()
     if path == "fused":
-        return fused_masked_linear_cross_entropy(h, weight, y, w, masked_index)
-    return masked_linear_cross_entropy_reference(h, weight, y, w, masked_index)
+        out = fused_masked_linear_cross_entropy(h, weight, y, w, masked_index, per_token=per_token)
+    else:
+        out = masked_linear_cross_entropy_reference(h, weight, y, w, masked_index, per_token=per_token)
+    if not per_token:
+        return out
+    loss, terms = out
+    return loss, terms.view(hidden.shape[:-1])

@@ -96,20 +96,23 @@ def masked_lce_fwd(
     chunk_bytes: int,
     block_v: int,
     row_quantum: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    per_token: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss and (unscaled) gradients of the masked weighted linear cross-entropy.
 
     Returns:
-        ``(loss, dX, row_of, dW)``: fp32 scalar; ``dX [N, d]`` in ``hidden``'s dtype, whose first M rows are the
-        gradients of the masked rows in index order (the rest is never read); ``row_of [N]`` int64, the row of
-        ``dX`` that belongs to each hidden row, -1 for unmasked rows; ``dW [V, d]`` fp32. ``dX`` and ``row_of``
-        are empty if not ``grad_hidden``, ``dW`` if not ``grad_weight``.
+        ``(loss, dX, row_of, dW, terms)``: fp32 scalar; ``dX [N, d]`` in ``hidden``'s dtype, whose first M rows are
+        the gradients of the masked rows in index order (the rest is never read); ``row_of [N]`` int64, the row of
+        ``dX`` that belongs to each hidden row, -1 for unmasked rows; ``dW [V, d]`` fp32; ``terms [N]`` fp32, each
+        row's ``w_i CE_i`` (0 at unmasked rows: the row kernel computes them anyway). ``dX`` and ``row_of`` are
+        empty if not ``grad_hidden``, ``dW`` if not ``grad_weight``, ``terms`` if not ``per_token``.
     """
     n, d = hidden.shape
     vocab = weight.shape[0]
     dx = hidden.new_empty((n, d)) if grad_hidden else hidden.new_empty((0,))
     row_of = torch.full((n,) if grad_hidden else (0,), -1, dtype=torch.long, device=hidden.device)
     dw = weight.new_empty((vocab, d) if grad_weight else (0,), dtype=torch.float32)
+    terms = torch.zeros((n,) if per_token else (0,), dtype=torch.float32, device=hidden.device)
     # A caller that knows the masked rows (the trainer builds masks on the CPU) passes them: nonzero on the
     # device would stall the host until the GPU catches up, once per micro-batch.
     idx = torch.nonzero(token_weights).squeeze(1) if masked_index is None else masked_index
@@ -117,7 +120,7 @@ def masked_lce_fwd(
     if m == 0:
         if grad_weight:
             dw.zero_()
-        return hidden.new_zeros((), dtype=torch.float32), dx, row_of, dw
+        return hidden.new_zeros((), dtype=torch.float32), dx, row_of, dw, terms
     if grad_hidden:
         row_of.index_copy_(0, idx, torch.arange(m, device=idx.device))
     rows = chunk_rows_for(m, vocab, hidden.element_size(), chunk_bytes, row_quantum)
@@ -127,6 +130,7 @@ def masked_lce_fwd(
     padded = -(-m // rows) * rows
     if grad_hidden:
         padded = max(m, min(padded, n))
+    masked = idx
     if padded > m:
         idx = torch.cat([idx, idx[:1].expand(padded - m)])
     x = hidden.index_select(0, idx)
@@ -147,16 +151,20 @@ def masked_lce_fwd(
             torch.mm(z, weight, out=dx[start:stop])
         if grad_weight:
             _accumulate_fp32(dw, z.t(), x[start:stop], first=start == 0)
-    return row_loss[:m].sum(), dx, row_of, dw
+    if per_token:
+        terms.index_copy_(0, masked, row_loss[:m])
+    return row_loss[:m].sum(), dx, row_of, dw, terms
 
 
 @masked_lce_fwd.register_fake
-def _(hidden, weight, targets, token_weights, masked_index, grad_hidden, grad_weight, chunk_bytes, block_v, row_quantum):
+def _(hidden, weight, targets, token_weights, masked_index, grad_hidden, grad_weight, chunk_bytes, block_v, row_quantum,
+      per_token):
     return (
         hidden.new_empty((), dtype=torch.float32),
         hidden.new_empty(hidden.shape if grad_hidden else (0,)),
         hidden.new_empty((hidden.shape[0],) if grad_hidden else (0,), dtype=torch.long),
         weight.new_empty(weight.shape if grad_weight else (0,), dtype=torch.float32),
+        hidden.new_empty((hidden.shape[0],) if per_token else (0,), dtype=torch.float32),
     )
 
 
@@ -192,23 +200,24 @@ class _MaskedLCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, token_weights, masked_index, grad_hidden, grad_weight, chunk_bytes, block_v,
-                row_quantum):
-        loss, dx, row_of, dw = masked_lce_fwd(
+                row_quantum, per_token):
+        loss, dx, row_of, dw, terms = masked_lce_fwd(
             hidden, weight, targets, token_weights, masked_index, grad_hidden, grad_weight, chunk_bytes, block_v,
-            row_quantum,
+            row_quantum, per_token,
         )
         ctx.save_for_backward(dx, row_of, dw)
+        ctx.mark_non_differentiable(terms)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         ctx.wants = (grad_hidden, grad_weight)
-        return loss
+        return loss, terms
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_terms):
         dx, row_of, dw = ctx.saved_tensors
         scale = grad_loss.float().reshape(1)
         grad_h = scatter_rows(dx, row_of, scale, ctx.dtypes[0]) if ctx.wants[0] else None
         grad_w = scale_cast(dw, scale, ctx.dtypes[1]) if ctx.wants[1] else None
-        return grad_h, grad_w, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None, None
 
 
 def fused_masked_linear_cross_entropy(
@@ -221,7 +230,8 @@ def fused_masked_linear_cross_entropy(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     block_v: int = 0,
     row_quantum: int = ROW_QUANTUM,
-) -> torch.Tensor:
+    per_token: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused path of :func:`dlm_kernels.masked_linear_cross_entropy` on 2-D, validated inputs.
 
     Args:
@@ -229,6 +239,7 @@ def fused_masked_linear_cross_entropy(
         chunk_bytes: byte budget of the reused logits buffer (sets the rows per chunk).
         block_v: row-kernel tile width (power of two); 0 picks one from ``V``.
         row_quantum: chunk rows are a multiple of it (see ``ROW_QUANTUM``).
+        per_token: also return the ``[N]`` per-row terms (as ``masked_linear_cross_entropy``).
     """
     if row_quantum < 1:
         raise ValueError(f"row_quantum must be a positive number of rows, got {row_quantum}")
@@ -236,8 +247,9 @@ def fused_masked_linear_cross_entropy(
     grad_hidden = grads and hidden.requires_grad
     grad_weight = grads and weight.requires_grad
     if not (grad_hidden or grad_weight):
-        return masked_lce_fwd(hidden, weight, targets, token_weights, masked_index, False, False, chunk_bytes, block_v,
-                              row_quantum)[0]
-    return _MaskedLCE.apply(
-        hidden, weight, targets, token_weights, masked_index, grad_hidden, grad_weight, chunk_bytes, block_v, row_quantum
-    )
+        loss, *_, terms = masked_lce_fwd(hidden, weight, targets, token_weights, masked_index, False, False, chunk_bytes,
+                                         block_v, row_quantum, per_token)
+    else:
+        loss, terms = _MaskedLCE.apply(hidden, weight, targets, token_weights, masked_index, grad_hidden, grad_weight,
+                                       chunk_bytes, block_v, row_quantum, per_token)
+    return (loss, terms) if per_token else loss

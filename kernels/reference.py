@@ -32,6 +32,20 @@ def gather_masked_rows(
     return hidden.index_select(0, idx), targets.index_select(0, idx), token_weights.index_select(0, idx)
 
 
+def _chunk_terms(
+    hidden_m: torch.Tensor, weight: torch.Tensor, targets_m: torch.Tensor, weights_m: torch.Tensor, chunk_rows: int
+) -> list[torch.Tensor]:
+    """``weights_m[i] * CE(hidden_m[i] @ weight^T, targets_m[i])`` chunk by chunk (one empty chunk when there are
+    no rows, so a zero loss stays connected to ``hidden_m`` and ``weight``)."""
+    terms = []
+    for start in range(0, max(hidden_m.shape[0], 1), chunk_rows):
+        stop = start + chunk_rows
+        logits = hidden_m[start:stop] @ weight.t()
+        ce = F.cross_entropy(logits.float(), targets_m[start:stop], reduction="none")
+        terms.append(ce * weights_m[start:stop])
+    return terms
+
+
 def chunked_weighted_cross_entropy(
     hidden_m: torch.Tensor,
     weight: torch.Tensor,
@@ -45,12 +59,8 @@ def chunked_weighted_cross_entropy(
     ``weight`` and backward gives zero gradients instead of none.
     """
     total = None
-    for start in range(0, max(hidden_m.shape[0], 1), chunk_rows):
-        stop = start + chunk_rows
-        logits = hidden_m[start:stop] @ weight.t()
-        ce = F.cross_entropy(logits.float(), targets_m[start:stop], reduction="none")
-        part = (ce * weights_m[start:stop]).sum()
-        total = part if total is None else total + part
+    for part in _chunk_terms(hidden_m, weight, targets_m, weights_m, chunk_rows):
+        total = part.sum() if total is None else total + part.sum()
     return total
 
 
@@ -62,7 +72,8 @@ def masked_linear_cross_entropy_reference(
     masked_index: torch.Tensor | None = None,
     *,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
-) -> torch.Tensor:
+    per_token: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Weighted cross-entropy of the masked rows, chunked pure PyTorch (differentiable by autograd).
 
     Args:
@@ -71,9 +82,17 @@ def masked_linear_cross_entropy_reference(
         targets: ``[N]`` int64 targets.
         token_weights: ``[N]`` fp32 weights, ``1 / (p_i * global_token_count)`` at masked rows, 0 elsewhere.
         chunk_rows: rows of logits materialized at once.
+        per_token: also return each row's term (see below).
 
     Returns:
-        fp32 scalar ``sum_i token_weights[i] * CE(hidden[i] @ weight^T, targets[i])``.
+        fp32 scalar ``sum_i token_weights[i] * CE(hidden[i] @ weight^T, targets[i])``; with ``per_token``, the pair
+        ``(loss, terms)``, ``terms`` the ``[N]`` fp32 summands (0 at unmasked rows, no gradient).
     """
-    hidden_m, targets_m, weights_m = gather_masked_rows(hidden, targets, token_weights, masked_index)
-    return chunked_weighted_cross_entropy(hidden_m, weight, targets_m, weights_m, chunk_rows)
+    idx = torch.nonzero(token_weights).squeeze(1) if masked_index is None else masked_index
+    hidden_m, targets_m, weights_m = gather_masked_rows(hidden, targets, token_weights, idx)
+    if not per_token:
+        return chunked_weighted_cross_entropy(hidden_m, weight, targets_m, weights_m, chunk_rows)
+    terms = _chunk_terms(hidden_m, weight, targets_m, weights_m, chunk_rows)
+    loss = sum((t.sum() for t in terms[1:]), terms[0].sum())
+    rows = torch.zeros(token_weights.shape, dtype=torch.float32, device=hidden.device)
+    return loss, rows.index_copy_(0, idx, torch.cat(terms).detach())

@@ -159,6 +159,32 @@ def test_deterministic_and_permutation_invariant():
     assert _rel(c[1], a[1][perm]) <= 1e-6 and _rel(c[2], a[2]) <= 1e-6
 
 
+@pytest.mark.parametrize("impl", ["fused", "torch"])
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_per_token_terms_match_float64(impl, with_grad):
+    """``per_token=True`` also gives each row's ``w_i CE_i`` (0 at unmasked rows, no gradient) without changing
+    the loss or its gradients; several padded chunks (rows 128-aligned in 5-row chunks, quantum 2 on fused)."""
+    hidden, weight, targets, token_weights = _inputs(24, 16, V, 11, seed=6)
+    logits = hidden.double() @ weight.double().t()
+    want = (torch.logsumexp(logits, 1) - logits.gather(1, targets[:, None]).squeeze(1)) * token_weights.double()
+    h = hidden.clone().requires_grad_(with_grad)
+    w = weight.clone().requires_grad_(with_grad)
+    index = torch.nonzero(token_weights).squeeze(1)
+    if impl == "fused":
+        loss, terms = fused_masked_linear_cross_entropy(h, w, targets, token_weights, index, chunk_bytes=5 * V * 4,
+                                                        row_quantum=2, per_token=True)
+    else:
+        loss, terms = masked_linear_cross_entropy(h, w, targets, token_weights, impl="torch", per_token=True)
+    assert terms.shape == (24,) and terms.dtype == torch.float32 and not terms.requires_grad
+    torch.testing.assert_close(terms.double(), want, rtol=1e-6, atol=1e-9)
+    assert (terms[token_weights == 0] == 0).all()
+    torch.testing.assert_close(loss.double(), want.sum(), rtol=1e-6, atol=0)
+    if with_grad:
+        loss.backward()
+        _, gh, gw = _float64_loss_and_grads(hidden, weight, targets, token_weights)
+        assert _rel(h.grad, gh) <= 1e-6 and _rel(w.grad, gw) <= 1e-6
+
+
 def test_compiles_fullgraph_without_graph_break():
     inputs = _inputs(16, 16, V, 9, seed=2)
 
@@ -171,10 +197,11 @@ def test_compiles_fullgraph_without_graph_break():
 
 def test_custom_ops_pass_opcheck():
     hidden, weight, targets, token_weights = _inputs(12, 16, V, 6, seed=4)
-    args = (hidden, weight, targets, token_weights, None, True, True, 1 << 20, 0, 4)
+    args = (hidden, weight, targets, token_weights, None, True, True, 1 << 20, 0, 4, False)
     torch.library.opcheck(masked_lce_fwd, args, test_utils=("test_schema", "test_faketensor"))
     index = torch.nonzero(token_weights).squeeze(1)
-    torch.library.opcheck(masked_lce_fwd, (*args[:4], index, *args[5:]), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(masked_lce_fwd, (*args[:4], index, *args[5:-1], True),
+                          test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(scale_cast, (weight, torch.tensor([2.0]), torch.float32))
     row_of = torch.tensor([2, -1, 0, -1, 1])
     torch.library.opcheck(scatter_rows, (hidden[:3], row_of, torch.tensor([2.0]), torch.float32))

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness import tiny_run_args, write_random_shards
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dlm_titan import metrics as metrics_mod
+from dlm_titan.config import load_config
 from dlm_titan.metrics import MetricsLogger, TBuckets, ThroughputWindow, mfu, model_flops_per_token
 from dlm_titan.models import get_model_args
 
@@ -48,6 +50,47 @@ def test_t_buckets_mean_per_bin():
     out = b.scalars(prefix="x/")
     assert out == {"x/0.0-0.1": 2.0, "x/0.1-0.2": 10.0, "x/0.5-0.6": 4.0, "x/0.9-1.0": 8.0}
     assert b.scalars(prefix="x/") == {}  # cleared after reading
+
+
+def test_logged_step_is_read_one_step_later_with_its_own_values(tmp_path):
+    """A logged step's metrics are read after the next step is queued (so the GPU never waits for the host's
+    logging), yet they are that step's: its loss, grad norm, lr and token count. The last step logs at once.
+    The trainer defers on GPUs only (CPU work runs as it is issued); here it is told to."""
+    from dlm_titan.train import Trainer
+
+    seq, gbs = 32, 4
+    (tmp_path / "data").mkdir()
+    data = write_random_shards(tmp_path / "data", vocab=512)
+    cfg = load_config(tiny_run_args(data, tmp_path / "out", 512, 7, gbs, 2, 0, "--metrics.log_freq", "3"))
+    trainer = Trainer(cfg)
+    trainer.defer_logs = True
+    events, steps, logged = [], {}, {}
+    train_step, log = trainer.train_step, trainer.metrics.log
+
+    def recording_step(step):
+        out = train_step(step)
+        steps[step] = dict(loss=out["loss_sum"].item(), grad_norm=out["grad_norm"].item(),
+                           lr=trainer.lr_scheduler.get_last_lr()[0], masked=out["masked"])
+        events.append(("step", step))
+        return out
+
+    def recording_log(step, metrics):
+        logged[step] = metrics
+        events.append(("log", step))
+        log(step, metrics)
+
+    trainer.train_step, trainer.metrics.log = recording_step, recording_log
+    trainer.train()
+    assert events == [("step", 1), ("step", 2), ("log", 1), ("step", 3), ("step", 4), ("log", 3), ("step", 5),
+                      ("step", 6), ("step", 7), ("log", 6), ("log", 7)]
+    assert all(steps[s]["lr"] != steps[s + 1]["lr"] for s in (1, 3))  # a mix-up of steps would show
+    for step, m in logged.items():
+        want = steps[step]
+        assert m["loss"] == pytest.approx(want["loss"], rel=1e-12)
+        assert m["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-12)
+        assert m["lr"] == want["lr"]
+        assert m["tokens_seen"] == step * gbs * seq
+        assert m["masked_fraction"] == want["masked"] / (gbs * seq)
 
 
 def test_console_line_format_and_no_colour_off_a_tty(capsys):

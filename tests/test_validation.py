@@ -46,7 +46,7 @@ def tiny_model(seq_len=SEQ):
         model = TransEncoder(ARGS, max_seq_len=seq_len, attn_backend="math")
     model.to_empty(device="cpu")
     model.init_weights(seed=11)
-    model.loss_fn = lambda h, w, y, tw: masked_linear_cross_entropy(h, w, y, tw, impl="torch")
+    model.loss_fn = lambda h, w, y, tw, **kw: masked_linear_cross_entropy(h, w, y, tw, impl="torch", **kw)
     return model
 
 
