@@ -265,7 +265,7 @@ class HostCopy:
     """
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
-        self._host = {k: v.detach().to("cpu", non_blocking=True) for k, v in tensors.items()}
+        self._host = {k: _to_host(v.detach()) for k, v in tensors.items()}
         self._event = None
         if any(v.is_cuda for v in tensors.values()):
             self._event = torch.cuda.Event()
@@ -276,3 +276,11 @@ class HostCopy:
         if self._event is not None:
             self._event.synchronize()
         return self._host
+
+
+def _to_host(x: torch.Tensor) -> torch.Tensor:
+    """A copy of a CUDA tensor into pinned host memory, queued without blocking (a copy into pageable memory
+    would wait for the GPU); CPU tensors as they are."""
+    if not x.is_cuda:
+        return x
+    return torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
