@@ -146,8 +146,8 @@ def _init_wandb(folder: Path | None, config: dict[str, Any]):
 class ThroughputWindow:
     """Tokens, steps and data-wait time since the last log, for tokens/s, step time and data-wait time.
 
-    Time spent outside training steps (validation, checkpoint saves) is passed to :meth:`exclude` so it does
-    not count against throughput.
+    Validation time is passed to :meth:`exclude` so it does not count against throughput; checkpoint saves
+    count (their stall is part of what training costs).
     """
 
     def __init__(self):
@@ -166,10 +166,16 @@ class ThroughputWindow:
     def exclude(self, seconds: float) -> None:
         self.excluded += seconds
 
-    def read(self, world_size: int) -> dict[str, float]:
-        """Rates since the last reset, then resets. Call after a device sync (e.g. reading the loss), so the
-        window ends when the GPU work does."""
-        elapsed = max(time.perf_counter() - self.start - self.excluded, 1e-9)
+    def read(self, world_size: int, seconds: float | None = None) -> dict[str, float]:
+        """Rates since the last reset, then resets.
+
+        Args:
+            seconds: the window's length measured on the device (CUDA events between the ends of the windows'
+                last steps), or None for host time since the last read (then call it once the device's work is
+                done, e.g. after reading the loss).
+        """
+        seconds = time.perf_counter() - self.start if seconds is None else seconds
+        elapsed = max(seconds - self.excluded, 1e-9)
         steps = max(self.steps, 1)
         out = {
             "tokens_per_s": self.tokens / elapsed,
@@ -261,21 +267,28 @@ class HostCopy:
     The copies go to pinned memory without blocking; :meth:`read` waits for them alone. Read one step later,
     when that step's work is queued behind them, they never leave the GPU idle: ``.item()`` at once would drain
     the GPU's queue and keep it waiting while the host logs and refills it (~9 ms a logged step at 170M on an
-    H100). Tensors already on the CPU are kept as they are.
+    H100). Tensors already on the CPU are kept as they are. ``event`` (CUDA, timing enabled, else None) marks the
+    end of the work before the copies on the device's clock, for timing windows whenever they are read.
     """
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self._host = {k: _to_host(v.detach()) for k, v in tensors.items()}
-        self._event = None
-        if any(v.is_cuda for v in tensors.values()):
-            self._event = torch.cuda.Event()
-            self._event.record()
+        self.event = device_mark(torch.device("cuda")) if any(v.is_cuda for v in tensors.values()) else None
 
     def read(self) -> dict[str, torch.Tensor]:
         """The host copies, once the device work before them is done."""
-        if self._event is not None:
-            self._event.synchronize()
+        if self.event is not None:
+            self.event.synchronize()
         return self._host
+
+
+def device_mark(device: torch.device) -> torch.cuda.Event | None:
+    """A timing event recorded on ``device``'s current stream (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
 def _to_host(x: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from dlm_titan.metrics import (
     TBuckets,
     ThroughputWindow,
     bucket_means,
+    device_mark,
     device_memory,
     device_name,
     mfu,
@@ -238,29 +239,38 @@ class Trainer:
 
     def _train_loop(self) -> None:
         self.window = ThroughputWindow()
+        self.window_mark = device_mark(self.device)  # where the throughput window starts on the device's clock
         pending = None  # a logged step's metrics on their way to the host (see _start_log)
-        with Profiler(self.cfg.profiling, self.dump_folder, self.rank, self.device, self.step, self.log) as profiler:
-            while self.step < self.steps:
-                self.step += 1
-                out = self.train_step(self.step)
-                if pending is not None:  # the previous step's, read now that this step's work is queued behind it
-                    self._finish_log(pending)
-                    pending = None
-                self.window.add(out["tokens"], out["data_time"])
-                if self.step % self.cfg.training.gc_freq == 0:
-                    gc.collect(1)
-                validate = self.validator is not None and (
-                    self.step % self.cfg.validation.freq == 0 or self.step == self.steps)
-                if self._is_log_step(self.step):
-                    pending = self._start_log(out)
-                    if not self.defer_logs or validate or self.step == self.steps:  # nothing to hide the wait behind
+        try:
+            with Profiler(self.cfg.profiling, self.dump_folder, self.rank, self.device, self.step, self.log) as profiler:
+                while self.step < self.steps:
+                    self.step += 1
+                    out = self.train_step(self.step)
+                    if pending is not None:  # the previous step's, read now that this step's work is queued behind it
                         self._finish_log(pending)
                         pending = None
-                profiler.step()
-                if validate:
-                    self._validate()
-                if self.checkpointer.step_end(self.step, self.tokens_seen, last=self.step == self.steps):
-                    break  # SIGTERM/SIGUSR1 or a non-finite step with on_nonfinite = "stop": state saved
+                    self.window.add(out["tokens"], out["data_time"])
+                    if self.step % self.cfg.training.gc_freq == 0:
+                        gc.collect(1)
+                    validate = self.validator is not None and (
+                        self.step % self.cfg.validation.freq == 0 or self.step == self.steps)
+                    if self._is_log_step(self.step):
+                        pending = self._start_log(out)
+                        if not self.defer_logs or validate or self.step == self.steps:  # nothing to hide the wait behind
+                            self._finish_log(pending)
+                            pending = None
+                    profiler.step()
+                    if validate:
+                        self._validate()
+                    if self.checkpointer.step_end(self.step, self.tokens_seen, last=self.step == self.steps):
+                        break  # SIGTERM/SIGUSR1 or a non-finite step with on_nonfinite = "stop": state saved
+        except BaseException:
+            # e.g. on_nonfinite = "raise" raising one step late: still print the step it names. Best effort: the
+            # device may be what failed.
+            if pending is not None:
+                with contextlib.suppress(Exception):
+                    self._finish_log(pending)
+            raise
         if pending is not None:
             self._finish_log(pending)
 
@@ -286,10 +296,13 @@ class Trainer:
         )
 
     def _finish_log(self, pending: _LoggedStep) -> None:
-        """Logs a step started by :meth:`_start_log`. Waiting for its copies ends the throughput window when
-        that step's GPU work ends."""
+        """Logs a step started by :meth:`_start_log`."""
         values = pending.device.read()
-        rates = self.window.read(self.dims.world_size)
+        seconds = None  # on a GPU, the window's length on its clock: right whenever the window is read
+        if pending.device.event is not None and self.window_mark is not None:
+            seconds = self.window_mark.elapsed_time(pending.device.event) / 1e3
+            self.window_mark = pending.device.event
+        rates = self.window.read(self.dims.world_size, seconds)
         loss, masked = values["totals"].tolist()
         grad_norm = values["grad_norm"].item()
         if not math.isfinite(grad_norm):

@@ -42,7 +42,6 @@ CHUNK_ROWS = 1024
 @torch.no_grad()
 def per_token_weighted_ce(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor,
-    masked_index: torch.Tensor | None = None,
     chunk_rows: int = CHUNK_ROWS,
 ) -> torch.Tensor:
     """``token_weights[i] * CE(hidden[i] @ weight^T, targets[i])`` for every row, without gradients.
@@ -53,13 +52,12 @@ def per_token_weighted_ce(
     Args:
         hidden: ``[N, d]`` final hidden states; weight: ``[V, d]`` output head.
         targets: ``[N]`` clean tokens; token_weights: ``[N]`` loss weights, 0 at unmasked rows.
-        masked_index: the indices of the non-zero weights if known (finding them on the GPU syncs the host).
 
     Returns:
         fp32 ``[N]``.
     """
     out = torch.zeros(token_weights.shape, dtype=torch.float32, device=hidden.device)
-    rows = torch.nonzero(token_weights).squeeze(1) if masked_index is None else masked_index
+    rows = torch.nonzero(token_weights).squeeze(1)
     for start in range(0, rows.numel(), chunk_rows):
         r = rows[start : start + chunk_rows]
         logits = hidden.index_select(0, r) @ weight.t()

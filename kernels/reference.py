@@ -94,5 +94,5 @@ def masked_linear_cross_entropy_reference(
         return chunked_weighted_cross_entropy(hidden_m, weight, targets_m, weights_m, chunk_rows)
     terms = _chunk_terms(hidden_m, weight, targets_m, weights_m, chunk_rows)
     loss = sum((t.sum() for t in terms[1:]), terms[0].sum())
-    rows = torch.zeros(token_weights.shape, dtype=torch.float32, device=hidden.device)
-    return loss, rows.index_copy_(0, idx, torch.cat(terms).detach())
+    masked_terms = torch.cat(terms).detach()
+    return loss, masked_terms.new_zeros(token_weights.shape).index_copy_(0, idx, masked_terms)

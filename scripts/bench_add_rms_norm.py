@@ -1,9 +1,9 @@
 """Residual add + RMSNorm, forward and backward, on one GPU: the fused Triton op (called eagerly, and compiled as
 in a training block) against torch.compile (Inductor) of the same math, at the shapes of a training step (fp32
 residual stream, bf16 branch and output, as under autocast). Also sweeps the backward kernel's rows per tile and
-programs per SM. Forward times are CUDA-event times of runs queued back to back; forward+backward times are the
-sums of their kernels' durations (profiler), because a lone fwd+bwd through autograd takes the host longer
-(~0.4 ms) than the GPU, which a training step hides behind queued work.
+programs per SM. Forward and forward+backward times are sums of their kernels' durations (profiler, L2 warm),
+because a lone fwd+bwd through autograd takes the host longer (~0.4 ms) than the GPU, which a training step hides
+behind queued work; the backward kernel sweep uses CUDA events (one launch per run).
 
 Bandwidth is the op's minimum traffic over its time: forward reads x (4 B) and delta (2 B) and writes h (4 B) and
 y (2 B) per element; backward reads dy (2 B), h (4 B) and dh_in (4 B) and writes dx (4 B) and d delta (2 B).
@@ -61,14 +61,14 @@ def bench_dim(dim: int, rows: int, iters: int, sweep: bool) -> None:
     # dispatch that the eager call pays on the host.
     fused_compiled = torch.compile(lambda: add_rms_norm(x, delta, weight, EPS, torch.bfloat16), fullgraph=True)
 
-    def fwd_bwd(fn):
+    def fwd_bwd(fn):  # gradients returned, not accumulated into .grad (that would add a pass per run)
         h, y = fn()
-        torch.autograd.backward([h, y], [dh_in, dy])
+        torch.autograd.grad([h, y], [x, delta, weight], [dh_in, dy])
 
     paths = (("compiled", lambda: compiled(x, delta, weight)), ("fused", fused), ("fused, compiled", fused_compiled))
     for name, fn in paths:
         with torch.no_grad():
-            fwd = time_ms(fn, iters, 5)
+            fwd = kernel_ms(fn, iters)
         total = kernel_ms(lambda f=fn: fwd_bwd(f), iters)
         print(f"d={dim} rows={rows} {name:15s}: forward {fwd:.3f} ms ({12 * n / fwd / 1e9:.2f} TB/s), "
               f"forward+backward {total:.3f} ms (backward ~{total - fwd:.3f} ms, "

@@ -1,8 +1,9 @@
 """Training throughput of real steps (the Trainer, the loader, the optimizer) for several setups in one process.
 
 Each run builds a fresh Trainer from flags, trains ``--steps`` steps with one micro-batch per rank per step
-(global batch = local batch x ranks, as torchtitan's benchmarks), and times the steps after ``--warmup``
-between logged steps (the log step syncs the device). tokens/s and MFU use the trainer's formula
+(global batch = local batch x ranks, as torchtitan's benchmarks), and takes the median of the trainer's own
+tokens/s over the windows between logged steps after ``--warmup`` (on a GPU each window is timed on the device's
+clock, from the end of one logged step's work to the end of the next). tokens/s and MFU use the trainer's formula
 (DESIGN.md), peak memory is the allocator's peak of active and of reserved memory over a window (with CUDA graphs
 only the reserved one counts the graphs' memory pool).
 
@@ -108,11 +109,11 @@ def run_one(spec: str, args, world_size: int, rank: int) -> dict:
     dump = Path(args.dump_root) / spec.replace(":", "_").replace(",", "_").replace("=", "")
     argv = trainer_argv(flavor, features, args, world_size, dump, batch, accum)
     trainer = Trainer(load_config(argv))
-    marks: list[tuple[int, float, dict]] = []
+    marks: list[tuple[int, dict]] = []
     log = trainer.metrics.log
 
     def capture(step: int, metrics: dict) -> None:
-        marks.append((step, time.perf_counter(), dict(metrics)))  # the log step has just synced the device
+        marks.append((step, dict(metrics)))
         log(step, metrics)
 
     trainer.metrics.log = capture
@@ -124,13 +125,9 @@ def run_one(spec: str, args, world_size: int, rank: int) -> dict:
     start = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - start
-    tokens_per_step = batch * world_size * accum * args.seq_len
-    windows = [
-        (s1 - s0) * tokens_per_step / (t1 - t0)
-        for (s0, t0, _), (s1, t1, _) in zip(marks, marks[1:])
-        if s0 >= args.warmup
-    ]
-    after = [m for s, _, m in marks if s > args.warmup]
+    # The trainer's window of each logged step covers the steps since the previous one.
+    windows = [m["tokens_per_s"] for (s0, _), (_, m) in zip(marks, marks[1:]) if s0 >= args.warmup]
+    after = [m for s, m in marks if s > args.warmup]
     a = trainer.model_args
     fpt = flops_per_token(a.total_params() - (a.vocab_size + 1) * a.dim, a.n_layers, a.dim, args.seq_len)
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -144,7 +141,7 @@ def run_one(spec: str, args, world_size: int, rank: int) -> dict:
         "windows_tokens_per_s": windows, "wall_s": total,
         "peak_active_gib": max((m.get("memory_gib") or 0.0) for m in after) if after else None,
         "peak_reserved_gib": max((m.get("memory_reserved_gib") or 0.0) for m in after) if after else None,
-        "loss_last": marks[-1][2].get("loss") if marks else None,
+        "loss_last": marks[-1][1].get("loss") if marks else None,
         "attn_backend": trainer.model.attn_backend, "form": trainer.dims.form,
         "float8_linears": sum(type(m).__name__ == "Float8Linear" for m in trainer.model.modules()),
     }

@@ -93,6 +93,33 @@ def test_logged_step_is_read_one_step_later_with_its_own_values(tmp_path):
         assert m["masked_fraction"] == want["masked"] / (gbs * seq)
 
 
+def test_a_deferred_log_is_still_printed_when_the_next_step_raises(tmp_path, monkeypatch, capsys):
+    """on_nonfinite = "raise" on a GPU raises one step late (in the next step); the pending line of the step it
+    names is printed first."""
+    import dlm_titan.train as train_module
+
+    (tmp_path / "data").mkdir()
+    data = write_random_shards(tmp_path / "data", vocab=512)
+    trainer = train_module.Trainer(load_config(tiny_run_args(data, tmp_path / "out", 512, 7, 4, 2, 0,
+                                                             "--metrics.log_freq", "3")))
+    trainer.defer_logs = True
+    trainer.checkpointer.nonfinite.defer_raise = True  # as on a GPU
+    clip = train_module.clip_grad_norm
+
+    def nan_at_step_3(params, max_norm, optimizer):
+        norm, scale = clip(params, max_norm, optimizer)
+        return (norm * float("nan") if trainer.step == 3 else norm), scale
+
+    monkeypatch.setattr(train_module, "clip_grad_norm", nan_at_step_3)
+    logged = []
+    log = trainer.metrics.log
+    trainer.metrics.log = lambda step, metrics: (logged.append(step), log(step, metrics))
+    with pytest.raises(FloatingPointError, match="step 3"):
+        trainer.train()
+    assert logged == [1, 3]
+    assert "warning: non-finite grad norm at step 3" in capsys.readouterr().out
+
+
 def test_console_line_format_and_no_colour_off_a_tty(capsys):
     logger = MetricsLogger(None, rank=0, enable_tensorboard=False)
     logger.log(5, {"loss": 1.23456, "lr": 2e-4, "grad_norm": 0.5, "tokens_per_s": 12345.6, "mfu": 0.4123,

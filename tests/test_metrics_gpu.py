@@ -68,3 +68,5 @@ def test_training_and_log_steps_never_wait_for_the_gpu(tmp_path):
     trainer.metrics.log = lambda step, metrics: (logged.update({step: metrics}), log(step, metrics))
     trainer.train()
     assert sorted(logged) == [1, 2, 4, 6, 8]
+    assert trainer.window_mark is not None  # windows timed with CUDA events
+    assert all(0 < m["tokens_per_s"] < 1e9 and m["step_time_s"] > 0 for m in logged.values())
