@@ -17,7 +17,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from dlm_titan import metrics as metrics_mod
 from dlm_titan.config import load_config
-from dlm_titan.metrics import MetricsLogger, TBuckets, ThroughputWindow, mfu, model_flops_per_token
+from dlm_titan.metrics import (
+    MetricsLogger,
+    TBuckets,
+    ThroughputWindow,
+    bucket_means,
+    mfu,
+    model_flops_per_token,
+)
 from dlm_titan.models import get_model_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +87,13 @@ def test_logged_step_is_read_one_step_later_with_its_own_values(tmp_path):
         log(step, metrics)
 
     trainer.train_step, trainer.metrics.log = recording_step, recording_log
+    take, buckets = trainer.t_buckets.take, {}
+
+    def recording_take():  # the loss-by-t sums, as taken at each logged step
+        buckets[trainer.step] = take()
+        return buckets[trainer.step]
+
+    trainer.t_buckets.take = recording_take
     trainer.train()
     assert events == [("step", 1), ("step", 2), ("log", 1), ("step", 3), ("step", 4), ("log", 3), ("step", 5),
                       ("step", 6), ("step", 7), ("log", 6), ("log", 7)]
@@ -91,6 +105,8 @@ def test_logged_step_is_read_one_step_later_with_its_own_values(tmp_path):
         assert m["lr"] == want["lr"]
         assert m["tokens_seen"] == step * gbs * seq
         assert m["masked_fraction"] == want["masked"] / (gbs * seq)
+        by_t = {k: v for k, v in m.items() if k.startswith("loss_by_t/")}
+        assert by_t and by_t == bucket_means(buckets[step])
 
 
 def test_a_deferred_log_is_still_printed_when_the_next_step_raises(tmp_path, monkeypatch, capsys):
