@@ -240,39 +240,37 @@ class Trainer:
     def _train_loop(self) -> None:
         self.window = ThroughputWindow()
         self.window_mark = device_mark(self.device)  # where the throughput window starts on the device's clock
-        pending = None  # a logged step's metrics on their way to the host (see _start_log)
+        self.pending_log: _LoggedStep | None = None  # a logged step's metrics on their way to the host
         try:
             with Profiler(self.cfg.profiling, self.dump_folder, self.rank, self.device, self.step, self.log) as profiler:
                 while self.step < self.steps:
-                    self.step += 1
-                    out = self.train_step(self.step)
-                    if pending is not None:  # the previous step's, read now that this step's work is queued behind it
-                        self._finish_log(pending)
-                        pending = None
-                    self.window.add(out["tokens"], out["data_time"])
-                    if self.step % self.cfg.training.gc_freq == 0:
-                        gc.collect(1)
-                    validate = self.validator is not None and (
-                        self.step % self.cfg.validation.freq == 0 or self.step == self.steps)
-                    if self._is_log_step(self.step):
-                        pending = self._start_log(out)
-                        if not self.defer_logs or validate or self.step == self.steps:  # nothing to hide the wait behind
-                            self._finish_log(pending)
-                            pending = None
-                    profiler.step()
-                    if validate:
-                        self._validate()
-                    if self.checkpointer.step_end(self.step, self.tokens_seen, last=self.step == self.steps):
+                    if self._train_one_step(profiler):
                         break  # SIGTERM/SIGUSR1 or a non-finite step with on_nonfinite = "stop": state saved
         except BaseException:
             # e.g. on_nonfinite = "raise" raising one step late: still print the step it names. Best effort: the
             # device may be what failed.
-            if pending is not None:
-                with contextlib.suppress(Exception):
-                    self._finish_log(pending)
+            with contextlib.suppress(Exception):
+                self._finish_log()
             raise
-        if pending is not None:
-            self._finish_log(pending)
+        self._finish_log()
+
+    def _train_one_step(self, profiler: Profiler) -> bool:
+        """One step and what follows it (logging, validation, checkpointing); True when the run must stop."""
+        self.step += 1
+        out = self.train_step(self.step)
+        self._finish_log()  # the previous step's, read now that this step's work is queued behind it
+        self.window.add(out["tokens"], out["data_time"])
+        if self.step % self.cfg.training.gc_freq == 0:
+            gc.collect(1)
+        validate = self.validator is not None and (self.step % self.cfg.validation.freq == 0 or self.step == self.steps)
+        if self._is_log_step(self.step):
+            self.pending_log = self._start_log(out)
+            if not self.defer_logs or validate or self.step == self.steps:  # nothing to hide the wait behind
+                self._finish_log()
+        profiler.step()
+        if validate:
+            self._validate()
+        return self.checkpointer.step_end(self.step, self.tokens_seen, last=self.step == self.steps)
 
     def _is_log_step(self, step: int) -> bool:
         return step % self.cfg.metrics.log_freq == 0 or step in (1, self.steps)
@@ -284,7 +282,8 @@ class Trainer:
 
     def _start_log(self, out: dict) -> _LoggedStep:
         """Queues the copy of a logged step's device metrics to the host (all-reduced over ranks) and notes its
-        host-side values; :meth:`_finish_log` reads and logs them, normally one step later."""
+        host-side values; :meth:`_finish_log` reads and logs them, normally one step later (on a GPU: see
+        ``defer_logs``)."""
         loss_sum = out["loss_sum"].double()  # float64: masked-token counts of large batches stay exact
         totals = dist_utils.all_reduce_sum(torch.stack([loss_sum, loss_sum.new_full((), out["masked"])]))
         return _LoggedStep(
@@ -295,8 +294,11 @@ class Trainer:
             tokens=out["tokens"],
         )
 
-    def _finish_log(self, pending: _LoggedStep) -> None:
-        """Logs a step started by :meth:`_start_log`."""
+    def _finish_log(self) -> None:
+        """Logs the step started by :meth:`_start_log`, if one is pending."""
+        pending, self.pending_log = self.pending_log, None
+        if pending is None:
+            return
         values = pending.device.read()
         seconds = None  # on a GPU, the window's length on its clock: right whenever the window is read
         if pending.device.event is not None and self.window_mark is not None:
