@@ -77,6 +77,7 @@ class Trainer:
         self.model.to_empty(device=self.device)
         self.model.init_weights(seed=t.seed)
         self.loss_tap = SequenceLossTap(partial(_loss_fn(), impl=cfg.diffusion.loss_impl))  # per-sequence losses on log steps
+        self._warm_up_loss()
         self.model.loss_fn = self.loss_tap
         self.model.train()
 
@@ -113,6 +114,17 @@ class Trainer:
         self.keep_grads = self.dims.form == "ddp" or self.parallel_plan["cudagraphs"]
         if self.parallel_plan["cudagraphs"]:
             self._allocate_gradients()
+
+    def _warm_up_loss(self) -> None:
+        """Lets cuBLAS choose the fused loss's GEMM kernels for every chunk shape before training, rather than at
+        the steps that first meet each shape (~4 ms of host time each; see ``warm_up_gemm_shapes``)."""
+        from dlm_kernels import resolve_impl, warm_up_gemm_shapes
+
+        if self.device.type != "cuda" or resolve_impl(self.cfg.diffusion.loss_impl, self.device) != "fused":
+            return
+        t, a = self.cfg.training, self.model_args
+        dtype = torch.float32 if t.dtype == "float32" else torch.bfloat16
+        warm_up_gemm_shapes(t.local_batch_size * t.seq_len, a.dim, a.vocab_size, dtype, self.device)
 
     def _allocate_gradients(self) -> None:
         """Zeroed gradient buffers for CUDA-graphed backward passes to accumulate into (with zero_grad in place).

@@ -53,6 +53,55 @@ def chunk_rows_for(n_rows: int, vocab: int, elem_size: int, chunk_bytes: int, qu
     return min(-(-rows // quantum) * quantum, max_rows)
 
 
+def chunk_plan(m: int, n: int, vocab: int, elem_size: int, chunk_bytes: int, quantum: int, grad_hidden: bool
+               ) -> tuple[int, int]:
+    """``(rows per chunk, padded rows)`` of a call with ``m`` of ``n`` rows masked: chunks of ``chunk_rows_for``
+    rows, padded to whole chunks unless dX (``n`` rows) has no room for the padding; then the last chunk is short."""
+    rows = chunk_rows_for(m, vocab, elem_size, chunk_bytes, quantum)
+    padded = -(-m // rows) * rows
+    return rows, max(m, min(padded, n)) if grad_hidden else padded
+
+
+def chunk_lengths(n: int, vocab: int, elem_size: int, chunk_bytes: int, quantum: int) -> list[int]:
+    """Every chunk length (rows of one chunk's GEMMs) that a training call over ``n`` rows can produce, for any
+    number of masked rows."""
+    lengths = set()
+    for m in range(1, n + 1):
+        rows, padded = chunk_plan(m, n, vocab, elem_size, chunk_bytes, quantum, grad_hidden=True)
+        lengths.add(min(rows, padded))
+        if padded % rows:
+            lengths.add(padded % rows)
+    return sorted(lengths)
+
+
+def warm_up_gemm_shapes(
+    n: int,
+    dim: int,
+    vocab: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    row_quantum: int = ROW_QUANTUM,
+) -> list[int]:
+    """Runs the loss's four GEMMs (logits, dX, dW first and accumulated) once at every chunk length of
+    :func:`chunk_lengths` on zeros, so that cuBLAS chooses their kernels before training: it spends ~4 ms of host
+    time on each new shape (H200, session 5), and training meets a new chunk length whenever a step's masked count
+    gives one (13 lengths over the first 50 steps of 170M at local batch 8 x 2048). Returns the lengths."""
+    lengths = chunk_lengths(n, vocab, torch.empty((), dtype=dtype).element_size(), chunk_bytes, row_quantum)
+    x = torch.zeros(lengths[-1], dim, dtype=dtype, device=device)
+    weight = torch.zeros(vocab, dim, dtype=dtype, device=device)
+    z = torch.empty(lengths[-1], vocab, dtype=dtype, device=device)
+    dx = torch.empty(lengths[-1], dim, dtype=dtype, device=device)
+    dw = torch.empty(vocab, dim, dtype=torch.float32, device=device)
+    for rows in lengths:
+        torch.mm(x[:rows], weight.t(), out=z[:rows])
+        torch.mm(z[:rows], weight, out=dx[:rows])
+        _accumulate_fp32(dw, z[:rows].t(), x[:rows], first=True)
+        _accumulate_fp32(dw, z[:rows].t(), x[:rows], first=False)
+    return lengths
+
+
 # Whether cuBLAS addmm accepts an fp32 C with bf16/fp16 A and B (newer torch); probed on first use.
 _FP32_C_ADDMM: list[bool] = []
 
@@ -123,13 +172,10 @@ def masked_lce_fwd(
         return hidden.new_zeros((), dtype=torch.float32), dx, row_of, dw, terms
     if grad_hidden:
         row_of.index_copy_(0, idx, torch.arange(m, device=idx.device))
-    rows = chunk_rows_for(m, vocab, hidden.element_size(), chunk_bytes, row_quantum)
     # Pad to whole chunks with copies of the first masked row at weight 0 (a masked row's logits are finite unless
     # the loss is not, so their loss and gradients are exact zeros; their dX rows land past the M masked ones,
     # never read), unless dX has no room: then the last chunk stays short.
-    padded = -(-m // rows) * rows
-    if grad_hidden:
-        padded = max(m, min(padded, n))
+    rows, padded = chunk_plan(m, n, vocab, hidden.element_size(), chunk_bytes, row_quantum, grad_hidden)
     masked = idx
     if padded > m:
         idx = torch.cat([idx, idx[:1].expand(padded - m)])
