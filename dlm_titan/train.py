@@ -77,7 +77,6 @@ class Trainer:
         self.model.to_empty(device=self.device)
         self.model.init_weights(seed=t.seed)
         self.loss_tap = SequenceLossTap(partial(_loss_fn(), impl=cfg.diffusion.loss_impl))  # per-sequence losses on log steps
-        self._warm_up_loss()
         self.model.loss_fn = self.loss_tap
         self.model.train()
 
@@ -97,6 +96,7 @@ class Trainer:
             vocab_size=cfg.model.vocab_size,
         )
         self.autocast = _autocast(t.dtype, self.device, fsdp=self.dims.sharded)
+        self._warm_up_loss()
         self.metrics = MetricsLogger(self.dump_folder / cfg.metrics.save_tb_folder, self.rank, cfg.metrics.enable_tensorboard,
                                      enable_wandb=cfg.metrics.enable_wandb, wandb_config=dataclasses.asdict(cfg))
         self.validator = build_validator(cfg, self.model, data_path, self.rank, world_size, self.device, self.autocast)
@@ -104,6 +104,7 @@ class Trainer:
         # Read a logged step's metrics one step later, behind queued work (see _start_log). On the CPU, work runs
         # as it is issued: nothing to hide the wait behind, and the throughput window would miss that step.
         self.defer_logs = self.device.type == "cuda"
+        self.pending_log: _LoggedStep | None = None  # a logged step's metrics on their way to the host
         self.step = 0
         self.tokens_seen = 0
         self._write_config()
@@ -123,8 +124,16 @@ class Trainer:
         if self.device.type != "cuda" or resolve_impl(self.cfg.diffusion.loss_impl, self.device) != "fused":
             return
         t, a = self.cfg.training, self.model_args
-        dtype = torch.float32 if t.dtype == "float32" else torch.bfloat16
-        warm_up_gemm_shapes(t.local_batch_size * t.seq_len, a.dim, a.vocab_size, dtype, self.device)
+        warm_up_gemm_shapes(t.local_batch_size * t.seq_len, a.dim, a.vocab_size, self._loss_dtype(), self.device)
+
+    def _loss_dtype(self) -> torch.dtype:
+        """The dtype of the hidden states and head weight that the loss sees (as TransEncoder.forward casts them):
+        autocast's, else FSDP's parameter dtype on a GPU, else the parameters' fp32."""
+        with self.autocast:
+            if torch.is_autocast_enabled(self.device.type):
+                return torch.get_autocast_dtype(self.device.type)
+        on_gpu = self.device.type == "cuda"
+        return getattr(torch, self.cfg.training.mixed_precision_param) if self.dims.sharded and on_gpu else torch.float32
 
     def _allocate_gradients(self) -> None:
         """Zeroed gradient buffers for CUDA-graphed backward passes to accumulate into (with zero_grad in place).
@@ -252,7 +261,7 @@ class Trainer:
     def _train_loop(self) -> None:
         self.window = ThroughputWindow()
         self.window_mark = device_mark(self.device)  # where the throughput window starts on the device's clock
-        self.pending_log: _LoggedStep | None = None  # a logged step's metrics on their way to the host
+        self.pending_log = None
         try:
             with Profiler(self.cfg.profiling, self.dump_folder, self.rank, self.device, self.step, self.log) as profiler:
                 while self.step < self.steps:

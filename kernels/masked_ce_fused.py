@@ -59,7 +59,7 @@ def chunk_plan(m: int, n: int, vocab: int, elem_size: int, chunk_bytes: int, qua
     rows, padded to whole chunks unless dX (``n`` rows) has no room for the padding; then the last chunk is short."""
     rows = chunk_rows_for(m, vocab, elem_size, chunk_bytes, quantum)
     padded = -(-m // rows) * rows
-    return rows, max(m, min(padded, n)) if grad_hidden else padded
+    return rows, (max(m, min(padded, n)) if grad_hidden else padded)
 
 
 def chunk_lengths(n: int, vocab: int, elem_size: int, chunk_bytes: int, quantum: int) -> list[int]:

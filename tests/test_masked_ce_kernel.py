@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 import dlm_kernels  # noqa: E402
+import dlm_kernels.masked_ce_fused as masked_ce_fused  # noqa: E402
 from dlm_kernels import (  # noqa: E402
     fused_masked_linear_cross_entropy,
     masked_ce_triton,
@@ -209,8 +210,17 @@ def test_warm_up_covers_every_chunk_length_the_loss_uses(monkeypatch):
         token_weights[torch.randperm(n, generator=g)[:m]] = 1.0
         masked_lce_fwd(hidden, weight, targets, token_weights, None, True, True, chunk_bytes, 0, 2, False)
     assert sorted(seen) == chunk_lengths(n, V, 4, chunk_bytes, 2) == [2, 3, 4]  # 3: a short last chunk
+    calls = []
+    mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b, **k: (calls.append(("mm", a.shape, b.shape)), mm(a, b, **k))[1])
+    monkeypatch.setattr(masked_ce_fused, "_accumulate_fp32",
+                        lambda out, a, b, first: calls.append(("dw", a.shape, b.shape, first)))
     assert warm_up_gemm_shapes(n, d, V, torch.float32, torch.device("cpu"), chunk_bytes=chunk_bytes,
                                row_quantum=2) == [2, 3, 4]
+    monkeypatch.undo()
+    want = [c for r in (2, 3, 4) for c in (("mm", (r, d), (d, V)), ("mm", (r, V), (V, d)),
+                                           ("dw", (V, r), (r, d), True), ("dw", (V, r), (r, d), False))]
+    assert calls == want  # the loss's four GEMM shapes at every length
     # the training shape of 170M (local batch 8 x 2048, bf16 logits): chunks of 128-row multiples up to 4096
     lengths = chunk_lengths(8 * 2048, 32000, 2, 256 * 2**20, 128)
     assert lengths[-1] == 4096 and all(r % 128 == 0 for r in lengths)
