@@ -16,6 +16,7 @@ import torch
 
 from dlm_titan.distributed import all_reduce_sum
 from dlm_titan.flops import flops_per_token, peak_flops
+from dlm_titan.transfers import to_device
 
 # Console keys, in print order, with their format; other keys go to TensorBoard / W&B only. Scripts parse
 # `step: N` at the start and `loss: X.XXXX`, so no other field may contain "step: " or end in "loss: ".
@@ -235,9 +236,7 @@ class TBuckets:
 
     def add(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         """Adds sequences with noise levels ``t`` [B] (any device) and per-sequence losses ``losses`` [B]."""
-        idx = (t.to(torch.float64) * self.bins).long().clamp_(0, self.bins - 1)
-        if idx.device != self.sums.device:  # a plain host-to-GPU copy would wait for the GPU's queue to drain
-            idx = idx.pin_memory().to(self.sums.device, non_blocking=True) if self.sums.is_cuda else idx.to(self.sums.device)
+        idx = to_device((t.to(torch.float64) * self.bins).long().clamp_(0, self.bins - 1), self.sums.device)
         self.sums.index_add_(0, idx, losses.to(self.sums.device, torch.float64))
         self.counts.index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
 
@@ -259,41 +258,3 @@ def bucket_means(totals: torch.Tensor, prefix: str = T_BUCKET_PREFIX + "train_t"
     sums, counts = totals.tolist()
     bins = len(sums)
     return {f"{prefix}{b / bins:.1f}-{(b + 1) / bins:.1f}": s / n for b, (s, n) in enumerate(zip(sums, counts)) if n > 0}
-
-
-class HostCopy:
-    """Device tensors copied to the host behind the work that computes them.
-
-    The copies go to pinned memory without blocking; :meth:`read` waits for them alone. Read one step later,
-    when that step's work is queued behind them, they never leave the GPU idle: ``.item()`` at once would drain
-    the GPU's queue and keep it waiting while the host logs and refills it (~9 ms a logged step at 170M on an
-    H100). Tensors already on the CPU are kept as they are. ``event`` (CUDA, timing enabled, else None) marks the
-    end of the work before the copies on the device's clock, for timing windows whenever they are read.
-    """
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self._host = {k: _to_host(v.detach()) for k, v in tensors.items()}
-        self.event = device_mark(torch.device("cuda")) if any(v.is_cuda for v in tensors.values()) else None
-
-    def read(self) -> dict[str, torch.Tensor]:
-        """The host copies, once the device work before them is done."""
-        if self.event is not None:
-            self.event.synchronize()
-        return self._host
-
-
-def device_mark(device: torch.device) -> torch.cuda.Event | None:
-    """A timing event recorded on ``device``'s current stream (None off CUDA)."""
-    if device.type != "cuda":
-        return None
-    event = torch.cuda.Event(enable_timing=True)
-    event.record()
-    return event
-
-
-def _to_host(x: torch.Tensor) -> torch.Tensor:
-    """A copy of a CUDA tensor into pinned host memory, queued without blocking (a copy into pageable memory
-    would wait for the GPU); CPU tensors as they are."""
-    if not x.is_cuda:
-        return x
-    return torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)

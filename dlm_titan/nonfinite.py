@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from dlm_titan.checkpoint_layout import print_warning
+from dlm_titan.transfers import HostCopy
 
 
 class NonFiniteGuard:
@@ -29,8 +30,7 @@ class NonFiniteGuard:
         self.group = group
         self.stop_requested = False
         self.defer_raise = False  # tests set it to exercise the deferred path on the CPU
-        self._deferred: tuple[int, torch.Tensor, torch.Tensor] | None = None
-        self._deferred_event: torch.cuda.Event | None = None
+        self._deferred: tuple[int, HostCopy] | None = None  # a step and its losses and norm, on their way
 
     def check(self, step: int, micro_losses: list[torch.Tensor], grad_norm: torch.Tensor) -> bool:
         """Whether to apply this step's update.
@@ -43,10 +43,7 @@ class NonFiniteGuard:
         norm = grad_norm.detach().float().reshape(())
         if self.action == "raise" and (norm.device.type == "cuda" or self.defer_raise):
             self.resolve_deferred()  # the previous step's verdict, long since computed: no pipeline stall
-            self._deferred = (step, losses.to("cpu", non_blocking=True), norm.to("cpu", non_blocking=True))
-            if norm.device.type == "cuda":
-                self._deferred_event = torch.cuda.Event()
-                self._deferred_event.record()
+            self._deferred = (step, HostCopy({"losses": losses, "norm": norm}))
             return True
         return self._verdict(step, losses.cpu(), norm.cpu())
 
@@ -54,11 +51,9 @@ class NonFiniteGuard:
         """Reads a deferred "raise" verdict (see :meth:`check`); raises if that step was non-finite."""
         if self._deferred is None:
             return
-        if self._deferred_event is not None:
-            self._deferred_event.synchronize()
-        step, losses, norm = self._deferred
-        self._deferred, self._deferred_event = None, None
-        self._verdict(step, losses, norm)
+        (step, copy), self._deferred = self._deferred, None
+        values = copy.read()
+        self._verdict(step, values["losses"], values["norm"])
 
     def _verdict(self, step: int, losses: torch.Tensor, norm: torch.Tensor) -> bool:
         """Applies the action to one step's (CPU) micro-batch losses and grad norm; True = update."""

@@ -27,12 +27,10 @@ from dlm_titan.errors import UserError, report
 from dlm_titan.export import model_config
 from dlm_titan.flops import steps_from_budget
 from dlm_titan.metrics import (
-    HostCopy,
     MetricsLogger,
     TBuckets,
     ThroughputWindow,
     bucket_means,
-    device_mark,
     device_memory,
     device_name,
     mfu,
@@ -42,6 +40,7 @@ from dlm_titan.models import build_model
 from dlm_titan.optim import build_lr_scheduler, build_optimizer, clip_grad_norm, resolve_warmup_steps
 from dlm_titan.parallelize import parallelize_model, set_gradient_sync
 from dlm_titan.profiling import Profiler
+from dlm_titan.transfers import HostCopy, device_mark, to_device
 from dlm_titan.validation import SequenceLossTap, build_validator
 
 
@@ -217,7 +216,7 @@ class Trainer:
             mb = forward_process(tokens, noise, eps=d.eps, mask_id=self.model_args.mask_id, token_count=token_count)
             masked += mb.num_masked
             inputs, targets, weights, index = (
-                self._to_device(x) for x in (mb.inputs, mb.targets, mb.token_weights, mb.masked_index)
+                to_device(x, self.device) for x in (mb.inputs, mb.targets, mb.token_weights, mb.masked_index)
             )
             with self.autocast:
                 loss = self.model(inputs, targets, weights, index)
@@ -236,13 +235,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=not self.keep_grads)
         self.tokens_seen += token_count
         return {"loss_sum": loss_sum, "grad_norm": grad_norm, "masked": masked, "tokens": token_count, "data_time": data_time}
-
-    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        """Host-to-GPU copy from pinned memory: a copy from pageable memory makes the host wait for the GPU's
-        queue to drain, leaving the GPU idle while the next micro-batch's kernels are launched."""
-        if self.device.type != "cuda":
-            return x
-        return x.pin_memory().to(self.device, non_blocking=True)
 
     def train(self) -> None:
         """Runs steps until ``self.steps``, logging every metrics.log_freq steps and at the last step, and

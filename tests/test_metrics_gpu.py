@@ -6,7 +6,8 @@ import torch
 from harness import tiny_run_args, write_random_shards
 
 from dlm_titan.config import load_config
-from dlm_titan.metrics import HostCopy, TBuckets
+from dlm_titan.metrics import TBuckets
+from dlm_titan.transfers import HostCopy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
