@@ -111,8 +111,8 @@ class Trainer:
         self.checkpointer = CheckpointManager(cfg, self.model, self.optimizer, self.lr_scheduler, self.data_loader,
                                               model_config(self.model, cfg.model.flavor))
         self.step, self.tokens_seen = self.checkpointer.load()  # resume, or initial_load_path weights
-        self.keep_grads = self.dims.form == "ddp" or self.parallel_plan["cudagraphs"]
-        if self.parallel_plan["cudagraphs"]:
+        self.keep_grads = keeps_gradients(self.dims.form, self.parallel_plan["cudagraphs"], self.micro_batches)
+        if self.keep_grads and self.parallel_plan["cudagraphs"]:
             self._allocate_gradients()
 
     def _warm_up_loss(self) -> None:
@@ -337,6 +337,18 @@ class Trainer:
         self.metrics.log(pending.step, metrics)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+
+
+def keeps_gradients(form: str, cudagraphs: bool, micro_batches: int) -> bool:
+    """Whether gradients stay allocated between steps (zeroed in place) instead of being set to None.
+
+    DDP keeps them as views of its buckets. CUDA-graphed backward passes write gradients into the graphs' memory
+    pool, which the next replay overwrites: over several micro-batches (or with DDP's buckets) they must accumulate
+    into buffers of their own. One graphed micro-batch without DDP needs none: the optimizer reads the pool's
+    gradients and zero_grad drops them before the next replay, which spares a zero fill and an add per parameter
+    (170M on one H200: 294.5k tokens/s against 289.0k).
+    """
+    return form == "ddp" or (cudagraphs and micro_batches > 1)
 
 
 def _accumulation_steps(global_batch: int, local_batch: int, world_size: int) -> int:

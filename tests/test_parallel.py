@@ -214,6 +214,19 @@ def test_bad_selective_option_is_a_user_error():
         apply_ac(model, ActivationCheckpoint(mode="selective", selective_ac_option="every"))
 
 
+def test_gradients_stay_allocated_only_where_something_holds_them():
+    """DDP's bucket views, and CUDA-graphed backward passes accumulating over micro-batches, need gradients
+    zeroed in place; one graphed micro-batch, plain runs and FSDP set them to None (no zero fill, no add)."""
+    from dlm_titan.train import keeps_gradients
+
+    assert keeps_gradients("ddp", cudagraphs=False, micro_batches=1)
+    assert keeps_gradients("ddp", cudagraphs=True, micro_batches=1)
+    assert keeps_gradients("single", cudagraphs=True, micro_batches=2)
+    assert not keeps_gradients("single", cudagraphs=True, micro_batches=1)
+    assert not keeps_gradients("single", cudagraphs=False, micro_batches=4)
+    assert not keeps_gradients("fsdp", cudagraphs=False, micro_batches=2)
+
+
 def test_cudagraphs_are_ignored_on_cpu_and_refused_with_fsdp(monkeypatch):
     from torch.distributed.device_mesh import DeviceMesh
 

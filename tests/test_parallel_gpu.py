@@ -44,15 +44,17 @@ def test_ddp_two_gpus_equal_one_gpu(data, tmp_path, graphs):  # noqa: F811
         assert abs(two[step] - ref) <= 2e-3 * abs(ref), f"step {step}: {two[step]!r} vs {ref!r}"
 
 
-def test_cudagraphs_train_like_plain_compile(data, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("micro_batches", [2, 1])
+def test_cudagraphs_train_like_plain_compile(data, tmp_path, micro_batches):  # noqa: F811
     """Compiled blocks replayed as CUDA graphs, with 2 micro-batches a step (gradients accumulate into buffers
-    outside the graphs' pool) and validation between steps (no_grad calls of the chained blocks): the same
-    kernels as plain compile, so the losses agree to bf16 noise; and no graph was skipped (replayed eagerly)."""
+    outside the graphs' pool) or 1 (the optimizer reads the pool's gradients, set to None before the next replay),
+    and validation between steps (no_grad calls of the chained blocks): the same kernels as plain compile, so the
+    losses agree to bf16 noise; and no graph was skipped (replayed eagerly)."""
     from torch._dynamo.utils import counters
 
     argv = ["--training.dtype", "bfloat16", "--training.seq_len", "256", "--training.local_batch_size", "2",
-            "--training.global_batch_size", "4", "--compile.enable", "--validation.enable", "--validation.freq", "2",
-            "--validation.steps", "2", "--data.val_prefix", "train_slim"]
+            "--training.global_batch_size", str(2 * micro_batches), "--compile.enable", "--validation.enable",
+            "--validation.freq", "2", "--validation.steps", "2", "--data.val_prefix", "train_slim"]
     plain = run_trainer(train_args(data, tmp_path / "plain", *argv))
     counters.clear()
     graphs = run_trainer(train_args(data, tmp_path / "graphs", *argv, "--compile.cudagraphs"))
