@@ -1,6 +1,7 @@
 """dlm_kernels: Triton kernels with their PyTorch twins: the fused masked-diffusion linear cross-entropy
-(re-exported here), a multi-tensor AdamW (:mod:`dlm_kernels.adamw`) and a fused residual add + RMSNorm
-(:mod:`dlm_kernels.add_rms_norm`).
+(re-exported here), a multi-tensor AdamW (:mod:`dlm_kernels.adamw`), a fused residual add + RMSNorm
+(:mod:`dlm_kernels.add_rms_norm`) and RoPE of a fused QKV projection with a one-kernel backward
+(:mod:`dlm_kernels.rope`).
 
 Standalone: imports torch and, when installed, triton; never dlm_titan. Importable without CUDA or triton.
 """

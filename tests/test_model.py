@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
+from dlm_kernels.rope import apply_rope
 
 from dlm_titan.config import Model
 from dlm_titan.errors import UserError
 from dlm_titan.models import FLAVORS, build_model, get_model_args
-from dlm_titan.models.attention import apply_rope, rope_cache
+from dlm_titan.models.attention import rope_cache
 
 # DESIGN.md's table: flavor -> non-embedding N (SMDM's model_para_config).
 SMDM_N = {

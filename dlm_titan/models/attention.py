@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from dlm_kernels.rope import rope_qkv
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -42,13 +43,6 @@ def rope_cache(seq_len: int, head_dim: int, theta: float, device: torch.device |
     return torch.stack([angles.cos(), angles.sin()])
 
 
-def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotates x [B, L, H, D] by position: x * cos + rotate_half(x) * sin (half rotation, as GPT-NeoX)."""
-    cos, sin = (r[: x.shape[1], None, :].to(x.dtype) for r in rope)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
 class Attention(nn.Module):
     """Multi-head attention without a causal mask: every token sees the whole (packed) sequence, as SMDM."""
 
@@ -62,8 +56,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         batch, seq_len, dim = x.shape
-        q, k, v = self.wqkv(x).view(batch, seq_len, 3, self.n_heads, self.head_dim).unbind(dim=2)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        # q and k rotated by position; the op's backward writes the projection's gradient in one pass.
+        q, k, v = rope_qkv(self.wqkv(x).view(batch, seq_len, 3, self.n_heads, self.head_dim), rope)
         if self.backend == "flash_attn":
             from flash_attn import flash_attn_func
 
