@@ -231,7 +231,8 @@ class Trainer:
             self.optimizer.step(**({} if grad_scale is None else {"grad_scale": grad_scale}))
         self.lr_scheduler.step()
         # DDP keeps gradients as views of its buckets: zero them in place, or autograd allocates a second set and
-        # the reducer copies it into the buckets at every synced backward. CUDA graphs need them in place too.
+        # the reducer copies it into the buckets at every synced backward. CUDA graphs accumulating over several
+        # micro-batches need them in place too (keeps_gradients).
         self.optimizer.zero_grad(set_to_none=not self.keep_grads)
         self.tokens_seen += token_count
         return {"loss_sum": loss_sum, "grad_norm": grad_norm, "masked": masked, "tokens": token_count, "data_time": data_time}

@@ -33,18 +33,20 @@ if triton is not None:
         sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, rope_table, rope_t,
         BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr,
     ):
-        bh = tl.program_id(1)
+        bh = tl.program_id(0)  # axis 0: no 65535 limit on B x H; neighbouring programs share positions
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
-        t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+        t = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
         j = tl.arange(0, BLOCK_HALF)
         mask = (t < L)[:, None] & (j < half)[None, :]
         dtype = out_ptr.dtype.element_ty
         # cos and sin of the first half (the second repeats it), rounded to the activations' dtype as the
         # forward rounds them, in fp32
         table = rope_ptr + t[:, None] * rope_t + j[None, :]
-        c = tl.load(table, mask=mask, other=0.0).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
-        s = tl.load(table + rope_table, mask=mask, other=0.0).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
+        c = tl.load(table, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(table + rope_table, mask=mask, other=0.0).to(tl.float32)
+        c = c.to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
+        s = s.to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
         d = 2 * half
         out = out_ptr + (b * L + t)[:, None] * (3 * H * d) + h * d + j[None, :]
         for slot in tl.static_range(2):
@@ -70,7 +72,7 @@ def rope_qkv_backward(
 
     Args:
         dq, dk, dv: ``[B, L, H, D]`` of one dtype, any strides (rows not unit-stride in ``D`` are copied first).
-        rope: ``[2, >= L, D]`` cos and sin tables (fp32) whose rows repeat their first half, unit stride in ``D``.
+        rope: ``[2, >= L, D]`` cos and sin tables (any float dtype) whose rows repeat their first half.
         block_t: positions per program.
         num_warps: warps per program.
     """
@@ -80,8 +82,10 @@ def rope_qkv_backward(
         return out
     dq, dk, dv = (x if x.stride(-1) == 1 else x.contiguous() for x in (dq, dk, dv))
     rope = rope if rope.stride(-1) == 1 else rope.contiguous()
+    if L > 65535 * block_t:
+        raise ValueError(f"rope_qkv_backward: {L} positions exceed the grid's {65535 * block_t} (65535 x block_t)")
     half = D // 2
-    wrap_triton(_rope_qkv_bwd_kernel)[(triton.cdiv(L, block_t), B * H)](
+    wrap_triton(_rope_qkv_bwd_kernel)[(B * H, triton.cdiv(L, block_t))](
         dq, dk, dv, rope, out, L, H, half, *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         rope.stride(0), rope.stride(1), BLOCK_T=block_t, BLOCK_HALF=_next_pow2(half), num_warps=num_warps,
     )

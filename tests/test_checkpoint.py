@@ -157,6 +157,16 @@ def test_resume_exact_with_gradients_kept_allocated(reference, tmp_path, graphs_
     assert rest == {s: reference[s] for s in range(5, 9)}
 
 
+def test_graphed_single_micro_batch_hands_gradients_over(tmp_path, graphs_claimed):
+    """Under CUDA graphs with one micro-batch a step (no DDP) nothing holds gradients between steps: each step's
+    reach the optimizer and are dropped after it (two micro-batches keep zeroed buffers: the test above)."""
+    dropped = []
+    trainer, losses = train(tmp_path / "out", "--training.global_batch_size", "2", stop_after=2,
+                            on_step=lambda tr, step: dropped.append(all(p.grad is None for p in tr.model.parameters())))
+    assert trainer.micro_batches == 1 and not trainer.keep_grads
+    assert dropped == [True, True] and len(losses) == 2
+
+
 def test_save_before_any_update_with_kept_gradients_loads(tmp_path, graphs_claimed):
     """A checkpoint written before the first optimizer update while gradient buffers are kept allocated (CUDA
     graphs, DDP) holds Adam's (zero) state, so a new process loads it; the kept buffers survive the save."""

@@ -64,11 +64,13 @@ def test_cudagraphs_train_like_plain_compile(data, tmp_path, micro_batches):  # 
         assert abs(graphs[step] - ref) <= 2e-3 * abs(ref), f"step {step}: {graphs[step]!r} vs {ref!r}"
 
 
-def test_cudagraphs_resume_equals_uninterrupted(data, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("micro_batches", [2, 1])
+def test_cudagraphs_resume_equals_uninterrupted(data, tmp_path, micro_batches):  # noqa: F811
     """Deterministic bf16 runs with CUDA graphs: a run resumed from its step-2 checkpoint repeats the uninterrupted
-    losses exactly, so Adam's moments were restored although CUDA graphs keep gradients allocated."""
+    losses exactly, so Adam's moments were restored, with gradients kept allocated (2 micro-batches) or handed
+    over from the graphs' pool (1)."""
     argv = ["--training.deterministic", "--training.dtype", "bfloat16", "--training.seq_len", "256",
-            "--training.local_batch_size", "2", "--training.global_batch_size", "4", "--compile.enable",
+            "--training.local_batch_size", "2", "--training.global_batch_size", str(2 * micro_batches), "--compile.enable",
             "--compile.cudagraphs", "--checkpoint.enable", "--checkpoint.interval", "2"]
     try:
         full = run_trainer(train_args(data, tmp_path / "full", *argv))

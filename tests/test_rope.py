@@ -49,25 +49,31 @@ def test_values_and_gradients_match_complex_rotation(dtype):
     torch.testing.assert_close(qkv.grad.double(), expected, **tol)
 
 
+def _back_bf16(dy: torch.Tensor, rope: torch.Tensor, round_tables: bool) -> torch.Tensor:
+    """float64 math of the backward of q or k, over tables rounded to bf16 (as the forward uses them) or not,
+    rounded once to bf16."""
+    half = dy.shape[-1] // 2
+    cos, sin = (r[: dy.shape[1], None, :half] for r in rope)
+    if round_tables:
+        cos, sin = cos.to(torch.bfloat16), sin.to(torch.bfloat16)
+    cos, sin, dy = cos.double(), sin.double(), dy.double()
+    dx = torch.cat([dy[..., :half] * cos + dy[..., half:] * sin, dy[..., half:] * cos - dy[..., :half] * sin], dim=-1)
+    return dx.to(torch.bfloat16)
+
+
 def test_bf16_backward_rounds_the_tables_like_the_forward():
-    """In bf16 the forward multiplies by cos and sin rounded to bf16; the backward uses the same rounded tables
-    (one rounding of each result): it equals float64 math over the rounded tables to bf16 precision."""
+    """In bf16 the forward multiplies by cos and sin rounded to bf16, so the backward must use the same rounded
+    tables: each output then equals float64 math over the rounded tables, rounded once to bf16 (all elements at
+    L=512, D=64); over unrounded tables a quarter of them would differ, which the second check confirms."""
     g = torch.Generator().manual_seed(2)
-    dq, dk, dv = (torch.randn(B, L, H, D, generator=g).to(torch.bfloat16) for _ in range(3))
-    rope = rope_cache(L, D, 10000.0)
+    dq, dk, dv = (torch.randn(2, 512, 2, 64, generator=g).to(torch.bfloat16) for _ in range(3))
+    rope = rope_cache(512, 64, 10000.0)
     got = rope_qkv_backward_reference(dq, dk, dv, rope)
-    cos, sin = (r[:, None, :].to(torch.bfloat16).double() for r in rope)
-    half = D // 2
-
-    def back(dy):
-        dy = dy.double()
-        return torch.cat([dy[..., :half] * cos[..., :half] + dy[..., half:] * sin[..., half:],
-                          dy[..., half:] * cos[..., half:] - dy[..., :half] * sin[..., :half]], dim=-1)
-
-    assert got.dtype == torch.bfloat16 and got.shape == (B, L, 3, H, D)
-    torch.testing.assert_close(got[:, :, 2], dv, rtol=0, atol=0)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 512, 3, 2, 64)
+    assert torch.equal(got[:, :, 2], dv)
     for slot, dy in enumerate((dq, dk)):
-        torch.testing.assert_close(got[:, :, slot].double(), back(dy), rtol=8e-3, atol=8e-3)
+        assert (got[:, :, slot] == _back_bf16(dy, rope, round_tables=True)).float().mean() > 0.999
+        assert (got[:, :, slot] == _back_bf16(dy, rope, round_tables=False)).float().mean() < 0.9
 
 
 def test_op_passes_opcheck():

@@ -22,8 +22,10 @@ def _expected(dq, dk, dv, rope):
     return torch.stack([back(dq), back(dk), dv.double()], dim=2)
 
 
-@pytest.mark.parametrize("D", [16, 24])  # 24: half of 12 in a 16-wide tile, the last 4 columns masked
-def test_kernel_matches_float64_with_strided_gradients(D):
+# 24: half of 12 in a 16-wide tile, the last 4 columns masked; a bf16 table under fp32 gradients (the kernel rounds
+# the table to the gradients' dtype, here a widening)
+@pytest.mark.parametrize("D,table_dtype", [(16, torch.float32), (24, torch.float32), (16, torch.bfloat16)])
+def test_kernel_matches_float64_with_strided_gradients(D, table_dtype):
     """B=2, H=2, L=10 in 4-position tiles (the last tile partly past the end); dq in cuDNN's [B, H, L, D] layout,
     dk a slice of a wider buffer, dv contiguous; tables longer than L with arbitrary (non-cos/sin) values, each row
     repeating its first half as the kernel expects."""
@@ -33,7 +35,7 @@ def test_kernel_matches_float64_with_strided_gradients(D):
     dk = torch.randn(B, L, H + 1, D, generator=g)[:, :, 1:]
     dv = torch.randn(B, L, H, D, generator=g)
     first = torch.randn(2, L + 3, D // 2, generator=g)
-    rope = torch.cat([first, first], dim=-1)
+    rope = torch.cat([first, first], dim=-1).to(table_dtype)
     got = K.rope_qkv_backward(dq, dk, dv, rope, block_t=4, num_warps=1)
     assert got.shape == (B, L, 3, H, D) and got.is_contiguous()
     torch.testing.assert_close(got.double(), _expected(dq, dk, dv, rope), rtol=1e-6, atol=1e-6)
