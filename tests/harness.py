@@ -68,3 +68,12 @@ def run_trainer(argv: list[str], stop_after: int | None = None) -> dict[int, flo
 def read_losses(dump: Path) -> dict[int, float]:
     """The losses a (torchrun-launched) run_trainer wrote to ``dump``."""
     return {int(k): v for k, v in json.loads((dump / "losses.json").read_text()).items()}
+
+
+def torchrun_failure(output: str, log_dir: Path) -> str:
+    """An assertion message for a failed torchrun launched with ``--log-dir log_dir --tee 3``: the tail of its own
+    output, then the tail of each rank's stderr (a rank that aborts first is otherwise lost behind the others)."""
+    parts = [output[-1500:]]
+    for err in sorted(log_dir.glob("*/attempt_*/*/stderr.log")):
+        parts.append(f"--- {err.relative_to(log_dir)} ---\n{err.read_text(errors='replace')[-1500:]}")
+    return "\n".join(parts)

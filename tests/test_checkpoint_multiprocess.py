@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import read_losses, run_trainer, tiny_run_args, write_random_shards
+from harness import read_losses, run_trainer, tiny_run_args, torchrun_failure, write_random_shards
 
 from dlm_titan.export import load_model
 
@@ -40,11 +40,13 @@ def torchrun(argv: list[str], stop_after: int | None = None) -> dict[int, float]
     env.pop("WORLD_SIZE", None)
     if stop_after is not None:
         env["DLM_TEST_STOP_AFTER"] = str(stop_after)
+    dump = Path(argv[argv.index("--job.dump_folder") + 1])
+    logs = dump / "torchrun_logs"  # each rank's output, kept for the failure message
     cmd = [*TORCHRUN, "--nnodes", "1", "--nproc_per_node", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint",
-           "localhost:0", __file__, *argv]
+           "localhost:0", "--log-dir", str(logs), "--tee", "3", __file__, *argv]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return read_losses(Path(argv[argv.index("--job.dump_folder") + 1]))
+    assert result.returncode == 0, torchrun_failure(result.stdout + result.stderr, logs)
+    return read_losses(dump)
 
 
 def assert_close(got: dict[int, float], want: dict[int, float], steps) -> None:
