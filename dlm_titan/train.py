@@ -95,7 +95,6 @@ class Trainer:
             vocab_size=cfg.model.vocab_size,
         )
         self.autocast = _autocast(t.dtype, self.device, fsdp=self.dims.sharded)
-        self._warm_up_loss()
         self.metrics = MetricsLogger(self.dump_folder / cfg.metrics.save_tb_folder, self.rank, cfg.metrics.enable_tensorboard,
                                      enable_wandb=cfg.metrics.enable_wandb, wandb_config=dataclasses.asdict(cfg))
         self.validator = build_validator(cfg, self.model, data_path, self.rank, world_size, self.device, self.autocast)
@@ -114,25 +113,6 @@ class Trainer:
         self.keep_grads = keeps_gradients(self.dims.form, self.parallel_plan["cudagraphs"], self.micro_batches)
         if self.keep_grads and self.parallel_plan["cudagraphs"]:
             self._allocate_gradients()
-
-    def _warm_up_loss(self) -> None:
-        """Lets cuBLAS choose the fused loss's GEMM kernels for every chunk shape before training, rather than at
-        the steps that first meet each shape (~4 ms of host time each; see ``warm_up_gemm_shapes``)."""
-        from dlm_kernels import resolve_impl, warm_up_gemm_shapes
-
-        if self.device.type != "cuda" or resolve_impl(self.cfg.diffusion.loss_impl, self.device) != "fused":
-            return
-        t, a = self.cfg.training, self.model_args
-        warm_up_gemm_shapes(t.local_batch_size * t.seq_len, a.dim, a.vocab_size, self._loss_dtype(), self.device)
-
-    def _loss_dtype(self) -> torch.dtype:
-        """The dtype of the hidden states and head weight that the loss sees (as TransEncoder.forward casts them):
-        autocast's, else FSDP's parameter dtype on a GPU, else the parameters' fp32."""
-        with self.autocast:
-            if torch.is_autocast_enabled(self.device.type):
-                return torch.get_autocast_dtype(self.device.type)
-        on_gpu = self.device.type == "cuda"
-        return getattr(torch, self.cfg.training.mixed_precision_param) if self.dims.sharded and on_gpu else torch.float32
 
     def _allocate_gradients(self) -> None:
         """Zeroed gradient buffers for CUDA-graphed backward passes to accumulate into (with zero_grad in place).

@@ -7,7 +7,7 @@ Standalone: imports torch and, when installed, triton; never dlm_titan. Importab
 """
 
 from .masked_ce import IMPLS, fused_supported, masked_linear_cross_entropy, resolve_impl
-from .masked_ce_fused import fused_masked_linear_cross_entropy, warm_up_gemm_shapes
+from .masked_ce_fused import fused_masked_linear_cross_entropy
 from .reference import chunked_weighted_cross_entropy, masked_linear_cross_entropy_reference
 
 __all__ = [
@@ -18,5 +18,4 @@ __all__ = [
     "masked_linear_cross_entropy",
     "masked_linear_cross_entropy_reference",
     "resolve_impl",
-    "warm_up_gemm_shapes",
 ]

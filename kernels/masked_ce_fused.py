@@ -62,46 +62,6 @@ def chunk_plan(m: int, n: int, vocab: int, elem_size: int, chunk_bytes: int, qua
     return rows, (max(m, min(padded, n)) if grad_hidden else padded)
 
 
-def chunk_lengths(n: int, vocab: int, elem_size: int, chunk_bytes: int, quantum: int) -> list[int]:
-    """Every chunk length (rows of one chunk's GEMMs) that a training call over ``n`` rows can produce, for any
-    number of masked rows."""
-    lengths = set()
-    for m in range(1, n + 1):
-        rows, padded = chunk_plan(m, n, vocab, elem_size, chunk_bytes, quantum, grad_hidden=True)
-        lengths.add(min(rows, padded))
-        if padded % rows:
-            lengths.add(padded % rows)
-    return sorted(lengths)
-
-
-def warm_up_gemm_shapes(
-    n: int,
-    dim: int,
-    vocab: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    *,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    row_quantum: int = ROW_QUANTUM,
-) -> list[int]:
-    """Runs the loss's four GEMMs (logits, dX, dW first and accumulated) once at every chunk length of
-    :func:`chunk_lengths` on zeros, so that cuBLAS chooses their kernels before training: it spends ~4 ms of host
-    time on each new shape (H200, session 5), and training meets a new chunk length whenever a step's masked count
-    gives one (13 lengths over the first 50 steps of 170M at local batch 8 x 2048). Returns the lengths."""
-    lengths = chunk_lengths(n, vocab, torch.empty((), dtype=dtype).element_size(), chunk_bytes, row_quantum)
-    x = torch.zeros(lengths[-1], dim, dtype=dtype, device=device)
-    weight = torch.zeros(vocab, dim, dtype=dtype, device=device)
-    z = torch.empty(lengths[-1], vocab, dtype=dtype, device=device)
-    dx = torch.empty(lengths[-1], dim, dtype=dtype, device=device)
-    dw = torch.empty(vocab, dim, dtype=torch.float32, device=device)
-    for rows in lengths:
-        torch.mm(x[:rows], weight.t(), out=z[:rows])
-        torch.mm(z[:rows], weight, out=dx[:rows])
-        _accumulate_fp32(dw, z[:rows].t(), x[:rows], first=True)
-        _accumulate_fp32(dw, z[:rows].t(), x[:rows], first=False)
-    return lengths
-
-
 # Whether cuBLAS addmm accepts an fp32 C with bf16/fp16 A and B (newer torch); probed on first use.
 _FP32_C_ADDMM: list[bool] = []
 

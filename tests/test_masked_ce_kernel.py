@@ -11,7 +11,6 @@ import torch
 pytest.importorskip("triton")
 
 import dlm_kernels  # noqa: E402
-import dlm_kernels.masked_ce_fused as masked_ce_fused  # noqa: E402
 from dlm_kernels import (  # noqa: E402
     fused_masked_linear_cross_entropy,
     masked_ce_triton,
@@ -19,11 +18,9 @@ from dlm_kernels import (  # noqa: E402
     masked_linear_cross_entropy_reference,
 )
 from dlm_kernels.masked_ce_fused import (  # noqa: E402
-    chunk_lengths,
     masked_lce_fwd,
     scale_cast,
     scatter_rows,
-    warm_up_gemm_shapes,
 )
 from interpreted import replace_unless_interpreted  # noqa: E402
 
@@ -190,40 +187,6 @@ def test_per_token_terms_match_float64(impl, with_grad):
         loss.backward()
         _, gh, gw = _float64_loss_and_grads(hidden, weight, targets, token_weights)
         assert _rel(h.grad, gh) <= 1e-6 and _rel(w.grad, gw) <= 1e-6
-
-
-def test_warm_up_covers_every_chunk_length_the_loss_uses(monkeypatch):
-    """The GEMM shapes warmed before training are exactly the chunk lengths that training calls produce, over
-    every masked count (chunks capped at 4 rows, quantum 2, short last chunks where dX has no room to pad)."""
-    n, d, chunk_bytes = 23, 8, 5 * V * 4
-    seen = set()
-
-    def record(z, *args):  # the row kernel sees each chunk's logits: record their rows, skip the math
-        seen.add(z.shape[0])
-
-    monkeypatch.setattr(masked_ce_triton, "ce_rows", record)
-    g = torch.Generator().manual_seed(7)
-    hidden, weight = torch.randn(n, d, generator=g), torch.randn(V, d, generator=g)
-    targets = torch.randint(0, V, (n,), generator=g)
-    for m in range(1, n + 1):
-        token_weights = torch.zeros(n)
-        token_weights[torch.randperm(n, generator=g)[:m]] = 1.0
-        masked_lce_fwd(hidden, weight, targets, token_weights, None, True, True, chunk_bytes, 0, 2, False)
-    assert sorted(seen) == chunk_lengths(n, V, 4, chunk_bytes, 2) == [2, 3, 4]  # 3: a short last chunk
-    calls = []
-    mm = torch.mm
-    monkeypatch.setattr(torch, "mm", lambda a, b, **k: (calls.append(("mm", a.shape, b.shape)), mm(a, b, **k))[1])
-    monkeypatch.setattr(masked_ce_fused, "_accumulate_fp32",
-                        lambda out, a, b, first: calls.append(("dw", a.shape, b.shape, first)))
-    assert warm_up_gemm_shapes(n, d, V, torch.float32, torch.device("cpu"), chunk_bytes=chunk_bytes,
-                               row_quantum=2) == [2, 3, 4]
-    monkeypatch.undo()
-    want = [c for r in (2, 3, 4) for c in (("mm", (r, d), (d, V)), ("mm", (r, V), (V, d)),
-                                           ("dw", (V, r), (r, d), True), ("dw", (V, r), (r, d), False))]
-    assert calls == want  # the loss's four GEMM shapes at every length
-    # the training shape of 170M (local batch 8 x 2048, bf16 logits): chunks of 128-row multiples up to 4096
-    lengths = chunk_lengths(8 * 2048, 32000, 2, 256 * 2**20, 128)
-    assert lengths[-1] == 4096 and all(r % 128 == 0 for r in lengths)
 
 
 def test_compiles_fullgraph_without_graph_break():

@@ -109,22 +109,6 @@ def test_logged_step_is_read_one_step_later_with_its_own_values(tmp_path):
         assert by_t and by_t == bucket_means(buckets[step])
 
 
-@pytest.mark.parametrize("dtype, want", [("float32", torch.float32), ("bfloat16", torch.bfloat16), ("auto", torch.float32)])
-def test_the_trainer_knows_the_dtype_its_loss_sees(tmp_path, dtype, want):
-    """The loss GEMMs are warmed up (on GPUs) in the dtype the model hands the loss: checked against a training
-    step's actual call (CPU: bf16 only under training.dtype bfloat16's autocast)."""
-    from dlm_titan.train import Trainer
-
-    (tmp_path / "data").mkdir()
-    data = write_random_shards(tmp_path / "data", vocab=512)
-    trainer = Trainer(load_config(tiny_run_args(data, tmp_path / "out", 512, 1, 2, 2, 0, "--training.dtype", dtype)))
-    seen = []
-    loss_fn = trainer.model.loss_fn
-    trainer.model.loss_fn = lambda h, w, *a, **k: (seen.append((h.dtype, w.dtype)), loss_fn(h, w, *a, **k))[1]
-    trainer.train()
-    assert seen == [(want, want)] and trainer._loss_dtype() == want
-
-
 def test_a_deferred_log_is_still_printed_when_the_next_step_raises(tmp_path, monkeypatch, capsys):
     """on_nonfinite = "raise" on a GPU raises one step late (in the next step); the pending line of the step it
     names is printed first."""
