@@ -53,6 +53,7 @@ class _LoggedStep:
     lr: float
     tokens_seen: int
     tokens: int
+    memory: dict[str, float | None]  # peaks read as the step was queued: the next step's allocations are not in it
 
 
 class Trainer:
@@ -280,12 +281,16 @@ class Trainer:
         ``defer_logs``)."""
         loss_sum = out["loss_sum"].double()  # float64: masked-token counts of large batches stay exact
         totals = dist_utils.all_reduce_sum(torch.stack([loss_sum, loss_sum.new_full((), out["masked"])]))
+        memory = device_memory(self.device)  # the allocator's host-side counters: no sync
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         return _LoggedStep(
             step=self.step,
             device=HostCopy({"totals": totals, "grad_norm": out["grad_norm"], "t_buckets": self.t_buckets.take()}),
             lr=self.lr_scheduler.get_last_lr()[0],
             tokens_seen=self.tokens_seen,
             tokens=out["tokens"],
+            memory=memory,
         )
 
     def _finish_log(self) -> None:
@@ -312,12 +317,10 @@ class Trainer:
             "mfu": mfu(rates["tokens_per_s_per_device"], fpt, device_name(self.device)),
             "tokens_seen": float(pending.tokens_seen),
             "masked_fraction": masked / pending.tokens,
-            **device_memory(self.device),
+            **pending.memory,
             **bucket_means(values["t_buckets"]),
         }
         self.metrics.log(pending.step, metrics)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
 
 
 def keeps_gradients(form: str, cudagraphs: bool, micro_batches: int) -> bool:

@@ -59,10 +59,12 @@ def test_t_buckets_mean_per_bin():
     assert b.scalars(prefix="x/") == {}  # cleared after reading
 
 
-def test_logged_step_is_read_one_step_later_with_its_own_values(tmp_path):
+def test_logged_step_is_read_one_step_later_with_its_own_values(tmp_path, monkeypatch):
     """A logged step's metrics are read after the next step is queued (so the GPU never waits for the host's
-    logging), yet they are that step's: its loss, grad norm, lr and token count. The last step logs at once.
-    The trainer defers on GPUs only (CPU work runs as it is issued); here it is told to."""
+    logging), yet they are that step's: its loss, grad norm, lr, token count and peak memory (read as the step
+    was queued, before the next step allocates). The last step logs at once. The trainer defers on GPUs only
+    (CPU work runs as it is issued); here it is told to."""
+    import dlm_titan.train as train_module
     from dlm_titan.train import Trainer
 
     seq, gbs = 32, 4
@@ -94,6 +96,8 @@ def test_logged_step_is_read_one_step_later_with_its_own_values(tmp_path):
         return buckets[trainer.step]
 
     trainer.t_buckets.take = recording_take
+    # Stand-in for the allocator's peak counters: the step being trained when they are read.
+    monkeypatch.setattr(train_module, "device_memory", lambda device: {"memory_gib": float(trainer.step)})
     trainer.train()
     assert events == [("step", 1), ("step", 2), ("log", 1), ("step", 3), ("step", 4), ("log", 3), ("step", 5),
                       ("step", 6), ("step", 7), ("log", 6), ("log", 7)]
@@ -105,6 +109,7 @@ def test_logged_step_is_read_one_step_later_with_its_own_values(tmp_path):
         assert m["lr"] == want["lr"]
         assert m["tokens_seen"] == step * gbs * seq
         assert m["masked_fraction"] == want["masked"] / (gbs * seq)
+        assert m["memory_gib"] == step
         by_t = {k: v for k, v in m.items() if k.startswith("loss_by_t/")}
         assert by_t and by_t == bucket_means(buckets[step])
 
