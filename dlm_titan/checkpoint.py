@@ -183,8 +183,12 @@ class CheckpointManager:
         start = time.perf_counter()
         marker = read_marker(step_dir)
         self._check_model(marker.get("model", {}), step_dir)
-        sizes = {k: v.size for k, v in dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata.items()
-                 if hasattr(v, "size")}
+        try:
+            metadata = dcp.FileSystemReader(str(step_dir)).read_metadata()
+        except Exception as e:  # a file of the recorded size that does not parse: damaged on disk
+            raise UserError(f"checkpoint {step_dir} is damaged: its .metadata cannot be read ({type(e).__name__}); "
+                            "load another step (checkpoint.load_step) or delete it") from None
+        sizes = {k: v.size for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
         state = self._tensor_state()
         optim_extras = state.pop("_optim_extras")
         blobs = {"optimizer_groups": None, "lr_scheduler": None, "train_state": None}
@@ -352,6 +356,21 @@ class CheckpointManager:
             p.upload.result()
             p.blocking_s += time.perf_counter() - start
             self._poll()
+
+    def finish_in_flight(self, timeout_s: float = 600.0) -> None:
+        """On the way out of a failed run: completes the save in flight if its write succeeds within
+        ``timeout_s`` (a write needs no step of training, only its own threads and, across ranks, theirs), else
+        leaves its folder incomplete (skipped on resume) with a warning. Never raises."""
+        p = self._pending
+        if p is None:
+            return
+        self._pending = None
+        try:
+            p.upload.result(timeout=timeout_s)
+            self._finish(p.step, p.path, p.started, p.blocking_s)
+        except Exception as e:  # noqa: BLE001 - the run is already failing: report, keep its own error
+            self._log(f"the save of step {p.step} in flight did not complete ({type(e).__name__}: {e}); "
+                      f"{p.path} stays incomplete and is skipped on resume")
 
     def _finish(self, step: int, path: Path, started: float, blocking_s: float) -> None:
         """Marks a written checkpoint complete (rank 0, after DCP's metadata: the last file) and purges."""

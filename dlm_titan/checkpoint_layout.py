@@ -3,8 +3,8 @@
 ``{dump_folder}/{checkpoint.folder}/step-N`` is one DCP checkpoint. It is complete only once its marker
 ``complete.json`` exists: the checkpoint manager writes it (rank 0) after every rank's data and DCP's
 ``.metadata`` are on disk, so a crash or SIGKILL mid-save leaves a folder without a marker, which is skipped.
-The marker holds the step, the saving world size and the model's shape, so weights can be read without the
-run's config.
+The marker holds the step, the saving world size, the model's shape (so weights can be read without the run's
+config) and the size of every file of the folder, so a truncated or missing file is named before DCP reads it.
 """
 
 from __future__ import annotations
@@ -53,14 +53,23 @@ def read_marker(step_dir: Path) -> dict[str, Any]:
     if not isinstance(marker, dict) or not (step_dir / ".metadata").is_file():
         raise UserError(f"checkpoint {step_dir} is incomplete (no {MARKER} or .metadata: its save was interrupted); "
                         f"load another step (checkpoint.load_step) or delete it")
+    for name, size in marker.get("files", {}).items():  # markers written before file sizes were recorded: none
+        path = step_dir / name
+        found = path.stat().st_size if path.is_file() else None
+        if found != size:
+            what = "is missing" if found is None else f"has {found:,} bytes, but its save wrote {size:,}"
+            raise UserError(f"checkpoint {step_dir} is damaged: {name} {what}; load another step "
+                            "(checkpoint.load_step) or delete it")
     return marker
 
 
 def write_marker(step_dir: Path, content: dict[str, Any]) -> None:
-    """Marks a fully written checkpoint complete: the marker goes through a temporary name, is fsynced and
-    renamed, so it is either absent or whole."""
+    """Marks a fully written checkpoint complete, recording the size of each file in it (call once every rank's
+    files and DCP's .metadata are written). The marker goes through a temporary name, is fsynced and renamed,
+    so it is either absent or whole."""
     tmp = step_dir / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
+    files = {p.name: p.stat().st_size for p in sorted(step_dir.iterdir()) if p.is_file() and p.name != tmp.name}
+    tmp.write_text(json.dumps({**content, "files": files}, indent=2) + "\n")
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, step_dir / MARKER)

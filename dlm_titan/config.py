@@ -373,6 +373,22 @@ def _coerce(value: object, hint: object, where: str) -> object:
     return value
 
 
+# Numeric ranges that a value outside would turn into a traceback deep in training or a silently wrong run.
+_RANGES = (
+    ("optimizer.lr", lambda v: v > 0, "> 0"),
+    ("optimizer.betas", lambda v: all(0.0 <= b < 1.0 for b in v), "two numbers in [0, 1)"),
+    ("optimizer.eps", lambda v: v > 0, "> 0"),
+    ("optimizer.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("lr_scheduler.min_lr", lambda v: v >= 0, ">= 0"),
+    ("diffusion.eps", lambda v: 0 < v < 1, "in (0, 1) (mask probability floor)"),
+    ("training.gc_freq", lambda v: v >= 1, ">= 1"),
+    ("metrics.log_freq", lambda v: v >= 1, ">= 1"),
+    ("validation.freq", lambda v: v >= 1, ">= 1"),
+    ("validation.mc_samples", lambda v: v >= 1, ">= 1"),
+    ("profiling.profile_freq", lambda v: v >= 1, ">= 1"),
+)
+
+
 def _check_choices(config: JobConfig) -> None:
     """Literal-typed fields are checked by tyro on the CLI and by _coerce in TOML; this checks the rest."""
     t = config.training
@@ -388,6 +404,14 @@ def _check_choices(config: JobConfig) -> None:
         )
     if not 0.0 <= config.diffusion.ssl_ratio <= 1.0:
         raise UserError(f"--diffusion.ssl_ratio must be in [0, 1], got {config.diffusion.ssl_ratio}")
+    for key, ok, rule in _RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if not ok(value):
+            raise UserError(f"--{key} must be {rule}, got {value!r}")
+    if config.lr_scheduler.min_lr > config.optimizer.lr:
+        raise UserError(f"--lr_scheduler.min_lr ({config.lr_scheduler.min_lr}) must not exceed the peak "
+                        f"--optimizer.lr ({config.optimizer.lr})")
     if config.compile.enable and config.compile.cudagraphs and config.diffusion.ssl_ratio > 0:
         raise UserError("--compile.cudagraphs needs fixed shapes, but --diffusion.ssl_ratio > 0 crops batches to "
                         "random lengths (each would record new graphs): add --compile.no_cudagraphs")

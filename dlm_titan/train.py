@@ -106,11 +106,13 @@ class Trainer:
         self.pending_log: _LoggedStep | None = None  # a logged step's metrics on their way to the host
         self.step = 0
         self.tokens_seen = 0
-        self._write_config()
+        if self.rank == 0 and cfg.job.print_config:
+            print(to_toml(cfg))
         self._print_plan(data_path)
         self.checkpointer = CheckpointManager(cfg, self.model, self.optimizer, self.lr_scheduler, self.data_loader,
                                               model_config(self.model, cfg.model.flavor))
         self.step, self.tokens_seen = self.checkpointer.load()  # resume, or initial_load_path weights
+        self._write_config()  # after the load: a resume refused (another model, seq_len, ...) keeps the saved one
         self.keep_grads = keeps_gradients(self.dims.form, self.parallel_plan["cudagraphs"], self.micro_batches)
         if self.keep_grads and self.parallel_plan["cudagraphs"]:
             self._allocate_gradients()
@@ -140,8 +142,6 @@ class Trainer:
         if self.rank == 0:
             self.dump_folder.mkdir(parents=True, exist_ok=True)
             (self.dump_folder / "config.toml").write_text(to_toml(self.cfg))
-            if self.cfg.job.print_config:
-                print(to_toml(self.cfg))
 
     def _print_plan(self, data_path: Path) -> None:
         t, a = self.cfg.training, self.model_args
@@ -225,6 +225,11 @@ class Trainer:
         gc.disable()  # automatic collection stalls steps at random; collect every gc_freq steps instead
         try:
             self._train_loop()
+        except BaseException:
+            # A bad shard met mid-run, Ctrl-C, a bug: a save already written in the background is still marked
+            # complete, so the run loses nothing it had saved.
+            self.checkpointer.finish_in_flight()
+            raise
         finally:
             gc.enable()
             self.metrics.close()
@@ -359,12 +364,18 @@ def _loss_fn():
 
 
 def check_config(cfg: JobConfig, world_size: int) -> int:
-    """Validates what can be checked without building anything (used by run_train.sh before torchrun)."""
+    """Validates what can be checked without building the model (run_train.sh runs it once before torchrun, so
+    that bad input ends in one line and exit 2 rather than in every rank's error and torchrun's traceback): the
+    flavor, parallel degrees, batch layout, the data folder, its shards' headers and the tokenizer."""
     from dlm_titan.models import get_model_args
 
     get_model_args(cfg.model.flavor, cfg.model.vocab_size)
     dist_utils.resolve_parallel_dims(cfg.parallelism, world_size, rank=0)
-    _accumulation_steps(cfg.training.global_batch_size, cfg.training.local_batch_size, world_size)
+    t = cfg.training
+    _accumulation_steps(t.global_batch_size, t.local_batch_size, world_size)
+    build_train_loader(cfg.data, data_path=resolve_data_path(cfg.data), seq_len=t.seq_len,
+                       local_batch_size=t.local_batch_size, global_batch_size=t.global_batch_size, dp_rank=0,
+                       dp_world_size=world_size, seed=t.seed, vocab_size=cfg.model.vocab_size)
     return 0
 
 

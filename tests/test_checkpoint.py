@@ -254,6 +254,88 @@ def test_incomplete_checkpoint_is_skipped_and_explicit_load_of_it_exits_2(resume
     assert "complete checkpoints: [6, 8]" in capfd.readouterr().err
 
 
+def _damage(path: Path, keep_bytes: int | None) -> None:
+    """Truncates (or, with None, deletes) a file of a hard-linked copy without touching the original."""
+    data = path.read_bytes()
+    path.unlink()
+    if keep_bytes is not None:
+        path.write_bytes(data[:keep_bytes])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "garbage_metadata"])
+def test_damaged_checkpoint_exits_2_naming_the_file(resumed, tmp_path, capfd, damage):
+    """A checkpoint whose files no longer match what its save wrote (sizes recorded in the marker) is refused
+    with one line naming the file, by the trainer and by the model loader; the checkpoint is left as it is."""
+    dump = tmp_path / "out"
+    shutil.copytree(resumed["dump"], dump, copy_function=os.link)
+    step8 = dump / "checkpoint" / "step-8"
+    shard = sorted(step8.glob("*.distcp"))[0]
+    if damage == "truncated":
+        _damage(shard, shard.stat().st_size // 2)
+        named = f"{shard.name} has {shard.stat().st_size:,} bytes, but its save wrote"
+    elif damage == "missing":
+        _damage(shard, None)
+        named = f"{shard.name} is missing"
+    else:  # same size, unreadable content
+        size = (step8 / ".metadata").stat().st_size
+        _damage(step8 / ".metadata", 0)
+        (step8 / ".metadata").write_bytes(b"\x8f" * size)
+        named = ".metadata cannot be read"
+    before = sorted((p.name, p.stat().st_size) for p in step8.iterdir())
+    code = main(cli(dump, "--checkpoint.enable"))
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: checkpoint {step8} is damaged: ") and named in err[0], err[0]
+    assert "checkpoint.load_step" in err[0]
+    if damage != "garbage_metadata":  # the loader reads the marker first; .metadata content is DCP's to parse
+        from dlm_titan.errors import UserError
+
+        with pytest.raises(UserError, match="is damaged"):
+            load_model(step8)
+    assert sorted((p.name, p.stat().st_size) for p in step8.iterdir()) == before
+    # an older step still loads (and its run saves step 8 anew in place of the damaged one)
+    assert main(cli(dump, "--checkpoint.enable", "--checkpoint.load_step", "6")) == 0
+
+
+def test_a_refused_resume_keeps_the_saved_config(resumed, tmp_path):
+    """Resuming with another model is refused before anything is written: the dump folder's config.toml (which
+    tools read for checkpoint.folder) still describes the run that saved."""
+    from dlm_titan.errors import UserError
+
+    dump = tmp_path / "out"
+    shutil.copytree(resumed["dump"], dump, copy_function=os.link)
+    saved = (dump / "config.toml").read_text()
+    (dump / "config.toml").unlink()  # a private copy: the write below must not reach the fixture's file
+    (dump / "config.toml").write_text(saved)
+    with pytest.raises(UserError, match="holds a 6M model"):
+        Trainer(config(dump, "--checkpoint.enable", "--model.vocab_size", str(VOCAB + 64)))
+    assert (dump / "config.toml").read_text() == saved
+
+
+def test_a_failing_run_completes_the_save_in_flight(reference, tmp_path):
+    """An error mid-run (here a bad shard met at step 3) while an async save of step 2 is being written: the
+    save is still completed, so the rerun resumes from it and continues exactly."""
+    from dlm_titan.errors import UserError
+
+    dump = tmp_path / "out"
+    ckpt = ["--checkpoint.enable", "--checkpoint.interval", "2", "--checkpoint.async_mode", "async"]
+    trainer = Trainer(config(dump, *ckpt))
+    step_fn = trainer.train_step
+
+    def failing(step: int):
+        if step == 3:
+            raise UserError("shard x holds token id 65535, outside the model vocabulary")
+        return step_fn(step)
+
+    trainer.train_step = failing
+    with pytest.raises(UserError):
+        trainer.train()
+    _stop_workers(trainer)
+    assert (dump / "checkpoint" / "step-2" / MARKER).is_file()
+    _, rest = train(dump, *ckpt)
+    assert rest == {s: reference[s] for s in range(3, STEPS + 1)}
+
+
 def test_sigterm_saves_at_step_boundary_and_rerun_reproduces(reference, tmp_path):
     dump = tmp_path / "out"
 

@@ -1,8 +1,15 @@
 """Config: CLI > TOML > defaults, unknown keys, type checks, round trip through the saved TOML."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 from dlm_titan.config import JobConfig, load_config, to_toml
+from dlm_titan.data import write_shard
 from dlm_titan.errors import UserError
 
 
@@ -96,3 +103,62 @@ def test_cudagraphs_refuse_random_lengths_and_are_inert_without_compile():
         ["--job.config_file", "train_configs/170m.toml", "--compile.no_enable", "--diffusion.ssl_ratio", "0.01"]
     )
     assert cfg.compile.cudagraphs and not cfg.compile.enable
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--optimizer.lr", "0"], "--optimizer.lr must be > 0, got 0.0"),
+    (["--optimizer.lr", "-1e-3"], "--optimizer.lr must be > 0"),
+    (["--optimizer.betas", "0.9", "1.5"], "--optimizer.betas must be two numbers in [0, 1)"),
+    (["--optimizer.eps", "0"], "--optimizer.eps must be > 0"),
+    (["--optimizer.weight_decay", "-0.1"], "--optimizer.weight_decay must be >= 0"),
+    (["--diffusion.eps", "2.0"], "--diffusion.eps must be in (0, 1)"),
+    (["--training.gc_freq", "0"], "--training.gc_freq must be >= 1"),
+    (["--metrics.log_freq", "0"], "--metrics.log_freq must be >= 1"),
+    (["--validation.freq", "0"], "--validation.freq must be >= 1"),
+    (["--lr_scheduler.min_lr", "1.0"], "--lr_scheduler.min_lr (1.0) must not exceed the peak --optimizer.lr (0.0002)"),
+])
+def test_out_of_range_values_name_the_flag(flags, message):
+    """Values that would divide by zero mid-run, make torch's AdamW raise, or silently train at a floor above
+    the peak lr are refused when the config loads."""
+    with pytest.raises(UserError) as raised:
+        load_config(flags)
+    assert message in str(raised.value), str(raised.value)
+
+
+def test_range_checks_also_cover_toml(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[metrics]\nlog_freq = 0\n")
+    with pytest.raises(UserError, match="--metrics.log_freq must be >= 1, got 0"):
+        load_config(["--job.config_file", str(path)])
+
+
+def test_launcher_precheck_stops_bad_input_before_torchrun(tmp_path):
+    """run_train.sh with several processes checks the config, data folder, shards and tokenizer once, before
+    torchrun starts: bad input ends in one line and exit 2 (not in every rank's error and torchrun's traceback);
+    a good config passes the same check."""
+    root = Path(__file__).resolve().parents[1]
+    data = tmp_path / "data"
+    data.mkdir()
+    write_shard(data / "train_slim_0000000000.bin", np.arange(33 * 16, dtype=np.uint16) % 256)
+    base = ["--model.vocab_size", "256", "--training.seq_len", "32", "--training.global_batch_size", "4",
+            "--training.local_batch_size", "2", "--job.dump_folder", str(tmp_path / "out")]
+    env = {**os.environ, "NGPU": "2", "PYTHON": sys.executable, "DLM_TITAN_CHECK_ONLY": "1", "WORLD_SIZE": "2"}
+
+    def check(*flags):
+        return subprocess.run([sys.executable, "-m", "dlm_titan.train", *base, *flags], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    ok = check("--data.path", str(data))
+    assert ok.returncode == 0, ok.stderr
+    (data / "train_slim_0000000001.bin").write_bytes(b"LITPKDS" + b"\0" * 9)  # a header cut short
+    for flags, named in [(["--data.path", str(tmp_path / "nowhere")], "is not a folder"),
+                         (["--data.path", str(data)], "train_slim_0000000001.bin")]:
+        bad = check(*flags)
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], bad.stderr
+    # the launcher runs that check and stops: torchrun is never reached
+    launched = subprocess.run(["bash", "run_train.sh", *base, "--data.path", str(tmp_path / "nowhere")], cwd=root,
+                              env={k: v for k, v in env.items() if k not in ("DLM_TITAN_CHECK_ONLY", "WORLD_SIZE")},
+                              capture_output=True, text=True, timeout=300)
+    err = launched.stderr.strip().splitlines()
+    assert launched.returncode == 2 and len(err) == 1 and err[0].startswith("error: data.path"), launched.stderr

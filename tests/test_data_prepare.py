@@ -209,6 +209,29 @@ def test_bad_inputs_name_the_file(tmp_path: Path, tokenizer):
         prepare_split(str(bad), str(tmp_path / "missing.model"), str(tmp_path / "o"), "train")
 
 
+def test_unreadable_inputs_and_outputs_name_the_file(tmp_path: Path, tokenizer):
+    """Corrupt zstd, non-UTF-8 text, a damaged manifest and a destination that is a file: one UserError each,
+    naming the file (not a zstandard, codec or JSON traceback)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jsonl.zst").write_bytes(b"\x00\x01 not zstd at all" * 10)
+    with pytest.raises(UserError, match=f"{src / 'a.jsonl.zst'}: not a readable zstd file"):
+        prepare_split(str(src), tokenizer, str(tmp_path / "o1"), "train")
+    (src / "a.jsonl.zst").unlink()
+    (src / "b.jsonl").write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(UserError, match=f"{src / 'b.jsonl'}: not UTF-8 text"):
+        prepare_split(str(src), tokenizer, str(tmp_path / "o2"), "train")
+    (src / "b.jsonl").write_text('{"text": "fine"}\n')
+    out = tmp_path / "o3"
+    prepare_split(str(src), tokenizer, str(out), "train")
+    (out / "train_slimpajama_manifest.json").write_text('{"inputs": {')
+    with pytest.raises(UserError, match="train_slimpajama_manifest.json is not a valid manifest"):
+        prepare_split(str(src), tokenizer, str(out), "train")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file; pass a folder"):
+        prepare_split(str(src), tokenizer, str(tmp_path / "file"), "train")
+
+
 def test_cli_user_error_is_one_line_exit_2(tmp_path: Path, tokenizer):
     (tmp_path / "src").mkdir()
     proc = subprocess.run(

@@ -97,7 +97,18 @@ def _field(record: dict, dotted: str) -> object:
 
 
 def iter_documents(path: Path, corpus: Corpus) -> Iterator[tuple[str, str]]:
-    """(text, set name) of every document of one input file."""
+    """(text, set name) of every document of one input file; UserError naming the file when it is not UTF-8
+    text or not a readable zstd stream."""
+    try:
+        yield from _iter_documents(path, corpus)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8 or remove "
+                        "it") from None
+    except zstandard.ZstdError as e:
+        raise UserError(f"{path}: not a readable zstd file ({e}); download it again or remove it") from None
+
+
+def _iter_documents(path: Path, corpus: Corpus) -> Iterator[tuple[str, str]]:
     name = path.name
     if name.endswith(".txt"):
         yield path.read_text(encoding="utf-8"), ""
@@ -263,7 +274,11 @@ def _manifest_path(destination: Path, split: str, corpus: Corpus) -> Path:
 def _load_manifest(path: Path, settings: dict) -> dict:
     if not path.exists():
         return {**settings, "inputs": {}}
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a valid manifest ({e}); delete it and the shards beside it, or choose a "
+                        "new --destination_path") from None
     for key, value in settings.items():
         if manifest.get(key) != value:
             raise UserError(f"{path.parent} already holds shards made with another {key} ({manifest.get(key)} "
@@ -327,6 +342,8 @@ def prepare_split(source_path: str, tokenizer_path: str, destination_path: str, 
     tokenizer_path = resolve_tokenizer_path(tokenizer_path)
     root, files = find_inputs(source_path, split, corpus)
     destination = Path(destination_path)
+    if destination.exists() and not destination.is_dir():
+        raise UserError(f"--destination_path {destination} is a file; pass a folder for the shards")
     destination.mkdir(parents=True, exist_ok=True)
     fingerprint = tokenizer_fingerprint(tokenizer_path)
     dtype = dtype_for_vocab(fingerprint["vocab_size"])
