@@ -29,6 +29,9 @@ fi
 DLM_TITAN_CHECK_ONLY=1 WORLD_SIZE=$((NGPU * NNODES)) "$PYTHON" -m dlm_titan.train "${args[@]}"
 
 # Only rank 0 prints, so lines keep the `step: N  loss: ...` form that scripts parse (no torchrun prefixes).
-exec torchrun --nnodes "$NNODES" --nproc_per_node "$NGPU" \
+# torchrun forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT by default; SIGUSR1 (the trainer's other "save and stop",
+# common on Slurm) only when asked. Its grace period before SIGKILL: TORCH_ELASTIC_SHUTDOWN_TIMEOUT (30 s).
+exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$NGPU" \
+    --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
     --rdzv_backend c10d --rdzv_endpoint "${RDZV_ENDPOINT:-localhost:0}" --rdzv_id "${RDZV_ID:-dlm_titan}" \
     -m dlm_titan.train "${args[@]}"

@@ -115,7 +115,7 @@ def apply_float8(model: nn.Module, float8_cfg, device_type: str, min_dim: int = 
 
     Skipped: the output head (its loss needs precise logits) and layers with a dim below ``min_dim`` or not a
     multiple of 16, where the scaling casts cost more than the float8 matmul saves (measured on H100: a
-    SwiGLU MLP at d=768 ran 0.84x, at d=1792 1.31x). So SMDM models below d=1024 (<= 336M) keep bf16.
+    SwiGLU MLP at d=768 ran 0.84x, at d=1792 1.31x). So SMDM models below d=1024 (up to 231M) keep bf16.
     """
     if not float8_cfg.enable:
         return 0
@@ -147,7 +147,7 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, training_cfg, reshard_after_f
     Args:
         reshard_after_forward: "always" frees gathered parameters after each group's forward (least memory,
             a second all-gather in backward); "never" keeps them until backward (one all-gather per step,
-            2 bytes a parameter more memory); "default" reshards every group except the last block and the
+            2 bytes a parameter more memory, 6 with several micro-batches: see set_gradient_sync); "default" reshards every group except the last block and the
             head, whose backward comes right after their forward.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -208,6 +208,7 @@ class Trainer:
                 self.t_buckets.add(noise.t, self.loss_tap.take(len(positions)) * (token_count / length))
         # The Triton AdamW takes the clip coefficient into its update; other optimizers get clipped gradients.
         grad_norm, grad_scale = clip_grad_norm(self.params, self.cfg.training.max_norm, self.optimizer)
+        lr = self.lr_scheduler.get_last_lr()[0]  # this step's, logged with it (the schedule moves on below)
         if self.checkpointer.check_finite(step, micro_losses, grad_norm):  # else training.on_nonfinite
             self.optimizer.step(**({} if grad_scale is None else {"grad_scale": grad_scale}))
         self.lr_scheduler.step()
@@ -216,7 +217,8 @@ class Trainer:
         # micro-batches need them in place too (keeps_gradients).
         self.optimizer.zero_grad(set_to_none=not self.keep_grads)
         self.tokens_seen += token_count
-        return {"loss_sum": loss_sum, "grad_norm": grad_norm, "masked": masked, "tokens": token_count, "data_time": data_time}
+        return {"loss_sum": loss_sum, "grad_norm": grad_norm, "masked": masked, "tokens": token_count, "data_time": data_time,
+                "lr": lr}
 
     def train(self) -> None:
         """Runs steps until ``self.steps``, logging every metrics.log_freq steps and at the last step, and
@@ -292,7 +294,7 @@ class Trainer:
         return _LoggedStep(
             step=self.step,
             device=HostCopy({"totals": totals, "grad_norm": out["grad_norm"], "t_buckets": self.t_buckets.take()}),
-            lr=self.lr_scheduler.get_last_lr()[0],
+            lr=out["lr"],
             tokens_seen=self.tokens_seen,
             tokens=out["tokens"],
             memory=memory,

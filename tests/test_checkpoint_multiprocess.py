@@ -108,25 +108,35 @@ def test_multiprocess_ddp_checkpoints_and_exports_across_forms(data, two_ranks, 
         assert torch.equal(p, q), name
 
 
-def test_multiprocess_sigterm_to_torchrun_saves_on_both_ranks_and_resumes(data, two_ranks, tmp_path):
-    """SIGTERM to the torchrun agent: it forwards the signal to both trainers, which agree on the step to stop
-    at (the flag is all-reduced), save a complete checkpoint and exit 0; a 1-process rerun continues."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+@pytest.mark.parametrize("launcher, sig", [("torchrun", signal.SIGTERM), ("run_train.sh", signal.SIGUSR1)])
+def test_multiprocess_stop_signal_to_the_launcher_saves_on_both_ranks_and_resumes(data, two_ranks, tmp_path,
+                                                                                 launcher, sig):
+    """SIGTERM to the torchrun agent, or SIGUSR1 (Slurm's usual warning) to run_train.sh's: it forwards the
+    signal to both trainers, which agree on the step to stop at (the flag is all-reduced) and save a complete
+    checkpoint; a 1-process rerun continues."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "NGPU": "2", "PYTHON": sys.executable}
     env.pop("WORLD_SIZE", None)
-    cmd = [*TORCHRUN, "--nnodes", "1", "--nproc_per_node", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint",
-           "localhost:0", "-m", "dlm_titan.train", *train_args(data, tmp_path, "--checkpoint.interval", "100")]
+    args = train_args(data, tmp_path, "--checkpoint.interval", "100")
+    if launcher == "torchrun":
+        cmd = [*TORCHRUN, "--nnodes", "1", "--nproc_per_node", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint",
+               "localhost:0", "-m", "dlm_titan.train", *args]
+    else:  # the script execs torchrun after its config check, so the signal reaches the agent
+        (tmp_path / "empty.toml").write_text("")  # defaults, as the other runs (else it adds debug.toml)
+        cmd = ["bash", str(Path(__file__).resolve().parents[1] / "run_train.sh"), "--job.config_file",
+               str(tmp_path / "empty.toml"), *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:
         lines.append(line)
         if line.startswith("step: 2 "):
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             break
     out = "".join(lines) + proc.communicate(timeout=300)[0]
+    # (the agent itself then exits 1 with torchrun's SignalException: its behaviour, documented in README)
     saved = [p for p in (tmp_path / "checkpoint").glob("step-*") if (p / "complete.json").is_file()]
     assert len(saved) == 1, out[-4000:]
     step = int(saved[0].name.split("-")[1])
-    assert 2 <= step < STEPS and f"stopping at step {step} on signal SIGTERM" in out
+    assert 2 <= step < STEPS and f"stopping at step {step} on signal {sig.name}" in out
     assert json.loads((saved[0] / "complete.json").read_text())["world_size"] == 2
     rest = run_trainer(train_args(data, tmp_path, "--checkpoint.interval", "100"))
     assert_close(rest, two_ranks, range(step + 1, STEPS + 1))

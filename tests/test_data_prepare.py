@@ -232,6 +232,30 @@ def test_unreadable_inputs_and_outputs_name_the_file(tmp_path: Path, tokenizer):
         prepare_split(str(src), tokenizer, str(tmp_path / "file"), "train")
 
 
+def test_training_checks_the_manifest_tokenizer_at_start(tmp_path: Path, corpus, tokenizer):
+    """Shards prepared with a 300-piece tokenizer: a 256-token model, or another tokenizer named as
+    data.tokenizer_path, is refused when the loader is built, before any shard is read."""
+    from dlm_titan.config import Data
+
+    out = tmp_path / "out"
+    prepare_split(str(corpus[0]), tokenizer, str(out), "train")
+    other = tmp_path / "other"
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["zz yy xx ww"] * 50 + ["a b c d e f g"] * 50),
+                                   model_prefix=str(other), vocab_size=30, model_type="bpe", minloglevel=2)
+
+    def build(vocab: int, tokenizer_path: str = ""):
+        cfg = Data(path=str(out), train_prefixes=["train_slimpajama"], tokenizer_path=tokenizer_path, num_workers=0)
+        return build_train_loader(cfg, data_path=str(out), seq_len=8, local_batch_size=2, global_batch_size=2,
+                                  dp_rank=0, dp_world_size=1, seed=0, vocab_size=vocab)
+
+    with pytest.raises(UserError, match="made with tokenizer tiny.model of 300 tokens, more than model.vocab_size=256"):
+        build(256)
+    with pytest.raises(UserError, match=f"not data.tokenizer_path {other}.model"):
+        build(512, f"{other}.model")
+    build(512, tokenizer)  # the shards' own tokenizer
+    build(300)
+
+
 def test_cli_user_error_is_one_line_exit_2(tmp_path: Path, tokenizer):
     (tmp_path / "src").mkdir()
     proc = subprocess.run(

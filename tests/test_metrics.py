@@ -77,9 +77,9 @@ def test_logged_step_is_read_one_step_later_with_its_own_values(tmp_path, monkey
     train_step, log = trainer.train_step, trainer.metrics.log
 
     def recording_step(step):
+        lr = trainer.optimizer.param_groups[0]["lr"]  # what this step's update will use
         out = train_step(step)
-        steps[step] = dict(loss=out["loss_sum"].item(), grad_norm=out["grad_norm"].item(),
-                           lr=trainer.lr_scheduler.get_last_lr()[0], masked=out["masked"])
+        steps[step] = dict(loss=out["loss_sum"].item(), grad_norm=out["grad_norm"].item(), lr=lr, masked=out["masked"])
         events.append(("step", step))
         return out
 
@@ -102,6 +102,7 @@ def test_logged_step_is_read_one_step_later_with_its_own_values(tmp_path, monkey
     assert events == [("step", 1), ("step", 2), ("log", 1), ("step", 3), ("step", 4), ("log", 3), ("step", 5),
                       ("step", 6), ("step", 7), ("log", 6), ("log", 7)]
     assert all(steps[s]["lr"] != steps[s + 1]["lr"] for s in (1, 3))  # a mix-up of steps would show
+    assert steps[1]["lr"] == pytest.approx(cfg.optimizer.lr / 2)  # step 1 of a 2-step linear warmup
     for step, m in logged.items():
         want = steps[step]
         assert m["loss"] == pytest.approx(want["loss"], rel=1e-12)

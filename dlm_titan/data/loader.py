@@ -30,7 +30,7 @@ from dlm_titan.errors import UserError
 
 from .mixture import SourceMixture
 from .permutation import IndexPermutation, hash_key
-from .tokenizer import check_tokenizer_fits
+from .tokenizer import check_shard_manifests, check_tokenizer_fits
 from .windows import WindowSet
 
 
@@ -272,6 +272,7 @@ def build_train_loader(data_cfg: Any, *, data_path: str, seq_len: int, local_bat
     _check_weights(prefixes, weights)
     _check_layout(seq_len, local_batch_size, global_batch_size, dp_rank, dp_world_size, data_cfg.num_workers)
     check_tokenizer_fits(data_cfg, vocab_size)
+    check_shard_manifests(data_cfg, data_path, vocab_size)
     # zero-weight sources are never read, so their files need not exist (SMDM required them)
     used = [i for i, w in enumerate(weights) if w > 0]
     sources = [WindowSet(data_path, prefixes[i], seq_len + 1, vocab_size) for i in used]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,32 @@ def check_tokenizer_fits(data_cfg: Any, vocab_size: int) -> None:
     if not path and (getattr(data_cfg, "path", "") or embedded_tokenizer_path() is None):
         return
     load_tokenizer(path, max_vocab_size=vocab_size)
+
+
+def check_shard_manifests(data_cfg: Any, data_path: str, vocab_size: int) -> None:
+    """UserError if a preparation manifest in ``data_path`` (``*_manifest.json``, written by data preparation)
+    records a tokenizer with more tokens than the model, or one other than ``data.tokenizer_path`` when that is
+    set. Checked at start, where the shards' own id check (each shard's first read) could come hours into a run;
+    shards without a manifest rely on that check alone, and an unreadable manifest is ignored (it is only
+    preparation's bookkeeping)."""
+    configured = data_cfg.tokenizer_path
+    sha = file_sha256(configured) if configured and os.path.isfile(configured) else None
+    for path in sorted(Path(data_path).glob("*_manifest.json")):
+        try:
+            recorded = json.loads(path.read_text()).get("tokenizer")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not isinstance(recorded, dict):
+            continue
+        made = f"the shards of {path.name} in {data_path} were made with tokenizer {recorded.get('file')}"
+        tokens = recorded.get("vocab_size")
+        if isinstance(tokens, int) and tokens > vocab_size:
+            raise UserError(f"{made} of {tokens} tokens, more than model.vocab_size={vocab_size}; raise "
+                            "model.vocab_size or prepare the data with a smaller tokenizer")
+        if sha is not None and recorded.get("sha256") not in (None, sha):
+            raise UserError(f"{made} (sha256 {str(recorded['sha256'])[:12]}...), not data.tokenizer_path {configured} "
+                            f"(sha256 {sha[:12]}...); point data.tokenizer_path at the tokenizer the shards were made "
+                            "with")
 
 
 def tokenizer_fingerprint(path: str) -> dict:
