@@ -9,11 +9,13 @@ tokens_seen, world_size, seed) and ``dataloader.rank_R`` (each rank's loader sta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
 import time
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,7 +216,8 @@ class CheckpointManager:
 
     def _dcp_load(self, state: dict[str, Any], step_dir: Path) -> None:
         """Loads ``state``'s keys from a checkpoint in place (DCP reshards DTensors to this run's layout)."""
-        dcp.load(state, checkpoint_id=str(step_dir), process_group=self._save_group, no_dist=not self.distributed)
+        with _single_process_is_intended():
+            dcp.load(state, checkpoint_id=str(step_dir), process_group=self._save_group, no_dist=not self.distributed)
 
     def _check_model(self, saved: dict[str, Any], where: Path) -> None:
         keys = ("n_layers", "n_heads", "dim", "ffn_dim", "vocab_size")
@@ -327,13 +330,12 @@ class CheckpointManager:
 
     def _write_staged(self, staged: dict[str, Any], path: Path) -> None:
         self._stager.synchronize()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
-            self._dcp_save(staged, path)
+        self._dcp_save(staged, path)
 
     def _dcp_save(self, state: dict[str, Any], path: Path) -> None:
         writer = dcp.FileSystemWriter(str(path), thread_count=self.cfg.write_threads)
-        dcp.save(state, storage_writer=writer, process_group=self._save_group, no_dist=not self.distributed)
+        with _single_process_is_intended():
+            dcp.save(state, storage_writer=writer, process_group=self._save_group, no_dist=not self.distributed)
 
     def _wait_for_staging(self) -> None:
         """Before each optimizer step: the step may not change tensors still being copied. The wait is queued on
@@ -454,6 +456,15 @@ class CheckpointManager:
         if self.nonfinite.stop_requested:
             raise FloatingPointError(f"stopped at step {step} after a non-finite loss or grad norm "
                                      f"(training.on_nonfinite = stop); state saved in {self.folder / f'step-{step}'}")
+
+
+@contextlib.contextmanager
+def _single_process_is_intended() -> Iterator[None]:
+    """Silences DCP's warning that it assumes one process when torch.distributed is not initialized: here that
+    is what a 1-process run means."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process.*")
+        yield
 
 
 # Optimizer state keyed by parameter FQN ("state.<fqn>.exp_avg"), so any sharding layout can load it.

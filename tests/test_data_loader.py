@@ -182,6 +182,18 @@ def test_global_batch_must_divide(data):
         loader(path, cfg(), b=2, G=10, W=2)
 
 
+def test_validation_ids_are_checked_when_the_loader_is_built(tmp_path: Path):
+    """A bad token id in a later validation shard is refused at build time (training start), not at the first
+    validation."""
+    make_source(tmp_path, "validation_slimpajama_0", [3, 3], base=100)
+    tokens = np.frombuffer((tmp_path / "validation_slimpajama_0_0000000001.bin").read_bytes()[24:], dtype="<u2").copy()
+    tokens[5] = 40000
+    hand_shard(tmp_path / "validation_slimpajama_0_0000000001.bin", tokens)
+    with pytest.raises(UserError, match="validation_slimpajama_0_0000000001.bin holds token id 40000"):
+        build_val_loader(cfg(), data_path=str(tmp_path), seq_len=SEQ, local_batch_size=1, dp_rank=0,
+                         dp_world_size=1, vocab_size=VOCAB)
+
+
 def test_validation_split_across_ranks(tmp_path: Path):
     expected = make_source(tmp_path, "validation_slimpajama_0", [9, 14], base=10000)  # 23 windows
     ordered = [expected[10000 + k] for k in range(23)]

@@ -297,6 +297,7 @@ def build_val_loader(data_cfg: Any, *, data_path: str, seq_len: int, local_batch
     _check_layout(seq_len, local_batch_size, local_batch_size * dp_world_size, dp_rank, dp_world_size,
                   data_cfg.num_workers)
     source = WindowSet(data_path, data_cfg.val_prefix, seq_len + 1, vocab_size)
+    source.check_all_ids()
     dataset = ValBatches(source, local_batch_size, dp_rank, dp_world_size)
     if len(dataset) == 0:
         raise UserError(f"validation set {data_cfg.val_prefix}*.bin in {data_path} has {source.num_windows} "

@@ -61,6 +61,12 @@ class WindowSet:
             self._open.move_to_end(f)
         return mm
 
+    def check_all_ids(self) -> None:
+        """Checks every shard's token ids now rather than at its first read (for small sets: a validation set's
+        bad id would otherwise surface at the first validation, possibly hours into a run)."""
+        for f in range(len(self.infos)):
+            self._tokens(f)
+
     def read(self, ids: np.ndarray, out: np.ndarray) -> None:
         """Copy windows ``ids`` (global window indices) into the rows of ``out`` (shape ``[len(ids), window]``)."""
         files = np.searchsorted(self.starts, ids, side="right") - 1
