@@ -406,12 +406,17 @@ def _run_parallel(jobs: list[InputJob], num_workers: int, bar: tqdm,
         reported = 0
         while pending:
             time.sleep(0.2)
-            still = []
+            still, error = [], None
             for result in pending:
-                if result.ready():
-                    on_done(*result.get())  # re-raises a worker's UserError here
-                else:
+                if not result.ready():
                     still.append(result)
+                    continue
+                try:
+                    on_done(*result.get())  # re-raises a worker's UserError here
+                except UserError as e:  # record every other finished input before stopping
+                    error = error or e
+            if error is not None:
+                raise error
             pending = still
             bar.update(counters[1].value - reported)
             reported = counters[1].value
