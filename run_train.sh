@@ -5,6 +5,7 @@
 # NGPU: processes on this node (default 1; without CUDA they use gloo on the CPU).
 # CONFIG_FILE: TOML config (default train_configs/debug.toml). Extra arguments are CLI overrides.
 # Multi-node: NNODES=<nodes> RDZV_ENDPOINT=<node0 host>:<port> on every node (c10d rendezvous).
+# SHUTDOWN_TIMEOUT: seconds torchrun gives the trainers to save after SIGTERM/SIGUSR1 (default 120).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -30,8 +31,8 @@ DLM_TITAN_CHECK_ONLY=1 WORLD_SIZE=$((NGPU * NNODES)) "$PYTHON" -m dlm_titan.trai
 
 # Only rank 0 prints, so lines keep the `step: N  loss: ...` form that scripts parse (no torchrun prefixes).
 # torchrun forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT by default; SIGUSR1 (the trainer's other "save and stop",
-# common on Slurm) only when asked. Its grace period before SIGKILL: TORCH_ELASTIC_SHUTDOWN_TIMEOUT (30 s).
+# common on Slurm) only when asked. SHUTDOWN_TIMEOUT: seconds the trainers get to save before SIGKILL.
 exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$NGPU" \
-    --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
+    --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "${SHUTDOWN_TIMEOUT:-120}" \
     --rdzv_backend c10d --rdzv_endpoint "${RDZV_ENDPOINT:-localhost:0}" --rdzv_id "${RDZV_ID:-dlm_titan}" \
     -m dlm_titan.train "${args[@]}"

@@ -9,13 +9,10 @@ tokens_seen, world_size, seed) and ``dataloader.rank_R`` (each rank's loader sta
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import signal
 import time
-import warnings
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +35,10 @@ from dlm_titan.checkpoint_layout import (
     is_complete,
     is_dcp_folder,
     newest_complete,
+    print_warning,
+    read_dcp_metadata,
     read_marker,
+    single_process_dcp,
     step_folders,
     write_marker,
 )
@@ -185,11 +185,7 @@ class CheckpointManager:
         start = time.perf_counter()
         marker = read_marker(step_dir)
         self._check_model(marker.get("model", {}), step_dir)
-        try:
-            metadata = dcp.FileSystemReader(str(step_dir)).read_metadata()
-        except Exception as e:  # a file of the recorded size that does not parse: damaged on disk
-            raise UserError(f"checkpoint {step_dir} is damaged: its .metadata cannot be read ({type(e).__name__}); "
-                            "load another step (checkpoint.load_step) or delete it") from None
+        metadata = read_dcp_metadata(step_dir)
         sizes = {k: v.size for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
         state = self._tensor_state()
         optim_extras = state.pop("_optim_extras")
@@ -216,7 +212,7 @@ class CheckpointManager:
 
     def _dcp_load(self, state: dict[str, Any], step_dir: Path) -> None:
         """Loads ``state``'s keys from a checkpoint in place (DCP reshards DTensors to this run's layout)."""
-        with _single_process_is_intended():
+        with single_process_dcp():
             dcp.load(state, checkpoint_id=str(step_dir), process_group=self._save_group, no_dist=not self.distributed)
 
     def _check_model(self, saved: dict[str, Any], where: Path) -> None:
@@ -253,6 +249,7 @@ class CheckpointManager:
             step_dir = path if is_dcp_folder(path) else find_checkpoint(path, warn=self.rank == 0)
         if step_dir is not None:
             self._check_model(read_marker(step_dir).get("model", {}), step_dir)
+            read_dcp_metadata(step_dir)  # UserError when damaged
             state = {"model": get_model_state_dict(self.model)}
             self._dcp_load(state, step_dir)
             set_model_state_dict(self.model, state["model"])
@@ -317,24 +314,28 @@ class CheckpointManager:
         mode = self.cfg.async_mode
         if mode == "disabled" or blocking:
             self._dcp_save(state, path)
+            self._mark_complete(step, path)
             self._finish(step, path, start, time.perf_counter() - start)
             return
-        upload = self._async_save(state, path)
+        upload = self._async_save(state, path, step)
         self._pending = _Pending(step, path, upload, start, time.perf_counter() - start)
 
-    def _async_save(self, state: dict[str, Any], path: Path) -> Future:
+    def _async_save(self, state: dict[str, Any], path: Path, step: int) -> Future:
         """Stages ``state`` into CPU buffers (pinned in "async_with_pinned_mem" on CUDA, where the copy overlaps the
         next forward and backward) and writes the copy from a background thread; returns the write's future."""
         staged = self._stager.stage(state)
-        return self._writer.submit(self._write_staged, staged, path)
+        return self._writer.submit(self._write_staged, staged, path, step)
 
-    def _write_staged(self, staged: dict[str, Any], path: Path) -> None:
+    def _write_staged(self, staged: dict[str, Any], path: Path, step: int) -> None:
         self._stager.synchronize()
         self._dcp_save(staged, path)
+        # Marked here, not by the main thread: a written checkpoint is complete even if training has failed or
+        # hangs meanwhile (e.g. rank 0 blocked in a collective after another rank died).
+        self._mark_complete(step, path)
 
     def _dcp_save(self, state: dict[str, Any], path: Path) -> None:
         writer = dcp.FileSystemWriter(str(path), thread_count=self.cfg.write_threads)
-        with _single_process_is_intended():
+        with single_process_dcp():
             dcp.save(state, storage_writer=writer, process_group=self._save_group, no_dist=not self.distributed)
 
     def _wait_for_staging(self) -> None:
@@ -359,27 +360,34 @@ class CheckpointManager:
             p.blocking_s += time.perf_counter() - start
             self._poll()
 
-    def finish_in_flight(self, timeout_s: float = 600.0) -> None:
-        """On the way out of a failed run: completes the save in flight if its write succeeds within
-        ``timeout_s`` (a write needs no step of training, only its own threads and, across ranks, theirs), else
-        leaves its folder incomplete (skipped on resume) with a warning. Never raises."""
+    def finish_in_flight(self) -> None:
+        """On the way out of a failed run (an error, Ctrl-C): waits for the save in flight, which its writer thread
+        marks complete by itself, and reports (rather than raises) its failure, so that the run's own error stays
+        the one shown; its folder then stays incomplete and is skipped on resume. A second Ctrl-C interrupts it."""
         p = self._pending
         if p is None:
             return
         self._pending = None
+        self._log(f"finishing the save of step {p.step} before stopping")
         try:
-            p.upload.result(timeout=timeout_s)
-            self._finish(p.step, p.path, p.started, p.blocking_s)
-        except Exception as e:  # noqa: BLE001 - the run is already failing: report, keep its own error
-            self._log(f"the save of step {p.step} in flight did not complete ({type(e).__name__}: {e}); "
-                      f"{p.path} stays incomplete and is skipped on resume")
+            p.upload.result()
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            print_warning(f"rank {self.rank}: the save of step {p.step} did not complete ({type(e).__name__}: {e}); "
+                          f"{p.path} stays incomplete and is skipped on resume")
+            return
+        self._finish(p.step, p.path, p.started, p.blocking_s)
 
-    def _finish(self, step: int, path: Path, started: float, blocking_s: float) -> None:
-        """Marks a written checkpoint complete (rank 0, after DCP's metadata: the last file) and purges."""
+    def _mark_complete(self, step: int, path: Path) -> None:
+        """Rank 0 writes the marker once DCP's save has returned there, i.e. every rank's files and .metadata are
+        written."""
         if self.rank == 0:
             marker = {"step": step, "world_size": self.world_size, "model": self.model_config,
                       "async_mode": self.cfg.async_mode, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
             write_marker(path, marker)
+
+    def _finish(self, step: int, path: Path, started: float, blocking_s: float) -> None:
+        """Bookkeeping of a completed save (main thread): purge, stats, log."""
+        if self.rank == 0:
             self._purge()
         self._last_saved = step
         total = time.perf_counter() - started
@@ -456,15 +464,6 @@ class CheckpointManager:
         if self.nonfinite.stop_requested:
             raise FloatingPointError(f"stopped at step {step} after a non-finite loss or grad norm "
                                      f"(training.on_nonfinite = stop); state saved in {self.folder / f'step-{step}'}")
-
-
-@contextlib.contextmanager
-def _single_process_is_intended() -> Iterator[None]:
-    """Silences DCP's warning that it assumes one process when torch.distributed is not initialized: here that
-    is what a 1-process run means."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process.*")
-        yield
 
 
 # Optimizer state keyed by parameter FQN ("state.<fqn>.exp_avg"), so any sharding layout can load it.

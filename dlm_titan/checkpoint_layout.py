@@ -9,10 +9,13 @@ config) and the size of every file of the folder, so a truncated or missing file
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +66,36 @@ def read_marker(step_dir: Path) -> dict[str, Any]:
     return marker
 
 
+@contextlib.contextmanager
+def single_process_dcp() -> Iterator[None]:
+    """Silences DCP's warning that it assumes one process when torch.distributed is not initialized: that is what
+    a 1-process run or a loader means."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process.*")
+        yield
+
+
+def read_dcp_metadata(step_dir: Path) -> Any:
+    """DCP's metadata of a checkpoint; UserError when the file (already size-checked by :func:`read_marker`)
+    does not parse, i.e. is damaged on disk. Errors reading it (OSError) propagate as they are."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        return dcp.FileSystemReader(str(step_dir)).read_metadata()
+    except (pickle.UnpicklingError, EOFError, OverflowError, ValueError, TypeError, AttributeError, KeyError) as e:
+        raise UserError(f"checkpoint {step_dir} is damaged: its .metadata cannot be read ({type(e).__name__}: {e}); "
+                        "load another step (checkpoint.load_step) or delete it") from None
+
+
 def write_marker(step_dir: Path, content: dict[str, Any]) -> None:
     """Marks a fully written checkpoint complete, recording the size of each file in it (call once every rank's
     files and DCP's .metadata are written). The marker goes through a temporary name, is fsynced and renamed,
     so it is either absent or whole."""
     tmp = step_dir / (MARKER + ".tmp")
-    files = {p.name: p.stat().st_size for p in sorted(step_dir.iterdir()) if p.is_file() and p.name != tmp.name}
+    files = {p.name: p.stat().st_size for p in sorted(step_dir.iterdir())
+             if p.is_file() and p.name not in (MARKER, tmp.name)}
     tmp.write_text(json.dumps({**content, "files": files}, indent=2) + "\n")
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dlm_titan.checkpoint_layout import find_checkpoint, is_dcp_folder, read_marker
+from dlm_titan.checkpoint_layout import (
+    find_checkpoint,
+    is_dcp_folder,
+    read_dcp_metadata,
+    read_marker,
+    single_process_dcp,
+)
 from dlm_titan.errors import UserError
 from dlm_titan.models import TransEncoder
 from dlm_titan.models.attention import resolve_attn_backend, rope_cache
@@ -167,13 +172,13 @@ def _read_dcp_model(step_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Ten
     """Model weights only of a DCP checkpoint, read into a fresh CPU state dict of the recorded shape."""
     import torch.distributed.checkpoint as dcp
 
-    marker = read_marker(step_dir)  # raises UserError for an incomplete checkpoint
+    marker = read_marker(step_dir)  # raises UserError for an incomplete or damaged checkpoint
+    read_dcp_metadata(step_dir)
     cfg = marker["model"]
     model = build_model_from_config(cfg, "cpu", attn_backend="math")
     model.to_empty(device="cpu")
     state = {k: v for k, v in model.state_dict().items()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+    with single_process_dcp():
         dcp.load({"model": state}, checkpoint_id=str(step_dir), no_dist=True)
     return {**cfg, "dtype": "float32", "step": int(marker["step"])}, state
 

@@ -147,8 +147,9 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, training_cfg, reshard_after_f
     Args:
         reshard_after_forward: "always" frees gathered parameters after each group's forward (least memory,
             a second all-gather in backward); "never" keeps them until backward (one all-gather per step,
-            2 bytes a parameter more memory, 6 with several micro-batches: see set_gradient_sync); "default" reshards every group except the last block and the
-            head, whose backward comes right after their forward.
+            2 bytes a parameter more memory, 6 with several micro-batches: see set_gradient_sync);
+            "default" reshards every group except the last block and the head, whose backward comes right
+            after their forward.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

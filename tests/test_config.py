@@ -114,7 +114,6 @@ def test_cudagraphs_refuse_random_lengths_and_are_inert_without_compile():
     (["--diffusion.eps", "2.0"], "--diffusion.eps must be in (0, 1)"),
     (["--training.gc_freq", "0"], "--training.gc_freq must be >= 1"),
     (["--metrics.log_freq", "0"], "--metrics.log_freq must be >= 1"),
-    (["--validation.freq", "0"], "--validation.freq must be >= 1"),
     (["--lr_scheduler.min_lr", "1.0"], "--lr_scheduler.min_lr (1.0) must not exceed the peak --optimizer.lr (0.0002)"),
 ])
 def test_out_of_range_values_name_the_flag(flags, message):
@@ -130,6 +129,15 @@ def test_range_checks_also_cover_toml(tmp_path):
     path.write_text("[metrics]\nlog_freq = 0\n")
     with pytest.raises(UserError, match="--metrics.log_freq must be >= 1, got 0"):
         load_config(["--job.config_file", str(path)])
+    path.write_text("[optimizer]\nbetas = [0.9]\n")
+    with pytest.raises(UserError, match="--optimizer.betas must be two numbers"):
+        load_config(["--job.config_file", str(path)])
+
+
+def test_a_constant_schedule_ignores_min_lr():
+    """min_lr is the decay's floor: with no decay a peak lr below the default floor is fine."""
+    cfg = load_config(["--optimizer.lr", "1e-5", "--lr_scheduler.decay_type", "constant"])
+    assert cfg.optimizer.lr == 1e-5
 
 
 def test_launcher_precheck_stops_bad_input_before_torchrun(tmp_path):

@@ -254,6 +254,10 @@ def test_training_checks_the_manifest_tokenizer_at_start(tmp_path: Path, corpus,
         build(512, f"{other}.model")
     build(512, tokenizer)  # the shards' own tokenizer
     build(300)
+    # another preparation in the same folder, which this run's prefix does not select, is not its business
+    (out / "train_starcoder_manifest.json").write_text(json.dumps({"tokenizer": {"file": "big.model",
+                                                                                "vocab_size": 99999}}))
+    build(300)
 
 
 def test_parallel_prepare_records_every_finished_input_before_raising(monkeypatch):

@@ -272,9 +272,9 @@ def build_train_loader(data_cfg: Any, *, data_path: str, seq_len: int, local_bat
     _check_weights(prefixes, weights)
     _check_layout(seq_len, local_batch_size, global_batch_size, dp_rank, dp_world_size, data_cfg.num_workers)
     check_tokenizer_fits(data_cfg, vocab_size)
-    check_shard_manifests(data_cfg, data_path, vocab_size)
     # zero-weight sources are never read, so their files need not exist (SMDM required them)
     used = [i for i, w in enumerate(weights) if w > 0]
+    check_shard_manifests(data_cfg, data_path, vocab_size, [prefixes[i] for i in used])
     sources = [WindowSet(data_path, prefixes[i], seq_len + 1, vocab_size) for i in used]
     dataset = TrainBatches(sources, [weights[i] for i in used], seed, global_batch_size, local_batch_size,
                            dp_rank, dp_world_size)
@@ -297,7 +297,8 @@ def build_val_loader(data_cfg: Any, *, data_path: str, seq_len: int, local_batch
     _check_layout(seq_len, local_batch_size, local_batch_size * dp_world_size, dp_rank, dp_world_size,
                   data_cfg.num_workers)
     source = WindowSet(data_path, data_cfg.val_prefix, seq_len + 1, vocab_size)
-    source.check_all_ids()
+    if dp_rank == 0:  # one rank reads the set (a bad id stops it; torchrun then ends the others)
+        source.check_all_ids()
     dataset = ValBatches(source, local_batch_size, dp_rank, dp_world_size)
     if len(dataset) == 0:
         raise UserError(f"validation set {data_cfg.val_prefix}*.bin in {data_path} has {source.num_windows} "

@@ -102,15 +102,18 @@ def check_tokenizer_fits(data_cfg: Any, vocab_size: int) -> None:
     load_tokenizer(path, max_vocab_size=vocab_size)
 
 
-def check_shard_manifests(data_cfg: Any, data_path: str, vocab_size: int) -> None:
-    """UserError if a preparation manifest in ``data_path`` (``*_manifest.json``, written by data preparation)
-    records a tokenizer with more tokens than the model, or one other than ``data.tokenizer_path`` when that is
-    set. Checked at start, where the shards' own id check (each shard's first read) could come hours into a run;
-    shards without a manifest rely on that check alone, and an unreadable manifest is ignored (it is only
-    preparation's bookkeeping)."""
+def check_shard_manifests(data_cfg: Any, data_path: str, vocab_size: int, prefixes: list[str]) -> None:
+    """UserError if a preparation manifest in ``data_path`` (``{split}_{corpus}_manifest.json``, beside its shards
+    ``{split}_{corpus}_*.bin``) of shards that ``prefixes`` select records a tokenizer with more tokens than the
+    model, or one other than ``data.tokenizer_path`` when that is set. Checked at start, where the shards' own id
+    check (each shard's first read) could come hours into a run; shards without a manifest rely on that check
+    alone, and an unreadable manifest is ignored (it is only preparation's bookkeeping)."""
     configured = data_cfg.tokenizer_path
     sha = file_sha256(configured) if configured and os.path.isfile(configured) else None
     for path in sorted(Path(data_path).glob("*_manifest.json")):
+        stem = path.name[: -len("_manifest.json")]
+        if not any(stem.startswith(p) or p.startswith(stem + "_") for p in prefixes):
+            continue  # another preparation sharing the folder: not read by this run
         try:
             recorded = json.loads(path.read_text()).get("tokenizer")
         except (OSError, ValueError, AttributeError):
