@@ -177,8 +177,7 @@ class CheckpointManager:
                 have = [s for s, p in step_folders(self.folder) if is_complete(p)]
                 raise UserError(f"checkpoint.load_step = {self.cfg.load_step}: no {path}; complete checkpoints: "
                                 f"{have or 'none'}")
-            read_marker(path)  # UserError when incomplete
-            return path
+            return path  # _load_full's read_marker refuses it when incomplete or damaged
         return newest_complete(self.folder, warn=self.rank == 0)
 
     def _load_full(self, step_dir: Path) -> tuple[int, int]:
