@@ -228,8 +228,8 @@ class Trainer:
         try:
             self._train_loop()
         except BaseException:
-            # A bad shard met mid-run, Ctrl-C, a bug: a save already written in the background is still marked
-            # complete, so the run loses nothing it had saved.
+            # A bad shard met mid-run, Ctrl-C, a bug: let a save being written in the background finish (its thread
+            # marks it complete) before the process ends, so the run loses nothing it had saved.
             self.checkpointer.finish_in_flight()
             raise
         finally:
