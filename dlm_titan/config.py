@@ -375,6 +375,10 @@ def _coerce(value: object, hint: object, where: str) -> object:
 
 # Numeric ranges that a value outside would turn into a traceback deep in training or a silently wrong run.
 _RANGES = (
+    ("training.global_batch_size", lambda v: v >= 1, ">= 1"),
+    ("training.local_batch_size", lambda v: v >= 1, ">= 1"),
+    ("training.seq_len", lambda v: v >= 1, ">= 1"),
+    ("diffusion.ssl_ratio", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     ("optimizer.lr", lambda v: v > 0, "> 0"),
     ("optimizer.betas", lambda v: len(v) == 2 and all(0.0 <= b < 1.0 for b in v), "two numbers in [0, 1)"),
     ("optimizer.eps", lambda v: v > 0, "> 0"),
@@ -389,9 +393,11 @@ _RANGES = (
 def _check_choices(config: JobConfig) -> None:
     """Literal-typed fields are checked by tyro on the CLI and by _coerce in TOML; this checks the rest."""
     t = config.training
-    for name in ("global_batch_size", "local_batch_size", "seq_len"):
-        if getattr(t, name) < 1:
-            raise UserError(f"--training.{name} must be >= 1, got {getattr(t, name)}")
+    for key, ok, rule in _RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if not ok(value):
+            raise UserError(f"--{key} must be {rule}, got {value!r}")
     if t.steps < 1 and t.flops_budget <= 0:
         raise UserError("--training.steps must be >= 1 (or set --training.flops_budget)")
     if len(config.data.train_prefixes) != len(config.data.train_weights):
@@ -399,13 +405,6 @@ def _check_choices(config: JobConfig) -> None:
             f"data.train_prefixes has {len(config.data.train_prefixes)} entries but data.train_weights has "
             f"{len(config.data.train_weights)}: give one weight per prefix"
         )
-    if not 0.0 <= config.diffusion.ssl_ratio <= 1.0:
-        raise UserError(f"--diffusion.ssl_ratio must be in [0, 1], got {config.diffusion.ssl_ratio}")
-    for key, ok, rule in _RANGES:
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        if not ok(value):
-            raise UserError(f"--{key} must be {rule}, got {value!r}")
     if config.lr_scheduler.decay_type != "constant" and config.lr_scheduler.min_lr > config.optimizer.lr:
         raise UserError(f"--lr_scheduler.min_lr ({config.lr_scheduler.min_lr}) must not exceed the peak "
                         f"--optimizer.lr ({config.optimizer.lr})")

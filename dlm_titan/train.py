@@ -84,17 +84,7 @@ class Trainer:
         self.params = list(self.model.parameters())
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.optimizer.lr, self.steps)
         data_path = resolve_data_path(cfg.data)
-        self.data_loader = build_train_loader(
-            cfg.data,
-            data_path=data_path,
-            seq_len=t.seq_len,
-            local_batch_size=t.local_batch_size,
-            global_batch_size=t.global_batch_size,
-            dp_rank=self.rank,
-            dp_world_size=world_size,
-            seed=t.seed,
-            vocab_size=cfg.model.vocab_size,
-        )
+        self.data_loader = _train_loader(cfg, data_path, self.rank, world_size)
         self.autocast = _autocast(t.dtype, self.device, fsdp=self.dims.sharded)
         self.metrics = MetricsLogger(self.dump_folder / cfg.metrics.save_tb_folder, self.rank, cfg.metrics.enable_tensorboard,
                                      enable_wandb=cfg.metrics.enable_wandb, wandb_config=dataclasses.asdict(cfg))
@@ -373,12 +363,17 @@ def check_config(cfg: JobConfig, world_size: int) -> int:
 
     get_model_args(cfg.model.flavor, cfg.model.vocab_size)
     dist_utils.resolve_parallel_dims(cfg.parallelism, world_size, rank=0)
-    t = cfg.training
-    _accumulation_steps(t.global_batch_size, t.local_batch_size, world_size)
-    build_train_loader(cfg.data, data_path=resolve_data_path(cfg.data), seq_len=t.seq_len,
-                       local_batch_size=t.local_batch_size, global_batch_size=t.global_batch_size, dp_rank=0,
-                       dp_world_size=world_size, seed=t.seed, vocab_size=cfg.model.vocab_size)
+    _accumulation_steps(cfg.training.global_batch_size, cfg.training.local_batch_size, world_size)
+    _train_loader(cfg, resolve_data_path(cfg.data), 0, world_size)
     return 0
+
+
+def _train_loader(cfg: JobConfig, data_path: str, rank: int, world_size: int):
+    """The training loader of one rank; every rank is data-parallel (FSDP, HSDP and DDP alike)."""
+    t = cfg.training
+    return build_train_loader(cfg.data, data_path=data_path, seq_len=t.seq_len, local_batch_size=t.local_batch_size,
+                              global_batch_size=t.global_batch_size, dp_rank=rank, dp_world_size=world_size,
+                              seed=t.seed, vocab_size=cfg.model.vocab_size)
 
 
 def main(argv: list[str] | None = None) -> int:
