@@ -1,0 +1,130 @@
+"""One trainer per dump folder: an exclusive lock held for the whole run.
+
+Two trainers writing one dump folder overwrite each other's checkpoints (each logs its saves as done, and
+neither can resume). Rank 0 takes a POSIX record lock (``fcntl.lockf``) on ``{dump_folder}/run.lock`` before
+anything is written there. The kernel drops the lock when the holding process ends, however it ends (SIGKILL
+included), so a lock file left by a dead run is not "held": the next run takes it over and says whose it was.
+
+Where it works: local filesystems and NFS with working lock support (NFSv4, or NFSv3 with lockd), where POSIX
+locks are granted by the server and so exclude processes on other nodes too. Where the filesystem refuses locks
+(some FUSE mounts, NFS mounted with ``nolock``, Lustre without ``flock``), the run goes on with a warning: there
+a second trainer on the same folder is not refused. On NFS mounted ``local_lock=all`` locks are node-local.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dlm_titan.errors import UserError
+
+LOCK_FILE = "run.lock"
+
+
+class RunLock:
+    """An exclusive, non-blocking lock on a dump folder, held from :meth:`acquire` until :meth:`release`.
+
+    POSIX record locks belong to the process: a forked data-loader worker does not hold it, and closing the
+    file (the only descriptor of it we open) releases it.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Takes the lock or raises :class:`UserError` naming the run that holds it.
+
+        Creates the folder (and the lock file) if needed; writes nothing else. A lock file whose holder has
+        ended is taken over with a warning.
+        """
+        _make_folder(self.path.parent)
+        fd = _open_lock_file(self.path)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _describe(_read_holder(fd))
+            os.close(fd)
+            if e.errno in (errno.EACCES, errno.EAGAIN):
+                raise UserError(f"{self.path.parent} is in use by another trainer ({holder}): stop that run or "
+                                f"choose another --job.dump_folder") from None
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                print(f"warning: the filesystem of {self.path.parent} does not support file locks ({e.strerror}): "
+                      "a second trainer on this dump folder would not be refused", file=sys.stderr)
+                return
+            raise
+        previous = _read_holder(fd)
+        if previous:
+            print(f"warning: {self.path} was left by a run that has ended ({_describe(previous)}); taking it over",
+                  file=sys.stderr)
+        _write_holder(fd)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Empties the lock file and drops the lock (idempotent). A crash skips this: the kernel drops it then."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)  # closing the descriptor drops the POSIX lock
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"job.dump_folder {folder} is not a directory (a file is in the way): choose another "
+                        "--job.dump_folder") from None
+    except PermissionError:
+        raise UserError(f"job.dump_folder {folder} cannot be created (permission denied): choose a writable "
+                        "--job.dump_folder") from None
+
+
+def _open_lock_file(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except IsADirectoryError:
+        raise UserError(f"{path} is a directory: remove it so the run can lock its dump folder") from None
+    except PermissionError:
+        raise UserError(f"job.dump_folder {path.parent} is not writable (permission denied on {path.name}): "
+                        "choose a writable --job.dump_folder") from None
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    """The holder record written by :func:`_write_holder`, or {} if the file is empty or unreadable."""
+    try:
+        raw = os.pread(fd, 4096, 0)
+        return json.loads(raw) if raw.strip() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_holder(fd: int) -> None:
+    """Records who holds the lock (for the message a second trainer prints), fsynced."""
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    data = (json.dumps(record) + "\n").encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+    os.fsync(fd)
+
+
+def _describe(holder: dict[str, Any]) -> str:
+    if not holder:
+        return "holder unknown"
+    return f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}"
