@@ -116,6 +116,10 @@ class Training:
     """Non-finite loss or grad norm: skip the step, save and stop, or raise."""
     deterministic: bool = False
     """Deterministic algorithms (slower); for debugging numerics."""
+    objective: Literal["mdm", "ar"] = "mdm"
+    """"mdm" = SMDM's masked diffusion; "ar" = SMDM's autoregressive baseline: the same flavor with causal
+    attention and no mask row, next-token loss (mean CE over all predicted tokens of the step), same data,
+    FLOPs budget (6 N tokens) and MFU formula."""
 
 
 @dataclass

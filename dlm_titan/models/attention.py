@@ -1,4 +1,4 @@
-"""Bidirectional multi-head self-attention with rotary embeddings, and the choice of attention kernel."""
+"""Multi-head self-attention with rotary embeddings (bidirectional, or causal for the AR baseline), and the choice of attention kernel."""
 
 from __future__ import annotations
 
@@ -44,13 +44,15 @@ def rope_cache(seq_len: int, head_dim: int, theta: float, device: torch.device |
 
 
 class Attention(nn.Module):
-    """Multi-head attention without a causal mask: every token sees the whole (packed) sequence, as SMDM."""
+    """Multi-head attention. Without a causal mask (the default, SMDM's MDM) every token sees the whole (packed)
+    sequence; with ``causal=True`` (the autoregressive baseline) token i sees tokens 0..i, on every backend."""
 
-    def __init__(self, dim: int, n_heads: int, backend: str = "math"):
+    def __init__(self, dim: int, n_heads: int, backend: str = "math", causal: bool = False):
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = dim // n_heads
         self.backend = backend
+        self.causal = causal
         self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
 
@@ -61,7 +63,7 @@ class Attention(nn.Module):
         if self.backend == "flash_attn":
             from flash_attn import flash_attn_func
 
-            out = flash_attn_func(q, k, v, causal=False)
+            out = flash_attn_func(q, k, v, causal=self.causal)
         else:
             backend = self.backend
             if backend in ("cudnn", "flash") and q.dtype == torch.float32:
@@ -69,6 +71,6 @@ class Attention(nn.Module):
             # The context sits inside forward so that it also reaches the graph of a compiled block.
             with sdpa_kernel(_SDPA[backend]):
                 out = F.scaled_dot_product_attention(
-                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=False
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=self.causal
                 ).transpose(1, 2)
         return self.wo(out.reshape(batch, seq_len, dim))

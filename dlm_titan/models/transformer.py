@@ -53,10 +53,10 @@ class TransformerBlock(nn.Module):
     add + RMSNorm that reads the sum, instead of as a pass of its own between two compiled blocks.
     """
 
-    def __init__(self, args: ModelArgs, attn_backend: str):
+    def __init__(self, args: ModelArgs, attn_backend: str, causal: bool = False):
         super().__init__()
         self.attention_norm = AddRMSNorm(args.dim, eps=args.norm_eps)
-        self.attention = Attention(args.dim, args.n_heads, attn_backend)
+        self.attention = Attention(args.dim, args.n_heads, attn_backend, causal=causal)
         self.ffn_norm = AddRMSNorm(args.dim, eps=args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_dim)
 
@@ -70,15 +70,19 @@ class TransEncoder(nn.Module):
     """Embedding (vocab + 1 rows) -> blocks -> RMSNorm -> untied head with vocab outputs (never the mask).
 
     Build it on the meta device, parallelize it, move it with ``to_empty`` and call :meth:`init_weights`.
+
+    ``causal=True`` gives SMDM's autoregressive baseline from the same flavor: causal attention and an embedding of
+    vocab_size rows (no mask token); everything else (shapes, parameter names, init) is the same.
     """
 
-    def __init__(self, args: ModelArgs, max_seq_len: int = 2048, attn_backend: str = "math"):
+    def __init__(self, args: ModelArgs, max_seq_len: int = 2048, attn_backend: str = "math", causal: bool = False):
         super().__init__()
         self.args = args
         self.max_seq_len = max_seq_len
         self.attn_backend = attn_backend
-        self.tok_embeddings = nn.Embedding(args.vocab_size + 1, args.dim)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, attn_backend) for i in range(args.n_layers)})
+        self.causal = causal
+        self.tok_embeddings = nn.Embedding(args.vocab_size + (0 if causal else 1), args.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, attn_backend, causal) for i in range(args.n_layers)})
         self.norm = AddRMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # Not persistent: recomputed by init_weights, so checkpoints hold only parameters.
