@@ -1,0 +1,67 @@
+"""What a run's training data is, recorded in each checkpoint, so a resume can tell that it changed.
+
+The sample stream of a resumed run is the saved one only if the shards are the same: a shard that grew (more
+tokens appended) or a shard file added or removed between save and resume changes which window every later
+sample index reads. The identity is the sorted shard list with each file's size, plus what each preparation
+manifest of those shards records about how they were made (tokenizer hash, totals). Names are relative to the
+data folder, so moving identical shards to another ``data.path`` keeps the identity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .shards import list_shards
+
+
+def dataset_identity(data_path: str | os.PathLike, prefixes: list[str]) -> dict[str, Any]:
+    """``{"shards": {name: bytes}, "manifests": {name: {...}}}`` of the shards that ``prefixes`` select."""
+    folder = Path(data_path)
+    shards = {}
+    for prefix in prefixes:
+        for path in list_shards(folder, prefix):
+            shards[Path(path).name] = os.path.getsize(path)
+    return {"shards": dict(sorted(shards.items())), "manifests": _manifests(folder, prefixes)}
+
+
+def _manifests(folder: Path, prefixes: list[str]) -> dict[str, Any]:
+    """Tokenizer hash and totals of each readable manifest ``{split}_{corpus}_manifest.json`` of these shards."""
+    found = {}
+    for path in sorted(folder.glob("*_manifest.json")):
+        stem = path.name[: -len("_manifest.json")]
+        if not any(stem.startswith(p) or p.startswith(stem + "_") for p in prefixes):
+            continue
+        try:
+            manifest = json.loads(path.read_text())
+            tokenizer = manifest.get("tokenizer") or {}
+            found[path.name] = {"tokenizer_sha256": tokenizer.get("sha256"), "totals": manifest.get("totals")}
+        except (OSError, ValueError, AttributeError):
+            continue  # preparation's bookkeeping only; the shard sizes still count
+    return found
+
+
+def describe_change(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """One phrase saying how ``current`` differs from ``saved`` (None if it does not), naming up to 3 files."""
+    old, new = saved.get("shards", {}), current.get("shards", {})
+    parts = []
+    added = sorted(set(new) - set(old))
+    removed = sorted(set(old) - set(new))
+    resized = sorted(n for n in set(old) & set(new) if old[n] != new[n])
+    if added:
+        parts.append(f"{len(added)} shard(s) added ({_names(added)})")
+    if removed:
+        parts.append(f"{len(removed)} shard(s) missing ({_names(removed)})")
+    if resized:
+        first = resized[0]
+        parts.append(f"{len(resized)} shard(s) changed size ({first}: {old[first]:,} -> {new[first]:,} bytes"
+                     f"{', ...' if len(resized) > 1 else ''})")
+    if not parts and saved.get("manifests", {}) != current.get("manifests", {}):
+        parts.append("a preparation manifest records another tokenizer or other totals")
+    return "; ".join(parts) or None
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
