@@ -7,7 +7,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from dlm_titan.checkpoint_layout import print_warning
+from dlm_titan.checkpoint.layout import print_warning
 from dlm_titan.transfers import HostCopy
 
 

@@ -24,7 +24,7 @@ from dlm_titan.config import JobConfig, load_config, to_toml
 from dlm_titan.data import build_train_loader, resolve_data_path
 from dlm_titan.diffusion import forward_process, sample_noise, ssl_length
 from dlm_titan.errors import UserError, report
-from dlm_titan.export import model_config
+from dlm_titan.checkpoint.export import model_config
 from dlm_titan.flops import steps_from_budget
 from dlm_titan.metrics import (
     MetricsLogger,

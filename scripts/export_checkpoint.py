@@ -1,11 +1,11 @@
-"""Export a checkpoint after the fact: ``model.safetensors`` + ``config.json`` (see dlm_titan/export.py).
+"""Export a checkpoint after the fact: ``model.safetensors`` + ``config.json`` (see dlm_titan/checkpoint/export.py).
 
     python -m scripts.export_checkpoint outputs/debug/checkpoint/step-100 --dtype float32
     python -m scripts.export_checkpoint outputs/debug            # newest complete checkpoint of a dump folder
 
 The source is a DCP ``step-N`` folder (model weights only are read; any world size), a dump folder (its newest
 complete checkpoint) or an export folder (to change its dtype). The default destination is
-``{dump_folder}/export-step-N``. Load the result with ``dlm_titan.export.load_model``.
+``{dump_folder}/export-step-N``. Load the result with ``dlm_titan.checkpoint.export.load_model``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from dlm_titan.errors import UserError, report
-from dlm_titan.export import DTYPES, read_model_weights, write_export
+from dlm_titan.checkpoint.export import DTYPES, read_model_weights, write_export
 
 _NOT_SHAPE = ("dtype", "step", "format")  # config.json fields that describe the file, not the model
 

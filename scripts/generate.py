@@ -44,7 +44,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def load_for_inference(path: str, device: str = "auto", dtype: str = "auto") -> torch.nn.Module:
     """The model of a dump / step-N / export folder, in eval mode on ``device`` with parameters in ``dtype``."""
-    from dlm_titan.export import load_model
+    from dlm_titan.checkpoint.export import load_model
 
     dev = resolve_device(device)
     return load_model(path, dev, dtype=resolve_dtype(dtype, dev))

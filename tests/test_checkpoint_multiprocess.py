@@ -20,7 +20,7 @@ import pytest
 import torch
 from harness import read_losses, run_trainer, tiny_run_args, torchrun_failure, write_random_shards
 
-from dlm_titan.export import load_model
+from dlm_titan.checkpoint.export import load_model
 
 VOCAB = 256
 STEPS = 8

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dlm_titan.checkpoint_staging import StateStager
+from dlm_titan.checkpoint.staging import StateStager
 
 
 def _state(scale: float, rows: int = 3) -> dict:

@@ -259,7 +259,7 @@ def test_adapter_without_lm_eval_is_a_user_error(monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    from dlm_titan.export import model_config, write_export
+    from dlm_titan.checkpoint.export import model_config, write_export
 
     m = tiny_model(seed=3, vocab=32000, dim=32)
     out = tmp_path_factory.mktemp("export")
@@ -304,7 +304,7 @@ def test_eval_elbo_cli_text_and_shards(export_dir, tmp_path, capsys):
     import json
 
     from dlm_titan.data import load_tokenizer, write_shard
-    from dlm_titan.export import load_model
+    from dlm_titan.checkpoint.export import load_model
     from scripts import eval_elbo
 
     text = tmp_path / "t.txt"

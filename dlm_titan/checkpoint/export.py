@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dlm_titan.checkpoint_layout import (
+from dlm_titan.checkpoint.layout import (
     find_checkpoint,
     is_dcp_folder,
     read_dcp_metadata,

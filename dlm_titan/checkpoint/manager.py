@@ -1,7 +1,7 @@
 """Checkpoints: DCP save/resume of the whole training state and crash safety; saves on preemption and on a
 "stop" after a non-finite step (the signals and the guard live in preemption.py and nonfinite.py).
 
-Layout and completion markers: see checkpoint_layout.py. What a checkpoint holds (DCP keys): ``model.*`` and
+Layout and completion markers: see layout.py. What a checkpoint holds (DCP keys): ``model.*`` and
 ``optimizer.*`` tensors (FQN-keyed, DTensor shards under FSDP2, so any world size can load them), and JSON in
 uint8 tensors for ``optimizer_groups`` (hyper-parameters), ``lr_scheduler``, ``train_state`` (step,
 tokens_seen, world_size, seed) and ``dataloader.rank_R`` (each rank's loader state).
@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from dlm_titan.checkpoint_layout import (
+from dlm_titan.checkpoint.layout import (
     find_checkpoint,
     is_complete,
     is_dcp_folder,
@@ -42,9 +42,9 @@ from dlm_titan.checkpoint_layout import (
     step_folders,
     write_marker,
 )
-from dlm_titan.checkpoint_staging import StateStager, current_cuda_device, use_device
+from dlm_titan.checkpoint.staging import StateStager, current_cuda_device, use_device
 from dlm_titan.errors import UserError
-from dlm_titan.export import EXPORT_FOLDER, export_model, is_export_folder, read_model_weights
+from dlm_titan.checkpoint.export import EXPORT_FOLDER, export_model, is_export_folder, read_model_weights
 from dlm_titan.nonfinite import NonFiniteGuard
 from dlm_titan.preemption import StopSignals
 
