@@ -6,7 +6,7 @@ import math
 
 import torch
 from dlm_kernels.adamw import AdamWLaunch, adamw_reference, adamw_runs_on
-from dlm_kernels.masked_ce_triton import interpreter_active
+from dlm_kernels.triton_utils import interpreter_active
 from torch.optim.lr_scheduler import LambdaLR
 
 from dlm_titan.errors import UserError

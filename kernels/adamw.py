@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .masked_ce_triton import runs_on, tl, triton
+from .triton_utils import runs_on, tl, triton
 
 if triton is not None:
 

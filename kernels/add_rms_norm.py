@@ -16,7 +16,7 @@ import torch
 from torch.library import triton_op
 
 from . import add_rms_norm_triton as kernels
-from .masked_ce_triton import runs_on
+from .triton_utils import runs_on
 
 
 def add_rms_norm_reference(

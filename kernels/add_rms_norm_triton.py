@@ -25,12 +25,10 @@ partials gives ``dw``. No atomics, so results are deterministic. Offsets are int
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch.library import wrap_triton
 
-from .masked_ce_triton import _next_pow2, interpreter_active, tl, triton
+from .triton_utils import multiprocessors, next_pow2, tl, triton, warps_for
 
 if triton is not None:
 
@@ -94,17 +92,10 @@ _TILE_ELEMENTS = 4096
 
 def tile_config(dim: int, block_m: int = 0) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps) for rows of ``dim`` features; ``block_m > 0`` forces the rows per tile."""
-    block_d = _next_pow2(dim)
+    block_d = next_pow2(dim)
     block_m = block_m or max(1, min(16, _TILE_ELEMENTS // block_d))
-    num_warps = max(1, min(16, block_m * block_d // 512))
+    num_warps = warps_for(block_m * block_d)
     return block_m, block_d, num_warps
-
-
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    if interpreter_active() or device.type != "cuda":
-        return 2  # the interpreter runs programs one by one: few programs keep CPU tests short
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def add_rms_norm_forward(
@@ -145,7 +136,7 @@ def add_rms_norm_backward(
     dx = torch.empty(h.shape, dtype=dx_dtype, device=h.device)
     ddelta = h.new_empty(0) if ddelta_dtype is None else torch.empty(h.shape, dtype=ddelta_dtype, device=h.device)
     bm, bd, warps = tile_config(dim, block_m)
-    programs = max(1, min(triton.cdiv(rows, bm), _multiprocessors(h.device) * programs_per_sm))
+    programs = max(1, min(triton.cdiv(rows, bm), multiprocessors(h.device) * programs_per_sm))
     rows_per_program = max(1, triton.cdiv(triton.cdiv(rows, programs), bm)) * bm
     programs = max(1, triton.cdiv(rows, rows_per_program))
     # Every program writes its row of partial sums; only an empty input needs them zeroed.

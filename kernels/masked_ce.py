@@ -6,9 +6,9 @@ from typing import Literal
 
 import torch
 
-from . import masked_ce_triton
 from .masked_ce_fused import fused_masked_linear_cross_entropy
 from .reference import masked_linear_cross_entropy_reference
+from .triton_utils import runs_on
 
 Impl = Literal["auto", "fused", "torch"]
 IMPLS = ("auto", "fused", "torch")
@@ -16,7 +16,7 @@ IMPLS = ("auto", "fused", "torch")
 
 def fused_supported(device: torch.device) -> bool:
     """Whether ``impl="fused"`` can run on ``device``: CUDA with triton, or CPU under ``TRITON_INTERPRET=1``."""
-    return masked_ce_triton.runs_on(device)
+    return runs_on(device)
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:

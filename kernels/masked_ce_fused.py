@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from . import masked_ce_triton as kernels
+from .triton_utils import runs_on
 
 # Bytes of the reused logits buffer: 256 MiB is 4096 rows of a 32000-entry bf16 vocabulary.
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -177,7 +178,7 @@ def _(hidden, weight, targets, token_weights, masked_index, grad_hidden, grad_we
 @torch.library.custom_op("dlm_kernels::scale_cast", mutates_args=())
 def scale_cast(src: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``(src * scale).to(dtype)``, one pass; ``scale`` is a one-element tensor (no host sync)."""
-    if kernels.runs_on(src.device):
+    if runs_on(src.device):
         return kernels.scale_cast(src, scale, dtype)
     return (src.float() * scale.float()).to(dtype)
 
@@ -191,7 +192,7 @@ def _(src, scale, dtype):
 def scatter_rows(src: torch.Tensor, row_of: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``out[r] = scale * src[row_of[r]]`` (0 where ``row_of[r] < 0``) as ``dtype``: one Triton pass, no host sync
     (the PyTorch fallback, for devices the kernel cannot run on, indexes with a mask)."""
-    if kernels.runs_on(src.device):
+    if runs_on(src.device):
         return kernels.scatter_rows(src, row_of, scale, dtype)
     return kernels.scatter_rows_reference(src, row_of, scale, dtype)
 

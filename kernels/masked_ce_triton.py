@@ -22,46 +22,15 @@ garbage) and overwrites the row with ``G_i`` in the logits' dtype. The target lo
 overwritten; ``p_y - 1`` is formed in fp32. Offsets are int64. Float atomics are never used: the loss is a
 ``torch.sum`` of the row buffer and dW comes from GEMMs, so results are deterministic.
 
-The module imports without triton; :func:`triton_available` tells whether the kernels exist. Set
-``TRITON_INTERPRET=1`` before this module is imported to run the kernels on CPU tensors (tests).
+The module imports without triton (see :mod:`dlm_kernels.triton_utils`: whether the kernels exist and where
+they run).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs without triton fall back to the PyTorch reference.
-    triton = None
-    tl = None
-
-
-def triton_available() -> bool:
-    """Whether triton imported, so that the kernels below are defined."""
-    return triton is not None
-
-
-# triton.jit reads TRITON_INTERPRET when a kernel is defined, i.e. when this module is imported.
-_INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def interpreter_active() -> bool:
-    """Whether the kernels were defined under ``TRITON_INTERPRET=1`` (they then run on CPU tensors only)."""
-    return _INTERPRETED
-
-
-def runs_on(device: torch.device) -> bool:
-    """Whether the kernels can run on tensors of ``device``."""
-    if triton is None:
-        return False
-    if interpreter_active():
-        return device.type == "cpu"
-    return device.type == "cuda"
-
+from .triton_utils import next_pow2, tl, triton, warps_for
 
 if triton is not None:
     # Globals read inside @triton.jit must be constexpr.
@@ -153,10 +122,6 @@ if triton is not None:
         )
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 # Rows up to this width are kept in registers by one program; wider rows are walked in tiles of this width
 # (the second pass mostly hits L2). Measured at V=32000 (bench_loss --sweep-rows, 4096 rows, read + write): on an
 # H100, tiles of 16384 with 16 warps moved 2.63 TB/s, 8192/16 2.49, 4096/8 1.93, a whole 32768-wide row with 32
@@ -167,9 +132,9 @@ _TILE = 16384
 def row_kernel_config(vocab: int, block_v: int = 0) -> tuple[int, bool, int]:
     """(BLOCK_V, single_tile, num_warps) for rows of ``vocab`` logits; ``block_v > 0`` forces the tile."""
     if block_v <= 0:
-        block_v = min(_next_pow2(vocab), _TILE)
+        block_v = min(next_pow2(vocab), _TILE)
     single = vocab <= block_v
-    num_warps = max(1, min(16, block_v // 512))
+    num_warps = warps_for(block_v)
     return block_v, single, num_warps
 
 
@@ -241,9 +206,9 @@ def scatter_rows(src: torch.Tensor, row_of: torch.Tensor, scale: torch.Tensor, d
     if n == 0 or d == 0:
         return out
     src = src.contiguous()
-    block = min(_next_pow2(d), 2048)
+    block = min(next_pow2(d), 2048)
     _scatter_rows_kernel[(n, triton.cdiv(d, block))](
-        src, row_of, out, scale.reshape(1), d, BLOCK_D=block, num_warps=max(1, min(8, block // 256))
+        src, row_of, out, scale.reshape(1), d, BLOCK_D=block, num_warps=warps_for(block, per_warp=256, most=8)
     )
     return out
 

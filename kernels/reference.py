@@ -94,5 +94,37 @@ def masked_linear_cross_entropy_reference(
         return chunked_weighted_cross_entropy(hidden_m, weight, targets_m, weights_m, chunk_rows)
     terms = _chunk_terms(hidden_m, weight, targets_m, weights_m, chunk_rows)
     loss = sum((t.sum() for t in terms[1:]), terms[0].sum())
-    masked_terms = torch.cat(terms).detach()
-    return loss, masked_terms.new_zeros(token_weights.shape).index_copy_(0, idx, masked_terms)
+    return loss, _scatter_terms(torch.cat(terms).detach(), idx, token_weights.shape)
+
+
+@torch.no_grad()
+def per_token_weighted_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_weights: torch.Tensor,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> torch.Tensor:
+    """``token_weights[i] * CE(hidden[i] @ weight^T, targets[i])`` for every row, without gradients (evaluation).
+
+    Logits are computed only for rows with a non-zero weight, ``chunk_rows`` at a time, in the inputs' dtype
+    with the softmax in fp32 (as the training loss). Other rows are exactly 0.
+
+    Args:
+        hidden: ``[N, d]`` hidden states; weight: ``[V, d]`` output head.
+        targets: ``[N]`` int64 targets; token_weights: ``[N]`` weights, 0 at rows that do not count.
+        chunk_rows: rows of logits materialized at once.
+
+    Returns:
+        fp32 ``[N]``.
+    """
+    token_weights = token_weights.float()
+    idx = torch.nonzero(token_weights).squeeze(1)
+    hidden_m, targets_m, weights_m = gather_masked_rows(hidden, targets, token_weights, idx)
+    terms = torch.cat(_chunk_terms(hidden_m, weight, targets_m, weights_m, chunk_rows))
+    return _scatter_terms(terms, idx, token_weights.shape)
+
+
+def _scatter_terms(terms_m: torch.Tensor, idx: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The ``[N]`` terms of all rows from those of the rows ``idx`` (zeros elsewhere)."""
+    return terms_m.new_zeros(shape).index_copy_(0, idx, terms_m)

@@ -12,7 +12,7 @@ import torch
 from torch.library import triton_op
 
 from . import rope_triton as kernels
-from .masked_ce_triton import runs_on
+from .triton_utils import runs_on
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ k, v), so the three gradients need no separate stack pass. One program per ``BLO
 head); the tables' first halves are read (their rows repeat: ``[cos(a), cos(a)]``); math in fp32, one rounding per
 output; offsets int64; no atomics. Inductor's kernel for the same graph (a 1-D pass with masked loads from all
 three slots per element) took 67 us a block at 170M on an H200 (~2.2 TB/s); a first version of this one (tables
-rounded beforehand) took 39 us there and made 170M training 0.6-1.3% faster, 1028M 0.85% (session 8).
+rounded beforehand) took 39 us there and made 170M training 0.6-1.3% faster, 1028M 0.85% (November 2026).
 Pure-PyTorch twin: :func:`dlm_kernels.rope.rope_qkv_backward_reference`.
 """
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch.library import wrap_triton
 
-from .masked_ce_triton import _next_pow2, tl, triton
+from .triton_utils import next_pow2, tl, triton
 
 if triton is not None:
 
@@ -87,6 +87,6 @@ def rope_qkv_backward(
     half = D // 2
     wrap_triton(_rope_qkv_bwd_kernel)[(B * H, triton.cdiv(L, block_t))](
         dq, dk, dv, rope, out, L, H, half, *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        rope.stride(0), rope.stride(1), BLOCK_T=block_t, BLOCK_HALF=_next_pow2(half), num_warps=num_warps,
+        rope.stride(0), rope.stride(1), BLOCK_T=block_t, BLOCK_HALF=next_pow2(half), num_warps=num_warps,
     )
     return out
