@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import math
 import time
@@ -27,7 +28,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from dlm_kernels.reference import per_token_weighted_cross_entropy
 
 from dlm_titan.diffusion import VALIDATION_STREAM, Noise, forward_process, sample_noise
 from dlm_titan.distributed import all_reduce_sum
@@ -39,31 +40,8 @@ LOSS_TAG, PPL_TAG, STDERR_TAG = "validation/loss", "validation/ppl_bound", "vali
 CHUNK_ROWS = 1024
 
 
-@torch.no_grad()
-def per_token_weighted_ce(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor,
-    chunk_rows: int = CHUNK_ROWS,
-) -> torch.Tensor:
-    """``token_weights[i] * CE(hidden[i] @ weight^T, targets[i])`` for every row, without gradients.
-
-    Logits are computed only for rows with a non-zero weight (the masked tokens), ``chunk_rows`` at a time, in
-    the inputs' dtype with the softmax in fp32 (as the training loss). Other rows are exactly 0.
-
-    Args:
-        hidden: ``[N, d]`` final hidden states; weight: ``[V, d]`` output head.
-        targets: ``[N]`` clean tokens; token_weights: ``[N]`` loss weights, 0 at unmasked rows.
-
-    Returns:
-        fp32 ``[N]``.
-    """
-    out = torch.zeros(token_weights.shape, dtype=torch.float32, device=hidden.device)
-    rows = torch.nonzero(token_weights).squeeze(1)
-    for start in range(0, rows.numel(), chunk_rows):
-        r = rows[start : start + chunk_rows]
-        logits = hidden.index_select(0, r) @ weight.t()
-        ce = F.cross_entropy(logits.float(), targets.index_select(0, r), reduction="none")
-        out.index_copy_(0, r, ce * token_weights.index_select(0, r).float())
-    return out
+# Per-row ``w_i * CE_i`` (no gradients, logits only for masked rows), the model's loss_fn during validation.
+per_token_weighted_ce = functools.partial(per_token_weighted_cross_entropy, chunk_rows=CHUNK_ROWS)
 
 
 class SequenceLossTap:
