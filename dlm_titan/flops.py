@@ -25,7 +25,9 @@ def mean_seq_len(seq_len: int, ssl_ratio: float) -> float:
 def steps_from_budget(flops: float, non_embedding_params: int, global_batch_size: int, seq_len: int, ssl_ratio: float = 0.0) -> int:
     """SMDM: steps = floor(C / (6 N B L)), N the non-embedding parameters, L the mean sequence length.
 
-    Computed in integers where possible so that e.g. 170M at 1e19 with 256 x 2048 gives exactly 18,710.
+    Computed in float64 (under SSL the mean length is fractional). The divisor 6 N B L is exact while it stays
+    below 2^53 and float ``//`` floors the true quotient, so whole-token lengths give the integer result: e.g. 170M
+    at 1e19 with 256 x 2048 gives exactly 18,710.
     """
     tokens_per_step = global_batch_size * mean_seq_len(seq_len, ssl_ratio)
     return int(flops // (6 * non_embedding_params * tokens_per_step))

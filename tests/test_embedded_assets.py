@@ -166,3 +166,24 @@ def test_train_tokenizer_is_deterministic(tmp_path):
     assert first == second
     sp = spm.SentencePieceProcessor(model_proto=first)
     assert sp.vocab_size() == 320 and sp.decode(sp.encode(lines[7])) == lines[7]
+
+
+def test_first_use_of_the_embedded_corpus_says_so_with_a_progress_bar(tmp_path, monkeypatch, capfd):
+    from dlm_titan.data import embedded
+
+    corpus = tmp_path / "corpus"
+    for split_name in ("train", "validation"):
+        folder = corpus / split_name / "chunk1"
+        folder.mkdir(parents=True)
+        record = {"text": f"a {split_name} document", "meta": {"redpajama_set_name": "RedPajamaC4"}}
+        (folder / "example_0.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+            (json.dumps(record) + "\n").encode()))
+    monkeypatch.setattr(embedded, "embedded_corpus_dir", lambda: corpus)
+    monkeypatch.setenv("DLM_TITAN_CACHE", str(tmp_path / "cache"))
+    path = embedded.prepare_embedded()
+    err = capfd.readouterr().err
+    assert err.count("first use of the embedded corpus") == 1 and str(path) in err
+    assert err.count("files to do") >= 2  # tqdm's bar of each split, shown though stderr is not a terminal
+    assert sorted(p.name for p in path.iterdir() if p.suffix == ".bin")  # shards were written
+    assert embedded.prepare_embedded() == path
+    assert capfd.readouterr().err == ""  # cached: silent

@@ -3,8 +3,9 @@
 The cache folder is ``$DLM_TITAN_CACHE`` (default ``~/.cache/dlm_titan``) ``/embedded-<hash>``, the hash
 covering the corpus bytes, the tokenizer bytes and the preparation settings, so a changed corpus or tokenizer
 gets a fresh folder. It is built by the same :func:`prepare_split` as scripts/prepare_slim_pajama, in a
-temporary folder that is renamed into place when complete; an exclusive file lock makes concurrent ranks wait
-for the first one instead of preparing twice (and the rename keeps it safe where locks do not work).
+temporary folder that is renamed into place when complete (announced by one line on stderr and a progress
+bar); an exclusive file lock makes concurrent ranks wait for the first one instead of preparing twice (and the
+rename keeps it safe where locks do not work).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -70,11 +72,14 @@ def prepare_embedded(tokenizer_path: str = "") -> Path:
         if final.is_dir():
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=root))
+        # Tokenizing takes a while on a laptop: say what happens (once per corpus and tokenizer) with a bar.
+        print(f"first use of the embedded corpus with this tokenizer: tokenizing it into {final} "
+              "(once; later runs reuse it)", file=sys.stderr, flush=True)
         try:
             for split in ("train", "validation"):
                 if (corpus / split).is_dir():
                     prepare_split(str(corpus), tokenizer, str(tmp), split, chunk_size=EMBEDDED_CHUNK_SIZE,
-                                  num_workers=1, show_progress=False)
+                                  num_workers=1, show_progress=True)
             os.rename(tmp, final)
         except OSError:
             if not final.is_dir():  # another node won the rename race if it is there now
