@@ -41,7 +41,11 @@ def smdm_warmup_steps(steps: int) -> int:
 def flops_per_token(params_without_embedding: int, n_layers: int, dim: int, seq_len: int) -> float:
     """Training FLOPs per token (torchtitan, bidirectional attention): 6 * (params - input embedding) +
     12 * n_layer * d * seq_len. The head counts as a matmul; the attention term is full (not halved)
-    because every token attends to every other."""
+    because every token attends to every other.
+
+    The autoregressive baseline (``training.objective = "ar"``) keeps this formula, attention counted as full:
+    torchtitan counts it so for its causal Llama, so the two MFUs compare, although a causal kernel skips about
+    half of that attention work (its MFU is then an overstatement by up to 12 n_layer d L / 2 per token)."""
     return 6.0 * params_without_embedding + 12.0 * n_layers * dim * seq_len
 
 
