@@ -1,7 +1,6 @@
 """The autoregressive baseline: causal model, next-token batch and loss, against float64 math written here."""
 
 import math
-from functools import partial
 
 import pytest
 import torch
@@ -138,14 +137,21 @@ def test_next_token_batch_shifts_and_weights_every_row():
         next_token_batch(windows, token_count=8, length=9)
 
 
+def ar_loss(model, mb, impl="torch"):
+    """The AR batch through the loss kernel (``impl``; "torch" = its PyTorch reference), from the model's final
+    hidden states and head, as the model's forward calls it."""
+    hidden = model.hidden_states(mb.inputs).flatten(0, 1)
+    return masked_linear_cross_entropy(hidden, model.output.weight, mb.targets.flatten(), mb.token_weights.flatten(),
+                                       impl=impl, masked_index=mb.masked_index)
+
+
 def _ar_step_loss_and_grads(model, windows, micro_batches):
     """The trainer's arithmetic: each micro-batch backpropagates its weighted sum with the step's token count."""
     model.zero_grad()
     token_count = windows.shape[0] * (windows.shape[1] - 1)
     total = 0.0
     for part in windows.chunk(micro_batches):
-        mb = next_token_batch(part, token_count=token_count)
-        loss = model(mb.inputs, mb.targets, mb.token_weights, mb.masked_index)
+        loss = ar_loss(model, next_token_batch(part, token_count=token_count))
         loss.backward()
         total += loss.item()
     return total, {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -153,7 +159,6 @@ def _ar_step_loss_and_grads(model, windows, micro_batches):
 
 def test_ar_loss_and_gradients_equal_float64_reference():
     model = tiny_model()
-    model.loss_fn = partial(masked_linear_cross_entropy, impl="torch")  # the kernel's PyTorch reference path
     windows = torch.randint(0, ARGS.vocab_size, (4, 13))
     loss, grads = _ar_step_loss_and_grads(model, windows, micro_batches=1)
     params = {n: p.detach().double().requires_grad_() for n, p in model.named_parameters()}

@@ -1,25 +1,20 @@
 """The AR loss through the fused loss kernel (Triton under TRITON_INTERPRET=1, in a process of its own: see
 ``interpreted.py``): every row predicted, equal weights 1 / token_count, against float64 and the PyTorch reference."""
 
-from functools import partial
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from dlm_kernels import masked_linear_cross_entropy  # noqa: E402
 from interpreted import replace_unless_interpreted  # noqa: E402
-from test_ar import ARGS, _reference_mean_ce, tiny_model  # noqa: E402
+from test_ar import ARGS, _reference_mean_ce, ar_loss, tiny_model  # noqa: E402
 
 from dlm_titan.autoregressive import next_token_batch  # noqa: E402
 
 
 def _loss_and_grads(impl, windows):
     model = tiny_model(seq_len=8)
-    model.loss_fn = partial(masked_linear_cross_entropy, impl=impl)
-    mb = next_token_batch(windows, token_count=windows.shape[0] * (windows.shape[1] - 1))
-    loss = model(mb.inputs, mb.targets, mb.token_weights, mb.masked_index)
+    loss = ar_loss(model, next_token_batch(windows, token_count=windows.shape[0] * (windows.shape[1] - 1)), impl)
     loss.backward()
     return loss.item(), {n: p.grad for n, p in model.named_parameters()}, model
 
