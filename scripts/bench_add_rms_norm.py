@@ -22,6 +22,7 @@ from dlm_kernels.add_rms_norm import add_rms_norm
 from torch.profiler import ProfilerActivity, profile
 
 from scripts.bench_loss import time_ms
+from scripts.cli import HelpFormatter
 
 EPS = 1e-5
 
@@ -86,10 +87,10 @@ def bench_dim(dim: int, rows: int, iters: int, sweep: bool) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dims", type=int, nargs="+", default=[768, 1792])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--dims", type=int, nargs="+", default=[768, 1792], help="feature widths D")
     parser.add_argument("--rows", type=int, default=16384, help="tokens of a step: local batch 8 x 2048")
-    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--iters", type=int, default=50, help="timed iterations per case")
     parser.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the backward config sweep")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), f"torch {torch.__version__}", flush=True)

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scripts.cli import HelpFormatter
+
 MODES = ("disabled", "async", "async_with_pinned_mem")
 
 
@@ -100,13 +102,13 @@ def summarize(mode: str, result: dict) -> tuple[str, list[float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--flavor", default="1028M")
-    parser.add_argument("--seq_len", type=int, default=2048)
-    parser.add_argument("--local_batch_size", type=int, default=4)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--flavor", default="1028M", help="model flavor")
+    parser.add_argument("--seq_len", type=int, default=2048, help="tokens per sequence")
+    parser.add_argument("--local_batch_size", type=int, default=4, help="sequences per micro-batch")
     parser.add_argument("--micro_batches", type=int, default=4, help="gradient accumulation steps")
     parser.add_argument("--interval", type=int, default=20, help="steps between saves (longer than a save's write)")
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated checkpoint modes to time")
     parser.add_argument("--write_threads", type=int, default=4, help="checkpoint.write_threads")
     parser.add_argument("--dir", default=None, help="folder for shards and checkpoints (default: a temp folder)")
     args = parser.parse_args(argv)

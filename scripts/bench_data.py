@@ -24,6 +24,7 @@ import numpy as np
 from dlm_titan.data import build_train_loader, prepare_split, write_shard
 from dlm_titan.data.embedded import embedded_corpus_dir
 from dlm_titan.data.prepare import DEFAULT_CHUNK_SIZE
+from scripts.cli import HelpFormatter
 
 
 def make_shards(folder: Path, n: int, chunk_size: int) -> None:
@@ -86,16 +87,16 @@ def bench_prepare(args: argparse.Namespace) -> list[tuple[str, float, float | No
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seq_len", type=int, default=2048)
-    parser.add_argument("--local_batch_size", type=int, default=8)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--seq_len", type=int, default=2048, help="tokens per sequence")
+    parser.add_argument("--local_batch_size", type=int, default=8, help="sequences per batch")
     parser.add_argument("--workers", default="0,1,2", help="comma-separated num_workers values")
-    parser.add_argument("--shards", type=int, default=16)
-    parser.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK_SIZE)
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--shards", type=int, default=16, help="random shards to write and read")
+    parser.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK_SIZE, help="tokens per shard")
+    parser.add_argument("--seconds", type=float, default=5.0, help="time each case runs")
     parser.add_argument("--source_path", default="", help="corpus for the prepare benchmark (default: embedded)")
-    parser.add_argument("--tokenizer_path", default="")
-    parser.add_argument("--skip_prepare", action="store_true")
+    parser.add_argument("--tokenizer_path", default="", help='tokenizer of the prepare benchmark ("" = the embedded one)')
+    parser.add_argument("--skip_prepare", action="store_true", help="time only the loader")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         make_shards(Path(tmp), args.shards, args.chunk_size)

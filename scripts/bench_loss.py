@@ -28,6 +28,8 @@ from dlm_kernels import masked_linear_cross_entropy
 from dlm_kernels.masked_ce_fused import fused_masked_linear_cross_entropy
 from dlm_kernels.reference import chunked_weighted_cross_entropy, gather_masked_rows
 
+from scripts.cli import HelpFormatter
+
 GIB = 2**30
 
 
@@ -155,14 +157,14 @@ def profile_kernels(loss_fn, inputs, iters: int = 5, top: int = 12) -> list[str]
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=HelpFormatter
     )
-    parser.add_argument("--dims", type=int, nargs="+", default=[768, 2048])
-    parser.add_argument("--tokens", type=int, default=16384)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--mask-ratio", type=float, default=0.5)
-    parser.add_argument("--iters", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--dims", type=int, nargs="+", default=[768, 2048], help="hidden sizes d")
+    parser.add_argument("--tokens", type=int, default=16384, help="rows N (tokens of a micro-batch)")
+    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary V")
+    parser.add_argument("--mask-ratio", type=float, default=0.5, help="fraction of rows masked")
+    parser.add_argument("--iters", type=int, default=50, help="timed iterations per path")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed iterations first")
     parser.add_argument(
         "--sweep", action="store_true", help="also time the fused path with other chunk byte budgets"
     )

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from scripts.bench_loss import time_ms
+from scripts.cli import HelpFormatter
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps); larger tiles or more stages exceed an H100's 227 KiB of shared memory.
@@ -94,11 +95,11 @@ def bench_dim(d: int, rows: int, vocab: int, iters: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dims", type=int, nargs="+", default=[768, 2048])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--dims", type=int, nargs="+", default=[768, 2048], help="hidden sizes d")
     parser.add_argument("--rows", type=int, default=4096, help="masked rows in one chunk")
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary V")
+    parser.add_argument("--iters", type=int, default=30, help="timed iterations per case")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), f"torch {torch.__version__}, triton {triton.__version__}", flush=True)
     for d in args.dims:

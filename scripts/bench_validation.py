@@ -29,10 +29,11 @@ from dlm_titan.metrics import model_flops_per_token
 from dlm_titan.models import build_model
 from dlm_titan.parallelize import parallelize_model
 from dlm_titan.validation import build_validator
+from scripts.cli import HelpFormatter
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, formatter_class=HelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="validation runs to time (first includes compile)")
     own, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if not any(a.startswith("--job.config_file") for a in rest):

@@ -38,6 +38,8 @@ from pathlib import Path
 import zstandard
 from tqdm import tqdm
 
+from scripts.cli import HelpFormatter
+
 # Pinned so that a rebuild reads the same bytes. Debian's security archive only keeps the newest point release:
 # if a pinned version is gone, pass --any_version (and commit the new corpus, tokenizer and SOURCES.md together).
 PACKAGES = {
@@ -474,8 +476,8 @@ def build(output: Path, deb_dir: Path, any_version: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=Path("dlm_titan/assets/corpus"))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--output", type=Path, default=Path("dlm_titan/assets/corpus"), help="corpus folder to write")
     parser.add_argument(
         "--deb_dir",
         type=Path,

@@ -14,8 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from dlm_titan.errors import UserError, report
 from dlm_titan.checkpoint.export import DTYPES, read_model_weights, write_export
+from dlm_titan.errors import UserError, report
+from scripts.cli import HelpFormatter
 
 _NOT_SHAPE = ("dtype", "step", "format")  # config.json fields that describe the file, not the model
 
@@ -27,10 +28,10 @@ def default_destination(source: Path, step: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("source", type=Path, help="step-N checkpoint, dump folder, or export folder")
     parser.add_argument("--out", type=Path, default=None, help="export folder (default: {dump_folder}/export-step-N)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="weights dtype (default bfloat16)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="weights dtype")
     args = parser.parse_args(argv)
     try:
         cfg, state = read_model_weights(args.source)

@@ -8,7 +8,8 @@ Usage::
 
 ``--checkpoint`` is a dump folder (its newest complete checkpoint), a ``step-N`` checkpoint folder or an export
 folder (model.safetensors + config.json). Each sample prints the prompt verbatim followed by the generated text,
-cut before the first end-of-text token unless ``--no_stop_at_eos``.
+cut before the first end-of-text token unless ``--no_stop_at_eos``; after the samples, one line on stderr gives
+the samples, tokens and seconds.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from dlm_titan.errors import UserError, report
 from dlm_titan.sampling import ALGORITHMS, SamplerConfig, generate
+from scripts.cli import HelpFormatter
 
 
 def resolve_device(device: str) -> torch.device:
@@ -77,7 +79,7 @@ def continuation_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> s
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_model_args(parser)
     parser.add_argument("--prompt", action="append", default=None,
                         help='prompt text; repeat for a batch ("" = a new document)')
@@ -91,7 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.0, help="Gumbel-max temperature (0 = argmax)")
     parser.add_argument("--cfg_scale", type=float, default=0.0, help="unsupervised classifier-free guidance")
     parser.add_argument("--no_stop_at_eos", action="store_true", help="keep generating past end-of-text")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (prompt i samples with seed + i)")
     return parser.parse_args(argv)
 
 
@@ -110,8 +112,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return [p for p in prompts for _ in range(args.num_samples)]
 
 
-def run(args: argparse.Namespace) -> list[str]:
-    """Generates for every prompt and returns the printed texts (prompt verbatim + continuation)."""
+def run(args: argparse.Namespace) -> tuple[list[str], str]:
+    """Generates for every prompt; returns the texts to print (prompt verbatim + continuation) and a stats line."""
     texts = read_prompts(args)
     cfg = SamplerConfig(length=args.length, steps=args.steps, block_length=args.block_length,
                         algorithm=args.algorithm, temperature=args.temperature, cfg_scale=args.cfg_scale,
@@ -129,21 +131,25 @@ def run(args: argparse.Namespace) -> list[str]:
     new_ids = generate(model, prompt_ids, cfg, mask_id=model.args.mask_id, eos_id=tok.eos_id,
                        vocab_limit=tok.vocab_size, device=next(model.parameters()).device)
     elapsed = time.perf_counter() - start
-    print(f"{len(texts)} samples, {sum(map(len, new_ids))} tokens in {elapsed:.2f} s", file=sys.stderr)
+    stats = f"{len(texts)} samples, {sum(map(len, new_ids))} tokens in {elapsed:.2f} s"
     return [text + continuation_text(tok, ids, new)
-            for text, ids, new in zip(texts, prompt_ids, new_ids, strict=True)]
+            for text, ids, new in zip(texts, prompt_ids, new_ids, strict=True)], stats
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        outputs = run(args)
+        outputs, stats = run(args)
     except UserError as e:
         return report(e)
     for i, text in enumerate(outputs):
         if len(outputs) > 1:
             print(f"--- sample {i + 1}/{len(outputs)} ---")
-        print(text)
+        print(text if text.endswith("\n") else text + "\n", end="")
+    # After the samples, on a line of its own: where stdout and stderr share a terminal or a file, the line is
+    # not wedged into (or glued onto) a sample's text.
+    sys.stdout.flush()
+    print(stats, file=sys.stderr, flush=True)
     return 0
 
 

@@ -56,7 +56,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Splits ``argv`` at ``--`` into sweep options and trainer overrides."""
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
-    p = _Parser(description=__doc__.split("\n\n")[0], epilog="Arguments after -- go to every run's trainer.")
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog="Arguments after -- go to every run's trainer.")
 
     def add(name: str, **kwargs) -> None:
         p.add_argument(f"--{name}", *([f"--{name.replace('_', '-')}"] if "_" in name else []), dest=name, **kwargs)

@@ -225,7 +225,7 @@ def _coerce(default, value):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from scripts.generate import add_model_args
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(parser)
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     for name, field in ScorerConfig.__dataclass_fields__.items():

@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from scripts.cli import HelpFormatter
+
 Series = dict[str, list[tuple[int, float]]]
 
 
@@ -133,7 +135,7 @@ def _plot_optim(ax, series: Series) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("run", type=Path, help="the run's dump folder or its TensorBoard folder")
     parser.add_argument("--out", type=Path, default=None, help="PNG path (default: <dump folder>/curves.png)")
     parser.add_argument("--title", default="", help="figure title")

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace, corpus, skip_github: bool = False) -> int:
 def main(argv: list[str] | None = None) -> int:
     from dlm_titan.data.prepare import SLIMPAJAMA
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(parser, "train")
     parser.add_argument("--skip_github", action="store_true", help="drop RedPajamaGithub documents (TinyLlama)")
     args = parser.parse_args(argv)

@@ -20,7 +20,7 @@ from scripts.prepare_slim_pajama import add_common_args, run
 def main(argv: list[str] | None = None) -> int:
     from dlm_titan.data.prepare import STARCODER
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(parser, "train")
     return run(parser.parse_args(argv), STARCODER)
 

@@ -86,7 +86,7 @@ def train(files: list[Path], vocab_size: int = VOCAB_SIZE) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--corpus", type=Path, default=Path("dlm_titan/assets/corpus"))
     parser.add_argument("--output", type=Path, default=Path("dlm_titan/assets/tokenizer.model"))
     parser.add_argument("--vocab_size", type=int, default=VOCAB_SIZE)

@@ -3,7 +3,10 @@ per-sample top-k, reveal probabilities, Gumbel-max temperature, CFG, batch invar
 here on a periodic text that regenerates it and stops at its EOS."""
 
 import contextlib
+import io
 import math
+import re
+import sys
 
 import pytest
 import torch
@@ -255,3 +258,21 @@ def test_trained_model_stops_at_eos(trained_model):
     assert len(counted.inputs) == len(PROMPTS) * 4
     # The returned canvas holds no mask: after the first EOS it is all EOS.
     assert not (x == MASK).any() and (x[0, 8 + STREAM[11:].index(EOS) :] == EOS).all()
+
+
+def test_generate_cli_prints_its_stats_line_after_the_samples_on_a_line_of_its_own(monkeypatch):
+    from dlm_titan.data import load_tokenizer
+    from scripts import generate as cli
+
+    tok = load_tokenizer("")
+    eos_at_end = tok.encode("a short end.", bos=False, eos=False)  # the sampler cut it before its EOS
+    monkeypatch.setattr(cli, "load_for_inference", lambda *a: tiny_model(vocab=tok.vocab_size))
+    monkeypatch.setattr(cli, "generate", lambda model, prompts, cfg, **kw: [eos_at_end for _ in prompts])
+    both = io.StringIO()  # stdout and stderr into one stream, as on a terminal
+    monkeypatch.setattr(sys, "stdout", both)
+    monkeypatch.setattr(sys, "stderr", both)
+    assert cli.main(["--checkpoint", "unused", "--prompt", "It was", "--length", "8", "--steps", "2"]) == 0
+    text = "It was" + cli.continuation_text(tok, tok.encode("It was", bos=False, eos=False), eos_at_end)
+    out = both.getvalue()
+    assert out[: len(text) + 1] == text + "\n"
+    assert re.fullmatch(rf"1 samples, {len(eos_at_end)} tokens in \d+\.\d\d s\n", out[len(text) + 1 :])
