@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ACTIVE = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -28,4 +30,5 @@ def replace_unless_interpreted(namespace: dict, path: str) -> None:
         assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
         assert " passed" in proc.stdout and "skipped" not in proc.stdout
 
-    namespace[test_interpreted_cases_in_fresh_process.__name__] = test_interpreted_cases_in_fresh_process
+    marked = pytest.mark.slow(pytest.mark.multiprocess(test_interpreted_cases_in_fresh_process))
+    namespace[test_interpreted_cases_in_fresh_process.__name__] = marked

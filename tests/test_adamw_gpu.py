@@ -8,7 +8,7 @@ import torch
 
 from dlm_titan.optim import TritonAdamW, clip_grad_norm
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu
 
 HYPER = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 # Embedding-like, square, SwiGLU-like and norm weights; with 1024-element blocks the embedding, the norm and the

@@ -5,7 +5,7 @@ import pytest
 import torch
 from dlm_kernels.add_rms_norm import add_rms_norm
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu
 
 EPS = 1e-5
 

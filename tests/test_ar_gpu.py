@@ -8,7 +8,7 @@ import torch
 
 from dlm_titan.models.attention import Attention, rope_cache
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu
 
 
 def _backends():

@@ -47,8 +47,7 @@ def test_reserved_buffers_are_the_ones_staged_into():
     assert torch.equal(staged["model"]["b"], torch.arange(4.0) * 3)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_dtensor_shards_are_staged_on_the_cpu_with_their_spec(device):
     """A DTensor (FSDP2's parameters and optimizer state) is staged as a DTensor of the same spec whose local shard
     is the CPU buffer: never a copy back on the mesh's device (on CUDA, pinned copies on a side stream)."""

@@ -9,7 +9,7 @@ import torch
 from dlm_kernels import masked_ce_fused, masked_linear_cross_entropy, resolve_impl
 from dlm_kernels.masked_ce_fused import fused_masked_linear_cross_entropy
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu
 
 N, V, SEQ = 16384, 32000, 2048
 

@@ -9,7 +9,7 @@ from dlm_titan.config import load_config
 from dlm_titan.metrics import TBuckets
 from dlm_titan.transfers import HostCopy
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu
 
 
 def test_host_copy_queues_behind_the_work_without_waiting_for_it():

@@ -10,7 +10,7 @@ import torch
 from harness import read_losses
 from test_parallel import data, finish, run_trainer, torchrun, train_args  # noqa: F401  (data is a fixture)
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.multiprocess, pytest.mark.slow]
 
 
 def test_deterministic_runs_repeat_bitwise(data, tmp_path):  # noqa: F811

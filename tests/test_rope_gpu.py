@@ -8,7 +8,7 @@ from dlm_kernels.rope import rope_qkv
 
 from dlm_titan.models.attention import rope_cache
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu
 
 
 def _rel(a, b):
