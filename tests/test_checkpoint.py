@@ -367,6 +367,7 @@ def test_sigterm_saves_at_step_boundary_and_rerun_reproduces(reference, tmp_path
     assert rest == {s: reference[s] for s in range(6, 9)}
 
 
+@pytest.mark.multiprocess
 def test_sigterm_to_the_whole_process_group_exits_0_with_a_checkpoint(tmp_path):
     """The CLI in its own session; SIGTERM goes to every process of the group, loader workers included (as
     Slurm signals a job step). The trainer saves at the next step boundary and exits 0."""
@@ -388,6 +389,7 @@ def test_sigterm_to_the_whole_process_group_exits_0_with_a_checkpoint(tmp_path):
     assert (dump / "checkpoint" / f"step-{stopped[0]}" / MARKER).is_file() and not (dump / "export").exists()
 
 
+@pytest.mark.multiprocess
 def test_sigkill_during_save_leaves_previous_checkpoint_for_resume(reference, tmp_path):
     """A child process is SIGKILLed while DCP writes step-4 (data written, metadata and marker not yet)."""
     dump = tmp_path / "out"

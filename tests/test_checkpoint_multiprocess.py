@@ -68,6 +68,7 @@ def two_ranks(data, tmp_path_factory) -> dict[int, float]:
     return torchrun(train_args(data, tmp_path_factory.mktemp("two")))
 
 
+@pytest.mark.multiprocess
 def test_multiprocess_two_rank_checkpoint_resumes_on_one_rank(data, two_ranks, tmp_path, capsys):
     first = torchrun(train_args(data, tmp_path), stop_after=SAVED)
     assert first == {s: two_ranks[s] for s in range(1, SAVED + 1)}  # same launch, same numbers
@@ -78,6 +79,7 @@ def test_multiprocess_two_rank_checkpoint_resumes_on_one_rank(data, two_ranks, t
     assert_close(rest, two_ranks, range(SAVED + 1, STEPS + 1))
 
 
+@pytest.mark.multiprocess
 def test_multiprocess_one_rank_checkpoint_resumes_on_two_ranks(data, two_ranks, tmp_path):
     first = run_trainer(train_args(data, tmp_path), stop_after=SAVED)
     assert_close(first, two_ranks, range(1, SAVED + 1))
@@ -91,6 +93,7 @@ def test_multiprocess_one_rank_checkpoint_resumes_on_two_ranks(data, two_ranks, 
         assert p.dtype == torch.bfloat16 and torch.equal(p, q), name
 
 
+@pytest.mark.multiprocess
 def test_multiprocess_ddp_checkpoints_and_exports_across_forms(data, two_ranks, tmp_path):
     """Plain replication (DDP: whole parameters, saved once by DCP) for 4 steps, then FSDP from its checkpoint,
     and FSDP for 4 steps, then DDP from its checkpoint: all continue the uninterrupted FSDP run, and the final
@@ -109,6 +112,7 @@ def test_multiprocess_ddp_checkpoints_and_exports_across_forms(data, two_ranks, 
 
 
 @pytest.mark.parametrize("launcher, sig", [("torchrun", signal.SIGTERM), ("run_train.sh", signal.SIGUSR1)])
+@pytest.mark.multiprocess
 def test_multiprocess_stop_signal_to_the_launcher_saves_on_both_ranks_and_resumes(data, two_ranks, tmp_path,
                                                                                  launcher, sig):
     """SIGTERM to the torchrun agent, or SIGUSR1 (Slurm's usual warning) to run_train.sh's: it forwards the

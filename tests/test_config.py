@@ -140,6 +140,7 @@ def test_a_constant_schedule_ignores_min_lr():
     assert cfg.optimizer.lr == 1e-5
 
 
+@pytest.mark.multiprocess
 def test_launcher_precheck_stops_bad_input_before_torchrun(tmp_path):
     """run_train.sh with several processes checks the config, data folder, shards and tokenizer once, before
     torchrun starts: bad input ends in one line and exit 2 (not in every rank's error and torchrun's traceback);

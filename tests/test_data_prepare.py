@@ -299,6 +299,7 @@ def test_parallel_prepare_records_every_finished_input_before_raising(monkeypatc
     assert done == {"good": {"tokens": 1}}
 
 
+@pytest.mark.multiprocess
 def test_cli_user_error_is_one_line_exit_2(tmp_path: Path, tokenizer):
     (tmp_path / "src").mkdir()
     proc = subprocess.run(

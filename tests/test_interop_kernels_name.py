@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,6 +37,7 @@ def test_transformers_imports_in_process():
         assert kernels.__version__ == importlib.metadata.version("kernels")
 
 
+@pytest.mark.multiprocess
 def test_transformers_imports_from_the_root_in_a_subprocess():
     """`python -c` from the root: the root is sys.path[0], as for `python -m scripts.<name>`."""
     code = (
@@ -53,6 +56,7 @@ def test_transformers_imports_from_the_root_in_a_subprocess():
     assert dlm_module == "dlm_kernels.masked_ce"
 
 
+@pytest.mark.multiprocess
 def test_without_the_pypi_package_the_folder_name_is_an_empty_module():
     """`python -S` hides site-packages: `import kernels` then finds only the folder, which must export nothing
     and carry no __version__ (transformers then reports hub kernels unavailable instead of importing them)."""

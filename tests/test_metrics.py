@@ -208,6 +208,7 @@ def _scalars(folder: Path) -> dict[str, dict[int, float]]:
     return {tag: {e.step: e.value for e in ea.Scalars(tag)} for tag in ea.Tags()["scalars"]}
 
 
+@pytest.mark.multiprocess
 def test_twenty_step_cpu_run_writes_every_scalar(tmp_path):
     seq, gbs = 32, 4
     out = tmp_path / "out"

@@ -85,6 +85,7 @@ def test_fsdp_two_ranks_equal_one_process(fsdp_losses, reference):
     assert_close(fsdp_losses, reference)
 
 
+@pytest.mark.multiprocess
 def test_ddp_2x1_equals_fsdp_1x2(data, tmp_path, fsdp_losses):
     """Replicate 2 x shard 1: plain replication through DDP's reducer (summing comm hook, no sync on the first
     micro-batch of each step) equals FSDP over the same 2 ranks."""
@@ -95,6 +96,7 @@ def test_ddp_2x1_equals_fsdp_1x2(data, tmp_path, fsdp_losses):
 
 
 @pytest.mark.parametrize("form", [("1", "-1"), ("-1", "1")], ids=["fsdp", "ddp"])
+@pytest.mark.multiprocess
 def test_triton_adamw_on_two_ranks_equals_one_process(data, tmp_path, reference, form):
     """The Triton AdamW (run by triton's CPU interpreter) on FSDP's DTensor shards and on DDP's bucket-view
     gradients, with clipping (max_norm 1, grad norms ~5) folded into the update, equals one process with the
@@ -107,6 +109,7 @@ def test_triton_adamw_on_two_ranks_equals_one_process(data, tmp_path, reference,
     assert_close(read_losses(tmp_path), reference)
 
 
+@pytest.mark.multiprocess
 def test_two_nodes_on_localhost_equal_one_process(data, tmp_path, reference):
     """Two torchrun launches of one process each, joined by a c10d rendezvous (--nnodes 2)."""
     endpoint = f"localhost:{free_port()}"

@@ -51,6 +51,7 @@ def table_rows(stdout: str) -> dict[str, list[str]]:
 # ------------------------------------------------------------------------------------------------ planning
 
 
+@pytest.mark.multiprocess
 def test_dry_run_reproduces_smdm_step_counts(tmp_path):
     out = tmp_path / "sweep"
     result = sweep("--budgets", "1e19,1.6e21", "--flavors", "170M,1028M", "--dry-run", "--output_dir", str(out))
@@ -95,6 +96,7 @@ def test_budget_labels():
     (["--flavors", "6M"], "--budgets and --flavors are required (except with --collect_only)"),
     (["--budgets", "1e19,-3", "--flavors", "6M"], "budgets must be positive numbers"),
 ])
+@pytest.mark.multiprocess
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     result = sweep("--dry-run", "--output_dir", str(tmp_path / "none"), *args)  # after `--` go trainer flags
     assert result.returncode == 2, result.stderr
@@ -238,6 +240,7 @@ def test_resumed_run_drops_the_abandoned_attempt(tmp_path):
 # ------------------------------------------------------------------------------------------------ the CLI
 
 
+@pytest.mark.multiprocess
 def test_slurm_configs_and_collect_only_fit_a_known_law(tmp_path):
     """Plans a sweep for Slurm (configs, sbatch scripts, plan.json), fills its runs with event files from a
     known isoFLOP law, and checks --collect_only recovers the law, flags a run without validation and leaves
@@ -299,6 +302,7 @@ def test_slurm_configs_and_collect_only_fit_a_known_law(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
 
+@pytest.mark.multiprocess
 def test_run_train_launcher_prints_one_command_per_run(tmp_path):
     out = tmp_path / "sweep"
     result = sweep("--budgets", "1e18", "--flavors", "6M,19M", "--launcher", "run_train", "--ngpu", "4",
@@ -310,6 +314,7 @@ def test_run_train_launcher_prints_one_command_per_run(tmp_path):
     assert not (out / "runs").exists(), "printing commands trains nothing"
 
 
+@pytest.mark.multiprocess
 def test_tiny_sweep_on_the_embedded_corpus(tmp_path):
     """The whole pipeline for real: 2 budgets x (6M, 19M) at 2 x 32 tokens per step, a few steps each."""
     out = tmp_path / "sweep"

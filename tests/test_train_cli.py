@@ -33,6 +33,7 @@ def run(args, tmp_path, launcher=(sys.executable, "-m", "dlm_titan.train"), env=
         (["--training.global_batch_size", "10", "--training.local_batch_size", "4"], "must be a multiple of local_batch_size"),
     ],
 )
+@pytest.mark.multiprocess
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     result = run(args, tmp_path)
     assert result.returncode == 2, result.stderr
@@ -40,6 +41,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
 
 
+@pytest.mark.multiprocess
 def test_unknown_toml_key_exit_2(tmp_path):
     config = tmp_path / "bad.toml"
     config.write_text("[training]\nsteps = 3\n[optimizer]\nlearning_rate = 0.1\n")
@@ -48,6 +50,7 @@ def test_unknown_toml_key_exit_2(tmp_path):
     assert result.stderr.strip() == "error: unknown config key [optimizer].learning_rate; valid keys: lr, betas, eps, weight_decay, implementation"
 
 
+@pytest.mark.multiprocess
 def test_help_lists_every_option(tmp_path):
     result = subprocess.run([sys.executable, "-m", "dlm_titan.train", "--help"], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "COLUMNS": "200"})
@@ -57,6 +60,7 @@ def test_help_lists_every_option(tmp_path):
             assert f"--{section}.{f.name}" in result.stdout, f"--{section}.{f.name}"
 
 
+@pytest.mark.multiprocess
 def test_run_train_sh_trains_logs_and_saves_config(tmp_path):
     result = run(["--training.steps", "3", *TINY], tmp_path, launcher=("./run_train.sh",), env={"PYTHON": sys.executable})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -68,6 +72,7 @@ def test_run_train_sh_trains_logs_and_saves_config(tmp_path):
     assert list((tmp_path / "out" / "tb").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.multiprocess
 def test_flops_budget_sets_steps(tmp_path):
     # 6M: N = 6,294,784; batch 4 x 32 -> 6 N 128 = 4.834e9 FLOPs/step; 1.5e10 -> 3 steps.
     result = run(["--training.flops_budget", "1.5e10", *TINY], tmp_path)
@@ -76,6 +81,7 @@ def test_flops_budget_sets_steps(tmp_path):
     assert "step: 3 " in result.stdout and "step: 4 " not in result.stdout
 
 
+@pytest.mark.multiprocess
 def test_run_train_sh_two_processes_prints_plain_step_lines(tmp_path):
     """NGPU=2 goes through torchrun (gloo on CPU); rank 0's lines keep the `step: N  loss: X` form."""
     env = {"PYTHON": sys.executable, "NGPU": "2", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
@@ -85,6 +91,7 @@ def test_run_train_sh_two_processes_prints_plain_step_lines(tmp_path):
     assert "2 ranks x 1 micro-batches x 2" in result.stdout
 
 
+@pytest.mark.multiprocess
 def test_run_train_sh_checks_config_before_starting_processes(tmp_path):
     env = {"PYTHON": sys.executable, "NGPU": "2"}
     result = run(["--training.global_batch_size", "6", "--training.local_batch_size", "4"], tmp_path,

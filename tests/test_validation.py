@@ -208,6 +208,7 @@ def _rank_main(rank, world, init_file, out_file):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_reduce_to_the_one_rank_numbers(tmp_path):
     out_file = tmp_path / "rank0.pt"
     mp.spawn(_rank_main, args=(2, str(tmp_path / "store"), str(out_file)), nprocs=2, join=True)
