@@ -65,14 +65,8 @@ def chunked_weighted_cross_entropy(
 
 
 def masked_linear_cross_entropy_reference(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    token_weights: torch.Tensor,
-    masked_index: torch.Tensor | None = None,
-    *,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    per_token: bool = False,
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor,
+    masked_index: torch.Tensor | None = None, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, per_token: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Weighted cross-entropy of the masked rows, chunked pure PyTorch (differentiable by autograd).
 
