@@ -5,11 +5,14 @@ every masked position of the current block (Gumbel-max in float64: temperature 0
 distribution), and reveals some of them:
 
 - ``"stochastic"`` (SMDM ``origin``): going from time t to s (linspace(1, 0, steps + 1)) each masked position is
-  revealed independently with probability 1 - s/t, so the last step reveals all.
-- ``"confidence"`` (SMDM ``greddy``): the masked positions with the highest model probability of their drawn
-  token are revealed, ``floor(n (i + 1) / steps) - floor(n i / steps)`` of them at step i (the linear schedule
-  in exact integers). The top-k is taken within each sample; SMDM ranks the flattened batch jointly, which
-  lets one sample's confident tokens starve another's.
+  revealed independently with probability 1 - s/t, so the last step reveals all. SMDM's grid ends at t = 1e-5
+  and its last step reveals whatever is left: the same last step, the other times shifted by under 1e-5.
+- ``"confidence"`` (after SMDM ``greddy``): the masked positions with the highest model probability of their
+  drawn token are revealed, ``floor(n (i + 1) / steps) - floor(n i / steps)`` of them at step i for a block of
+  n tokens (a linear schedule in exact integers). This count is ours, not SMDM's: SMDM reveals
+  ``int(n_masked (1 - s/t))`` of the still-masked positions per step and the rest at the last step. The top-k is
+  taken within each sample; SMDM ranks the flattened batch jointly, which lets one sample's confident tokens
+  starve another's.
 
 Options: unsupervised classifier-free guidance (SMDM: the unconditional pass sees the prompt masked, logits =
 uncond + (cfg + 1)(cond - uncond), both passes in one batched forward), semi-autoregressive blocks (the
