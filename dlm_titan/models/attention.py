@@ -1,10 +1,11 @@
-"""Multi-head self-attention with rotary embeddings (bidirectional, or causal for the AR baseline), and the choice of attention kernel."""
+"""Multi-head (or grouped-query) self-attention with rotary embeddings (bidirectional, or causal for the AR
+baseline), and the choice of attention kernel."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from dlm_kernels.rope import rope_qkv
+from dlm_kernels.rope import apply_rope, rope_qkv
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -45,26 +46,43 @@ def rope_cache(seq_len: int, head_dim: int, theta: float, device: torch.device |
 
 class Attention(nn.Module):
     """Multi-head attention. Without a causal mask (the default, SMDM's MDM) every token sees the whole (packed)
-    sequence; with ``causal=True`` (the autoregressive baseline) token i sees tokens 0..i, on every backend."""
+    sequence; with ``causal=True`` (the autoregressive baseline) token i sees tokens 0..i, on every backend.
 
-    def __init__(self, dim: int, n_heads: int, backend: str = "math", causal: bool = False):
+    ``wqkv`` stacks the q rows (``n_heads * head_dim``), then k, then v (``n_kv_heads * head_dim`` each). With
+    ``n_kv_heads < n_heads`` (grouped-query attention, as Llama-family checkpoints) query head h reads key/value
+    head ``h // (n_heads // n_kv_heads)``.
+    """
+
+    def __init__(self, dim: int, n_heads: int, backend: str = "math", causal: bool = False, n_kv_heads: int = 0):
         super().__init__()
         self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads or n_heads
         self.head_dim = dim // n_heads
         self.backend = backend
         self.causal = causal
-        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.wqkv = nn.Linear(dim, (n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
+
+    def _rotated_qkv(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, L, H, D], rotated k and v [B, L, KV, D] of x [B, L, dim]."""
+        batch, seq_len, _ = x.shape
+        qkv = self.wqkv(x)
+        if self.n_kv_heads == self.n_heads:
+            # q and k rotated by position; the op's backward writes the projection's gradient in one pass.
+            return rope_qkv(qkv.view(batch, seq_len, 3, self.n_heads, self.head_dim), rope)
+        q, k, v = qkv.view(batch, seq_len, -1, self.head_dim).split([self.n_heads, self.n_kv_heads, self.n_kv_heads], 2)
+        return apply_rope(q, rope), apply_rope(k, rope), v
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         batch, seq_len, dim = x.shape
-        # q and k rotated by position; the op's backward writes the projection's gradient in one pass.
-        q, k, v = rope_qkv(self.wqkv(x).view(batch, seq_len, 3, self.n_heads, self.head_dim), rope)
+        q, k, v = self._rotated_qkv(x, rope)
         if self.backend == "flash_attn":
             from flash_attn import flash_attn_func
 
-            out = flash_attn_func(q, k, v, causal=self.causal)
+            out = flash_attn_func(q, k, v, causal=self.causal)  # takes fewer key/value heads as they are
         else:
+            if self.n_kv_heads != self.n_heads:  # each key/value head serves its group of query heads
+                k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2) for t in (k, v))
             backend = self.backend
             if backend in ("cudnn", "flash") and q.dtype == torch.float32:
                 backend = "efficient"  # neither takes fp32 (training.dtype float32, or evaluation without autocast)

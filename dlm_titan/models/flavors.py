@@ -9,7 +9,11 @@ from dlm_titan.errors import UserError
 
 @dataclass(frozen=True)
 class ModelArgs:
-    """Shape of a TransEncoder. head_dim = dim // n_heads; the embedding has vocab_size + 1 rows (mask)."""
+    """Shape of a TransEncoder. head_dim = dim // n_heads; the embedding has vocab_size + 1 rows (mask).
+
+    ``n_kv_heads`` < ``n_heads`` gives grouped-query attention (Llama-family checkpoints): query head h reads
+    key/value head ``h // (n_heads // n_kv_heads)``; 0 (SMDM's flavors) means one key/value head per query head.
+    """
 
     n_layers: int
     n_heads: int
@@ -18,19 +22,32 @@ class ModelArgs:
     vocab_size: int = 32000
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    n_kv_heads: int = 0
+
+    def __post_init__(self) -> None:
+        kv = self.kv_heads
+        if self.dim % self.n_heads or kv < 1 or self.n_heads % kv or self.head_dim % 2:
+            raise UserError(f"model shape: dim {self.dim}, {self.n_heads} heads and {kv} key/value heads need "
+                            "dim divisible by n_heads into an even head size, and n_heads divisible by n_kv_heads")
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
     @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_heads``, or ``n_heads`` when that is 0 (multi-head attention)."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
     def mask_id(self) -> int:
         return self.vocab_size
 
     def non_embedding_params(self) -> int:
-        """N of SMDM's FLOPs rule: attention, SwiGLU and the two RMSNorms per block, plus the final norm."""
-        d = self.dim
-        return self.n_layers * (4 * d * d + 3 * d * self.ffn_dim + 2 * d) + d
+        """N of SMDM's FLOPs rule: attention, SwiGLU and the two RMSNorms per block, plus the final norm.
+        Attention is 4 d^2 with one key/value head per query head, d (2 d + 2 kv_dim) under grouped queries."""
+        d, kv_dim = self.dim, self.kv_heads * self.head_dim
+        return self.n_layers * (2 * d * d + 2 * d * kv_dim + 3 * d * self.ffn_dim + 2 * d) + d
 
     def embedding_params(self) -> int:
         """Input embedding (vocab + 1 rows, the extra one is the mask token) and the untied output head."""

@@ -56,7 +56,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, attn_backend: str, causal: bool = False):
         super().__init__()
         self.attention_norm = AddRMSNorm(args.dim, eps=args.norm_eps)
-        self.attention = Attention(args.dim, args.n_heads, attn_backend, causal=causal)
+        self.attention = Attention(args.dim, args.n_heads, attn_backend, causal=causal, n_kv_heads=args.kv_heads)
         self.ffn_norm = AddRMSNorm(args.dim, eps=args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_dim)
 

@@ -1,0 +1,101 @@
+"""Which weights a path holds, read into dlm_titan's names: the one entry point of the interop package.
+
+- a folder whose config.json has ``model_type = "dlm_titan"``: dlm_titan's Hugging Face export (:mod:`.hf_format`);
+- a folder whose config.json is a Llama-family model (:mod:`.llama`);
+- a ``.safetensors`` / ``.pth`` / ``.pt`` file: an SMDM/lit-gpt state dict (:mod:`.smdm`).
+
+Anything else (a DCP checkpoint, a dump folder, an export of the older ``"format": "dlm_titan"`` kind) is left
+to :mod:`dlm_titan.checkpoint.export`; a config.json of another architecture is one clear error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dlm_titan.errors import UserError
+from dlm_titan.interop.hf_format import from_hf_state, is_dlm_titan_hf_config, shape_from_hf_config
+from dlm_titan.interop.llama import is_llama_config, llama_shape, read_llama
+from dlm_titan.interop.safetensors_io import read_weights
+from dlm_titan.interop.smdm import is_litgpt_file, read_litgpt
+
+
+def _config(folder: Path) -> dict[str, Any] | None:
+    file = folder / "config.json"
+    if not (folder.is_dir() and file.is_file()):
+        return None
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {file} ({e})") from None
+
+
+def interop_kind(path: Path) -> str | None:
+    """"hf" (dlm_titan's HF folder), "llama", "litgpt", or None for the formats checkpoint/export.py reads.
+    UserError for a config.json of an unsupported architecture."""
+    if is_litgpt_file(path):
+        return "litgpt"
+    config = _config(path)
+    if config is None or config.get("format") == "dlm_titan":
+        return None
+    if is_dlm_titan_hf_config(config):
+        return "hf"
+    if is_llama_config(config):
+        return "llama"
+    arch = (config.get("architectures") or [config.get("model_type", "unknown")])[0]
+    raise UserError(f"{path}: architecture {arch} is not supported; dlm_titan reads its own exports, "
+                    "LlamaForCausalLM folders and SMDM/lit-gpt state dicts")
+
+
+def interop_shape(path: Path, flavor: str | None = None) -> dict[str, Any] | None:
+    """The model shape a path holds (reading config.json only, or the state dict of a lit-gpt file), or None."""
+    kind = interop_kind(path)
+    if kind == "hf":
+        return shape_from_hf_config(_config(path))
+    if kind == "llama":
+        return llama_shape(_config(path), path / "config.json")
+    if kind == "litgpt":
+        return read_litgpt(path, flavor)[0]
+    return None
+
+
+def read_interop(path: str | Path, flavor: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """(model config, full CPU state dict in dlm_titan names) of an interop format, shapes checked; None when
+    ``path`` is none of them.
+
+    Args:
+        path: a model folder or a lit-gpt state dict file.
+        flavor: SMDM flavor of a lit-gpt file (default: inferred from its shapes).
+    """
+    path = Path(path)
+    kind = interop_kind(path)
+    if kind is None:
+        return None
+    if kind == "litgpt":
+        cfg, state = read_litgpt(path, flavor)
+    elif kind == "llama":
+        cfg, state = read_llama(path)
+    else:
+        cfg = shape_from_hf_config(_config(path))
+        try:
+            state = from_hf_state(read_weights(path), cfg)
+        except KeyError as e:
+            raise UserError(f"{path}: the weights lack {e.args[0]!r}; re-export the model") from None
+    check_shapes(cfg, state, path)
+    return cfg, state
+
+
+def check_shapes(cfg: dict[str, Any], state: dict[str, torch.Tensor], where: Path) -> None:
+    """UserError naming the first parameter whose shape differs from a model of shape ``cfg``."""
+    from dlm_titan.models import build_model_from_config
+
+    expected = build_model_from_config(cfg, "cpu", attn_backend="math").state_dict()
+    for name, t in expected.items():
+        got = state.get(name)
+        if got is None or tuple(got.shape) != tuple(t.shape):
+            have = "missing" if got is None else f"shape {tuple(got.shape)}"
+            raise UserError(f"{where}: parameter {name} is {have}, expected {tuple(t.shape)} for the model its "
+                            "config describes")

@@ -1,0 +1,111 @@
+"""Writes a Hugging Face model folder of a dlm_titan model, loadable with transformers:
+
+    config.json                  transformers config (model_type dlm_titan, auto_map) + trainer facts
+    model.safetensors            weights (or model-0000k-of-0000n.safetensors + model.safetensors.index.json)
+    configuration_dlm_titan.py   standalone config and model code (torch + transformers only)
+    modeling_dlm_titan.py
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json   (see :mod:`.hf_tokenizer`)
+    README.md                    model card
+
+``AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True)`` then gives dlm_titan's logits.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dlm_titan.errors import UserError
+from dlm_titan.fileio import atomic_write_text
+from dlm_titan.interop.hf_format import TEMPLATES, hf_config, to_hf_state
+from dlm_titan.interop.hf_tokenizer import write_tokenizer
+from dlm_titan.interop.safetensors_io import MAX_SHARD_BYTES, write_weights
+
+CONFIG_FILE = "config.json"
+_TEMPLATE_DIR = Path(__file__).parent / "templates"
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def write_hf_folder(state: dict[str, torch.Tensor], cfg: dict[str, Any], out_dir: str | Path, dtype: str,
+                    info: dict[str, Any], tokenizer_path: str = "", max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Writes a full dlm_titan state dict as a Hugging Face model folder (weights first, config.json last).
+
+    Args:
+        state: full state dict with dlm_titan names (one process).
+        cfg: the model's shape (:func:`dlm_titan.models.model_config`).
+        out_dir: the folder (created; weight files of an earlier export there are replaced).
+        dtype: "float32", "bfloat16" or "float16".
+        info: trainer facts for config.json and the card: flavor, step, tokens_seen, final_loss (any may be absent).
+        tokenizer_path: as ``data.tokenizer_path`` ("" = the embedded tokenizer).
+        max_shard_bytes: weights above this size are sharded.
+    """
+    if dtype not in DTYPES:
+        raise UserError(f"export dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in to_hf_state(state, cfg).items()}
+    write_weights(tensors, out, max_shard_bytes)
+    for name in TEMPLATES:
+        shutil.copyfile(_TEMPLATE_DIR / name, out / name)
+    special = _write_tokenizer(out, tokenizer_path, cfg)
+    info = {k: v for k, v in info.items() if v is not None}
+    atomic_write_text(out / "README.md", model_card(cfg, dtype, info, has_tokenizer=special is not None))
+    config = hf_config(cfg, dtype, info, special or {})
+    atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def _write_tokenizer(out: Path, tokenizer_path: str, cfg: dict[str, Any]) -> dict[str, int] | None:
+    """The tokenizer files and its BOS/EOS ids; None (with a warning) when it cannot be converted, so the weights
+    of a finished run are still exported."""
+    try:
+        tok = write_tokenizer(out, tokenizer_path, int(cfg["vocab_size"]), int(cfg["max_seq_len"]))
+    except UserError as e:
+        print(f"warning: the export in {out} has no tokenizer: {e}", file=sys.stderr)
+        return None
+    return {k: v for k, v in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id)) if v >= 0}
+
+
+def model_card(cfg: dict[str, Any], dtype: str, info: dict[str, Any], has_tokenizer: bool) -> str:
+    """A short README.md: what the model is, its shape and training, how to load and sample it."""
+    kind = "autoregressive baseline (causal)" if cfg.get("causal") else "masked diffusion language model (SMDM recipe)"
+    facts = [f"- flavor: {info.get('flavor') or 'custom'}; {cfg['n_layers']} layers, d={cfg['dim']}, "
+             f"{cfg['n_heads']} heads ({cfg.get('n_kv_heads') or cfg['n_heads']} key/value), d_ff={cfg['ffn_dim']}, "
+             f"vocabulary {cfg['vocab_size']} (+ mask token id {cfg['vocab_size']})",
+             f"- weights: {dtype}; training sequence length {cfg['max_seq_len']}"]
+    if "step" in info:
+        facts.append(f"- training step {info['step']}" + (f", {info['tokens_seen']:,} tokens seen" if "tokens_seen" in info else ""))
+    if "final_loss" in info:
+        facts.append(f"- final training loss {info['final_loss']:.4f}")
+    if not has_tokenizer:
+        facts.append("- no tokenizer files: use the tokenizer the model was trained with")
+    return f"""---
+library_name: transformers
+tags: [dlm_titan, masked-diffusion, smdm]
+---
+# dlm_titan {kind}
+
+Trained with dlm_titan. Bidirectional LLaMA encoder (RMSNorm, RoPE, SwiGLU, no biases, untied head).
+
+{chr(10).join(facts)}
+
+## Load
+
+```python
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+model = AutoModelForMaskedLM.from_pretrained(PATH, trust_remote_code=True)
+tok = AutoTokenizer.from_pretrained(PATH)
+ids = tok("The capital of France is", return_tensors="pt").input_ids  # no BOS/EOS added, as in training
+logits = model(ids).logits                       # [1, L, vocab_size]; the mask token is tok.mask_token_id
+out = model.generate_diffusion(ids, length=64, steps=64, eos_token_id=tok.eos_token_id)
+print(tok.decode(out[0, ids.shape[1]:]))
+```
+
+Training documents were the tokenizer's tokens followed by EOS (no BOS). Sequences are never padded: batch
+prompts of one length.
+"""

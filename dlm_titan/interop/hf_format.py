@@ -1,0 +1,122 @@
+"""dlm_titan's Hugging Face model folder: what :mod:`.hf_export` writes and the loaders read back.
+
+Parameter names follow transformers' Llama naming (``model.layers.{i}.self_attn.q_proj.weight``, ...); dlm_titan's
+fused ``wqkv`` is stored as separate q, k and v projections (its rows are q, then k, then v). ``config.json`` holds
+the transformers configuration (``model_type = "dlm_titan"``, ``auto_map``) and, under ``"dlm_titan"``, what the
+trainer knows beyond the shape (flavor, step, tokens seen, final loss).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+MODEL_TYPE = "dlm_titan"
+ARCHITECTURE = "DlmTitanForMaskedLM"
+AUTO_MAP = {
+    "AutoConfig": "configuration_dlm_titan.DlmTitanConfig",
+    "AutoModel": "modeling_dlm_titan.DlmTitanModel",
+    "AutoModelForMaskedLM": "modeling_dlm_titan.DlmTitanForMaskedLM",
+}
+TEMPLATES = ("configuration_dlm_titan.py", "modeling_dlm_titan.py")
+
+# dlm_titan name (per block, after "layers.{i}.") -> HF name (after "model.layers.{i}."), wqkv apart.
+_BLOCK = {
+    "attention_norm.weight": "input_layernorm.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "feed_forward.w_gate.weight": "mlp.gate_proj.weight",
+    "feed_forward.w_up.weight": "mlp.up_proj.weight",
+    "feed_forward.w_down.weight": "mlp.down_proj.weight",
+}
+_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight"}
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def qkv_sizes(cfg: dict[str, Any]) -> list[int]:
+    """Rows of q, k and v in a fused ``wqkv`` of the shape ``cfg`` (:func:`dlm_titan.models.model_config`)."""
+    head_dim = int(cfg["dim"]) // int(cfg["n_heads"])
+    kv = int(cfg.get("n_kv_heads") or cfg["n_heads"])
+    return [int(cfg["n_heads"]) * head_dim, kv * head_dim, kv * head_dim]
+
+
+def to_hf_state(state: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """dlm_titan parameter names -> HF names, the fused QKV split into q, k, v."""
+    out = {hf: state[ours] for ours, hf in _TOP.items()}
+    for i in range(int(cfg["n_layers"])):
+        for ours, hf in _BLOCK.items():
+            out[f"model.layers.{i}.{hf}"] = state[f"layers.{i}.{ours}"]
+        for name, part in zip(_QKV, state[f"layers.{i}.attention.wqkv.weight"].split(qkv_sizes(cfg)), strict=True):
+            out[f"model.layers.{i}.self_attn.{name}.weight"] = part
+    return out
+
+
+def from_hf_state(hf: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """HF names -> dlm_titan names (q, k, v fused); KeyError names a missing HF parameter."""
+    out = {ours: hf[name] for ours, name in _TOP.items()}
+    for i in range(int(cfg["n_layers"])):
+        for ours, name in _BLOCK.items():
+            out[f"layers.{i}.{ours}"] = hf[f"model.layers.{i}.{name}"]
+        parts = [hf[f"model.layers.{i}.self_attn.{name}.weight"] for name in _QKV]
+        out[f"layers.{i}.attention.wqkv.weight"] = torch.cat(parts)
+    return out
+
+
+def hf_config(cfg: dict[str, Any], dtype: str, info: dict[str, Any], special: dict[str, int]) -> dict[str, Any]:
+    """config.json of a model of shape ``cfg`` (see :func:`dlm_titan.models.model_config`).
+
+    Args:
+        cfg: the dlm_titan shape.
+        dtype: the weights' dtype name.
+        info: trainer facts kept under ``"dlm_titan"`` (flavor, step, tokens_seen, final_loss).
+        special: ``bos_token_id`` / ``eos_token_id`` of the tokenizer (absent ones omitted).
+    """
+    causal = bool(cfg.get("causal", False))
+    return {
+        "model_type": MODEL_TYPE,
+        "architectures": [ARCHITECTURE],
+        "auto_map": dict(AUTO_MAP),
+        "vocab_size": int(cfg["vocab_size"]),
+        "hidden_size": int(cfg["dim"]),
+        "intermediate_size": int(cfg["ffn_dim"]),
+        "num_hidden_layers": int(cfg["n_layers"]),
+        "num_attention_heads": int(cfg["n_heads"]),
+        "num_key_value_heads": int(cfg.get("n_kv_heads") or cfg["n_heads"]),
+        "rms_norm_eps": float(cfg.get("norm_eps", 1e-5)),
+        "rope_theta": float(cfg.get("rope_theta", 10000.0)),
+        "max_position_embeddings": int(cfg["max_seq_len"]),
+        "causal": causal,
+        "mask_token_id": None if causal else int(cfg["vocab_size"]),
+        "tie_word_embeddings": False,
+        "dtype": dtype,
+        **special,
+        "dlm_titan": {"format_version": 1, **info},
+    }
+
+
+def is_dlm_titan_hf_config(config: dict[str, Any]) -> bool:
+    return config.get("model_type") == MODEL_TYPE
+
+
+def shape_from_hf_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The dlm_titan shape (and step, dtype, flavor) recorded in one of our config.json files."""
+    info = config.get("dlm_titan", {})
+    return {
+        "flavor": info.get("flavor", ""),
+        "vocab_size": int(config["vocab_size"]),
+        "max_seq_len": int(config.get("max_position_embeddings", 2048)),
+        "mask_id": int(config["vocab_size"]),
+        "n_layers": int(config["num_hidden_layers"]),
+        "n_heads": int(config["num_attention_heads"]),
+        "n_kv_heads": int(config.get("num_key_value_heads") or config["num_attention_heads"]),
+        "dim": int(config["hidden_size"]),
+        "ffn_dim": int(config["intermediate_size"]),
+        "norm_eps": float(config.get("rms_norm_eps", 1e-5)),
+        "rope_theta": float(config.get("rope_theta", 10000.0)),
+        "causal": bool(config.get("causal", False)),
+        "dtype": config.get("dtype", "float32"),
+        "step": int(info.get("step", 0)),
+        "tokens_seen": int(info.get("tokens_seen", 0)),
+    }

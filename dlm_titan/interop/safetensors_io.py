@@ -1,0 +1,77 @@
+"""Weights of a Hugging Face model folder: ``model.safetensors``, or shards with ``model.safetensors.index.json``
+above a size limit (transformers' layout: ``model-00001-of-00003.safetensors``, the index maps each tensor to its
+file and records the total size)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dlm_titan.errors import UserError
+from dlm_titan.fileio import atomic_write, atomic_write_text
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 5 * 1000**3  # transformers' default max_shard_size, "5GB"
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    """Names grouped into shards in order, each shard at most ``max_bytes`` (a larger tensor gets its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        if shards[-1] and size + _nbytes(t) > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += _nbytes(t)
+    return shards
+
+
+def write_weights(tensors: dict[str, torch.Tensor], out: Path, max_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """Writes the tensors (one file, or shards + index when they exceed ``max_bytes``); removes weight files of an
+    earlier export in ``out`` that this one does not write. Returns the file names written."""
+    from safetensors.torch import save_file
+
+    shards = plan_shards(tensors, max_bytes)
+    names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                               for i in range(len(shards))]
+    for stale in [*out.glob("model*.safetensors"), out / INDEX]:
+        if stale.name not in names and stale.is_file():
+            stale.unlink()
+    for file, keys in zip(names, shards, strict=True):
+        part = {k: tensors[k].contiguous() for k in keys}
+        atomic_write(out / file, lambda p, part=part: save_file(part, str(p), metadata={"format": "pt"}))
+    if len(names) > 1:
+        index = {"metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())},
+                 "weight_map": {k: file for file, keys in zip(names, shards, strict=True) for k in keys}}
+        atomic_write_text(out / INDEX, json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def has_weights(folder: Path) -> bool:
+    return (folder / SINGLE).is_file() or (folder / INDEX).is_file()
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder's ``model.safetensors`` or of the shards its index names (CPU)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        if (folder / INDEX).is_file():
+            files = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
+        else:
+            files = [SINGLE]
+        state: dict[str, torch.Tensor] = {}
+        for file in files:
+            state.update(load_file(str(folder / file)))
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise UserError(f"cannot read the weights in {folder} ({e}); re-export or re-download them") from None
+    return state
