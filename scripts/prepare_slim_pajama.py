@@ -21,26 +21,29 @@ import sys
 from dlm_titan.errors import UserError, report
 
 
-def add_common_args(parser: argparse.ArgumentParser, default_split: str) -> None:
-    """Arguments shared by the SlimPajama and StarCoder preparers (TinyLlama's names)."""
+def add_common_args(parser: argparse.ArgumentParser, default_split: str,
+                    splits: tuple[str, ...] | None = ("train", "validation")) -> None:
+    """Arguments shared by the SlimPajama, StarCoder and general-corpus preparers (TinyLlama's names)."""
     from dlm_titan.data.prepare import DEFAULT_CHUNK_SIZE
 
     parser.add_argument("--source_path", required=True, help="corpus folder")
-    parser.add_argument("--tokenizer_path", default="", help='SentencePiece .model ("" = the embedded tokenizer)')
+    parser.add_argument("--tokenizer_path", default="", help="SentencePiece .model, HF tokenizer.json, or a folder "
+                        'holding either ("" = the embedded tokenizer)')
     parser.add_argument("--destination_path", required=True, help="output folder of shards")
-    parser.add_argument("--split", default=default_split, choices=["train", "validation"])
+    parser.add_argument("--split", default=default_split, choices=splits)
     parser.add_argument("--percentage", type=float, default=1.0, help="fraction of the sorted input files to use")
     parser.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK_SIZE, help="tokens per shard (2049*1024)")
     parser.add_argument("--num_workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
 
 
-def run(args: argparse.Namespace, corpus, skip_github: bool = False) -> int:
+def run(args: argparse.Namespace, corpus, skip_github: bool = False, prefix: str = "") -> int:
     """Prepares one split with parsed arguments; prints a summary line, or one error line and returns 2."""
     from dlm_titan.data.prepare import prepare_split
 
     try:
         manifest = prepare_split(args.source_path, args.tokenizer_path, args.destination_path, args.split,
-                                 args.percentage, args.chunk_size, args.num_workers, skip_github, corpus)
+                                 args.percentage, args.chunk_size, args.num_workers, skip_github, corpus,
+                                 prefix=prefix)
     except UserError as e:
         return report(e)
     t = manifest["totals"]

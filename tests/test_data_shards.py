@@ -126,3 +126,18 @@ def test_bad_weights(tmp_path: Path):
         first_batch(tmp_path, train_weights=[0.5, 0.5])
     with pytest.raises(UserError, match="positive sum"):
         first_batch(tmp_path, train_weights=[0.0])
+
+
+def test_int32_shard_written_by_hand_reads_through_the_loader(tmp_path: Path):
+    """A code-4 shard (as TinyLlama writes for large vocabularies), bytes written here: the loader returns its ids,
+    above uint16's range, and checks them against the model vocabulary like any shard."""
+    ids = [70_000, 65_536, 65_535, 3, 69_999, 0, 123_456, 7]
+    write_raw(tmp_path / "train_slimpajama_0_0000000000.bin", design_header(4, 8),
+              b"".join(i.to_bytes(4, "little", signed=True) for i in ids))
+    loader = build_train_loader(data_cfg(path=str(tmp_path)), data_path=str(tmp_path), seq_len=3, local_batch_size=2,
+                                global_batch_size=2, dp_rank=0, dp_world_size=1, seed=0, vocab_size=123_457)
+    assert sorted(next(iter(loader))["input"].tolist()) == sorted([ids[:4], ids[4:]])
+    with pytest.raises(UserError, match="token id 123456, outside the model vocabulary \\[0, 100000\\)"):
+        first_batch(tmp_path, vocab_size=100_000, path=str(tmp_path))
+    # the switch: uint16 holds every id of a vocabulary of up to 65,535 tokens
+    assert dtype_for_vocab(65_535) == np.uint16 and dtype_for_vocab(65_536) == np.int32

@@ -1,147 +1,46 @@
-"""Tokenize a text corpus into LITPKDS shards (the engine of scripts/prepare_slim_pajama and prepare_starcoder).
+"""Tokenize a text corpus into LITPKDS shards: the one engine of scripts/prepare_corpus, prepare_slim_pajama,
+prepare_starcoder and the embedded corpus.
 
-Each input file is its own output stream ``{split}_{corpus}_{stream:06d}_{n:010d}.bin`` (TinyLlama names the
-stream after its worker process instead), where ``stream`` is the file's index in the sorted input list. So the
-output bytes do not depend on how many worker processes run, and a re-run can skip inputs already done. Each
-stream's last chunk is written with its true length in the header (TinyLlama drops it, or pads it with BOS).
+Each input file is its own output stream ``{prefix}_{stream:06d}_{n:010d}.bin`` (TinyLlama names the stream
+after its worker process instead), where ``stream`` is the file's index in the sorted input list. So the output
+bytes do not depend on how many worker processes run, and a re-run can skip inputs already done. Each stream's
+last chunk is written with its true length in the header (TinyLlama drops it, or pads it with BOS). ``prefix``
+is ``{split}_{corpus}`` for SlimPajama and StarCoder (``train_slimpajama``), the caller's for general corpora.
 
-Documents are ``tokens + EOS`` (lit-gpt's ``encode(bos=False, eos=True)``). Inputs: ``.jsonl`` and
-``.jsonl.zst`` (one JSON record per line with a text field), ``.txt`` (the whole file is one document) and, for
-code, ``.parquet`` (needs pyarrow). A manifest ``{split}_{corpus}_manifest.json`` beside the shards records per
-input its documents, tokens, shards and per-set counts, plus the tokenizer's sha256 and the settings.
+Documents are ``tokens + EOS`` (lit-gpt's ``encode(bos=False, eos=True)``); which files are read and how is
+:mod:`.readers`'s business. A manifest ``{prefix}_manifest.json`` beside the shards records per input its
+documents, tokens, shards and per-set counts, plus the tokenizer's sha256 and the settings; an input is
+recorded only once all its shards are written, and an input that fails leaves no shard behind.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import math
 import multiprocessing as mp
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import zstandard
 from tqdm import tqdm
 
 from dlm_titan.errors import UserError
 
+from .readers import SLIMPAJAMA, STARCODER, Corpus, find_inputs, general_corpus, iter_documents
 from .shards import ShardError, dtype_for_vocab, read_header, write_shard
 from .tokenizer import Tokenizer, resolve_tokenizer_path, tokenizer_fingerprint
 
+__all__ = ["SLIMPAJAMA", "STARCODER", "Corpus", "general_corpus", "prepare_split"]
+
 DEFAULT_CHUNK_SIZE = 2049 * 1024
 GITHUB_SET = "RedPajamaGithub"
-_BATCH_CHARS = 1 << 21  # text per SentencePiece call
+_BATCH_CHARS = 1 << 21  # text per tokenizer call
 _BATCH_DOCS = 1024
-
-
-@dataclass(frozen=True)
-class Corpus:
-    """How to read one kind of corpus.
-
-    Attributes:
-        name: output name part (``train_slimpajama_...``).
-        text_field: JSON/parquet field holding the document.
-        set_field: dotted path of the field naming the document's subset, or "" for none.
-        extensions: accepted input file endings.
-    """
-
-    name: str
-    text_field: str
-    set_field: str
-    extensions: tuple[str, ...]
-
-
-SLIMPAJAMA = Corpus("slimpajama", "text", "meta.redpajama_set_name", (".jsonl", ".jsonl.zst", ".txt"))
-STARCODER = Corpus("starcoder", "content", "", (".parquet", ".jsonl", ".jsonl.zst"))
-
-
-def find_inputs(source_path: str, split: str, corpus: Corpus) -> tuple[Path, list[str]]:
-    """Input files, sorted, relative to the root they are found under.
-
-    The root is ``{source_path}/{split}`` if it exists (SlimPajama's ``{split}/chunk*/*.jsonl.zst`` layout),
-    else ``source_path`` itself; files are found recursively.
-    """
-    source = Path(source_path)
-    if not source.is_dir():
-        raise UserError(f"source folder {source} does not exist; pass --source_path with the corpus folder")
-    root = source / split if (source / split).is_dir() else source
-    files = sorted(
-        str(p.relative_to(root)) for p in root.rglob("*")
-        if p.is_file() and p.name.endswith(corpus.extensions)
-    )
-    if not files:
-        raise UserError(f"source folder {root} holds no {'/'.join(corpus.extensions)} files; pass --source_path "
-                        f"with SlimPajama's layout ({split}/chunk*/*.jsonl.zst) or a folder of such files")
-    return root, files
-
-
-def _open_text(path: Path) -> io.TextIOBase:
-    raw = open(path, "rb")
-    if path.name.endswith(".zst"):
-        raw = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
-    return io.TextIOWrapper(raw, encoding="utf-8")
-
-
-def _field(record: dict, dotted: str) -> object:
-    value: object = record
-    for part in dotted.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return value
-
-
-def iter_documents(path: Path, corpus: Corpus) -> Iterator[tuple[str, str]]:
-    """(text, set name) of every document of one input file; UserError naming the file when it is not UTF-8
-    text or not a readable zstd stream."""
-    try:
-        yield from _iter_documents(path, corpus)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8 or remove "
-                        "it") from None
-    except zstandard.ZstdError as e:
-        raise UserError(f"{path}: not a readable zstd file ({e}); download it again or remove it") from None
-
-
-def _iter_documents(path: Path, corpus: Corpus) -> Iterator[tuple[str, str]]:
-    name = path.name
-    if name.endswith(".txt"):
-        yield path.read_text(encoding="utf-8"), ""
-    elif name.endswith(".parquet"):
-        yield from _iter_parquet(path, corpus)
-    else:
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line") from None
-                text = record.get(corpus.text_field) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise UserError(f"{path}:{lineno}: record has no string field {corpus.text_field!r}")
-                subset = _field(record, corpus.set_field) if corpus.set_field else ""
-                yield text, subset if isinstance(subset, str) else ""
-
-
-def _iter_parquet(path: Path, corpus: Corpus) -> Iterator[tuple[str, str]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert the files to "
-                        f".jsonl with a {corpus.text_field!r} field") from None
-    pf = pq.ParquetFile(path)
-    if corpus.text_field not in pf.schema_arrow.names:
-        raise UserError(f"{path}: parquet file has no column {corpus.text_field!r}")
-    for batch in pf.iter_batches(columns=[corpus.text_field]):
-        for text in batch.column(0).to_pylist():
-            yield text or "", ""
 
 
 class ShardWriter:
@@ -173,6 +72,16 @@ class ShardWriter:
             self._flush()
         return self.files
 
+    def discard(self) -> None:
+        """Removes every file of this stream, finished shards and temporary files alike."""
+        remove_stream(self.folder, self.prefix)
+
+
+def remove_stream(folder: Path, stream_prefix: str) -> None:
+    """Deletes a stream's shards and temporary files (the loader would read a stray shard as data)."""
+    for path in itertools.chain(folder.glob(f"{stream_prefix}_*.bin"), folder.glob(f"{stream_prefix}_*.tmp")):
+        path.unlink(missing_ok=True)
+
 
 @dataclass(frozen=True)
 class InputJob:
@@ -189,13 +98,15 @@ class InputJob:
     skip_github: bool
 
 
-_TOKENIZERS: dict[str, Tokenizer] = {}
+_TOKENIZERS: dict[tuple[str, int], Tokenizer] = {}
 
 
 def _tokenizer(path: str) -> Tokenizer:
-    if path not in _TOKENIZERS:
-        _TOKENIZERS[path] = Tokenizer(path)
-    return _TOKENIZERS[path]
+    """The tokenizer of ``path``, loaded once per process (and per version of the file)."""
+    key = (path, os.stat(path).st_mtime_ns)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = Tokenizer(path)
+    return _TOKENIZERS[key]
 
 
 def _batches(docs: Iterator[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
@@ -213,13 +124,22 @@ def _batches(docs: Iterator[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]
 
 def process_input(job: InputJob, progress: Callable[[int, int], None]) -> dict:
     """Tokenize one input file into shards; return its manifest entry. ``progress(docs, tokens)`` is called
-    after each batch."""
+    after each batch. On any error the stream's shards written so far are removed before it propagates."""
     tok = _tokenizer(job.tokenizer_path)
     folder = Path(job.destination)
     stream_prefix = f"{job.prefix}_{job.stream:06d}"
-    for stale in itertools.chain(folder.glob(f"{stream_prefix}_*.bin"), folder.glob(f"{stream_prefix}_*.tmp")):
-        stale.unlink()  # left by an interrupted run: this input was not recorded as done
+    remove_stream(folder, stream_prefix)  # left by an interrupted run: this input was not recorded as done
     writer = ShardWriter(folder, stream_prefix, job.chunk_size, dtype_for_vocab(tok.vocab_size))
+    try:
+        entry = _tokenize_input(job, tok, writer, progress)
+    except BaseException:  # also Ctrl-C: a stream cut short must not be read as data
+        writer.discard()
+        raise
+    return {"stream": job.stream, **entry}
+
+
+def _tokenize_input(job: InputJob, tok: Tokenizer, writer: ShardWriter,
+                    progress: Callable[[int, int], None]) -> dict:
     sets: dict[str, dict[str, int]] = {}
     docs = tokens = skipped = 0
     for batch in _batches(iter_documents(Path(job.path), job.corpus)):
@@ -240,8 +160,8 @@ def process_input(job: InputJob, progress: Callable[[int, int], None]) -> dict:
         docs += len(batch)
         tokens += n
         progress(len(batch), n)
-    return {"stream": job.stream, "documents": docs, "tokens": tokens, "skipped_documents": skipped,
-            "sets": sets, "shards": writer.close()}
+    return {"documents": docs, "tokens": tokens, "skipped_documents": skipped, "sets": sets,
+            "shards": writer.close()}
 
 
 # Worker-process side of the parallel run: progress goes through shared counters, and each worker encodes
@@ -265,10 +185,6 @@ def _add_progress(docs: int, tokens: int) -> None:
 
 def _run_job(job: InputJob) -> tuple[str, dict]:
     return job.relpath, process_input(job, _add_progress)
-
-
-def _manifest_path(destination: Path, split: str, corpus: Corpus) -> Path:
-    return destination / f"{split}_{corpus.name}_manifest.json"
 
 
 def _load_manifest(path: Path, settings: dict) -> dict:
@@ -318,46 +234,41 @@ def _is_done(entry: dict | None, destination: Path) -> bool:
 
 def prepare_split(source_path: str, tokenizer_path: str, destination_path: str, split: str,
                   percentage: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE, num_workers: int = 1,
-                  skip_github: bool = False, corpus: Corpus = SLIMPAJAMA, show_progress: bool | None = None) -> dict:
+                  skip_github: bool = False, corpus: Corpus = SLIMPAJAMA, show_progress: bool | None = None,
+                  prefix: str = "") -> dict:
     """Tokenize ``split`` of a corpus into shards under ``destination_path``; return the manifest.
 
     Args:
-        source_path: corpus folder (``{split}/chunk*/*.jsonl.zst`` or a folder of input files).
-        tokenizer_path: SentencePiece model ("" = the embedded tokenizer).
+        source_path: corpus folder (``{split}/chunk*/*.jsonl.zst``, a folder of input files or a ``datasets``
+            folder), a glob of input files, or one file (see :func:`.readers.find_inputs`).
+        tokenizer_path: SentencePiece ``.model``, HF ``tokenizer.json`` or a folder of either ("" = embedded).
         destination_path: output folder (created).
-        split: "train" or "validation" (names the outputs).
+        split: the source's split ("train", "validation", ...); names the outputs when ``prefix`` is "".
         percentage: fraction of the sorted input files to use (TinyLlama's option), rounded up to >= 1 file.
         chunk_size: tokens per shard (the last shard of each input may be shorter).
         num_workers: processes; the output does not depend on it.
         skip_github: drop documents of the RedPajamaGithub set, as TinyLlama does (SlimPajama only).
-        corpus: SLIMPAJAMA or STARCODER.
+        corpus: SLIMPAJAMA, STARCODER or a :func:`.readers.general_corpus`.
         show_progress: tqdm bar; None = only on a terminal.
+        prefix: output name prefix (shards ``{prefix}_*.bin``, ``{prefix}_manifest.json``); "" =
+            ``{split}_{corpus.name}``.
     """
-    if not 0.0 < percentage <= 1.0:
-        raise UserError(f"--percentage {percentage} must be in (0, 1]")
-    if chunk_size < 1:
-        raise UserError(f"--chunk_size {chunk_size} must be positive")
-    if num_workers < 1:
-        raise UserError(f"--num_workers {num_workers} must be >= 1")
+    _check_options(percentage, chunk_size, num_workers, prefix)
     tokenizer_path = resolve_tokenizer_path(tokenizer_path)
+    _tokenizer(tokenizer_path).require_eos()  # before anything is written
     root, files = find_inputs(source_path, split, corpus)
     destination = Path(destination_path)
     if destination.exists() and not destination.is_dir():
         raise UserError(f"--destination_path {destination} is a file; pass a folder for the shards")
     destination.mkdir(parents=True, exist_ok=True)
     fingerprint = tokenizer_fingerprint(tokenizer_path)
-    dtype = dtype_for_vocab(fingerprint["vocab_size"])
-    settings = {"format": "LITPKDS", "version": 1, "corpus": corpus.name, "split": split, "tokenizer": fingerprint,
-                "chunk_size": chunk_size, "dtype": dtype.name, "skip_github": skip_github}
-    manifest_path = _manifest_path(destination, split, corpus)
+    settings = {"format": "LITPKDS", "version": 1, **corpus.settings(), "split": split, "tokenizer": fingerprint,
+                "chunk_size": chunk_size, "dtype": dtype_for_vocab(fingerprint["vocab_size"]).name,
+                "skip_github": skip_github}
+    prefix = prefix or f"{split}_{corpus.name}"
+    manifest_path = destination / f"{prefix}_manifest.json"
     manifest = _load_manifest(manifest_path, settings)
-    prefix = f"{split}_{corpus.name}"
-    stream_of = {rel: i for i, rel in enumerate(files)}
-    for rel, entry in manifest["inputs"].items():
-        if stream_of.get(rel, entry["stream"]) != entry["stream"]:
-            raise UserError(f"the input files under {root} changed since the shards in {destination} were made "
-                            f"({rel} was input {entry['stream']}, now {stream_of[rel]}); use a new "
-                            "--destination_path")
+    _check_streams(manifest["inputs"], files, root, destination)
     selected = files[: math.ceil(len(files) * percentage)]
     jobs = [
         InputJob(str(root / rel), rel, stream, str(destination), prefix, tokenizer_path, chunk_size, corpus,
@@ -367,8 +278,34 @@ def prepare_split(source_path: str, tokenizer_path: str, destination_path: str, 
     ]
     bar = tqdm(unit="tok", unit_scale=True, desc=f"{prefix} ({len(jobs)}/{len(selected)} files to do)",
                disable=False if show_progress else None if show_progress is None else True)
-    docs_seen = 0
+    _run_jobs(jobs, num_workers, bar, manifest, manifest_path)
+    return json.loads(manifest_path.read_text())
 
+
+def _check_options(percentage: float, chunk_size: int, num_workers: int, prefix: str) -> None:
+    if not 0.0 < percentage <= 1.0:
+        raise UserError(f"--percentage {percentage} must be in (0, 1]")
+    if chunk_size < 1:
+        raise UserError(f"--chunk_size {chunk_size} must be positive")
+    if num_workers < 1:
+        raise UserError(f"--num_workers {num_workers} must be >= 1")
+    if prefix and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", prefix):
+        raise UserError(f"--prefix {prefix!r} must be a file-name part of letters, digits, '_', '.', '-' (e.g. "
+                        "train_slim), matched by data.train_prefixes")
+
+
+def _check_streams(done: dict, files: list[str], root: Path, destination: Path) -> None:
+    """UserError if an input recorded in the manifest now sorts at another position (its stream index)."""
+    stream_of = {rel: i for i, rel in enumerate(files)}
+    for rel, entry in done.items():
+        if stream_of.get(rel, entry["stream"]) != entry["stream"]:
+            raise UserError(f"the input files under {root} changed since the shards in {destination} were made "
+                            f"({rel} was input {entry['stream']}, now {stream_of[rel]}); use a new "
+                            "--destination_path")
+
+
+def _run_jobs(jobs: list[InputJob], num_workers: int, bar: tqdm, manifest: dict, manifest_path: Path) -> None:
+    """Runs the jobs, recording each finished input in the manifest (written every 30 s and at the end)."""
     last_write = time.monotonic()
 
     def on_done(relpath: str, entry: dict) -> None:
@@ -381,20 +318,28 @@ def prepare_split(source_path: str, tokenizer_path: str, destination_path: str, 
 
     try:
         if num_workers == 1 or len(jobs) <= 1:
-            for job in jobs:
-                def progress(d: int, t: int) -> None:
-                    nonlocal docs_seen
-                    docs_seen += d
-                    bar.update(t)
-                    bar.set_postfix(docs=docs_seen, refresh=False)
-
-                on_done(job.relpath, process_input(job, progress))
+            _run_serial(jobs, bar, on_done)
         else:
             _run_parallel(jobs, num_workers, bar, on_done)
     finally:  # also on an error or Ctrl-C, so a re-run skips the inputs finished so far
         bar.close()
         _write_manifest(manifest_path, manifest)
-    return json.loads(manifest_path.read_text())
+        for job in jobs:  # the pool's workers are gone: remove what the unfinished ones (killed or not) wrote
+            if job.relpath not in manifest["inputs"]:
+                remove_stream(Path(job.destination), f"{job.prefix}_{job.stream:06d}")
+
+
+def _run_serial(jobs: list[InputJob], bar: tqdm, on_done: Callable[[str, dict], None]) -> None:
+    docs_seen = 0
+
+    def progress(d: int, t: int) -> None:
+        nonlocal docs_seen
+        docs_seen += d
+        bar.update(t)
+        bar.set_postfix(docs=docs_seen, refresh=False)
+
+    for job in jobs:
+        on_done(job.relpath, process_input(job, progress))
 
 
 def _run_parallel(jobs: list[InputJob], num_workers: int, bar: tqdm,

@@ -54,8 +54,9 @@ class ShardError(UserError):
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
-    """TinyLlama's ``dtype="auto"``: uint16 below 65500 tokens, else int32."""
-    return np.dtype(np.uint16) if vocab_size < 65500 else np.dtype(np.int32)
+    """uint16 (code 8) for vocabularies of at most 65,535 tokens, int32 (code 4) above (TinyLlama's ``"auto"``
+    switches a little earlier, at 65,500; its reader takes either from the header)."""
+    return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.int32)
 
 
 def pack_header(dtype: np.dtype, chunk_size: int) -> bytes:
@@ -65,7 +66,7 @@ def pack_header(dtype: np.dtype, chunk_size: int) -> bytes:
 
 
 def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
-    """Write ``tokens`` (1-D, dtype already chosen) as one shard, atomically (temp file, then rename)."""
+    """Write ``tokens`` (1-D, dtype already chosen) as one shard, atomically (``{path}.tmp``, then rename)."""
     tokens = np.ascontiguousarray(tokens)
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
