@@ -146,3 +146,23 @@ def test_vocab_size_follows_the_tokenizer_unless_set(tmp_path: Path, hf_folder: 
     assert resolve_vocab_size(0, data(str(shards))) == 50277  # the selected prefix's preparation only
     with pytest.raises(UserError, match="model.vocab_size=-1 must be > 0, or 0 to follow the tokenizer"):
         resolve_vocab_size(-1, data())
+
+
+def test_special_strings_in_text_and_an_exported_mask_token(tmp_path: Path, hf_folder: Path):
+    """A "</s>" written inside a document is text, not EOS (SentencePiece's behaviour); the <|mdm_mask|> token that
+    dlm_titan's export registers at id = model.vocab_size is not a token of the data, so the vocabulary stays."""
+    sp = spm.SentencePieceProcessor(model_file=embedded_tokenizer_path())
+    embedded = load_tokenizer("")
+    assert embedded.encode("a </s> b", eos=False) == sp.encode("a </s> b") and sp.eos_id() not in sp.encode("</s>")
+    tok = load_tokenizer(str(hf_folder))
+    ids = tok.encode("x <|doc_end|> y </s>", eos=False)
+    assert tok.eos_id not in ids and tok.decode(ids) == "x <|doc_end|> y </s>"
+
+    spec = json.loads((hf_folder / "tokenizer.json").read_text())
+    n = tok.vocab_size
+    spec["added_tokens"].append({"id": n, "content": "<|mdm_mask|>", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True})
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    exported = load_tokenizer(str(tmp_path / "tokenizer.json"), max_vocab_size=n)
+    assert exported.vocab_size == n and HF.from_file(str(tmp_path / "tokenizer.json")).get_vocab_size() == n + 1
+    assert n not in exported.encode("<|mdm_mask|>")

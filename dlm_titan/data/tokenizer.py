@@ -11,11 +11,13 @@ Special tokens:
 - ``tokenizer.json``: BOS and EOS are the ``bos_token`` / ``eos_token`` named in ``tokenizer_config.json``
   beside it, else in ``special_tokens_map.json`` beside it, else the first conventional token present in its
   vocabulary (EOS: ``</s>``, ``<|endoftext|>``, ``<|end_of_text|>``, ``<eos>``; BOS: ``<s>``,
-  ``<|begin_of_text|>``, ``<bos>``). Its own post-processor (e.g. Llama's added BOS) is never applied.
+  ``<|begin_of_text|>``, ``<bos>``). Its own post-processor (e.g. Llama's added BOS) is never applied, and
+  special-token strings inside a document are encoded as plain text (as SentencePiece does).
 
 Documents are ``tokens + EOS`` with no BOS (lit-gpt's ``encode(bos=False, eos=True)``); a tokenizer without EOS
 can not prepare data. ``vocab_size`` is the largest token id + 1 (added tokens included); the diffusion mask
-id is ``model.vocab_size``, never one of the tokenizer's tokens. ``-1`` stands for an absent BOS/EOS.
+id is ``model.vocab_size``, never one of the tokenizer's tokens (the ``<|mdm_mask|>`` token that dlm_titan's
+Hugging Face export adds at that id is not counted). ``-1`` stands for an absent BOS/EOS.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ CONVENTIONAL = {
     "eos_token": ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>"),
     "bos_token": ("<s>", "<|begin_of_text|>", "<bos>"),
 }
+MASK_TOKEN = "<|mdm_mask|>"  # the name of the mask id (= model.vocab_size) in an exported tokenizer.json
 DEFAULT_VOCAB_SIZE = 32000  # SMDM's (Llama-2's) vocabulary: model.vocab_size when nothing says otherwise
 _KINDS = "a SentencePiece .model, a Hugging Face tokenizer.json, or a folder holding either"
 
@@ -135,8 +138,13 @@ class _HuggingFace:
         except Exception as e:  # tokenizers raises plain Exception for unreadable or malformed files
             raise UserError(f"tokenizer {path} is not a Hugging Face tokenizer.json ({str(e).strip()}); "
                             f"pass {_KINDS}") from None
-        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
-        self.vocab_size = max(vocab.values()) + 1 if vocab else 0
+        # special-token strings in a document are plain text, as SentencePiece treats them (a "</s>" in a web page
+        # must not become EOS)
+        self.tokenizer.encode_special_tokens = True
+        # dlm_titan's Hugging Face export registers the mask token at id = model.vocab_size: the model's extra
+        # embedding row, not a token of the data
+        ids = [i for token, i in self.tokenizer.get_vocab(with_added_tokens=True).items() if token != MASK_TOKEN]
+        self.vocab_size = max(ids) + 1 if ids else 0
         configured = _configured_tokens(Path(path).parent)
         self.bos_id = self._special_id(path, "bos_token", configured)
         self.eos_id = self._special_id(path, "eos_token", configured)
