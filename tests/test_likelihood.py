@@ -1,6 +1,7 @@
 """Likelihoods: the MC ELBO is the training loss estimator (same noise) and converges to the exact bound;
-the chain rule equals a product computed by hand from the model's logits; the lm-eval adapter's scoring
-(without lm_eval); the generate / eval_elbo command lines on a tiny exported model."""
+the left-to-right order's likelihood equals a product computed by hand from the model's logits; batching many
+texts gives each text's own value; the lm-eval scorer (without lm_eval); the generate / eval_elbo command lines
+on a tiny exported model."""
 
 import math
 import sys
@@ -12,9 +13,16 @@ import torch
 from dlm_kernels import masked_linear_cross_entropy
 
 from dlm_titan.diffusion import Noise, forward_process, sample_noise
-from dlm_titan.likelihood import EVAL_STREAM, chain_rule_logprob, elbo, text_key
-from dlm_titan.models import ModelArgs, TransEncoder
-from scripts.lm_eval_adapter import (
+from dlm_titan.likelihood import (
+    EVAL_STREAM,
+    chain_rule_logprob,
+    elbo,
+    elbo_batch,
+    left_to_right_logprob,
+    left_to_right_logprob_batch,
+    text_key,
+)
+from dlm_titan.lm_eval.scorer import (
     Scorer,
     ScorerConfig,
     encode_pair,
@@ -22,6 +30,7 @@ from scripts.lm_eval_adapter import (
     split_context,
     truncate_pair,
 )
+from dlm_titan.models import ModelArgs, TransEncoder
 
 VOCAB, MASK, EOS = 50, 50, 2
 
@@ -40,11 +49,12 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
+TORCH_LOSS = partial(masked_linear_cross_entropy, impl="torch")
+
+
 @pytest.fixture(scope="module")
 def model():
-    m = tiny_model()
-    m.loss_fn = partial(masked_linear_cross_entropy, impl="torch")
-    return m
+    return tiny_model()
 
 
 @pytest.mark.parametrize("t_sampling", ["stratified", "uniform"])
@@ -60,9 +70,9 @@ def test_elbo_equals_mean_training_loss_estimator(model, t_sampling):
         for j in range(k):
             mb = forward_process(text[None], Noise(noise.t[j : j + 1], noise.uniforms[j : j + 1]), eps=eps,
                                  mask_id=MASK, token_count=12)
-            per_copy.append(model(mb.inputs, mb.targets, mb.token_weights).item())
+            per_copy.append(model(mb.inputs, mb.targets, mb.token_weights, loss_fn=TORCH_LOSS).item())
         batch = forward_process(text.expand(k, 12), noise, eps=eps, mask_id=MASK, token_count=k * 12)
-        step_loss = model(batch.inputs, batch.targets, batch.token_weights).item()
+        step_loss = model(batch.inputs, batch.targets, batch.token_weights, loss_fn=TORCH_LOSS).item()
     torch.testing.assert_close(est.samples, torch.tensor(per_copy, dtype=torch.float64) * 12, rtol=1e-5, atol=1e-5)
     assert est.nll == pytest.approx(np.mean(per_copy) * 12, rel=1e-5)
     assert est.nll == pytest.approx(step_loss * 12, rel=1e-5)  # the training loss of that step, x tokens
@@ -122,7 +132,7 @@ def test_elbo_masks_only_the_target_and_keys_noise_by_text(model):
 
 
 @pytest.mark.parametrize("context, cfg_scale", [([], 0.0), ([5, 6], 0.0), ([5, 6], 1.0)])
-def test_chain_rule_of_three_tokens_equals_hand_product(model, context, cfg_scale):
+def test_left_to_right_of_three_tokens_equals_hand_product(model, context, cfg_scale):
     a, b, c = 17, 4, 29
 
     def prob(seq, pos, tok):
@@ -134,12 +144,54 @@ def test_chain_rule_of_three_tokens_equals_hand_product(model, context, cfg_scal
         return torch.softmax(logits, dim=-1)[tok].item()
 
     by_hand = prob([MASK, MASK, MASK], 0, a) * prob([a, MASK, MASK], 1, b) * prob([a, b, MASK], 2, c)
-    per_token = chain_rule_logprob(model, [a, b, c], mask_id=MASK, context=context, batch_size=2, cfg_scale=cfg_scale)
+    per_token = left_to_right_logprob(model, [a, b, c], mask_id=MASK, context=context, batch_size=2,
+                                      cfg_scale=cfg_scale)
     assert per_token.shape == (3,) and per_token.dtype == torch.float64
     assert math.exp(per_token.sum().item()) == pytest.approx(by_hand, rel=1e-4)
+    assert chain_rule_logprob is left_to_right_logprob  # SMDM's name stays as an alias
 
 
-# ---- lm-eval adapter logic (no lm_eval needed) ----
+def reference_elbo_samples(model, ctx: list[int], tgt: list[int], key: int, k: int, cfg_scale: float) -> torch.Tensor:
+    """Per-sample sum over masked target tokens of CE / p, from whole-sequence logits (the sampler's CFG)."""
+    from dlm_titan.sampling import guided_logits
+
+    noise = sample_noise(torch.arange(k), len(tgt), seed=0, step=key, stream=EVAL_STREAM, t_sampling="stratified",
+                         num_positions=k)
+    mb = forward_process(torch.tensor(tgt).expand(k, -1), noise, eps=1e-3, mask_id=MASK, token_count=1)
+    x = torch.cat([torch.tensor(ctx, dtype=torch.long).expand(k, -1), mb.inputs], 1)
+    prompt = torch.zeros_like(x, dtype=torch.bool)
+    prompt[:, : len(ctx)] = True
+    with torch.no_grad():
+        logp = torch.log_softmax(guided_logits(model, x, prompt, cfg_scale, MASK)[:, len(ctx):].double(), -1)
+    ce = -logp.gather(-1, mb.targets[..., None]).squeeze(-1)
+    return (ce * mb.token_weights.double()).sum(1)
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 0.5])
+def test_batched_texts_get_their_own_values(model, cfg_scale):
+    """Texts of mixed lengths packed into forwards of 1, 5 or all rows give each text's value alone, which equals
+    an independent computation from whole-sequence logits; left-to-right copies likewise."""
+    texts = [([3, 4], [9, 10, 11]), ([], [7, 8, 9, 10, 11]), ([5], [6, 7, 8, 9]), ([1, 2, 3], [4, 5]),
+             ([8, 8], [8])]
+    runs = [elbo_batch(model, texts, mask_id=MASK, mc_samples=6, batch_size=b, cfg_scale=cfg_scale)
+            for b in (1, 5, 1000)]
+    for i, (ctx, tgt) in enumerate(texts):
+        ref = reference_elbo_samples(model, ctx, tgt, text_key(ctx + tgt), 6, cfg_scale)
+        for run in runs:
+            torch.testing.assert_close(run[i].samples, ref, rtol=1e-5, atol=1e-5)
+        assert runs[0][i].num_tokens == len(tgt)
+    singles = [left_to_right_logprob(model, t, mask_id=MASK, context=c, batch_size=1, cfg_scale=cfg_scale)
+               for c, t in texts]
+    for b in (2, 7, 1000):
+        done = []
+        packed = left_to_right_logprob_batch(model, texts, mask_id=MASK, batch_size=b, cfg_scale=cfg_scale,
+                                             progress=done.append)
+        assert sum(done) == len(texts)
+        for got, want in zip(packed, singles, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ---- lm-eval scoring (no lm_eval needed) ----
 
 
 class CharTokenizer:
@@ -189,9 +241,10 @@ def test_scorer_matches_the_likelihood_functions(model):
     tok = CharTokenizer()
     ctx, cont = encode_pair(tok, "the cat", " sat")
     chain = Scorer(model, tok, ScorerConfig(nll_type="chain_rule", batch_size=3))
+    assert chain.cfg.nll_type == "left_to_right"  # SMDM's name, accepted as an alias
     mc = Scorer(model, tok, ScorerConfig(nll_type="mc", mc_samples=32, seed=5))
     [(ll_chain, greedy)], [(ll_mc, _)] = chain.loglikelihood([("the cat", " sat")]), mc.loglikelihood([("the cat", " sat")])
-    assert ll_chain == pytest.approx(chain_rule_logprob(model, cont, mask_id=MASK, context=ctx).sum().item(), rel=1e-6)
+    assert ll_chain == pytest.approx(left_to_right_logprob(model, cont, mask_id=MASK, context=ctx).sum().item(), rel=1e-6)
     assert ll_mc == pytest.approx(-elbo(model, cont, mask_id=MASK, context=ctx, mc_samples=32, seed=5).nll, rel=1e-6)
     assert greedy is False  # not computed unless asked
     # Rolling: a text within one window is minus its ELBO after the document-start EOS.
@@ -221,7 +274,7 @@ def test_is_greedy_by_one_token_per_step_confidence_decoding():
             logits[:, torch.arange(x.shape[1]), 3 + torch.arange(x.shape[1]) % 4] = 30.0
             return logits
 
-    scorer = Scorer(Fixed(), CharTokenizer(), ScorerConfig(nll_type="chain_rule", greedy=True))
+    scorer = Scorer(Fixed(), CharTokenizer(), ScorerConfig(nll_type="left_to_right", greedy=True))
     # context "ab" = 2 tokens, so the continuation starts at position 2: greedy tokens 5, 6, 3, 4 = "bc a"
     [(ll, yes), (_, no)] = scorer.loglikelihood([("ab", "bc a"), ("ab", "bca")])
     assert yes is True and no is False and ll == pytest.approx(0.0, abs=1e-6)
@@ -245,11 +298,37 @@ def test_generate_until_cuts_at_stop_strings():
     assert out == ["xxxx", "xxxx xxx"]
 
 
-def test_adapter_without_lm_eval_is_a_user_error(monkeypatch, capsys):
-    from scripts import lm_eval_adapter
+def test_scorer_answers_do_not_depend_on_batch_size_or_order(model):
+    tok = CharTokenizer()
+    requests = [("the cat", " sat"), ("a", " dog ran"), ("the cow", " sat"), ("", "in the"), ("ab", " cd ef")]
+    texts = ["in the beginning was", "and the earth", "x"]
+    gens = [("the", {"until": ["q"], "max_gen_toks": 5, "temperature": 1.0}), ("abc", {"max_gen_toks": 3}),
+            ("the", {"until": ["q"], "max_gen_toks": 5, "temperature": 1.0}), ("abd", {"max_gen_toks": 3})]
+
+    def answers(batch_size: int, order: list[int]) -> tuple:
+        mc = Scorer(model, tok, ScorerConfig(mc_samples=6, batch_size=batch_size, greedy=True, max_length=8))
+        ltr = Scorer(model, tok, ScorerConfig(nll_type="left_to_right", batch_size=batch_size))
+        reqs = [requests[i] for i in order]
+        back = sorted(range(len(order)), key=order.__getitem__)
+        pick = lambda xs: [xs[i] for i in back]  # noqa: E731
+        return (pick(mc.loglikelihood(reqs)), pick(ltr.loglikelihood(reqs)), mc.loglikelihood_rolling(texts),
+                mc.generate_until(gens))
+
+    one = answers(1, [0, 1, 2, 3, 4])
+    many = answers(64, [4, 2, 0, 3, 1])
+    for a, b in zip(one[:2], many[:2], strict=True):
+        assert [g for _, g in a] == [g for _, g in b]
+        assert [v for v, _ in a] == pytest.approx([v for v, _ in b], rel=1e-5)
+    assert one[2] == pytest.approx(many[2], rel=1e-5)
+    assert one[3] == many[3] and one[3][0] != one[3][2]  # copies of a request sample differently at temperature 1
+
+
+def test_lm_eval_main_without_lm_eval_is_a_user_error(monkeypatch, capsys):
+    from dlm_titan.lm_eval.__main__ import main
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
-    code = lm_eval_adapter.main(["--checkpoint", "nowhere", "--tasks", "piqa"])
+    monkeypatch.delitem(sys.modules, "dlm_titan.lm_eval.model", raising=False)
+    code = main()
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: lm-eval is not installed")
 
@@ -303,14 +382,15 @@ def test_generate_cli_bad_input(export_dir, capsys, argv, message):
 def test_eval_elbo_cli_text_and_shards(export_dir, tmp_path, capsys):
     import json
 
-    from dlm_titan.data import load_tokenizer, write_shard
     from dlm_titan.checkpoint.export import load_model
+    from dlm_titan.data import load_tokenizer, write_shard
     from scripts import eval_elbo
 
     text = tmp_path / "t.txt"
     text.write_text("In the beginning God created the heaven and the earth.")
     base = ["--checkpoint", str(export_dir), "--device", "cpu", "--mc_samples", "8", "--seq_len", "8", "--json"]
-    assert eval_elbo.main([*base, "--text_file", str(text), "--chain_rule"]) == 0
+    assert eval_elbo.parse_args([*base, "--text_file", "t", "--chain_rule"]).left_to_right  # SMDM's name
+    assert eval_elbo.main([*base, "--text_file", str(text), "--left_to_right"]) == 0
     r = json.loads(capsys.readouterr().out)
     ids = load_tokenizer("").encode(text.read_text(), eos=True)
     assert r["tokens"] == len(ids) and r["windows"] == math.ceil(len(ids) / 8)
@@ -319,8 +399,8 @@ def test_eval_elbo_cli_text_and_shards(export_dir, tmp_path, capsys):
     expected = sum(elbo(model, ids[i : i + 8], mask_id=32000, mc_samples=8, step=i // 8).nll
                    for i in range(0, len(ids), 8))
     assert r["elbo_nll"] == pytest.approx(expected, rel=1e-5)
-    chain = -sum(chain_rule_logprob(model, ids[i : i + 8], mask_id=32000).sum().item() for i in range(0, len(ids), 8))
-    assert r["chain_rule_nll"] == pytest.approx(chain, rel=1e-5)
+    ltr = -sum(left_to_right_logprob(model, ids[i : i + 8], mask_id=32000).sum().item() for i in range(0, len(ids), 8))
+    assert r["left_to_right_nll"] == pytest.approx(ltr, rel=1e-5)
 
     shards = tmp_path / "shards"
     shards.mkdir()

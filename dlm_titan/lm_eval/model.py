@@ -1,0 +1,157 @@
+"""lm-eval model ``dlm_titan``: a dlm_titan checkpoint or export behind lm-eval's ``LM`` interface.
+
+Importing this module registers the model with lm-eval (``python -m dlm_titan.lm_eval`` does). Its
+``--model_args`` are ``pretrained=PATH`` (a dump folder, a ``step-N`` checkpoint folder or an export folder),
+``tokenizer_path``, ``dtype`` and the :class:`~dlm_titan.lm_eval.scorer.ScorerConfig` fields; lm-eval's
+``--batch_size`` is the number of sequences per forward pass and ``--device`` the device.
+
+Data parallel: under ``torchrun --nproc_per_node N`` each process joins the process group (NCCL on GPUs, one
+per local rank; gloo on CPUs) and reports lm-eval's rank / world-size protocol (``rank``, ``world_size``,
+``all_gather``, ``gather_object``, ``barrier``), so lm-eval's evaluator gives each rank its share of the
+documents and gathers the metrics on rank 0. MC noise is keyed by each request's tokens, so the scores are
+those of a one-process run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from tqdm import tqdm
+
+from dlm_titan.checkpoint.export import load_model
+from dlm_titan.data import load_tokenizer
+from dlm_titan.distributed import init_distributed
+from dlm_titan.errors import UserError
+from dlm_titan.lm_eval.scorer import Scorer, ScorerConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def scorer_config(options: dict, batch_size: int | str) -> ScorerConfig:
+    """ScorerConfig from model_args (lm-eval parses them into str/int/float/bool) and lm-eval's batch size
+    ("auto" = 128); UserError naming an unknown option."""
+    fields = ScorerConfig.__dataclass_fields__
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        known = ", ".join(["pretrained", "tokenizer_path", "dtype", *fields])
+        raise UserError(f"unknown dlm_titan model_args {', '.join(unknown)}; known: {known}")
+    values = {k: _coerce(fields[k].default, k, v) for k, v in options.items() if v is not None}
+    if str(batch_size).startswith("auto"):
+        batch_size = 128
+    return ScorerConfig(**values, batch_size=_coerce(1, "batch_size", batch_size))
+
+
+def _coerce(default, name: str, value):
+    """Converts a model_args value to the type of the field's default."""
+    kind = {bool: "true or false", int: "an integer", float: "a number"}.get(type(default), "a string")
+    text = str(value).lower()
+    if isinstance(default, bool) and text in ("true", "false", "1", "0"):
+        return text in ("true", "1")
+    try:
+        if not isinstance(default, bool):
+            return type(default)(value)
+    except ValueError:
+        pass
+    raise UserError(f"model_args {name}={value!r} must be {kind}")
+
+
+def place(device: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device): torchrun's process group when launched with several processes (each rank
+    on cuda:LOCAL_RANK, or the CPU without CUDA), else ``device`` (None, "auto", or a CUDA device on a machine
+    without CUDA, as lm-eval's default cuda:0 is: CUDA when available, else the CPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return init_distributed()
+    if device in (None, "", "auto") or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")  # lm-eval's default is cuda:0
+    return 0, 1, torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """"auto" = bfloat16 on CUDA, float32 elsewhere."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"model_args dtype={dtype} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def bundled_tokenizer(path: str) -> str:
+    """The tokenizer an export folder carries ("" = none: the embedded tokenizer)."""
+    for folder in (Path(path), Path(path) / "export"):
+        if (folder / "tokenizer.model").is_file() or (folder / "tokenizer.json").is_file():
+            return str(folder)
+    return ""
+
+
+@register_model("dlm_titan")
+class DLMTitanLM(LM):
+    """lm-eval model ``dlm_titan``; see the module docstring."""
+
+    def __init__(self, pretrained: str = "", tokenizer_path: str = "", dtype: str = "auto", device: str | None = None,
+                 batch_size: int | str = 1, max_batch_size: int | None = None, checkpoint: str = "", **options):
+        super().__init__()
+        path = str(pretrained or checkpoint)  # checkpoint=: the earlier adapter's name
+        if not path:
+            raise UserError("model dlm_titan needs --model_args pretrained=PATH (a dump folder, a step-N checkpoint "
+                            "folder or an export folder)")
+        cfg = scorer_config(options, batch_size)
+        self._rank, self._world_size, self._device = place(device)
+        model = load_model(path, self._device, dtype=resolve_dtype(str(dtype), self._device))
+        tok = load_tokenizer(str(tokenizer_path or bundled_tokenizer(path)), max_vocab_size=model.args.vocab_size)
+        self.scorer = Scorer(model, tok, cfg)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def _bar(self, desc: str, total: int | None, disable_tqdm: bool) -> tqdm:
+        return tqdm(total=total, desc=desc, disable=disable_tqdm or self.rank != 0)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        args = [tuple(r.args[:2]) for r in requests]
+        with self._bar("loglikelihood requests", len(args), disable_tqdm) as bar:
+            out = self.scorer.loglikelihood(args, progress=bar.update)
+        for a, o in zip(args, out, strict=True):
+            self.cache_hook.add_partial("loglikelihood", a, o)
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        texts = [r.args[0] for r in requests]
+        with self._bar("loglikelihood_rolling windows", None, disable_tqdm) as bar:
+            out = self.scorer.loglikelihood_rolling(texts, progress=bar.update)
+        for t, o in zip(texts, out, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", (t,), o)
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        args = [(r.args[0], r.args[1]) for r in requests]
+        with self._bar("generate_until requests", len(args), disable_tqdm) as bar:
+            out = self.scorer.generate_until(args, progress=bar.update)
+        for a, o in zip(args, out, strict=True):
+            self.cache_hook.add_partial("generate_until", a, o)
+        return out
+
+    # lm-eval's data-parallel protocol (its evaluator calls these when world_size > 1).
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size <= 1:
+            return tensor
+        parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat([p.reshape(-1) for p in parts])
+
+    def gather_object(self, obj, dst: int = 0):
+        if self.world_size <= 1:
+            return [obj]
+        result = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object(obj, result, dst=dst)
+        return result
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()

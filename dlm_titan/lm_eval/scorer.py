@@ -1,0 +1,224 @@
+"""lm-eval's three request types answered by a dlm_titan model, batched, without importing lm-eval.
+
+- ``loglikelihood`` as SMDM's ``evaluate_diff.py``: ``nll_type="mc"`` = minus the MC ELBO of the continuation
+  given the clean context (a lower bound on its log-likelihood), or ``"left_to_right"`` (SMDM's ``chain_rule``)
+  = the log-likelihood of revealing the continuation left to right, one token per step (one unmasking order, not
+  the model's likelihood: see :mod:`dlm_titan.likelihood`); unsupervised CFG; ``is_greedy`` (``greedy=True``)
+  by confidence decoding one token per step, as SMDM.
+- ``loglikelihood_rolling`` (perplexity tasks): minus the ELBO of the document, window after window, each window
+  conditioned on the tokens before it.
+- ``generate_until``: the confidence sampler, cut at EOS and at the task's stop strings.
+
+Every request's sequences (MC draws, left-to-right copies, generation canvases) are packed with those of other
+requests of the same length into forwards of ``batch_size`` rows; noise is keyed by the request's tokens, so
+answers do not depend on batching, request order or the data-parallel rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dlm_titan.errors import UserError
+from dlm_titan.likelihood import elbo_batch, left_to_right_logprob_batch, text_key
+from dlm_titan.sampling import SamplerConfig, sample, truncate_at_eos
+
+# nll_type values; "chain_rule" is SMDM's name for "left_to_right".
+NLL_TYPES = {"mc": "mc", "left_to_right": "left_to_right", "chain_rule": "left_to_right"}
+
+Progress = Callable[[int], None] | None
+
+
+@dataclass
+class ScorerConfig:
+    """Scoring options (lm-eval ``--model_args`` of model ``dlm_titan``; ``batch_size`` is lm-eval's).
+
+    Attributes:
+        nll_type: "mc" (minus the MC ELBO) or "left_to_right" (one unmasking order; alias "chain_rule").
+        mc_samples: MC samples per request (SMDM: 1024 for lm-eval, 128 for validation).
+        batch_size: sequences per forward pass (MC draws of several requests share one).
+        cfg_scale: unsupervised classifier-free guidance for loglikelihood and generation (0 = off).
+        greedy: compute ``is_greedy`` (costs one forward per continuation token); False otherwise.
+        eps: ELBO's p = (1 - eps) t + eps.
+        seed: MC and sampling noise seed (a request's noise is keyed by its tokens, not its position in the run).
+        max_length: longest sequence scored (0 = the model's max_seq_len); longer contexts lose tokens on the left.
+        rolling_context: clean tokens of context before each rolling window (>= 1; the first window's
+            context is the EOS that starts a document).
+        gen_steps: sampler steps for generate_until (0 = one step per generated token).
+    """
+
+    nll_type: str = "mc"
+    mc_samples: int = 128
+    batch_size: int = 32
+    cfg_scale: float = 0.0
+    greedy: bool = False
+    eps: float = 1e-3
+    seed: int = 1234
+    max_length: int = 0
+    rolling_context: int = 1
+    gen_steps: int = 0
+
+    def check(self) -> None:
+        """UserError naming the bad option; "chain_rule" becomes "left_to_right"."""
+        if self.nll_type not in NLL_TYPES:
+            raise UserError(f"nll_type {self.nll_type!r} is not one of {', '.join(NLL_TYPES)}")
+        self.nll_type = NLL_TYPES[self.nll_type]
+        if min(self.mc_samples, self.batch_size, self.rolling_context) < 1:
+            raise UserError("mc_samples, batch_size and rolling_context must be at least 1")
+        if not 0.0 <= self.eps < 1.0 or self.cfg_scale < 0 or self.max_length < 0 or self.gen_steps < 0:
+            raise UserError("eps must be in [0, 1); cfg_scale, max_length and gen_steps must be >= 0")
+
+
+def split_context(context: str, continuation: str) -> tuple[str, str]:
+    """lm-eval's convention: trailing whitespace of the context belongs to the continuation."""
+    stripped = context.rstrip()
+    return stripped, context[len(stripped):] + continuation
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of (context, continuation): the whole string is encoded once and split at the context's
+    length, so the continuation's first token is the one the tokenizer really produces after the context. An
+    empty context becomes EOS (the start of a document)."""
+    context, continuation = split_context(context, continuation)
+    whole = tokenizer.encode(context + continuation, bos=False, eos=False)
+    ctx = tokenizer.encode(context, bos=False, eos=False) if context else []
+    cont = whole[len(ctx):]
+    return (ctx or [tokenizer.eos_id]), cont
+
+
+def rolling_windows(tokens: list[int], max_length: int, context_length: int,
+                    prefix_token: int) -> list[tuple[list[int], list[int]]]:
+    """(context, target) pairs that score every token once, in order.
+
+    Targets are consecutive chunks of ``max_length - context_length`` tokens; each is conditioned on the (up to)
+    ``context_length`` tokens before it in ``[prefix_token] + tokens``, so every pair fits ``max_length``.
+    """
+    if not 1 <= context_length < max_length:
+        raise UserError(f"rolling context {context_length} must be in 1..{max_length - 1} (max_length - 1)")
+    stream = [prefix_token] + list(tokens)
+    chunk = max_length - context_length
+    out = []
+    for start in range(0, len(tokens), chunk):
+        end = start + 1  # position of tokens[start] in stream
+        out.append((stream[max(0, end - context_length) : end], stream[end : end + chunk]))
+    return out
+
+
+def truncate_pair(ctx: list[int], cont: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Drops context tokens from the left (then continuation tokens, keeping the last ones) to fit max_length."""
+    cont = cont[-max_length:]
+    keep = max_length - len(cont)
+    return (ctx[len(ctx) - keep :] if keep > 0 else []), cont
+
+
+def continuation_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """Text of ``new_ids`` as it reads after the prompt (SentencePiece drops a leading space when a piece list
+    is decoded on its own, so decode prompt + new and strip the prompt's decoding)."""
+    head, full = tokenizer.decode(prompt_ids), tokenizer.decode(prompt_ids + new_ids)
+    return full[len(head):] if full.startswith(head) else tokenizer.decode(new_ids)
+
+
+def _chunks(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
+class Scorer:
+    """loglikelihood / loglikelihood_rolling / generate_until of a model and tokenizer, batched."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, cfg: ScorerConfig):
+        cfg.check()
+        self.model, self.tok, self.cfg = model, tokenizer, cfg
+        self.mask_id = model.args.mask_id
+        self.max_length = cfg.max_length or model.max_seq_len
+        self.device = next(model.parameters()).device
+
+    def loglikelihood(self, requests: list[tuple[str, str]], progress: Progress = None) -> list[tuple[float, bool]]:
+        """(log p(continuation | context), is_greedy) per request, by the configured estimator."""
+        pairs = [truncate_pair(*encode_pair(self.tok, ctx, cont), self.max_length) for ctx, cont in requests]
+        c = self.cfg
+        if c.nll_type == "left_to_right":
+            per_token = left_to_right_logprob_batch(self.model, pairs, mask_id=self.mask_id, batch_size=c.batch_size,
+                                                    cfg_scale=c.cfg_scale, progress=progress)
+            logps = [t.sum().item() for t in per_token]
+        else:
+            estimates = elbo_batch(self.model, pairs, mask_id=self.mask_id, mc_samples=c.mc_samples,
+                                   batch_size=c.batch_size, eps=c.eps, seed=c.seed, cfg_scale=c.cfg_scale,
+                                   progress=progress)
+            logps = [-e.nll for e in estimates]
+        greedy = self.is_greedy(pairs) if c.greedy else [False] * len(pairs)
+        return list(zip(logps, greedy, strict=True))
+
+    def is_greedy(self, pairs: list[tuple[list[int], list[int]]]) -> list[bool]:
+        """Whether confidence decoding, one argmax token per step (SMDM), reproduces each continuation; pairs of
+        equal context and continuation lengths decode together."""
+        out = [False] * len(pairs)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (ctx, cont) in enumerate(pairs):
+            if ctx and cont:
+                groups.setdefault((len(ctx), len(cont)), []).append(i)
+        for (_, n), members in groups.items():
+            cfg = SamplerConfig(length=n, steps=n, algorithm="confidence", temperature=0.0,
+                                cfg_scale=self.cfg.cfg_scale, stop_at_eos=False)
+            for chunk in _chunks(members, self.cfg.batch_size):
+                prompt = torch.tensor([pairs[i][0] for i in chunk], device=self.device)
+                x = sample(self.model, prompt, cfg, mask_id=self.mask_id, vocab_limit=self.tok.vocab_size)
+                for i, row in zip(chunk, x[:, prompt.shape[1]:].tolist(), strict=True):
+                    out[i] = row == pairs[i][1]
+        return out
+
+    def loglikelihood_rolling(self, texts: list[str], progress: Progress = None) -> list[float]:
+        """Minus the ELBO of each whole text (a lower bound on its log-likelihood), summed over its windows; the
+        windows of all texts are scored together."""
+        windows, owner = [], []
+        for i, text in enumerate(texts):
+            tokens = self.tok.encode(text, bos=False, eos=False)
+            for pair in rolling_windows(tokens, self.max_length, self.cfg.rolling_context, self.tok.eos_id):
+                windows.append(pair)
+                owner.append(i)
+        c = self.cfg
+        estimates = elbo_batch(self.model, windows, mask_id=self.mask_id, mc_samples=c.mc_samples,
+                               batch_size=c.batch_size, eps=c.eps, seed=c.seed, progress=progress)
+        totals = [0.0] * len(texts)
+        for i, est in zip(owner, estimates, strict=True):
+            totals[i] -= est.nll
+        return totals
+
+    def generate_until(self, requests: list[tuple[str, dict]], progress: Progress = None) -> list[str]:
+        """Confidence sampling of ``max_gen_toks`` tokens, cut at EOS and at the first stop string. Requests with
+        equal options and prompt lengths sample together. A row's noise is keyed by (seed, its tokens, how many
+        equal requests came before it in the call), so copies of a request (lm-eval's ``repeats``) differ at
+        temperature > 0 and nothing depends on batching or rank."""
+        prompts, groups, seen = [], {}, {}
+        for i, (context, kwargs) in enumerate(requests):
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            length = max(1, min(int(kwargs.get("max_gen_toks", 256)), self.max_length - 1))
+            temperature = 0.0 if kwargs.get("do_sample") is False else float(kwargs.get("temperature") or 0.0)
+            ctx = self.tok.encode(context, bos=False, eos=False) or [self.tok.eos_id]
+            ctx = ctx[max(0, len(ctx) + length - self.max_length):]
+            key = (len(ctx), length, temperature)
+            copy = seen[(tuple(ctx), key)] = seen.get((tuple(ctx), key), -1) + 1
+            prompts.append((ctx, until, text_key([self.cfg.seed, copy, *ctx])))
+            groups.setdefault(key, []).append(i)
+        out = [""] * len(requests)
+        for (_, length, temperature), members in groups.items():
+            cfg = SamplerConfig(length=length, steps=min(length, self.cfg.gen_steps or length),
+                                temperature=temperature, cfg_scale=self.cfg.cfg_scale)
+            for chunk in _chunks(members, self.cfg.batch_size):
+                texts = self._generate([prompts[i][0] for i in chunk], [prompts[i][2] for i in chunk], cfg)
+                for i, text in zip(chunk, texts, strict=True):
+                    cuts = [text.index(s) for s in prompts[i][1] if s and s in text]
+                    out[i] = text[: min(cuts)] if cuts else text
+                if progress is not None:
+                    progress(len(chunk))
+        return out
+
+    def _generate(self, prompts: list[list[int]], seeds: list[int], cfg: SamplerConfig) -> list[str]:
+        """Continuation texts of equal-length prompts, row i sampled with noise seed ``seeds[i]``."""
+        x = sample(self.model, torch.tensor(prompts, device=self.device), cfg, mask_id=self.mask_id,
+                   eos_id=self.tok.eos_id, vocab_limit=self.tok.vocab_size, row_seeds=seeds)
+        plen = len(prompts[0])
+        return [continuation_text(self.tok, p, truncate_at_eos(row, self.tok.eos_id))
+                for p, row in zip(prompts, x[:, plen:].tolist(), strict=True)]
