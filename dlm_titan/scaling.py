@@ -32,7 +32,8 @@ VALIDATION_LOSS_TAG = "validation/loss"
 
 @dataclass(frozen=True)
 class RunPlan:
-    """One run of a sweep: a model flavor trained for the steps a FLOPs budget buys."""
+    """One run of a sweep: a model flavor trained for the steps a FLOPs budget buys, with an objective ("mdm",
+    or "ar" for SMDM's autoregressive baseline: same flavors, same 6 N D budget rule)."""
 
     budget: float
     flavor: str
@@ -42,11 +43,13 @@ class RunPlan:
     global_batch_size: int
     seq_len: int
     ssl_ratio: float = 0.0
+    objective: str = "mdm"
 
     @property
     def name(self) -> str:
-        """Folder-safe run name, e.g. ``1e18-19M``."""
-        return f"{budget_label(self.budget)}-{self.flavor}"
+        """Folder-safe run name, e.g. ``1e18-19M`` (MDM) or ``ar-1e18-19M``."""
+        prefix = "" if self.objective == "mdm" else f"{self.objective}-"
+        return f"{prefix}{budget_label(self.budget)}-{self.flavor}"
 
     @property
     def tokens(self) -> float:
@@ -73,6 +76,7 @@ def plan_run(
     seq_len: int = 2048,
     ssl_ratio: float = 0.0,
     warmup_steps: int = -1,
+    objective: str = "mdm",
 ) -> RunPlan:
     """Plans one run: SMDM's steps for ``budget`` FLOPs and the warmup the trainer will use.
 
@@ -83,6 +87,7 @@ def plan_run(
         seq_len: tokens per sequence.
         ssl_ratio: stochastic-sequence-length probability; the step rule then uses the mean length.
         warmup_steps: the config's ``lr_scheduler.warmup_steps`` (-1 = SMDM's max(1% of steps, 100)).
+        objective: "mdm" or "ar" (the same steps: SMDM counts 6 N D for both).
 
     Raises:
         UserError: unknown flavor, or a budget smaller than one step of this model and batch.
@@ -97,12 +102,18 @@ def plan_run(
         )
     # The trainer's rule (dlm_titan.optim.resolve_warmup_steps): never longer than the run.
     warmup = min(smdm_warmup_steps(steps) if warmup_steps < 0 else warmup_steps, steps)
-    return RunPlan(budget, flavor, n, steps, warmup, global_batch_size, seq_len, ssl_ratio)
+    return RunPlan(budget, flavor, n, steps, warmup, global_batch_size, seq_len, ssl_ratio, objective)
 
 
-def plan_sweep(budgets: Sequence[float], flavors: Sequence[str], **kwargs) -> list[RunPlan]:
-    """One :func:`plan_run` per (budget, flavor), budgets outer, in the order given."""
-    return [plan_run(budget, flavor, **kwargs) for budget in budgets for flavor in flavors]
+def plan_sweep(budgets: Sequence[float], flavors: Sequence[str], objectives: Sequence[str] = ("mdm",), **kwargs
+               ) -> list[RunPlan]:
+    """One :func:`plan_run` per (objective, budget, flavor), objectives outer, then budgets, in the order given.
+    AR runs never use stochastic sequence length (SMDM's train_ar.py has none)."""
+    plans = []
+    for objective in objectives:
+        options = kwargs if objective == "mdm" else {**kwargs, "ssl_ratio": 0.0}
+        plans += [plan_run(budget, flavor, objective=objective, **options) for budget in budgets for flavor in flavors]
+    return plans
 
 
 def format_plan(plans: Sequence[RunPlan]) -> str:

@@ -6,6 +6,7 @@ Usage::
     python -m scripts.isoflop_sweep --budgets 1e18,3e18 --flavors 19M,34M,48M --output_dir outputs/isoflop \\
         --config_file train_configs/170m.toml -- --data.path /data/slim_star_combined
     python -m scripts.isoflop_sweep --output_dir outputs/isoflop --collect_only
+    python -m scripts.isoflop_sweep --objective mdm,ar --budgets 1e18,3e18 --flavors 19M,34M,48M ...
 
 Each run trains for steps = floor(C / (6 N B L)) (N = non-embedding parameters) with validation at its last
 step. The sweep writes ``{output_dir}/configs/<run>.toml`` (a complete trainer config) and ``plan.json``; the
@@ -15,6 +16,12 @@ prints the ``sbatch`` commands. Then (or later with ``--collect_only``) it reads
 ``validation/loss`` from its TensorBoard events (falling back to the last ``loss/train``, flagged), fits a
 parabola of loss in log10 N per budget and power laws N_opt(C), L_opt(C), and writes ``isoflop_fits.json``
 and ``isoflop.png`` (needs matplotlib: ``pip install ".[plot]"``).
+
+``--objective mdm,ar`` sweeps SMDM's autoregressive baseline beside MDM (same flavors, budgets and steps; AR runs
+are named ``ar-<budget>-<flavor>`` and never use ssl_ratio), fits each objective's isoFLOP curves
+(``isoflop_mdm.png``, ``isoflop_ar.png``) and compares them (:mod:`dlm_titan.scaling_compare`): both loss
+frontiers against compute and the compute multiplier C_mdm / C_ar at equal loss with a bootstrap interval, in
+``isoflop_fits.json`` and ``isoflop_compare.png``.
 
 Arguments after ``--`` are trainer overrides applied to every run (``--section.key value``).
 """
@@ -42,8 +49,9 @@ OWNED = {
     "--model.flavor": "--flavors", "--training.flops_budget": "--budgets", "--training.steps": "--budgets",
     "--training.global_batch_size": "--global_batch_size", "--training.seq_len": "--seq_len",
     "--training.local_batch_size": "--local_batch_size", "--diffusion.ssl_ratio": "--ssl_ratio",
-    "--job.dump_folder": "--output_dir", "--job.config_file": "--config_file",
+    "--job.dump_folder": "--output_dir", "--job.config_file": "--config_file", "--training.objective": "--objective",
 }
+OBJECTIVES = ("mdm", "ar")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,6 +70,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         p.add_argument(f"--{name}", *([f"--{name.replace('_', '-')}"] if "_" in name else []), dest=name, **kwargs)
 
     add("budgets", type=_floats, help="comma-separated training FLOPs, e.g. 1e18,3e18")
+    add("objective", type=_objectives, default=["mdm"],
+        help="comma-separated objectives: mdm, ar (SMDM's autoregressive baseline) or mdm,ar to compare them")
+    add("reference_loss", type=float, default=None,
+        help="loss at which --objective mdm,ar compares compute (default: MDM's frontier at the largest budget)")
+    add("bootstrap", type=int, default=1000, help="bootstrap replicates for the compute multiplier's interval")
     add("flavors", type=lambda s: [f for f in s.split(",") if f], help="comma-separated SMDM flavors, e.g. 19M,34M,48M")
     add("global_batch_size", type=int, default=256, help="sequences per optimizer step (SMDM: 256)")
     add("seq_len", type=int, default=2048, help="tokens per sequence (SMDM: 2048)")
@@ -81,6 +94,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if not args.collect_only and (not args.budgets or not args.flavors):
         p.error("--budgets and --flavors are required (except with --collect_only)")
     return args, train_args
+
+
+def _objectives(text: str) -> list[str]:
+    values = [v for v in text.split(",") if v]
+    unknown = [v for v in values if v not in OBJECTIVES]
+    if not values or unknown or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"objectives must be distinct names among {', '.join(OBJECTIVES)}, got {text!r}")
+    return values
 
 
 def _floats(text: str) -> list[float]:
@@ -109,7 +130,8 @@ def run_config(base, plan, dump_folder: Path, local_batch_size: int):
     cfg = copy.deepcopy(base)
     cfg.job.config_file = None
     cfg.job.dump_folder = str(dump_folder)
-    cfg.job.description = f"isoFLOP sweep: {plan.flavor} at {plan.budget:.4g} FLOPs"
+    cfg.job.description = f"isoFLOP sweep: {plan.objective} {plan.flavor} at {plan.budget:.4g} FLOPs"
+    cfg.training.objective = plan.objective
     cfg.model.flavor = plan.flavor
     cfg.training.flops_budget = plan.budget
     cfg.training.steps = plan.steps  # what the budget gives; the trainer recomputes it from flops_budget
@@ -136,7 +158,7 @@ def write_sweep(args, train_args, plans, base) -> list[dict]:
         # Absolute: run_train.sh changes into the repository before training.
         cfg = run_config(base, plan, (out / "runs" / plan.name).resolve(), args.local_batch_size)
         config_path.write_text(to_toml(cfg))
-        rows.append({"name": plan.name, "budget": plan.budget, "flavor": plan.flavor,
+        rows.append({"name": plan.name, "objective": plan.objective, "budget": plan.budget, "flavor": plan.flavor,
                      "non_embedding_params": plan.non_embedding_params, "steps": plan.steps,
                      "warmup_steps": plan.warmup_steps, "global_batch_size": plan.global_batch_size,
                      "seq_len": plan.seq_len, "ssl_ratio": plan.ssl_ratio, "tokens": plan.tokens,
@@ -235,32 +257,75 @@ def collect(rows: list[dict], output_dir: Path) -> tuple[list[dict], list[str]]:
     return results, warnings
 
 
-def fit_and_report(results: list[dict], warnings: list[str], output_dir: Path, plot: bool) -> dict:
+def fit_objective(results: list[dict], warnings: list[str], output_dir: Path, plot: bool, objective: str = "mdm",
+                  figure: str = FIGURE_FILE) -> dict:
+    """Fits one objective's runs (isoFLOP parabolas and power laws), prints them and draws ``figure``; returns
+    the report (``isoflop_fits.json``'s content for a one-objective sweep)."""
     from dlm_titan.scaling import budget_label, fit_isoflop, fit_to_dict, plot_isoflop
 
     usable = [r for r in results if r["complete"] and r["loss"] is not None]
     fit = fit_isoflop((r["budget"], r["non_embedding_params"], r["loss"]) for r in usable)
     all_validation = all(r["loss_tag"] == "validation/loss" for r in usable)
-    report = {"loss_source": "validation/loss" if all_validation else "loss/train (fallback) for some runs",
+    report = {"objective": objective,
+              "loss_source": "validation/loss" if all_validation else "loss/train (fallback) for some runs",
               **fit_to_dict(fit), "warnings": warnings, "runs": results}
-    (output_dir / FITS_FILE).write_text(json.dumps(report, indent=2) + "\n")
     for w in warnings + fit.notes:
-        print(f"warning: {w}")
-    print(f"{'run':<16}{'N':>15}{'loss':>10}  source")
+        print(f"warning: {objective}: {w}" if objective != "mdm" else f"warning: {w}")
+    print(f"{'run':<20}{'N':>15}{'loss':>10}  source")
     for r in results:
         loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
-        print(f"{r['name']:<16}{r['non_embedding_params']:>15,}{loss:>10}  {r['loss_tag'] or '-'}")
+        print(f"{r['name']:<20}{r['non_embedding_params']:>15,}{loss:>10}  {r['loss_tag'] or '-'}")
     for bf in fit.budgets:
         if bf.has_minimum:
-            print(f"C = {budget_label(bf.budget)}: N_opt = {bf.parabola.n_opt:.4g}, L_opt = {bf.parabola.loss_opt:.4f}")
+            print(f"{objective} C = {budget_label(bf.budget)}: N_opt = {bf.parabola.n_opt:.4g}, "
+                  f"L_opt = {bf.parabola.loss_opt:.4f}")
     if fit.n_opt_law is not None:
-        print(f"N_opt = {fit.n_opt_law.coefficient:.4g} * C^{fit.n_opt_law.exponent:.4f}; "
+        print(f"{objective}: N_opt = {fit.n_opt_law.coefficient:.4g} * C^{fit.n_opt_law.exponent:.4f}; "
               f"L_opt = {fit.loss_opt_law.coefficient:.4g} * C^{fit.loss_opt_law.exponent:.4f}")
+    if plot:
+        kind = "exact NLL" if objective == "ar" else "ELBO"
+        label = f"validation loss ({kind})" if all_validation else "final loss (training loss where no validation)"
+        plot_isoflop(fit, output_dir / figure, loss_label=label)
+        print(f"wrote {output_dir / figure}")
+    return report
+
+
+def fit_and_report(results: list[dict], warnings: list[str], output_dir: Path, plot: bool) -> dict:
+    """A one-objective sweep: its fits in isoflop_fits.json and isoflop.png."""
+    report = fit_objective(results, warnings, output_dir, plot, results[0].get("objective", "mdm") if results else "mdm")
+    (output_dir / FITS_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {output_dir / FITS_FILE}")
+    return report
+
+
+def compare_and_report(results: list[dict], warnings: list[str], output_dir: Path, args) -> dict:
+    """An MDM + AR sweep: each objective's fits (isoflop_<objective>.png), both frontiers and the compute
+    multiplier at equal loss (isoflop_compare.png), all in isoflop_fits.json."""
+    from dlm_titan.scaling_compare import compare_objectives, comparison_to_dict, plot_comparison
+
+    plot = not args.no_plot
+    report = {"objectives": {}}
+    runs = {}
+    for objective in OBJECTIVES:
+        mine = [r for r in results if r.get("objective", "mdm") == objective]
+        names = {r["name"] for r in mine}
+        own_warnings = [w for w in warnings if w.split(":", 1)[0] in names]
+        report["objectives"][objective] = fit_objective(mine, own_warnings, output_dir, plot, objective,
+                                                        f"isoflop_{objective}.png")
+        runs[objective] = [(r["budget"], r["non_embedding_params"], r["loss"]) for r in mine
+                           if r["complete"] and r["loss"] is not None]
+    cmp = compare_objectives(runs, args.reference_loss, replicates=args.bootstrap)
+    report["comparison"] = comparison_to_dict(cmp)
+    for note in cmp.notes:
+        print(f"warning: {note}")
+    lo, hi = cmp.interval
+    print(f"compute multiplier at L = {cmp.reference_loss:.4f}: MDM needs {cmp.multiplier:.3g}x AR's compute "
+          f"({cmp.confidence:.0%} bootstrap interval {lo:.3g}-{hi:.3g}, {cmp.replicates} replicates)")
+    (output_dir / FITS_FILE).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {output_dir / FITS_FILE}")
     if plot:
-        label = "validation loss (ELBO)" if all_validation else "final loss (training loss where no validation)"
-        plot_isoflop(fit, output_dir / FIGURE_FILE, loss_label=label)
-        print(f"wrote {output_dir / FIGURE_FILE}")
+        plot_comparison(cmp, runs, output_dir / "isoflop_compare.png")
+        print(f"wrote {output_dir / 'isoflop_compare.png'}")
     return report
 
 
@@ -280,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             base = base_config(args, train_args)
             plans = plan_sweep(args.budgets, args.flavors, global_batch_size=args.global_batch_size,
                                seq_len=args.seq_len, ssl_ratio=args.ssl_ratio,
-                               warmup_steps=base.lr_scheduler.warmup_steps)
+                               warmup_steps=base.lr_scheduler.warmup_steps, objectives=args.objective)
             print(format_plan(plans), flush=True)
             if args.dry_run:
                 return 0
@@ -290,7 +355,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# then: python -m scripts.isoflop_sweep --output_dir {output_dir} --collect_only")
                 return 0
             train_locally(rows, output_dir, args.ngpu, args.rerun)
-        fit_and_report(*collect(rows, output_dir), output_dir, plot=not args.no_plot)
+        results, warnings = collect(rows, output_dir)
+        if len({r.get("objective", "mdm") for r in rows}) == 1:
+            fit_and_report(results, warnings, output_dir, plot=not args.no_plot)
+        else:
+            compare_and_report(results, warnings, output_dir, args)
     except UserError as e:
         return report(e)
     return 0

@@ -73,6 +73,7 @@ def test_float64_inputs_are_exact():
         assert _rel(got, want) < 1e-13
 
 
+@pytest.mark.slow
 def test_model_defers_residual_adds_without_changing_the_function():
     """hidden_states of the model (each block's last add left to the next norm) equals the blocks written as
     x + attn(norm(x)), then + mlp(norm(x)), in float64, and so do the gradients."""

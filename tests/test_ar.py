@@ -157,6 +157,7 @@ def _ar_step_loss_and_grads(model, windows, micro_batches):
     return total, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.slow
 def test_ar_loss_and_gradients_equal_float64_reference():
     model = tiny_model()
     windows = torch.randint(0, ARGS.vocab_size, (4, 13))

@@ -117,12 +117,14 @@ def resumed(tmp_path_factory):
     return {"dump": dump, "first": first, "second": second, "after_first": after_first, "trainer": trainer}
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_losses_bit_for_bit(reference, resumed):
     assert sorted(resumed["first"]) == [1, 2, 3, 4] and sorted(resumed["second"]) == [5, 6, 7, 8]
     assert resumed["first"] == {s: reference[s] for s in range(1, 5)}
     assert resumed["second"] == {s: reference[s] for s in range(5, 9)}  # exact float equality
 
 
+@pytest.mark.slow
 def test_async_save_resumes_exactly(reference, tmp_path):
     """async_mode = async (async_with_pinned_mem falls back to it without CUDA): training continues while a
     thread writes; the checkpoints are complete and resume exactly."""
@@ -145,6 +147,7 @@ def graphs_claimed(monkeypatch):
     monkeypatch.setattr(train_module, "parallelize_model", lambda *a, **k: {**parallelize(*a, **k), "cudagraphs": True})
 
 
+@pytest.mark.slow
 def test_resume_exact_with_gradients_kept_allocated(reference, tmp_path, graphs_claimed):
     """Under CUDA graphs the trainer keeps gradient buffers allocated and zeroes them in place; that must not stop
     the checkpoint load from restoring Adam's moments."""
@@ -182,6 +185,7 @@ def test_save_before_any_update_with_kept_gradients_loads(tmp_path, graphs_claim
     _stop_workers(second)
 
 
+@pytest.mark.slow
 def test_resume_keeps_this_runs_optimizer_implementation(tmp_path):
     """Hyper-parameters come back from the checkpoint, the kernel choice does not: a checkpoint of a run whose
     AdamW had foreach off (the Triton AdamW's groups say so too) resumes with the foreach kernel asked for."""
@@ -197,6 +201,7 @@ def test_resume_keeps_this_runs_optimizer_implementation(tmp_path):
     _stop_workers(second)
 
 
+@pytest.mark.slow
 def test_keep_latest_k_holds_and_markers_are_written(resumed):
     assert resumed["after_first"] == [2, 4]
     folders = step_folders(resumed["dump"] / "checkpoint")
@@ -206,6 +211,7 @@ def test_keep_latest_k_holds_and_markers_are_written(resumed):
         assert marker["step"] == step and marker["model"]["flavor"] == "6M" and (path / ".metadata").is_file()
 
 
+@pytest.mark.slow
 def test_export_and_checkpoint_reload_give_identical_logits(resumed, tmp_path):
     # Exports load on the CPU: the reference is a CPU model holding the trained weights (its RoPE table and
     # attention backend are the CPU's), so the logits can be bitwise equal also where training ran on a GPU.
@@ -226,6 +232,7 @@ def test_export_and_checkpoint_reload_give_identical_logits(resumed, tmp_path):
         assert torch.equal(model(tokens), cast(tokens))
 
 
+@pytest.mark.slow
 def test_export_cli_writes_a_loadable_export(resumed, tmp_path):
     from scripts.export_checkpoint import main as export_main
 
@@ -238,6 +245,7 @@ def test_export_cli_writes_a_loadable_export(resumed, tmp_path):
     assert export_main([str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
 
 
+@pytest.mark.slow
 def test_incomplete_checkpoint_is_skipped_and_explicit_load_of_it_exits_2(resumed, tmp_path, capfd):
     dump = tmp_path / "out"
     # hard links: a cheap copy of the dump folder; saves never write into existing files
@@ -263,6 +271,7 @@ def _damage(path: Path, keep_bytes: int | None) -> None:
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing", "garbage_metadata"])
+@pytest.mark.slow
 def test_damaged_checkpoint_exits_2_naming_the_file(resumed, tmp_path, capfd, damage):
     """A checkpoint whose files no longer match what its save wrote (sizes recorded in the marker) is refused
     with one line naming the file, by the trainer and by the model loader; the checkpoint is left as it is."""
@@ -299,6 +308,7 @@ def test_damaged_checkpoint_exits_2_naming_the_file(resumed, tmp_path, capfd, da
     assert main(cli(dump, "--checkpoint.enable", "--checkpoint.load_step", "6")) == 0
 
 
+@pytest.mark.slow
 def test_a_refused_resume_keeps_the_saved_config(resumed, tmp_path):
     """Resuming with another model is refused before anything is written: the dump folder's config.toml (which
     tools read for checkpoint.folder) still describes the run that saved."""
@@ -314,6 +324,7 @@ def test_a_refused_resume_keeps_the_saved_config(resumed, tmp_path):
     assert (dump / "config.toml").read_text() == saved
 
 
+@pytest.mark.slow
 def test_the_async_writer_marks_its_checkpoint_complete_itself(tmp_path, monkeypatch):
     """The background writer writes the marker as soon as DCP's save returns, so a written checkpoint is complete
     even if the main thread never gets to its bookkeeping (a failure, a hang in a collective)."""
@@ -326,6 +337,7 @@ def test_the_async_writer_marks_its_checkpoint_complete_itself(tmp_path, monkeyp
     assert marker["step"] == 2 and ".metadata" in marker["files"] and MARKER not in marker["files"]
 
 
+@pytest.mark.slow
 def test_a_failing_run_completes_the_save_in_flight(reference, tmp_path):
     """An error mid-run (here a bad shard met at step 3) while an async save of step 2 is being written: the
     save is still completed, so the rerun resumes from it and continues exactly."""
@@ -350,6 +362,7 @@ def test_a_failing_run_completes_the_save_in_flight(reference, tmp_path):
     assert rest == {s: reference[s] for s in range(3, STEPS + 1)}
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_step_boundary_and_rerun_reproduces(reference, tmp_path):
     dump = tmp_path / "out"
 
@@ -453,6 +466,7 @@ def _train_with(dump: Path, install, *extra: str, steps: int = 4):
     return trainer, losses, snapshots
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_skip_drops_the_update_and_continues(tmp_path, capfd):
     trainer, losses, params = _train_with(tmp_path / "out", _nan_at(3, micro_batch=1), "--training.on_nonfinite", "skip")
     adam_steps = []
@@ -506,6 +520,7 @@ def test_nonfinite_verdict_precedes_the_save(tmp_path, deferred):
     assert not step_folders(tmp_path / "out" / "checkpoint")
 
 
+@pytest.mark.slow
 def test_initial_load_path_loads_weights_only(resumed, tmp_path):
     trainer = Trainer(config(tmp_path / "out", "--checkpoint.enable", "--checkpoint.initial_load_path",
                              str(resumed["dump"] / "checkpoint" / "step-6")))
@@ -516,7 +531,7 @@ def test_initial_load_path_loads_weights_only(resumed, tmp_path):
         assert torch.equal(p.detach().cpu(), q), name
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_loader_reposition_continues_the_global_stream(workers):
     """Loader states saved by 2 ranks x 4 micro-batches after 3 steps, repositioned for other layouts: step 4's samples are
     those of an uninterrupted 1-rank loader (independent reference: the loader's position map)."""

@@ -38,6 +38,7 @@ def reference_loss(logits, targets, masked, p, token_count):
     return total / token_count
 
 
+@pytest.mark.slow
 def test_loss_equals_float64_reference_on_hand_made_inputs():
     model = tiny_model()
     tokens = torch.tensor([[5, 17, 2, 99, 31999, 0, 8, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
@@ -110,6 +111,7 @@ def accumulation_gap(dtype):
     return loss_full.item(), loss_acc, grads_full, grads_acc
 
 
+@pytest.mark.slow
 def test_accumulation_equals_one_batch_fp32():
     """1 process x 4 micro-batches of 1 == one batch of 4 (fp32, 1e-6), loss and gradients."""
     loss_full, loss_acc, grads_full, grads_acc = accumulation_gap(torch.float32)
@@ -118,6 +120,7 @@ def test_accumulation_equals_one_batch_fp32():
         torch.testing.assert_close(grads_acc[k], g, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_accumulation_equals_one_batch_float64_exactly():
     """In float64 the two agree to rounding: the normalisation itself is exact."""
     loss_full, loss_acc, grads_full, grads_acc = accumulation_gap(torch.float64)
@@ -144,6 +147,7 @@ def test_lr_schedule_warmup_cosine_floor():
     assert lr_factor(500, warm, total, ratio, "cosine") == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_masked_index_matches_the_weights():
     """The trainer passes the masked rows' flat indices so the loss needs no device sync; same loss either way."""
     model = tiny_model()

@@ -75,6 +75,7 @@ def test_folder_holds_the_contract(exported):
         assert all(m.split()[1].split(".")[0] in {"__future__", "numpy", "torch", "transformers", ""} for m in imports)
 
 
+@pytest.mark.slow
 def test_transformers_logits_equal_dlm_titan_fp32(exported):
     model, out = exported
     hf = transformers.AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True).eval()
@@ -148,6 +149,7 @@ def test_tokenizer_encodes_as_training(exported):
     dict(algorithm="confidence", temperature=1.0, cfg_scale=0.5, block_length=4),
     dict(algorithm="stochastic", temperature=0.7),
 ])
+@pytest.mark.slow
 def test_generate_diffusion_equals_dlm_titan_sampler(exported, options):
     model, out = exported
     hf = transformers.AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True).eval()

@@ -59,6 +59,7 @@ def test_t_buckets_mean_per_bin():
     assert b.scalars(prefix="x/") == {}  # cleared after reading
 
 
+@pytest.mark.slow
 def test_logged_step_is_read_one_step_later_with_its_own_values(tmp_path, monkeypatch):
     """A logged step's metrics are read after the next step is queued (so the GPU never waits for the host's
     logging), yet they are that step's: its loss, grad norm, lr, token count and peak memory (read as the step
@@ -115,6 +116,7 @@ def test_logged_step_is_read_one_step_later_with_its_own_values(tmp_path, monkey
         assert by_t and by_t == bucket_means(buckets[step])
 
 
+@pytest.mark.slow
 def test_a_deferred_log_is_still_printed_when_the_next_step_raises(tmp_path, monkeypatch, capsys):
     """on_nonfinite = "raise" on a GPU raises one step late (in the next step); the pending line of the step it
     names is printed first."""

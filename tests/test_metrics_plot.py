@@ -3,6 +3,7 @@ are one line and exit 2."""
 
 import struct
 
+import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 from scripts import plot_run
@@ -36,6 +37,7 @@ def test_read_scalars_round_trip(tmp_path):
     assert plot_run._t_buckets(series, "loss_by_t/validation_t")[0] == (0.05, "loss_by_t/validation_t0.0-0.1")
 
 
+@pytest.mark.slow
 def test_main_writes_a_png(tmp_path, capsys):
     write_run(tmp_path / "tb")
     assert plot_run.main([str(tmp_path), "--title", "t"]) == 0

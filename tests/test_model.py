@@ -77,6 +77,7 @@ def test_init_is_deterministic_and_seeded():
     assert not torch.equal(a.output.weight, c.output.weight)
 
 
+@pytest.mark.slow
 def test_attention_is_bidirectional():
     model = cpu_model().eval()
     x = torch.randint(0, 32000, (1, 16))

@@ -81,6 +81,7 @@ def fsdp_losses(data, tmp_path_factory) -> dict[int, float]:
     return read_losses(dump)
 
 
+@pytest.mark.multiprocess
 def test_fsdp_two_ranks_equal_one_process(fsdp_losses, reference):
     assert_close(fsdp_losses, reference)
 
@@ -119,12 +120,14 @@ def test_two_nodes_on_localhost_equal_one_process(data, tmp_path, reference):
 
 
 @pytest.mark.parametrize("mode,option", [("full", "op"), ("selective", "op"), ("selective", "2")])
+@pytest.mark.slow
 def test_activation_checkpointing_keeps_losses(data, tmp_path, reference, mode, option):
     argv = train_args(data, tmp_path, "--activation_checkpoint.mode", mode,
                       "--activation_checkpoint.selective_ac_option", option)
     assert_close(run_trainer(argv), reference)
 
 
+@pytest.mark.slow
 def test_compiled_block_equals_eager():
     """torch.compile (Inductor) of a two-block model: loss and every gradient match eager within 1e-5, and both
     blocks run one graph (the first block's zero pending add looks like the second's real one).

@@ -233,6 +233,7 @@ PROMPTS = [(0, 4), (3, 8), (5, 3), (1, 2)]  # (start in STREAM, prompt length)
 @pytest.mark.parametrize("algorithm", ["confidence", "stochastic"])
 @pytest.mark.parametrize("block_length, steps, temperature, cfg_scale",
                          [(0, 8, 0.0, 0.0), (8, 8, 1.0, 0.0), (4, 4, 0.0, 0.5), (0, 16, 0.0, 0.0)])
+@pytest.mark.slow
 def test_trained_model_regenerates_its_text(trained_model, algorithm, block_length, steps, temperature, cfg_scale):
     prompts = [STREAM[s : s + n] for s, n in PROMPTS]
     cfg = SamplerConfig(length=16, steps=steps, block_length=block_length, algorithm=algorithm,
@@ -242,6 +243,7 @@ def test_trained_model_regenerates_its_text(trained_model, algorithm, block_leng
     assert out == [STREAM[s + n : s + n + 16] for s, n in PROMPTS]
 
 
+@pytest.mark.slow
 def test_trained_model_stops_at_eos(trained_model):
     prompts = [STREAM[s : s + n] for s, n in PROMPTS]
     counted = Counting(trained_model)
