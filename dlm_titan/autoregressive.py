@@ -15,11 +15,12 @@ resumed run repeats it exactly: the objective draws no noise.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from dlm_titan.diffusion import MaskedBatch
+from dlm_titan.diffusion import MaskedBatch, ssl_length
 
 OBJECTIVES = ("mdm", "ar")
 
@@ -47,6 +48,16 @@ def next_token_batch(windows: torch.Tensor, *, token_count: int, length: int | N
     weights = torch.full(inputs.shape, 1.0 / token_count, dtype=torch.float32, device=windows.device)
     index = torch.arange(inputs.numel(), device=windows.device)
     return MaskedBatch(inputs=inputs, targets=targets, token_weights=weights, masked_index=index, num_masked=inputs.numel())
+
+
+def next_token_micro_batch(cfg: Any, batch: dict[str, torch.Tensor], step: int, token_count: int
+                           ) -> tuple[MaskedBatch, None, int]:
+    """The AR objective's inputs of one training micro-batch, the twin of the trainer's MDM micro-batch:
+    ``(batch, None, length)`` (no diffusion time t). ``length`` is ``training.seq_len``, or SMDM's stochastic
+    sequence length when ``diffusion.ssl_ratio`` > 0 (keyed as for MDM, so the step's token count agrees)."""
+    training = cfg.training
+    length = ssl_length(training.seed, step, int(batch["position"][0]), training.seq_len, cfg.diffusion.ssl_ratio)
+    return next_token_batch(batch["input"], token_count=token_count, length=length), None, length
 
 
 @torch.no_grad()

@@ -184,3 +184,19 @@ def test_exact_nll_and_perplexity():
     expected = -logp.gather(-1, windows[:, 1:, None]).squeeze(-1)
     torch.testing.assert_close(nll.double(), expected, rtol=1e-5, atol=1e-5)
     assert perplexity(math.log(7.0)) == pytest.approx(7.0)
+
+
+def test_trainer_micro_batch_uses_seq_len_and_the_ssl_crop():
+    from dlm_titan.autoregressive import next_token_micro_batch
+    from dlm_titan.diffusion import ssl_length
+
+    windows = torch.randint(0, ARGS.vocab_size, (2, 33))
+    batch = {"input": windows, "position": torch.tensor([4, 5])}
+    cfg = load_config(["--training.seq_len", "32", "--training.objective", "ar"])
+    mb, t, length = next_token_micro_batch(cfg, batch, step=3, token_count=128)
+    assert t is None and length == 32 and torch.equal(mb.targets, windows[:, 1:])
+    assert torch.equal(mb.token_weights, torch.full((2, 32), 1 / 128))
+    cfg = load_config(["--training.seq_len", "32", "--diffusion.ssl_ratio", "1.0"])
+    mb, _, length = next_token_micro_batch(cfg, batch, step=3, token_count=128)
+    assert length == ssl_length(cfg.training.seed, 3, 4, 32, 1.0) == mb.inputs.shape[1]
+    assert torch.equal(mb.targets, windows[:, 1 : length + 1])
