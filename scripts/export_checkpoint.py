@@ -1,11 +1,18 @@
-"""Export a checkpoint after the fact: ``model.safetensors`` + ``config.json`` (see dlm_titan/checkpoint/export.py).
+"""Export weights as a Hugging Face model folder (see dlm_titan/interop/hf_export.py), loadable with
+``transformers.AutoModelForMaskedLM.from_pretrained(DIR, trust_remote_code=True)`` and by every dlm_titan script.
 
     python -m scripts.export_checkpoint outputs/debug/checkpoint/step-100 --dtype float32
     python -m scripts.export_checkpoint outputs/debug            # newest complete checkpoint of a dump folder
+    python -m scripts.export_checkpoint smdm/mdm-170M-1e19.safetensors --out smdm-170m   # SMDM's release
+    python -m scripts.export_checkpoint TinyLlama-1.1B --out tinyllama-mdm               # a Llama folder
 
-The source is a DCP ``step-N`` folder (model weights only are read; any world size), a dump folder (its newest
-complete checkpoint) or an export folder (to change its dtype). The default destination is
-``{dump_folder}/export-step-N``. Load the result with ``dlm_titan.checkpoint.export.load_model``.
+The source is a DCP ``step-N`` folder (model weights only; any world size), a dump folder (its newest complete
+checkpoint), an export folder (either kind, e.g. to change its dtype), an SMDM/lit-gpt state dict
+(``.safetensors``, ``.pth``, ``.pt``; the flavor is inferred from its shapes unless ``--flavor`` names it) or a
+Llama-family Hugging Face folder (``LlamaForCausalLM``: its shape, GQA and rope_theta kept, the mask-token row
+added). The default destination is ``{dump_folder}/export-step-N`` for dlm_titan checkpoints; other sources need
+``--out``. The tokenizer files come from ``--tokenizer_path``, else from the dump folder's config.toml, else from
+the source folder's own tokenizer, else the embedded tokenizer.
 """
 
 from __future__ import annotations
@@ -14,36 +21,82 @@ import argparse
 import sys
 from pathlib import Path
 
-from dlm_titan.checkpoint.export import DTYPES, read_model_weights, write_export
+from dlm_titan.checkpoint.export import DTYPES, read_model_weights
 from dlm_titan.errors import UserError, report
+from dlm_titan.interop.formats import interop_kind, read_interop
+from dlm_titan.interop.hf_export import write_hf_folder
 from scripts.cli import HelpFormatter
 
-_NOT_SHAPE = ("dtype", "step", "format")  # config.json fields that describe the file, not the model
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+def dump_folder_of(source: Path) -> Path | None:
+    """The dump folder of a step folder (``dump/checkpoint/step-N``) or a dump folder; None for other sources."""
+    dump = source.parent.parent if source.name.startswith("step-") else source
+    return dump if (dump / "config.toml").is_file() else None
 
 
 def default_destination(source: Path, step: int) -> Path:
-    """``{dump_folder}/export-step-N`` for a step folder (``dump/checkpoint/step-N``) or a dump folder."""
-    dump = source.parent.parent if source.name.startswith("step-") else source
+    """``{dump_folder}/export-step-N`` for a dlm_titan checkpoint; UserError for other sources."""
+    dump = dump_folder_of(source)
+    if dump is None:
+        raise UserError(f"{source} is not in a dlm_titan dump folder; choose the destination with --out DIR")
     return dump / f"export-step-{step}"
+
+
+def default_tokenizer(source: Path) -> str:
+    """The run's ``data.tokenizer_path`` (dump folder's config.toml), else the source folder's own tokenizer file,
+    else "" (the embedded tokenizer)."""
+    dump = dump_folder_of(source)
+    if dump is not None:
+        try:
+            return str(tomllib.loads((dump / "config.toml").read_text()).get("data", {}).get("tokenizer_path", ""))
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise UserError(f"cannot read {dump / 'config.toml'} ({e}); pass --tokenizer_path") from None
+    if source.is_dir() and any((source / name).is_file() for name in _TOKENIZER_FILES):
+        return str(source)
+    return ""
+
+
+def export(source: Path, out: Path | None, dtype: str, flavor: str | None, tokenizer_path: str | None) -> tuple[dict, Path]:
+    """Reads ``source`` and writes the folder; returns (model config, destination)."""
+    if flavor and interop_kind(source) != "litgpt":
+        raise UserError(f"--flavor applies to SMDM/lit-gpt state dict files only, not to {source}")
+    read = read_interop(source, flavor)
+    cfg, state = read if read is not None else read_model_weights(source)
+    step = int(cfg.get("step", 0))
+    out = out or default_destination(source, step)
+    if out.resolve() == source.resolve():
+        raise UserError(f"--out {out} is the source; choose another destination")
+    tokenizer = default_tokenizer(source) if tokenizer_path is None else tokenizer_path
+    info = {"flavor": cfg.get("flavor"), "step": step, "tokens_seen": cfg.get("tokens_seen") or None}
+    write_hf_folder(state, cfg, out, dtype, info, tokenizer)
+    return cfg, out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("source", type=Path, help="step-N checkpoint, dump folder, or export folder")
-    parser.add_argument("--out", type=Path, default=None, help="export folder (default: {dump_folder}/export-step-N)")
+    parser.add_argument("source", type=Path, help="step-N checkpoint, dump folder, export folder, SMDM/lit-gpt "
+                        "state dict or Llama folder")
+    parser.add_argument("--out", type=Path, default=None, help="destination folder (default: "
+                        "{dump_folder}/export-step-N for dlm_titan checkpoints)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="weights dtype")
+    parser.add_argument("--flavor", default=None, help="SMDM flavor of a lit-gpt state dict (default: inferred "
+                        "from its shapes)")
+    parser.add_argument("--tokenizer_path", default=None, help="tokenizer to ship (default: the run's, else the "
+                        "source folder's, else the embedded one)")
     args = parser.parse_args(argv)
     try:
-        cfg, state = read_model_weights(args.source)
-        step = int(cfg.get("step", 0))
-        out = args.out or default_destination(args.source, step)
-        if out.resolve() == args.source.resolve():
-            raise UserError(f"--out {out} is the source folder; choose another destination")
-        shape = {k: v for k, v in cfg.items() if k not in _NOT_SHAPE}
-        write_export(state, shape, out, args.dtype, step)
+        cfg, out = export(args.source, args.out, args.dtype, args.flavor, args.tokenizer_path)
     except UserError as e:
         return report(e)
-    print(f"exported step {step} of {args.source} ({cfg.get('flavor')}, {args.dtype}) to {out}")
+    print(f"exported step {cfg.get('step', 0)} of {args.source} ({cfg.get('flavor') or 'custom shape'}, "
+          f"{args.dtype}) to {out}")
     return 0
 
 

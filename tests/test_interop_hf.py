@@ -67,7 +67,7 @@ def test_folder_holds_the_contract(exported):
     assert config["model_type"] == "dlm_titan" and config["architectures"] == ["DlmTitanForMaskedLM"]
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForMaskedLM"}
     assert (config["mask_token_id"], config["num_key_value_heads"], config["dtype"]) == (VOCAB, 2, "float32")
-    assert config["dlm_titan"]["step"] == 7 and config["dlm_titan"]["tokens_seen"] == 1234
+    assert (config["flavor"], config["step"], config["tokens_seen"], config["final_loss"]) == ("tiny", 7, 1234, 3.5)
     card = (out / "README.md").read_text()
     assert "tiny" in card and "3.5000" in card and "1,234 tokens" in card
     for template in ("configuration_dlm_titan.py", "modeling_dlm_titan.py"):  # standalone: torch + transformers

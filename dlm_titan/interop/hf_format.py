@@ -2,8 +2,8 @@
 
 Parameter names follow transformers' Llama naming (``model.layers.{i}.self_attn.q_proj.weight``, ...); dlm_titan's
 fused ``wqkv`` is stored as separate q, k and v projections (its rows are q, then k, then v). ``config.json`` holds
-the transformers configuration (``model_type = "dlm_titan"``, ``auto_map``) and, under ``"dlm_titan"``, what the
-trainer knows beyond the shape (flavor, step, tokens seen, final loss).
+the transformers configuration (``model_type = "dlm_titan"``, ``auto_map``) and what the trainer knows beyond the
+shape (``flavor``, ``step``, ``tokens_seen``, ``final_loss``; attributes of the loaded config too).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def hf_config(cfg: dict[str, Any], dtype: str, info: dict[str, Any], special: di
     Args:
         cfg: the dlm_titan shape.
         dtype: the weights' dtype name.
-        info: trainer facts kept under ``"dlm_titan"`` (flavor, step, tokens_seen, final_loss).
+        info: trainer facts (flavor, step, tokens_seen, final_loss), kept as top-level keys.
         special: ``bos_token_id`` / ``eos_token_id`` of the tokenizer (absent ones omitted).
     """
     causal = bool(cfg.get("causal", False))
@@ -92,7 +92,7 @@ def hf_config(cfg: dict[str, Any], dtype: str, info: dict[str, Any], special: di
         "tie_word_embeddings": False,
         "dtype": dtype,
         **special,
-        "dlm_titan": {"format_version": 1, **info},
+        **info,
     }
 
 
@@ -102,9 +102,8 @@ def is_dlm_titan_hf_config(config: dict[str, Any]) -> bool:
 
 def shape_from_hf_config(config: dict[str, Any]) -> dict[str, Any]:
     """The dlm_titan shape (and step, dtype, flavor) recorded in one of our config.json files."""
-    info = config.get("dlm_titan", {})
     return {
-        "flavor": info.get("flavor", ""),
+        "flavor": config.get("flavor", ""),
         "vocab_size": int(config["vocab_size"]),
         "max_seq_len": int(config.get("max_position_embeddings", 2048)),
         "mask_id": int(config["vocab_size"]),
@@ -117,6 +116,6 @@ def shape_from_hf_config(config: dict[str, Any]) -> dict[str, Any]:
         "rope_theta": float(config.get("rope_theta", 10000.0)),
         "causal": bool(config.get("causal", False)),
         "dtype": config.get("dtype", "float32"),
-        "step": int(info.get("step", 0)),
-        "tokens_seen": int(info.get("tokens_seen", 0)),
+        "step": int(config.get("step", 0)),
+        "tokens_seen": int(config.get("tokens_seen", 0)),
     }
