@@ -1,5 +1,7 @@
 """AR sampling: the KV cache changes nothing, and a step's draw follows the float64 distribution written here."""
 
+import dataclasses
+
 import pytest
 import torch
 from test_ar import ARGS, tiny_model
@@ -13,11 +15,15 @@ from dlm_titan.ar_sampling import (
     sample_next,
 )
 from dlm_titan.errors import UserError
+from dlm_titan.models.transformer import TransEncoder
 from dlm_titan.sampling import row_generators
 
 
-def test_cached_logits_equal_full_forward_and_greedy_outputs_are_identical():
-    model = tiny_model(seq_len=32).eval()
+@pytest.mark.parametrize("kv_heads", [0, 1], ids=["mha", "gqa"])
+def test_cached_logits_equal_full_forward_and_greedy_outputs_are_identical(kv_heads):
+    model = TransEncoder(dataclasses.replace(ARGS, n_kv_heads=kv_heads), max_seq_len=32, causal=True)
+    model.init_weights(seed=3407)
+    model.eval()
     prompt = torch.randint(0, ARGS.vocab_size, (2, 5))
     cfg = ARSamplerConfig(max_new_tokens=20, temperature=0, kv_cache=True)
     cached = generate(model, prompt, cfg)
@@ -26,6 +32,7 @@ def test_cached_logits_equal_full_forward_and_greedy_outputs_are_identical():
     assert torch.equal(cached, uncached)
     # every step's logits, prompt first then one token at a time, against the whole-prefix forward
     cache = KVCache(model, 2, 25, torch.float32, torch.device("cpu"))
+    assert cache.keys[0].shape[2] == (kv_heads or ARGS.n_heads)
     with torch.no_grad():
         steps = [cached_last_logits(model, cached[:, :5], cache)]
         steps += [cached_last_logits(model, cached[:, i : i + 1], cache) for i in range(5, 24)]
