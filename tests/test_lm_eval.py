@@ -157,6 +157,7 @@ def test_lm_eval_cli_answers_equal_the_likelihood_functions(setup, one_process):
     assert set(results) == {"tiny_mc", "tiny_ppl", "tiny_gen"}
 
 
+@pytest.mark.multiprocess
 def test_two_processes_give_the_one_process_answers(setup, one_process):
     """torchrun, 2 ranks on gloo, batch size 3: lm-eval splits the documents over the ranks and gathers them."""
     root, export, _ = setup
