@@ -119,13 +119,20 @@ def _logits_at(model: torch.nn.Module, x: torch.Tensor, prompt_len: torch.Tensor
 def _forward(model: torch.nn.Module, rows: _Rows, out: torch.Tensor, *, cfg_scale: float, mask_id: int) -> None:
     """Adds each row's sum of weight * CE over its scored positions to ``out[slot]`` (no device-to-host sync: the
     scored positions are found on the CPU, where the rows are built)."""
-    device = out.device
     r, c = rows.weights.nonzero(as_tuple=True)
-    weight, target = rows.weights[r, c].to(device), rows.targets[r, c].to(device)
-    r, c = r.to(device), c.to(device)
-    logits = _logits_at(model, rows.inputs.to(device), rows.prompt_len.to(device), r, c, cfg_scale, mask_id)
+    weight, target, slot = (_to(t, out.device) for t in (rows.weights[r, c], rows.targets[r, c], rows.slots[r]))
+    x, plen, r, c = (_to(t, out.device) for t in (rows.inputs, rows.prompt_len, r, c))
+    logits = _logits_at(model, x, plen, r, c, cfg_scale, mask_id)
     ce = F.cross_entropy(logits, target, reduction="none")
-    out.index_add_(0, rows.slots.to(device)[r], (ce * weight).to(out.dtype))
+    out.index_add_(0, slot, (ce * weight).to(out.dtype))
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device``; to CUDA through pinned memory without waiting for the GPU, so the CPU builds
+    the next batch's noise while the GPU runs this one (a copy from pageable memory synchronizes the stream)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _score(model: torch.nn.Module, lengths: Sequence[int], make_rows: Callable[[int], _Rows], num_slots: int, *,
@@ -145,7 +152,8 @@ def _score(model: torch.nn.Module, lengths: Sequence[int], make_rows: Callable[[
         for i in length_group:
             rows = make_rows(i)
             if not len(rows):  # nothing to score (an empty target)
-                progress and progress(1)
+                if progress is not None:
+                    progress(1)
                 continue
             pending.append(rows)
             done.append(sum(map(len, pending)))
