@@ -20,6 +20,7 @@ from dlm_titan.sampling import row_generators
 
 
 @pytest.mark.parametrize("kv_heads", [0, 1], ids=["mha", "gqa"])
+@pytest.mark.slow
 def test_cached_logits_equal_full_forward_and_greedy_outputs_are_identical(kv_heads):
     model = TransEncoder(dataclasses.replace(ARGS, n_kv_heads=kv_heads), max_seq_len=32, causal=True)
     model.init_weights(seed=3407)
@@ -63,6 +64,7 @@ def test_one_step_follows_the_float64_distribution(temperature, top_k):
     assert torch.all((freq - expected).abs() <= 5 * sigma + 1e-12)
 
 
+@pytest.mark.slow
 def test_greedy_is_argmax_and_samples_do_not_depend_on_their_batch():
     logits = torch.randn(3, ARGS.vocab_size)
     assert torch.equal(sample_next(logits, 0.0, 0, []), logits.argmax(-1))
