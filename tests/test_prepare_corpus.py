@@ -83,6 +83,7 @@ def prepare_cli(src: Path | str, tok: str, dst: Path, prefix: str, *extra: str) 
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
+@pytest.mark.slow
 def test_parquet_and_jsonl_zst_to_twenty_training_steps(tmp_path: Path, tok_json: str):
     """Parquet (two files, column "body") and jsonl.zst sources through the CLI give exactly the tokenizers
     library's ids, and the real trainer trains 20 steps on the two as a mixture, with the tokenizer.json as
@@ -195,6 +196,7 @@ def failing_run(src: Path, tok: str, dst: Path, message: str, *extra: str) -> No
         done.stderr
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_line_and_leave_nothing_trusted(tmp_path: Path, tok_json: str):
     """A missing text field, a corrupt parquet file and a gzip stream cut short each fail after shards of the bad
     input were written: those shards are removed (the loader would read them) and the manifest records only the
