@@ -31,6 +31,7 @@ import torch
 
 from dlm_titan.errors import UserError, report
 from dlm_titan.likelihood import elbo_batch, left_to_right_logprob_batch
+from scripts.cli import HelpFormatter
 from scripts.generate import add_model_args, load_for_inference, load_tokenizer_for
 
 
@@ -99,7 +100,7 @@ def format_result(r: dict) -> list[str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_model_args(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text_file", help="a UTF-8 text file, scored as one document")
@@ -110,8 +111,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mc_samples", type=int, default=128, help="Monte-Carlo samples per window")
     parser.add_argument("--batch_size", type=int, default=32, help="sequences per forward pass")
     parser.add_argument("--eps", type=float, default=1e-3, help="p = (1 - eps) t + eps; 0 = unbiased, infinite variance")
-    parser.add_argument("--t_sampling", default="stratified", choices=["stratified", "uniform"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--t_sampling", default="stratified", choices=["stratified", "uniform"],
+                        help="stratified: t_k = (u + k/K) mod 1 over a window's K samples; uniform: independent t")
+    parser.add_argument("--seed", type=int, default=0, help="MC noise seed (window i uses noise step i)")
     parser.add_argument("--left_to_right", "--chain_rule", dest="left_to_right", action="store_true",
                         help="also the likelihood of the left-to-right unmasking order (SMDM's chain_rule; one "
                              "order's likelihood, not the model's)")

@@ -326,8 +326,8 @@ def test_scorer_answers_do_not_depend_on_batch_size_or_order(model):
 def test_lm_eval_main_without_lm_eval_is_a_user_error(monkeypatch, capsys):
     from dlm_titan.lm_eval.__main__ import main
 
-    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
-    monkeypatch.delitem(sys.modules, "dlm_titan.lm_eval.model", raising=False)
+    for name in ("lm_eval", "lm_eval.__main__"):  # as if not installed (even when another test imported it)
+        monkeypatch.setitem(sys.modules, name, None)
     code = main()
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: lm-eval is not installed")

@@ -22,8 +22,6 @@ from dlm_titan.likelihood import elbo
 from dlm_titan.lm_eval.scorer import Scorer, ScorerConfig, encode_pair, rolling_windows
 from dlm_titan.models import ModelArgs, TransEncoder
 
-pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
-
 MC_SAMPLES, SEED = 8, 77
 MC_DOCS = [("The sky is", ["blue", "green", "loud"], 0), ("In the beginning God created the", ["heaven", "cat"], 0),
            ("One plus one is", ["two", "seven", "ten"], 1), ("Water is", ["wet", "dry"], 0)]
@@ -129,6 +127,8 @@ def one_process(setup) -> tuple[str, dict, dict]:
     return stdout, read_samples(root / "one"), read_results(root / "one")
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_lm_eval_cli_answers_equal_the_likelihood_functions(setup, one_process):
     root, _, model = setup
     stdout, samples, results = one_process
@@ -157,6 +157,7 @@ def test_lm_eval_cli_answers_equal_the_likelihood_functions(setup, one_process):
     assert set(results) == {"tiny_mc", "tiny_ppl", "tiny_gen"}
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_give_the_one_process_answers(setup, one_process):
     """torchrun, 2 ranks on gloo, batch size 3: lm-eval splits the documents over the ranks and gathers them."""
