@@ -4,9 +4,7 @@ generate_until), offline, on a tiny random export: the logged answers equal the 
 request at a time in this process, lm-eval's flags reach the model (--limit, --gen_kwargs, --output_path,
 --log_samples), and a 2-process torchrun (gloo) run with another batch size gives the 1-process answers.
 
-The subprocesses run from tmp_path with the repository root off PYTHONPATH (dlm_titan is installed editable, so
-it imports from anywhere): lm-eval may import transformers, which takes the repository's top-level ``kernels/``
-folder for the PyPI package ``kernels`` when started from the root.
+The subprocesses run from tmp_path (a user's working folder: dlm_titan is installed, so it imports from anywhere).
 """
 
 import json
@@ -80,12 +78,9 @@ def lm_eval_command(root: Path, export: Path, batch_size: int, out: str) -> list
 
 
 def run(root: Path, args: list[str], nproc: int = 1) -> str:
-    """Runs a command line from ``root``, offline, without the repository root on the import path."""
-    repo = str(Path(__file__).resolve().parents[1])
+    """Runs a command line from ``root``, offline (no hub access, a fresh datasets cache)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_CACHE": str(root / "hf_cache")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                                        if p and Path(p).resolve() != Path(repo))
     launcher = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
         "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0"]
