@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -302,10 +304,18 @@ def _peek_config_file(argv: list[str]) -> str | None:
 
 def _read_toml(path: str) -> dict:
     file = Path(path)
+    if file.is_dir():
+        raise UserError(f"config file {path} is a folder; give a TOML file (see train_configs/ for examples)")
     if not file.is_file():
         raise UserError(f"config file not found: {path} (see train_configs/ for examples)")
     try:
-        return tomllib.loads(file.read_text())
+        text = file.read_bytes().decode("utf-8")
+        return tomllib.loads(text)
+    except OSError as e:
+        raise UserError(f"cannot read config file {path} ({e.strerror}); check its permissions") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8 "
+                        "TOML") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"config file {path} is not valid TOML: {e}") from None
 
@@ -377,44 +387,149 @@ def _coerce(value: object, hint: object, where: str) -> object:
     return value
 
 
-# Numeric ranges that a value outside would turn into a traceback deep in training or a silently wrong run.
+def _validation_on(c: JobConfig) -> bool:
+    return c.validation.enable
+
+
+def _profiling_on(c: JobConfig) -> bool:
+    return c.profiling.enable_profiling or c.profiling.enable_memory_snapshot
+
+
+_SEED_MAX = 2**32 - 1  # numpy's seed range; every generator keyed by the seed (init, data order, noise) takes it
+
+# The one home of numeric range checks: (key, ok, rule[, applies]). A value outside would end in a traceback deep
+# in training or a silently wrong run. ``applies(config)`` limits a row to runs that use the value. Every float
+# value (lists included) must also be finite (_check_finite), before these rows are read.
 _RANGES = (
+    ("model.vocab_size", lambda v: v >= 1, ">= 1"),
     ("training.global_batch_size", lambda v: v >= 1, ">= 1"),
     ("training.local_batch_size", lambda v: v >= 1, ">= 1"),
     ("training.seq_len", lambda v: v >= 1, ">= 1"),
+    ("training.flops_budget", lambda v: v >= 0, ">= 0 (0 = use training.steps)"),
+    ("training.seed", lambda v: 0 <= v <= _SEED_MAX, f"in [0, {_SEED_MAX}]"),
+    ("training.gc_freq", lambda v: v >= 1, ">= 1"),
     ("diffusion.ssl_ratio", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    ("diffusion.eps", lambda v: 0 < v < 1, "in (0, 1) (mask probability floor)"),
     ("optimizer.lr", lambda v: v > 0, "> 0"),
     ("optimizer.betas", lambda v: len(v) == 2 and all(0.0 <= b < 1.0 for b in v), "two numbers in [0, 1)"),
     ("optimizer.eps", lambda v: v > 0, "> 0"),
     ("optimizer.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("lr_scheduler.warmup_steps", lambda v: v >= -1, ">= 0, or -1 for SMDM's max(1% of steps, 100)"),
     ("lr_scheduler.min_lr", lambda v: v >= 0, ">= 0"),
-    ("diffusion.eps", lambda v: 0 < v < 1, "in (0, 1) (mask probability floor)"),
-    ("training.gc_freq", lambda v: v >= 1, ">= 1"),
+    ("data.train_weights", lambda v: all(w >= 0 for w in v) and sum(v) > 0, ">= 0 with a positive sum"),
+    ("data.num_workers", lambda v: v >= 0, ">= 0"),
+    ("parallelism.data_parallel_shard_degree", lambda v: v >= 1 or v == -1,
+     ">= 1 or -1 (all ranks the other degree leaves)"),
+    ("parallelism.data_parallel_replicate_degree", lambda v: v >= 1 or v == -1,
+     ">= 1 or -1 (all ranks the other degree leaves)"),
+    ("parallelism.ddp_bucket_cap_mb", lambda v: v >= 1, ">= 1"),
+    ("checkpoint.write_threads", lambda v: v >= 1, ">= 1"),
+    ("checkpoint.keep_latest_k", lambda v: v >= 0, ">= 0 (0 keeps all)"),
+    ("checkpoint.load_step", lambda v: v >= -1, ">= 0, or -1 for the newest complete checkpoint"),
     ("metrics.log_freq", lambda v: v >= 1, ">= 1"),
-)  # validation's and profiling's own values are checked where they are built, when enabled
+    ("validation.freq", lambda v: v >= 1, ">= 1", _validation_on),
+    ("validation.steps", lambda v: v >= 1 or v == -1, ">= 1, or -1 for the whole validation set", _validation_on),
+    ("validation.mc_samples", lambda v: v >= 1, ">= 1", _validation_on),
+    ("validation.seed", lambda v: 0 <= v <= _SEED_MAX, f"in [0, {_SEED_MAX}]", _validation_on),
+    ("profiling.profile_freq", lambda v: v >= 1, ">= 1", _profiling_on),
+)
+
+
+def _value(config: JobConfig, key: str) -> object:
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def _float_keys() -> list[str]:
+    """Every key whose value is a float or a list/tuple of floats."""
+    keys = []
+    for section, cls in typing.get_type_hints(JobConfig).items():
+        for key, hint in typing.get_type_hints(cls).items():
+            if hint is float or float in typing.get_args(hint):
+                keys.append(f"{section}.{key}")
+    return keys
+
+
+def _check_finite(config: JobConfig) -> None:
+    """inf or nan passes most range checks (or fails them with a misleading rule) and then trains on silently:
+    an infinite AdamW eps stops all learning, a nan max_norm turns clipping off."""
+    for key in _float_keys():
+        value = _value(config, key)
+        if not all(math.isfinite(v) for v in (value if isinstance(value, (list, tuple)) else [value])):
+            raise UserError(f"--{key} must be finite (not inf or nan), got {value!r}")
+
+
+def _check_ranges(config: JobConfig) -> None:
+    _check_finite(config)
+    for key, ok, rule, *applies in _RANGES:
+        if applies and not applies[0](config):
+            continue
+        value = _value(config, key)
+        if not ok(value):
+            raise UserError(f"--{key} must be {rule}, got {value!r}")
 
 
 def _check_choices(config: JobConfig) -> None:
     """Literal-typed fields are checked by tyro on the CLI and by _coerce in TOML; this checks the rest."""
     t = config.training
-    for key, ok, rule in _RANGES:
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        if not ok(value):
-            raise UserError(f"--{key} must be {rule}, got {value!r}")
-    if t.steps < 1 and t.flops_budget <= 0:
-        raise UserError("--training.steps must be >= 1 (or set --training.flops_budget)")
     if len(config.data.train_prefixes) != len(config.data.train_weights):
         raise UserError(
             f"data.train_prefixes has {len(config.data.train_prefixes)} entries but data.train_weights has "
             f"{len(config.data.train_weights)}: give one weight per prefix"
         )
+    _check_ranges(config)
+    if t.steps < 1 and t.flops_budget <= 0:
+        raise UserError("--training.steps must be >= 1 (or set --training.flops_budget)")
     if config.lr_scheduler.decay_type != "constant" and config.lr_scheduler.min_lr > config.optimizer.lr:
         raise UserError(f"--lr_scheduler.min_lr ({config.lr_scheduler.min_lr}) must not exceed the peak "
                         f"--optimizer.lr ({config.optimizer.lr})")
     if config.compile.enable and config.compile.cudagraphs and config.diffusion.ssl_ratio > 0:
         raise UserError("--compile.cudagraphs needs fixed shapes, but --diffusion.ssl_ratio > 0 crops batches to "
                         "random lengths (each would record new graphs): add --compile.no_cudagraphs")
+    _check_memory(t.seq_len, t.local_batch_size)
+    _check_dump_folder(config.job.dump_folder)
+
+
+# Bytes per sequence position that a run allocates at start whatever its model: the RoPE table (cos and sin in
+# float32 over the head dim, which is >= 64 in every flavor: tests/test_config.py checks it) and, per sequence
+# of a micro-batch, the loader's int64 window.
+_ROPE_BYTES_PER_POSITION = 2 * 4 * 64
+_TOKEN_BYTES = 8
+
+
+def _check_memory(seq_len: int, local_batch_size: int) -> None:
+    """Refuses a seq_len whose start-up buffers alone exceed this machine's memory (else a MemoryError or an
+    allocator traceback while the model is built)."""
+    needed = seq_len * (_ROPE_BYTES_PER_POSITION + _TOKEN_BYTES * local_batch_size)
+    available = _physical_memory()
+    if available is not None and needed > available:
+        raise UserError(
+            f"--training.seq_len {seq_len} needs at least {needed / 2**30:,.0f} GiB for its position table and "
+            f"one micro-batch of {local_batch_size} sequences, more than this machine's {available / 2**30:,.0f} "
+            f"GiB of memory; use a shorter --training.seq_len (at most {available // (needed // seq_len):,})"
+        )
+
+
+def _physical_memory() -> int | None:
+    """This machine's RAM in bytes, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_dump_folder(folder: str) -> None:
+    """The dump folder must be a folder this process can create or write into (checked without writing)."""
+    path = Path(folder).absolute()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--job.dump_folder {folder} is a file, not a folder; choose another --job.dump_folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--job.dump_folder {folder} cannot be created: {existing} is a file; choose another "
+                        "--job.dump_folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--job.dump_folder {folder} is not writable ({existing} is read-only for this user); "
+                        "choose another --job.dump_folder")
 
 
 def to_toml(config: JobConfig) -> str:

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from dlm_titan.errors import UserError
-from dlm_titan.flops import mean_seq_len, smdm_warmup_steps, steps_from_budget
+from dlm_titan.flops import mean_seq_len, steps_from_budget
 from dlm_titan.models import get_model_args
+from dlm_titan.optim import resolve_warmup_steps
 
 TRAIN_LOSS_TAG = "loss/train"
 """TensorBoard tag of the training loss (``dlm_titan.metrics.TB_TAGS["loss"]``)."""
@@ -100,8 +101,7 @@ def plan_run(
             f"budget {budget_label(budget)} buys no step of {flavor} at batch {global_batch_size} x {seq_len} "
             f"(one step costs {one_step:.3g} FLOPs): raise the budget or drop the flavor"
         )
-    # The trainer's rule (dlm_titan.optim.resolve_warmup_steps): never longer than the run.
-    warmup = min(smdm_warmup_steps(steps) if warmup_steps < 0 else warmup_steps, steps)
+    warmup = resolve_warmup_steps(warmup_steps, steps)  # the trainer's rule
     return RunPlan(budget, flavor, n, steps, warmup, global_batch_size, seq_len, ssl_ratio, objective)
 
 

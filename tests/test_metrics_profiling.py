@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from dlm_titan.config import Profiling
+from dlm_titan.config import Profiling, load_config
 from dlm_titan.errors import UserError
 from dlm_titan.profiling import Profiler
 
@@ -48,9 +48,13 @@ def test_memory_snapshot_needs_cuda(tmp_path):
     assert not (tmp_path / cfg.save_memory_snapshot_folder).exists()
 
 
-def test_bad_freq_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="profile_freq must be >= 1"):
-        Profiler(Profiling(enable_profiling=True, profile_freq=0), tmp_path, 0, torch.device("cpu"))
+def test_bad_freq_is_a_user_error():
+    """Checked with the other ranges when the config loads, only when profiling is on."""
+    with pytest.raises(UserError, match="--profiling.profile_freq must be >= 1, got 0"):
+        load_config(["--profiling.enable_profiling", "--profiling.profile_freq", "0"])
+    with pytest.raises(UserError, match="--profiling.profile_freq must be >= 1, got 0"):
+        load_config(["--profiling.enable_memory_snapshot", "--profiling.profile_freq", "0"])
+    assert load_config(["--profiling.profile_freq", "0"]).profiling.profile_freq == 0
 
 
 def test_trace_summary_counts_idle_device_time(tmp_path):
