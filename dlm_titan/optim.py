@@ -1,4 +1,5 @@
-"""AdamW, gradient clipping and the SMDM learning-rate schedule (linear warmup, then cosine to min_lr)."""
+"""AdamW, gradient clipping and the SMDM learning-rate schedule (linear warmup, then cosine to min_lr), a pure
+function of the step and the current config."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import math
 import torch
 from dlm_kernels.adamw import AdamWLaunch, adamw_reference, adamw_runs_on
 from dlm_kernels.triton_utils import interpreter_active
-from torch.optim.lr_scheduler import LambdaLR
 
 from dlm_titan.errors import UserError
 from dlm_titan.flops import smdm_warmup_steps
@@ -132,7 +132,8 @@ def _full(norm: torch.Tensor) -> torch.Tensor:
 
 
 def resolve_warmup_steps(warmup_steps: int, total_steps: int) -> int:
-    """-1 means SMDM's max(1% of steps, 100); never longer than the run."""
+    """The warmup a run of ``total_steps`` uses: ``warmup_steps``, or SMDM's max(1% of steps, 100) for -1; never
+    longer than the run. The one home of this rule (the trainer, its start-up line and scaling.plan_run use it)."""
     warmup = smdm_warmup_steps(total_steps) if warmup_steps < 0 else warmup_steps
     return min(warmup, total_steps)
 
@@ -152,9 +153,99 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float, decay_type: 
     return min_ratio + (1.0 - min_ratio) * shape
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, lr_cfg, peak_lr: float, total_steps: int) -> LambdaLR:
-    """A LambdaLR stepped once per optimizer step; its state is saved with checkpoints."""
-    warmup = resolve_warmup_steps(lr_cfg.warmup_steps, total_steps)
-    min_ratio = lr_cfg.min_lr / peak_lr
-    # LambdaLR calls the function with 0 for the first step; our steps are 1-based.
-    return LambdaLR(optimizer, lambda i: lr_factor(i + 1, warmup, total_steps, min_ratio, lr_cfg.decay_type))
+# Optimizer group entries the config sets (optimizer section); "lr" is the schedule's.
+_CONFIG_HYPERPARAMETERS = ("betas", "eps", "weight_decay")
+
+
+class LRSchedule:
+    """The optimizer's hyper-parameters as a pure function of (step, this run's config).
+
+    The lr of optimizer step ``s`` is ``peak_lr * lr_factor(s, ...)`` of this run's config; betas, eps and weight
+    decay are the config's. The state (what checkpoints hold) is the number of steps taken; the schedule and the
+    values in force when it was saved travel with it for the record only. So a resume follows the config it is
+    given: ``--training.steps`` extends or shortens the schedule from the saved step on, a new ``--optimizer.lr``
+    or ``--optimizer.weight_decay`` takes effect at the next step. :meth:`load_state_dict` (called after the
+    optimizer's state is loaded, which restores the saved groups) puts the config's values back into the
+    optimizer's groups and notes in :attr:`resume_notes` each one that differs from the checkpoint's.
+
+    Interface of ``torch.optim.lr_scheduler.LRScheduler`` as the trainer uses it: ``step``, ``get_last_lr``,
+    ``state_dict``, ``load_state_dict``; ``last_epoch`` (torch's name, which checkpoints of LambdaLR also hold) is
+    the number of optimizer steps taken.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr_cfg, peak_lr: float, total_steps: int):
+        self.optimizer = optimizer
+        self.peak_lr, self.total_steps = peak_lr, total_steps
+        self.warmup = resolve_warmup_steps(lr_cfg.warmup_steps, total_steps)
+        self.min_lr, self.decay_type = lr_cfg.min_lr, lr_cfg.decay_type
+        # The optimizer was built from this run's config: its groups hold the config's values now.
+        self.hyperparameters = {k: optimizer.param_groups[0][k] for k in _CONFIG_HYPERPARAMETERS}
+        self.last_epoch = 0
+        self.resume_notes: list[str] = []
+        self._apply()
+
+    def lr_at(self, step: int) -> float:
+        """The lr of optimizer step ``step`` (1-based)."""
+        return self.peak_lr * lr_factor(step, self.warmup, self.total_steps, self.min_lr / self.peak_lr,
+                                        self.decay_type)
+
+    def get_last_lr(self) -> list[float]:
+        """The lr of each group for the next optimizer step (the one in force now)."""
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def step(self) -> None:
+        """Moves on by one optimizer step (call after each, applied or skipped)."""
+        self.last_epoch += 1
+        self._apply()
+
+    def _apply(self) -> None:
+        lr = self.lr_at(self.last_epoch + 1)
+        for group in self.optimizer.param_groups:
+            group.update(self.hyperparameters, lr=lr)
+
+    def schedule(self) -> dict:
+        """The schedule and constant hyper-parameters in force, keyed by their config names."""
+        return {"optimizer.lr": self.peak_lr, "training.steps": self.total_steps,
+                "lr_scheduler.warmup_steps": self.warmup, "lr_scheduler.min_lr": self.min_lr,
+                "lr_scheduler.decay_type": self.decay_type,
+                **{f"optimizer.{k}": _jsonable(v) for k, v in self.hyperparameters.items()}}
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch, "schedule": self.schedule()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores the step count only; notes where this run's values differ from the checkpoint's and puts them
+        into the optimizer's groups (which the optimizer's own load has just set to the checkpoint's)."""
+        saved = dict(state.get("schedule") or _legacy_schedule(state, self.optimizer))
+        self.last_epoch = int(state["last_epoch"])
+        self.resume_notes = _differences(saved, self.schedule())
+        self._apply()
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _legacy_schedule(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """What a checkpoint saved with torch's LambdaLR tells of its schedule: the peak lr, and (from the optimizer's
+    groups, loaded just before) its constant hyper-parameters."""
+    saved = {f"optimizer.{k}": _jsonable(optimizer.param_groups[0][k]) for k in _CONFIG_HYPERPARAMETERS
+             if k in optimizer.param_groups[0]}
+    if state.get("base_lrs"):
+        saved["optimizer.lr"] = state["base_lrs"][0]
+    return saved
+
+
+def _differences(saved: dict, current: dict) -> list[str]:
+    """One line per value that this run's config changes from the checkpoint's."""
+    changed = [f"{key} {current[key]} (checkpoint: {saved[key]})" for key in current
+               if key in saved and saved[key] != current[key]]
+    if not changed:
+        return []
+    return ["resumed with this run's config, which differs from the checkpoint's: " + ", ".join(changed)]
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, lr_cfg, peak_lr: float, total_steps: int) -> LRSchedule:
+    """The run's :class:`LRSchedule`, stepped once per optimizer step; its step count is saved with checkpoints.
+    Build it right after the optimizer (it takes the config's betas, eps and weight decay from its groups)."""
+    return LRSchedule(optimizer, lr_cfg, peak_lr, total_steps)
