@@ -136,19 +136,19 @@ def build_mesh(dims: ParallelDims, device: torch.device) -> DeviceMesh | None:
     return init_device_mesh(device.type, (dims.replicate, dims.shard), mesh_dim_names=("dp_replicate", "dp_shard"))
 
 
+def new_host_group() -> dist.ProcessGroup | None:
+    """A new gloo group of all ranks for small host-side agreements (per-step flags, barriers) that must neither
+    touch the GPU's stream nor interleave with other collectives; None for one process. Collective."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.new_group(backend="gloo")
+    return None
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over all ranks (identity for one process)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
-
-
-def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
-    """Max over all ranks (identity for one process)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x
 
 

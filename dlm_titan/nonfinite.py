@@ -7,7 +7,6 @@ import sys
 import torch
 import torch.distributed as dist
 
-from dlm_titan.checkpoint.layout import print_warning
 from dlm_titan.transfers import HostCopy
 
 
@@ -15,8 +14,8 @@ class NonFiniteGuard:
     """Checks each step's micro-batch losses and grad norm before the optimizer step.
 
     "skip" drops the update (the caller zeroes the grads, the optimizer does not step, the lr schedule and data
-    move on), "stop" does the same and sets :attr:`stop_requested` (the checkpoint manager then saves and ends
-    the run), "raise" raises FloatingPointError. The log names the step, rank and micro-batch.
+    move on), "stop" does the same and sets :attr:`stop_requested` (the training loop then saves and ends the
+    run), "raise" raises FloatingPointError. The log names the step, rank and micro-batch.
 
     Args:
         action: training.on_nonfinite.
@@ -70,7 +69,7 @@ class NonFiniteGuard:
         if self.action == "raise":
             raise FloatingPointError(f"{msg}; training.on_nonfinite = raise")
         if self.rank == 0:
-            print_warning(f"{msg}: update skipped (training.on_nonfinite = {self.action})")
+            print(f"warning: {msg}: update skipped (training.on_nonfinite = {self.action})", file=sys.stderr, flush=True)
         if self.action == "stop":
             self.stop_requested = True
         return False

@@ -8,6 +8,8 @@ these were applied.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -136,7 +138,7 @@ def fsdp_groups(model: nn.Module) -> list[nn.Module | list[nn.Module]]:
     return [model.tok_embeddings, *model.layers.values(), [model.norm, model.output]]
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, training_cfg, reshard_after_forward: str, device_type: str) -> None:
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, training_cfg, reshard_after_forward: str, device_type: str) -> bool:
     """Shards the embedding, each block, the final norm + head (one group) and the root with FSDP2.
 
     A 2-D (dp_replicate, dp_shard) mesh gives HSDP (the trainer uses :func:`apply_ddp` when the shard dimension
@@ -150,6 +152,10 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, training_cfg, reshard_after_f
             2 bytes a parameter more memory, 6 with several micro-batches: see set_gradient_sync);
             "default" reshards every group except the last block and the head, whose backward comes right
             after their forward.
+
+    Returns:
+        whether micro-batches may accumulate without gradient sync (see :func:`set_gradient_sync`): only when
+        gathered parameters are kept ("never").
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -164,14 +170,14 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, training_cfg, reshard_after_f
         reshard = reshard_after_forward == "always" or (reshard_after_forward == "default" and not last_two)
         fully_shard(group, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward == "always")
-    # Keeping gathered parameters also means accumulating micro-batches locally (see set_gradient_sync).
-    model.accumulate_without_sync = reshard_after_forward == "never"
     for module in model.modules():
         if hasattr(module, "set_gradient_divide_factor"):
             module.set_gradient_divide_factor(1.0)
             # Plain SUM collectives: NCCL's PREMUL_SUM(1.0) would be a no-op scale, and gloo has no PREMUL_SUM.
             if hasattr(module, "set_force_sum_reduction_for_comms"):
                 module.set_force_sum_reduction_for_comms(True)
+    # Keeping gathered parameters also means accumulating micro-batches locally (see set_gradient_sync).
+    return reshard_after_forward == "never"
 
 
 def apply_ddp(model: nn.Module, device: torch.device, bucket_cap_mb: int, reduce_dtype: str = "float32") -> None:
@@ -193,7 +199,6 @@ def apply_ddp(model: nn.Module, device: torch.device, bucket_cap_mb: int, reduce
     replicate(model, device_id=device, bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=True,
               broadcast_buffers=False)
     model.register_comm_hook(_DTYPES[reduce_dtype], _sum_gradients)
-    model.accumulate_without_sync = True
 
 
 def _sum_gradients(dtype: torch.dtype, bucket):  # DDP rejects a return annotation that is a string
@@ -212,17 +217,16 @@ def _sum_gradients(dtype: torch.dtype, bucket):  # DDP rejects a return annotati
 
 def set_gradient_sync(model: nn.Module, last_micro_batch: bool) -> None:
     """Gradient accumulation without communication, for models that keep whole parameters between micro-batches
-    (DDP, and FSDP with "never" reshard): on every micro-batch but the last of a step, skip the gradient
-    reduction (FSDP sums unsharded gradients in the fp32 reduce dtype and keeps the gathered parameters after
-    backward). A step then costs one gradient reduction (and under FSDP one all-gather) whatever its number of
-    micro-batches, for 6 bytes a parameter more memory under FSDP. No-op otherwise.
+    (DDP, and FSDP with "never" reshard: :attr:`ParallelPlan.accumulate_without_sync`): on every micro-batch but
+    the last of a step, skip the gradient reduction (FSDP sums unsharded gradients in the fp32 reduce dtype and
+    keeps the gathered parameters after backward). A step then costs one gradient reduction (and under FSDP one
+    all-gather) whatever its number of micro-batches, for 6 bytes a parameter more memory under FSDP.
 
-    Call before each micro-batch's forward.
+    Call before each micro-batch's forward, only for such models.
     """
-    if getattr(model, "accumulate_without_sync", False):
-        model.set_requires_gradient_sync(last_micro_batch)
-        if hasattr(model, "set_reshard_after_backward"):
-            model.set_reshard_after_backward(last_micro_batch)
+    model.set_requires_gradient_sync(last_micro_batch)
+    if hasattr(model, "set_reshard_after_backward"):
+        model.set_reshard_after_backward(last_micro_batch)
 
 
 # Up to this many parameters, "auto" keeps gathered parameters from forward to backward (see resolve_reshard).
@@ -242,8 +246,37 @@ def resolve_reshard(policy: str, num_params: int) -> str:
     return "never" if num_params <= AUTO_NO_RESHARD_MAX_PARAMS else "default"
 
 
-def parallelize_model(model: nn.Module, cfg, mesh: DeviceMesh | None, device: torch.device) -> dict[str, object]:
-    """Applies AC, compile, float8 and data parallelism, in that order, and returns a summary for the log.
+@dataclass(frozen=True)
+class ParallelPlan:
+    """What :func:`parallelize_model` applied, for the trainer and its log.
+
+    Attributes:
+        data_parallel: a description of the data parallelism ("DDP over 4 ranks", "FSDP2, mesh ..."), or None
+            for one process.
+        accumulate_without_sync: micro-batches but the last of a step may skip the gradient reduction (call
+            :func:`set_gradient_sync` before each forward): DDP, and FSDP keeping gathered parameters.
+        compiled_blocks: blocks compiled by torch.compile (0 when off).
+        cudagraphs: compiled blocks replay as CUDA graphs.
+        float8_linears: linears converted to float8 training.
+        ac: activation checkpointing mode.
+    """
+
+    data_parallel: str | None
+    accumulate_without_sync: bool
+    compiled_blocks: int
+    cudagraphs: bool
+    float8_linears: int
+    ac: str
+
+    def describe(self) -> str:
+        """The plan as the trainer's ``parallelism:`` log line."""
+        return (f"parallelism: {self.data_parallel or 'one process'}; compiled blocks {self.compiled_blocks}"
+                f"{' (CUDA graphs)' if self.cudagraphs else ''}; "
+                f"activation checkpointing {self.ac}; float8 linears {self.float8_linears}")
+
+
+def parallelize_model(model: nn.Module, cfg, mesh: DeviceMesh | None, device: torch.device) -> ParallelPlan:
+    """Applies AC, compile, float8 and data parallelism, in that order, and returns what it applied.
 
     Data parallelism follows the mesh: none for one process; DDP when the shard dimension is 1 (plain
     replication); else FSDP2 over the (dp_replicate, dp_shard) mesh (HSDP when both are > 1).
@@ -264,18 +297,19 @@ def parallelize_model(model: nn.Module, cfg, mesh: DeviceMesh | None, device: to
     apply_compile(model, cfg.compile, cudagraphs)
     float8_linears = apply_float8(model, cfg.float8, device.type)
     reshard = resolve_reshard(cfg.parallelism.fsdp_reshard_after_forward, model.args.total_params())
-    data_parallel = None
+    data_parallel, without_sync = None, False
     if mesh is not None and mesh.shape[1] == 1:
         reduce_dtype = cfg.training.mixed_precision_reduce if device.type == "cuda" else "float32"
         apply_ddp(model, device, cfg.parallelism.ddp_bucket_cap_mb, reduce_dtype)
-        data_parallel = f"DDP over {mesh.shape[0]} ranks"
+        data_parallel, without_sync = f"DDP over {mesh.shape[0]} ranks", True
     elif mesh is not None:
-        apply_fsdp(model, mesh, cfg.training, reshard, device.type)
+        without_sync = apply_fsdp(model, mesh, cfg.training, reshard, device.type)
         data_parallel = f"FSDP2, mesh {tuple(mesh.shape)}, reshard after forward: {reshard}"
-    return {
-        "ac": cfg.activation_checkpoint.mode,
-        "compiled_blocks": len(model.layers) if cfg.compile.enable else 0,
-        "cudagraphs": cudagraphs,
-        "float8_linears": float8_linears,
-        "data_parallel": data_parallel,
-    }
+    return ParallelPlan(
+        data_parallel=data_parallel,
+        accumulate_without_sync=without_sync,
+        compiled_blocks=len(model.layers) if cfg.compile.enable else 0,
+        cudagraphs=cudagraphs,
+        float8_linears=float8_linears,
+        ac=cfg.activation_checkpoint.mode,
+    )

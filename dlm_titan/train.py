@@ -1,205 +1,158 @@
 """``python -m dlm_titan.train``: the masked-diffusion pretraining loop.
 
-The Trainer composes the pieces below it (config, model, parallelize, data, diffusion, optim, metrics) and
-nothing imports it. Launch through ``run_train.sh`` (torchrun) or directly for one process.
+The Trainer composes the pieces below it (config, model, parallelize, data, diffusion, optim, metrics,
+checkpoint, validation) and nothing imports it. It owns the loop: the steps, the non-finite guard and the
+preemption signals; the metrics component logs each step and the checkpoint manager saves. Launch through
+``run_train.sh`` (torchrun) or directly for one process.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
-import math
 import os
+import signal
 import sys
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
+from dlm_kernels import masked_linear_cross_entropy
 
 from dlm_titan import distributed as dist_utils
 from dlm_titan.checkpoint import CheckpointManager
 from dlm_titan.config import JobConfig, load_config, to_toml
 from dlm_titan.data import build_train_loader, resolve_data_path
-from dlm_titan.diffusion import forward_process, sample_noise, ssl_length
+from dlm_titan.data.loader import micro_batches_per_step
+from dlm_titan.diffusion import MaskedBatch, forward_process, sample_noise, ssl_length
 from dlm_titan.errors import UserError, report
-from dlm_titan.checkpoint.export import model_config
+from dlm_titan.fileio import atomic_write_text
 from dlm_titan.flops import steps_from_budget
-from dlm_titan.metrics import (
-    MetricsLogger,
-    TBuckets,
-    ThroughputWindow,
-    bucket_means,
-    device_memory,
-    device_name,
-    mfu,
-    model_flops_per_token,
-)
-from dlm_titan.models import build_model
+from dlm_titan.interop.init_shape import build_training_model
+from dlm_titan.metrics import TrainMetrics
+from dlm_titan.models import get_model_args, model_config
+from dlm_titan.nonfinite import NonFiniteGuard
 from dlm_titan.optim import build_lr_scheduler, build_optimizer, clip_grad_norm, resolve_warmup_steps
 from dlm_titan.parallelize import parallelize_model, set_gradient_sync
+from dlm_titan.preemption import StopSignals
 from dlm_titan.profiling import Profiler
-from dlm_titan.transfers import HostCopy, device_mark, to_device
+from dlm_titan.transfers import to_device
 from dlm_titan.validation import SequenceLossTap, build_validator
 
 
-@dataclasses.dataclass
-class _LoggedStep:
-    """A logged step between :meth:`Trainer._start_log` and :meth:`Trainer._finish_log`."""
-
-    step: int
-    device: HostCopy  # loss and masked-token totals, grad norm, loss-by-t sums
-    lr: float
-    tokens_seen: int
-    tokens: int
-    memory: dict[str, float | None]  # peaks read as the step was queued: the next step's allocations are not in it
-
-
 class Trainer:
-    """Builds the model, optimizer, schedule, loader and loggers from a JobConfig, then trains."""
+    """Builds the model, optimizer, schedule, loader, metrics and checkpointing from a JobConfig, then trains."""
 
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
         self.rank, world_size, self.device = dist_utils.init_distributed()
         self.dims = dist_utils.resolve_parallel_dims(cfg.parallelism, world_size, self.rank)
-        t = cfg.training
-        self.micro_batches = _accumulation_steps(t.global_batch_size, t.local_batch_size, world_size)
+        training = cfg.training
+        self.micro_batches = micro_batches_per_step(training.global_batch_size, training.local_batch_size, world_size)
         self.dump_folder = Path(cfg.job.dump_folder)
         self.log = print if self.rank == 0 else (lambda *a, **k: None)
-        torch.manual_seed(t.seed)
-        dist_utils.set_determinism(t.deterministic, cfg.model, self.device)  # before anything touches cuBLAS
-
-        self.model = build_model(cfg.model, t.seq_len, self.device)
-        self.model_args = self.model.args
-        self.steps = self._resolve_steps()
-        self.parallel_plan = parallelize_model(self.model, cfg, dist_utils.build_mesh(self.dims, self.device), self.device)
-        self.model.to_empty(device=self.device)
-        self.model.init_weights(seed=t.seed)
-        self.loss_tap = SequenceLossTap(partial(_loss_fn(), impl=cfg.diffusion.loss_impl))  # per-sequence losses on log steps
-        self.model.loss_fn = self.loss_tap
-        self.model.train()
-
+        torch.manual_seed(training.seed)
+        dist_utils.set_determinism(training.deterministic, cfg.model, self.device)  # before anything touches cuBLAS
+        self._build_model()
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
         self.params = list(self.model.parameters())
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.optimizer.lr, self.steps)
         data_path = resolve_data_path(cfg.data)
-        self.data_loader = _train_loader(cfg, data_path, self.rank, world_size)
-        self.autocast = _autocast(t.dtype, self.device, fsdp=self.dims.sharded)
-        self.metrics = MetricsLogger(self.dump_folder / cfg.metrics.save_tb_folder, self.rank, cfg.metrics.enable_tensorboard,
-                                     enable_wandb=cfg.metrics.enable_wandb, wandb_config=dataclasses.asdict(cfg))
+        self.data_loader = train_loader(cfg, data_path, self.rank, world_size)
+        self.autocast = _autocast(training.dtype, self.device, fsdp=self.dims.sharded)
+        self.metrics = TrainMetrics(cfg, self.model_args, self.rank, world_size, self.device)
         self.validator = build_validator(cfg, self.model, data_path, self.rank, world_size, self.device, self.autocast)
-        self.t_buckets = TBuckets(self.device)
-        # Read a logged step's metrics one step later, behind queued work (see _start_log). On the CPU, work runs
-        # as it is issued: nothing to hide the wait behind, and the throughput window would miss that step.
-        self.defer_logs = self.device.type == "cuda"
-        self.pending_log: _LoggedStep | None = None  # a logged step's metrics on their way to the host
         self.step = 0
         self.tokens_seen = 0
         if self.rank == 0 and cfg.job.print_config:
             print(to_toml(cfg))
-        self._print_plan(data_path)
-        self.checkpointer = CheckpointManager(cfg, self.model, self.optimizer, self.lr_scheduler, self.data_loader,
-                                              model_config(self.model, cfg.model.flavor))
-        self.step, self.tokens_seen = self.checkpointer.load()  # resume, or initial_load_path weights
+        for line in plan_summary(cfg, self.model, self.steps, self.dims.world_size, self.micro_batches, self.device,
+                                 data_path):
+            self.log(line)
+        self.log(self.parallel_plan.describe())
+        self._build_checkpointing()
         self._write_config()  # after the load: a resume refused (another model, seq_len, ...) keeps the saved one
-        self.keep_grads = keeps_gradients(self.dims.form, self.parallel_plan["cudagraphs"], self.micro_batches)
-        if self.keep_grads and self.parallel_plan["cudagraphs"]:
-            self._allocate_gradients()
+        self.keep_grads = keeps_gradients(self.dims.form, self.parallel_plan.cudagraphs, self.micro_batches)
+        if self.keep_grads and self.parallel_plan.cudagraphs:
+            allocate_gradients(self.params)
 
-    def _allocate_gradients(self) -> None:
-        """Zeroed gradient buffers for CUDA-graphed backward passes to accumulate into (with zero_grad in place).
+    def _build_model(self) -> None:
+        """The model, built on the meta device, parallelized, then materialized and initialised; its loss."""
+        training = self.cfg.training
+        self.model = build_training_model(self.cfg, training.seq_len, self.device)  # flavor, or initial folder
+        self.model_args = self.model.args
+        self.steps = resolve_steps(self.cfg, self.model_args)
+        mesh = dist_utils.build_mesh(self.dims, self.device)
+        self.parallel_plan = parallelize_model(self.model, self.cfg, mesh, self.device)
+        self.model.to_empty(device=self.device)
+        self.model.init_weights(seed=training.seed)
+        # The loss the model's forward computes: the masked cross-entropy, through a tap that also keeps the
+        # per-sequence losses of logged steps (for the loss by t).
+        self.loss_tap = SequenceLossTap(partial(masked_linear_cross_entropy, impl=self.cfg.diffusion.loss_impl))
+        self.loss_fn = self.loss_tap
+        self.model.train()
 
-        A gradient left to the first backward would live in the graphs' memory pool and be overwritten by the
-        next micro-batch. Call after the checkpoint load: DCP fills an optimizer's empty state (to load Adam's
-        moments into) only while no parameter has a gradient.
-        """
-        for param in self.params:
-            param.grad = torch.zeros_like(param)
-
-    def _resolve_steps(self) -> int:
-        t = self.cfg.training
-        if t.flops_budget <= 0:
-            return t.steps
-        steps = steps_from_budget(
-            t.flops_budget, self.model_args.non_embedding_params(), t.global_batch_size, t.seq_len, self.cfg.diffusion.ssl_ratio
-        )
-        if steps < 1:
-            raise UserError(f"training.flops_budget = {t.flops_budget:.3g} is less than one step of this model and batch")
-        return steps
+    def _build_checkpointing(self) -> None:
+        """The non-finite guard, the stop signals and the checkpoint manager, then the resume (or initial load)."""
+        flags = dist_utils.new_host_group()  # per-step agreements across ranks, off the GPU and its stream
+        self.nonfinite = NonFiniteGuard(self.cfg.training.on_nonfinite, self.rank, flags)
+        self.signals = StopSignals(flags)
+        self.checkpointer = CheckpointManager(self.cfg, self.model, self.optimizer, self.lr_scheduler, self.data_loader,
+                                              model_config(self.model, self.cfg.model.flavor), barrier_group=flags)
+        if self.cfg.checkpoint.enable:  # a stop signal saves; without checkpoints it ends the run as usual
+            self.signals.install(self.data_loader)
+        self.step, self.tokens_seen = self.checkpointer.load()  # resume, or initial_load_path weights
+        for note in self.lr_scheduler.resume_notes:  # this run's hyper-parameters that differ from the checkpoint's
+            self.log(note)
 
     def _write_config(self) -> None:
         if self.rank == 0:
             self.dump_folder.mkdir(parents=True, exist_ok=True)
-            (self.dump_folder / "config.toml").write_text(to_toml(self.cfg))
+            atomic_write_text(self.dump_folder / "config.toml", to_toml(self.cfg))
 
-    def _print_plan(self, data_path: Path) -> None:
-        t, a = self.cfg.training, self.model_args
-        warmup = resolve_warmup_steps(self.cfg.lr_scheduler.warmup_steps, self.steps)
-        self.log(
-            f"model {self.cfg.model.flavor}: {a.n_layers} layers, d={a.dim}, {a.non_embedding_params():,} non-embedding "
-            f"params, {a.total_params():,} total; attention backend {self.model.attn_backend}"
-        )
-        self.log(
-            f"training: {self.steps:,} steps, {self.steps * t.global_batch_size * t.seq_len:,} tokens, warmup "
-            f"{warmup} steps, global batch {t.global_batch_size} x {t.seq_len} = {self.dims.world_size} ranks x "
-            f"{self.micro_batches} micro-batches x {t.local_batch_size}; device {self.device}; data {data_path}"
-        )
-        p = self.parallel_plan
-        self.log(f"parallelism: {p['data_parallel'] or 'one process'}; compiled blocks {p['compiled_blocks']}"
-                 f"{' (CUDA graphs)' if p['cudagraphs'] else ''}; "
-                 f"activation checkpointing {p['ac']}; float8 linears {p['float8_linears']}")
-
-    def _step_token_count(self, step: int) -> int:
-        """Tokens in the whole optimizer step, over every micro-batch of every rank. Each micro-batch's length
-        is keyed by its first global position, so every rank computes the same total before any forward."""
-        t = self.cfg.training
-        return sum(
-            t.local_batch_size * ssl_length(t.seed, step, first, t.seq_len, self.cfg.diffusion.ssl_ratio)
-            for first in range(0, t.global_batch_size, t.local_batch_size)
-        )
-
-    def train_step(self, step: int) -> dict[str, float]:
+    def train_step(self, step: int) -> dict[str, Any]:
         """One optimizer step over ``micro_batches`` micro-batches.
 
         Loss normalisation: SMDM's loss of a batch is sum_{masked i} CE_i / p_i divided by its token count.
         Each micro-batch backpropagates its own masked sum divided by the token count T of the whole step
-        (all micro-batches, all ranks: known up front, see _step_token_count), and FSDP or DDP sums gradients
-        over ranks (divide factor 1, or a summing comm hook). The accumulated gradient is then d/dθ [sum over the step / T], the same
-        whatever the split into ranks and micro-batches, so 1 rank x 8 micro-batches equals 8 ranks x 1.
+        (all micro-batches, all ranks: known up front, see step_token_count), and FSDP or DDP sums gradients
+        over ranks (divide factor 1, or a summing comm hook). The accumulated gradient is then d/dθ [sum over
+        the step / T], the same whatever the split into ranks and micro-batches, so 1 rank x 8 micro-batches
+        equals 8 ranks x 1.
         """
-        t, d = self.cfg.training, self.cfg.diffusion
-        token_count = self._step_token_count(step)
+        token_count = step_token_count(self.cfg, step)
         self.loss_tap.armed = self._is_log_step(step)
         loss_sum = torch.zeros((), device=self.device)
         masked, data_time, micro_losses = 0, 0.0, []
         for i in range(self.micro_batches):
-            set_gradient_sync(self.model, last_micro_batch=i == self.micro_batches - 1)
+            if self.parallel_plan.accumulate_without_sync:
+                set_gradient_sync(self.model, last_micro_batch=i == self.micro_batches - 1)
             start = time.perf_counter()
             batch = next(self.data_iter)
             data_time += time.perf_counter() - start
-            positions = batch["position"]
-            length = ssl_length(t.seed, step, int(positions[0]), t.seq_len, d.ssl_ratio)
-            tokens = batch["input"][:, :length]
-            noise = sample_noise(
-                positions, t.seq_len, seed=t.seed, step=step, t_sampling=d.t_sampling, num_positions=t.global_batch_size
-            )
-            mb = forward_process(tokens, noise, eps=d.eps, mask_id=self.model_args.mask_id, token_count=token_count)
+            mb, t, length = diffusion_micro_batch(self.cfg, batch, step, token_count, self.model_args.mask_id)
             masked += mb.num_masked
             inputs, targets, weights, index = (
                 to_device(x, self.device) for x in (mb.inputs, mb.targets, mb.token_weights, mb.masked_index)
             )
             with self.autocast:
-                loss = self.model(inputs, targets, weights, index)
+                loss = self.model(inputs, targets, weights, index, loss_fn=self.loss_fn)
             loss.backward()
             loss_sum += loss.detach()
             micro_losses.append(loss.detach())
             if self.loss_tap.armed:  # per-sequence loss: sum of CE / p over its tokens, divided by its length
-                self.t_buckets.add(noise.t, self.loss_tap.take(len(positions)) * (token_count / length))
+                self.metrics.loss_by_t.add(t, self.loss_tap.take(len(t)) * (token_count / length))
+        return {"loss_sum": loss_sum, "masked": masked, "tokens": token_count, "data_time": data_time,
+                **self._update(step, micro_losses, token_count)}
+
+    def _update(self, step: int, micro_losses: list[torch.Tensor], token_count: int) -> dict[str, Any]:
+        """Clips, applies the update unless the non-finite guard drops it, moves the schedule on, clears grads."""
         # The Triton AdamW takes the clip coefficient into its update; other optimizers get clipped gradients.
         grad_norm, grad_scale = clip_grad_norm(self.params, self.cfg.training.max_norm, self.optimizer)
         lr = self.lr_scheduler.get_last_lr()[0]  # this step's, logged with it (the schedule moves on below)
-        if self.checkpointer.check_finite(step, micro_losses, grad_norm):  # else training.on_nonfinite
+        if self.nonfinite.check(step, micro_losses, grad_norm):  # else training.on_nonfinite
             self.optimizer.step(**({} if grad_scale is None else {"grad_scale": grad_scale}))
         self.lr_scheduler.step()
         # DDP keeps gradients as views of its buckets: zero them in place, or autograd allocates a second set and
@@ -207,8 +160,7 @@ class Trainer:
         # micro-batches need them in place too (keeps_gradients).
         self.optimizer.zero_grad(set_to_none=not self.keep_grads)
         self.tokens_seen += token_count
-        return {"loss_sum": loss_sum, "grad_norm": grad_norm, "masked": masked, "tokens": token_count, "data_time": data_time,
-                "lr": lr}
+        return {"grad_norm": grad_norm, "lr": lr}
 
     def train(self) -> None:
         """Runs steps until ``self.steps``, logging every metrics.log_freq steps and at the last step, and
@@ -227,12 +179,10 @@ class Trainer:
             self.metrics.close()
             if hasattr(self.data_iter.it, "_shutdown_workers"):
                 self.data_iter.it._shutdown_workers()  # else each persistent worker waits out a 5 s timeout
-        self.checkpointer.close(self.step, completed=self.step >= self.steps)  # export; raises after a "stop"
+        self._close()
 
     def _train_loop(self) -> None:
-        self.window = ThroughputWindow()
-        self.window_mark = device_mark(self.device)  # where the throughput window starts on the device's clock
-        self.pending_log = None
+        self.metrics.start()
         try:
             with Profiler(self.cfg.profiling, self.dump_folder, self.rank, self.device, self.step, self.log) as profiler:
                 while self.step < self.steps:
@@ -242,82 +192,54 @@ class Trainer:
             # e.g. on_nonfinite = "raise" raising one step late: still print the step it names. Best effort: the
             # device may be what failed.
             with contextlib.suppress(Exception):
-                self._finish_log()
+                self.metrics.finish_log()
             raise
-        self._finish_log()
+        self.metrics.finish_log()
 
     def _train_one_step(self, profiler: Profiler) -> bool:
         """One step and what follows it (logging, validation, checkpointing); True when the run must stop."""
         self.step += 1
+        last = self.step == self.steps
         out = self.train_step(self.step)
-        self._finish_log()  # the previous step's, read now that this step's work is queued behind it
-        self.window.add(out["tokens"], out["data_time"])
+        validate = self.validator is not None and (self.step % self.cfg.validation.freq == 0 or last)
+        self.metrics.step_done(self.step, out, self.tokens_seen, log=self._is_log_step(self.step), flush=validate or last)
         if self.step % self.cfg.training.gc_freq == 0:
             gc.collect(1)
-        validate = self.validator is not None and (self.step % self.cfg.validation.freq == 0 or self.step == self.steps)
-        if self._is_log_step(self.step):
-            self.pending_log = self._start_log(out)
-            if not self.defer_logs or validate or self.step == self.steps:  # nothing to hide the wait behind
-                self._finish_log()
         profiler.step()
         if validate:
-            self._validate()
-        return self.checkpointer.step_end(self.step, self.tokens_seen, last=self.step == self.steps)
+            result = self.validator.run()
+            self.metrics.exclude(result.seconds)
+            self.metrics.log_validation(self.step, result.scalars(), result.summary())
+        return self._end_step(last)
+
+    def _end_step(self, last: bool) -> bool:
+        """Saves when due and tells whether the loop must stop: a stop signal on any rank (SIGTERM/SIGUSR1), or a
+        non-finite step under on_nonfinite = "stop". Either way the state is saved first."""
+        signalled = self.signals.received()
+        stop = bool(signalled) or self.nonfinite.stop_requested
+        if stop or self.checkpointer.save_due(self.step, last):
+            self.nonfinite.resolve_deferred()  # a deferred "raise" verdict first: no checkpoint holds a bad update
+        self.checkpointer.step_end(self.step, self.tokens_seen, last=last, stop=stop)
+        if signalled:
+            self.log(f"checkpoint: stopping at step {self.step} on signal {signal.Signals(signalled).name}; rerun the "
+                     "same command to resume", flush=True)
+        return stop
+
+    def _close(self) -> None:
+        """After the loop: waits for saves, exports a completed run's weights, restores the signal handlers; raises
+        FloatingPointError if a non-finite step ended the run ("stop", or a deferred "raise"). Collective."""
+        try:
+            self.nonfinite.resolve_deferred()
+            completed = self.step >= self.steps and not self.nonfinite.stop_requested
+            self.checkpointer.close(self.step, export=completed)
+        finally:
+            self.signals.restore()
+        if self.nonfinite.stop_requested:
+            raise FloatingPointError(f"stopped at step {self.step} after a non-finite loss or grad norm (training."
+                                     f"on_nonfinite = stop); state saved in {self.checkpointer.step_folder(self.step)}")
 
     def _is_log_step(self, step: int) -> bool:
         return step % self.cfg.metrics.log_freq == 0 or step in (1, self.steps)
-
-    def _validate(self) -> None:
-        result = self.validator.run()
-        self.window.exclude(result.seconds)
-        self.metrics.log_validation(self.step, result.scalars(), result.summary())
-
-    def _start_log(self, out: dict) -> _LoggedStep:
-        """Queues the copy of a logged step's device metrics to the host (all-reduced over ranks) and notes its
-        host-side values; :meth:`_finish_log` reads and logs them, normally one step later (on a GPU: see
-        ``defer_logs``)."""
-        loss_sum = out["loss_sum"].double()  # float64: masked-token counts of large batches stay exact
-        totals = dist_utils.all_reduce_sum(torch.stack([loss_sum, loss_sum.new_full((), out["masked"])]))
-        memory = device_memory(self.device)  # the allocator's host-side counters: no sync
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        return _LoggedStep(
-            step=self.step,
-            device=HostCopy({"totals": totals, "grad_norm": out["grad_norm"], "t_buckets": self.t_buckets.take()}),
-            lr=out["lr"],
-            tokens_seen=self.tokens_seen,
-            tokens=out["tokens"],
-            memory=memory,
-        )
-
-    def _finish_log(self) -> None:
-        """Logs the step started by :meth:`_start_log`, if one is pending."""
-        pending, self.pending_log = self.pending_log, None
-        if pending is None:
-            return
-        values = pending.device.read()
-        seconds = None  # on a GPU, the window's length on its clock: right whenever the window is read
-        if pending.device.event is not None and self.window_mark is not None:
-            seconds = self.window_mark.elapsed_time(pending.device.event) / 1e3
-            self.window_mark = pending.device.event
-        rates = self.window.read(self.dims.world_size, seconds)
-        loss, masked = values["totals"].tolist()
-        grad_norm = values["grad_norm"].item()
-        if not math.isfinite(grad_norm):
-            self.log(f"warning: non-finite grad norm at step {pending.step}")
-        fpt = model_flops_per_token(self.model_args, self.cfg.training.seq_len)
-        metrics = {
-            "loss": loss,
-            "lr": pending.lr,
-            "grad_norm": grad_norm,
-            **rates,
-            "mfu": mfu(rates["tokens_per_s_per_device"], fpt, device_name(self.device)),
-            "tokens_seen": float(pending.tokens_seen),
-            "masked_fraction": masked / pending.tokens,
-            **pending.memory,
-            **bucket_means(values["t_buckets"]),
-        }
-        self.metrics.log(pending.step, metrics)
 
 
 def keeps_gradients(form: str, cudagraphs: bool, micro_batches: int) -> bool:
@@ -332,13 +254,65 @@ def keeps_gradients(form: str, cudagraphs: bool, micro_batches: int) -> bool:
     return form == "ddp" or (cudagraphs and micro_batches > 1)
 
 
-def _accumulation_steps(global_batch: int, local_batch: int, world_size: int) -> int:
-    if global_batch % (local_batch * world_size):
-        raise UserError(
-            f"training.global_batch_size ({global_batch}) must be a multiple of local_batch_size ({local_batch}) x "
-            f"data-parallel ranks ({world_size}); e.g. --training.global_batch_size {local_batch * world_size * max(1, global_batch // (local_batch * world_size))}"
-        )
-    return global_batch // (local_batch * world_size)
+def allocate_gradients(params: list[torch.Tensor]) -> None:
+    """Zeroed gradient buffers for CUDA-graphed backward passes to accumulate into (with zero_grad in place).
+
+    A gradient left to the first backward would live in the graphs' memory pool and be overwritten by the next
+    micro-batch. Call after the checkpoint load: DCP fills an optimizer's empty state (to load Adam's moments
+    into) only while no parameter has a gradient.
+    """
+    for param in params:
+        param.grad = torch.zeros_like(param)
+
+
+def plan_summary(cfg: JobConfig, model, steps: int, world_size: int, micro_batches: int, device: torch.device,
+                 data_path: Path) -> list[str]:
+    """The run's plan as the log lines printed before training: the model, and the steps and batch layout."""
+    training, a = cfg.training, model.args
+    warmup = resolve_warmup_steps(cfg.lr_scheduler.warmup_steps, steps)
+    return [
+        f"model {cfg.model.flavor}: {a.n_layers} layers, d={a.dim}, {a.non_embedding_params():,} non-embedding "
+        f"params, {a.total_params():,} total; attention backend {model.attn_backend}",
+        f"training: {steps:,} steps, {steps * training.global_batch_size * training.seq_len:,} tokens, warmup "
+        f"{warmup} steps, global batch {training.global_batch_size} x {training.seq_len} = {world_size} ranks x "
+        f"{micro_batches} micro-batches x {training.local_batch_size}; device {device}; data {data_path}",
+    ]
+
+
+def resolve_steps(cfg: JobConfig, model_args) -> int:
+    """training.steps, or the steps that spend training.flops_budget (SMDM's 6 N tokens rule) when it is set."""
+    training = cfg.training
+    if training.flops_budget <= 0:
+        return training.steps
+    steps = steps_from_budget(training.flops_budget, model_args.non_embedding_params(), training.global_batch_size,
+                              training.seq_len, cfg.diffusion.ssl_ratio)
+    if steps < 1:
+        raise UserError(f"training.flops_budget = {training.flops_budget:.3g} is less than one step of this model and "
+                        "batch")
+    return steps
+
+
+def step_token_count(cfg: JobConfig, step: int) -> int:
+    """Tokens in the whole optimizer step, over every micro-batch of every rank. Each micro-batch's length is
+    keyed by its first global position, so every rank computes the same total before any forward."""
+    training = cfg.training
+    return sum(
+        training.local_batch_size * ssl_length(training.seed, step, first, training.seq_len, cfg.diffusion.ssl_ratio)
+        for first in range(0, training.global_batch_size, training.local_batch_size)
+    )
+
+
+def diffusion_micro_batch(cfg: JobConfig, batch: dict[str, torch.Tensor], step: int, token_count: int,
+                          mask_id: int) -> tuple[MaskedBatch, torch.Tensor, int]:
+    """The MDM objective's inputs of one micro-batch: SMDM's forward process on its tokens (cropped by SSL), with
+    noise keyed by (seed, step, global position). Returns (the batch, each sequence's t, the length)."""
+    training, diffusion = cfg.training, cfg.diffusion
+    positions = batch["position"]
+    length = ssl_length(training.seed, step, int(positions[0]), training.seq_len, diffusion.ssl_ratio)
+    noise = sample_noise(positions, training.seq_len, seed=training.seed, step=step, t_sampling=diffusion.t_sampling,
+                         num_positions=training.global_batch_size)
+    mb = forward_process(batch["input"][:, :length], noise, eps=diffusion.eps, mask_id=mask_id, token_count=token_count)
+    return mb, noise.t, length
 
 
 def _autocast(dtype: str, device: torch.device, fsdp: bool):
@@ -349,31 +323,23 @@ def _autocast(dtype: str, device: torch.device, fsdp: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def _loss_fn():
-    from dlm_kernels import masked_linear_cross_entropy
-
-    return masked_linear_cross_entropy
+def train_loader(cfg: JobConfig, data_path: str, rank: int, world_size: int):
+    """The training loader of one rank; every rank is data-parallel (FSDP, HSDP and DDP alike)."""
+    training = cfg.training
+    return build_train_loader(cfg.data, data_path=data_path, seq_len=training.seq_len,
+                              local_batch_size=training.local_batch_size, global_batch_size=training.global_batch_size,
+                              dp_rank=rank, dp_world_size=world_size, seed=training.seed, vocab_size=cfg.model.vocab_size)
 
 
 def check_config(cfg: JobConfig, world_size: int) -> int:
     """Validates what can be checked without building the model (run_train.sh runs it once before torchrun, so
     that bad input ends in one line and exit 2 rather than in every rank's error and torchrun's traceback): the
     flavor, parallel degrees, batch layout, the data folder, its shards' headers and the tokenizer."""
-    from dlm_titan.models import get_model_args
-
     get_model_args(cfg.model.flavor, cfg.model.vocab_size)
     dist_utils.resolve_parallel_dims(cfg.parallelism, world_size, rank=0)
-    _accumulation_steps(cfg.training.global_batch_size, cfg.training.local_batch_size, world_size)
-    _train_loader(cfg, resolve_data_path(cfg.data), 0, world_size)
+    micro_batches_per_step(cfg.training.global_batch_size, cfg.training.local_batch_size, world_size)
+    train_loader(cfg, resolve_data_path(cfg.data), 0, world_size)
     return 0
-
-
-def _train_loader(cfg: JobConfig, data_path: str, rank: int, world_size: int):
-    """The training loader of one rank; every rank is data-parallel (FSDP, HSDP and DDP alike)."""
-    t = cfg.training
-    return build_train_loader(cfg.data, data_path=data_path, seq_len=t.seq_len, local_batch_size=t.local_batch_size,
-                              global_batch_size=t.global_batch_size, dp_rank=rank, dp_world_size=world_size,
-                              seed=t.seed, vocab_size=cfg.model.vocab_size)
 
 
 def main(argv: list[str] | None = None) -> int:

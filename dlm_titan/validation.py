@@ -32,7 +32,7 @@ from dlm_kernels.reference import per_token_weighted_cross_entropy
 
 from dlm_titan.diffusion import VALIDATION_STREAM, Noise, forward_process, sample_noise
 from dlm_titan.distributed import all_reduce_sum
-from dlm_titan.metrics import T_BUCKET_PREFIX, TBuckets
+from dlm_titan.metrics import T_BUCKET_PREFIX, LossByTimeBins
 
 # Tags read by other tools (the isoFLOP sweep reads "validation/loss"): do not rename.
 LOSS_TAG, PPL_TAG, STDERR_TAG = "validation/loss", "validation/ppl_bound", "validation/stderr"
@@ -40,12 +40,12 @@ LOSS_TAG, PPL_TAG, STDERR_TAG = "validation/loss", "validation/ppl_bound", "vali
 CHUNK_ROWS = 1024
 
 
-# Per-row ``w_i * CE_i`` (no gradients, logits only for masked rows), the model's loss_fn during validation.
+# Per-row ``w_i * CE_i`` (no gradients, logits only for masked rows), the loss validation's forwards compute.
 per_token_weighted_ce = functools.partial(per_token_weighted_cross_entropy, chunk_rows=CHUNK_ROWS)
 
 
 class SequenceLossTap:
-    """Wraps the model's ``loss_fn`` (``masked_linear_cross_entropy``) and, while ``armed``, also keeps the
+    """Wraps a training loss (``masked_linear_cross_entropy``) and, while ``armed``, also keeps the
     per-token terms ``w_i CE_i`` of each call, so a training step yields per-sequence losses (for the loss-by-t
     metrics) without a second forward. The loss computes those terms anyway: armed costs one ``[N]`` write.
     The trainer arms it on logged steps.
@@ -100,7 +100,7 @@ class Validator:
     :meth:`run` together (one all-reduce at the end).
 
     Args:
-        model: a TransEncoder (possibly FSDP-wrapped); its ``loss_fn`` is swapped for per-token CE during run.
+        model: a TransEncoder (possibly FSDP-wrapped); its forwards compute per-token CE (``loss_fn``).
         loader: re-iterable validation micro-batches ``{"input": [b, >= seq_len], "position": [b]}``; each
             iteration must start a new pass in the same order (see dlm_titan.data.build_val_loader).
         steps: micro-batches per rank per evaluation; -1 = the whole loader.
@@ -133,17 +133,14 @@ class Validator:
         start = time.perf_counter()
         # [sum of x * L (weighted CE), tokens, sum of x, sum of x^2, pairs], float64 so sums stay exact enough
         stats = torch.zeros(5, dtype=torch.float64, device=self.device)
-        buckets = TBuckets(self.device)
+        buckets = LossByTimeBins(self.device)
         was_training = self.model.training
-        saved_loss_fn = self.model.loss_fn
         self.model.eval()
-        self.model.loss_fn = per_token_weighted_ce
         try:
             batches = self.loader if self.steps < 0 else itertools.islice(self.loader, self.steps)
             for batch in batches:
                 self._evaluate(batch, stats, buckets)
         finally:
-            self.model.loss_fn = saved_loss_fn
             self.model.train(was_training)
         loss_by_t = buckets.scalars(prefix=T_BUCKET_PREFIX + "validation_t")
         wce, tokens, x_sum, x2_sum, pairs = all_reduce_sum(stats).tolist()
@@ -157,7 +154,7 @@ class Validator:
             seconds=time.perf_counter() - start, loss_by_t=loss_by_t,
         )
 
-    def _evaluate(self, batch: dict[str, torch.Tensor], stats: torch.Tensor, buckets: TBuckets) -> None:
+    def _evaluate(self, batch: dict[str, torch.Tensor], stats: torch.Tensor, buckets: LossByTimeBins) -> None:
         tokens = batch["input"][:, : self.seq_len]
         positions = batch["position"]
         b, length = tokens.shape
@@ -166,7 +163,7 @@ class Validator:
             mb = forward_process(tokens, noise, eps=self.eps, mask_id=self.mask_id, token_count=length)
             inputs, targets, weights = (x.to(self.device, non_blocking=True) for x in (mb.inputs, mb.targets, mb.token_weights))
             with self.autocast:
-                per_token = self.model(inputs, targets, weights)
+                per_token = self.model(inputs, targets, weights, loss_fn=per_token_weighted_ce)
             x = per_token.view(b, length).sum(1).double()
             stats += torch.stack([x.sum() * length, x.new_tensor(b * length), x.sum(), (x * x).sum(), x.new_tensor(b)])
             buckets.add(noise.t, x)

@@ -8,6 +8,7 @@ workers, 8 steps; losses are read exactly in-process (the local loss sum, which 
 process).
 """
 
+import dataclasses
 import gc
 import json
 import os
@@ -21,11 +22,10 @@ import numpy as np
 import pytest
 import torch
 
-from dlm_titan.checkpoint import reposition
+from dlm_titan.checkpoint.export import export_model, load_model
 from dlm_titan.checkpoint.layout import MARKER, step_folders
 from dlm_titan.config import Data, load_config
 from dlm_titan.data import build_train_loader, resolve_data_path, write_shard
-from dlm_titan.checkpoint.export import export_model, load_model
 from dlm_titan.train import Trainer, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +144,8 @@ def graphs_claimed(monkeypatch):
     import dlm_titan.train as train_module
 
     parallelize = train_module.parallelize_model
-    monkeypatch.setattr(train_module, "parallelize_model", lambda *a, **k: {**parallelize(*a, **k), "cudagraphs": True})
+    monkeypatch.setattr(train_module, "parallelize_model",
+                        lambda *a, **k: dataclasses.replace(parallelize(*a, **k), cudagraphs=True))
 
 
 @pytest.mark.slow
@@ -244,6 +245,22 @@ def test_export_cli_writes_a_loadable_export(resumed, tmp_path):
         assert torch.equal(load_model(tmp_path / "e6")(tokens), load_model(step6)(tokens))
     assert json.loads((tmp_path / "e6" / "config.json").read_text())["step"] == 6
     assert export_main([str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_exported_files_get_the_mode_of_any_new_file(tmp_path, umask):
+    """safetensors writes its file as a private temporary (0600); the export gives every file the mode a new file
+    gets under the umask (0644 under the usual 022), so other users can read a shared export."""
+    from dlm_titan.checkpoint.export import write_export
+
+    old = os.umask(umask)
+    try:
+        write_export({"w": torch.ones(2, 3)}, {"flavor": "tiny"}, tmp_path / "e", "float32", step=1)
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "e" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["config.json", "model.safetensors"]  # no .tmp left
 
 
 @pytest.mark.slow
@@ -436,7 +453,7 @@ def _nan_at(step_to_poison: int, micro_batch: int = 0):
     calls = {"n": 0}
 
     def install(trainer):
-        inner = trainer.model.loss_fn
+        inner = trainer.loss_fn
         per_step = trainer.micro_batches
 
         def poisoned(*args, **kwargs):
@@ -445,7 +462,7 @@ def _nan_at(step_to_poison: int, micro_batch: int = 0):
             calls["n"] += 1
             return loss * float("nan") if k == (step_to_poison - 1) * per_step + micro_batch else loss
 
-        trainer.model.loss_fn = poisoned
+        trainer.loss_fn = poisoned
 
     return install
 
@@ -501,7 +518,7 @@ def test_nonfinite_loss_raise(tmp_path, deferred):
     if torch.cuda.is_available() and not deferred:
         pytest.skip("on CUDA the verdict is always deferred (no host sync)")
     trainer, losses, _ = _train_with(tmp_path / "out", _nan_at(1), "--training.on_nonfinite", "raise")
-    trainer.checkpointer.nonfinite.defer_raise = deferred
+    trainer.nonfinite.defer_raise = deferred
     with pytest.raises(FloatingPointError, match="non-finite loss at step 1"):
         trainer.train()
     assert sorted(losses) == ([1] if deferred else [])
@@ -514,7 +531,7 @@ def test_nonfinite_verdict_precedes_the_save(tmp_path, deferred):
         pytest.skip("on CUDA the verdict is always deferred (no host sync)")
     trainer, losses, _ = _train_with(tmp_path / "out", _nan_at(2), "--training.on_nonfinite", "raise",
                                      "--checkpoint.enable", "--checkpoint.interval", "2")
-    trainer.checkpointer.nonfinite.defer_raise = deferred
+    trainer.nonfinite.defer_raise = deferred
     with pytest.raises(FloatingPointError, match="non-finite loss at step 2"):
         trainer.train()
     assert sorted(losses) == ([1, 2] if deferred else [1])
@@ -559,7 +576,7 @@ def test_loader_reposition_continues_the_global_stream(workers):
         got = []
         for rank in range(world):
             new = loader(rank, world, b)
-            new.load_state_dict(reposition(new, saved[rank % 2], step=3))
+            new.load_state_dict(new.reposition(saved[rank % 2], step=3))
             it = iter(new)
             got += [next(it)["input"] for _ in range(8 // (b * world))]
         assert torch.equal(torch.cat(got), want), (world, b)

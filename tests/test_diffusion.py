@@ -18,11 +18,14 @@ def plain_loss(h, w, y, tw):
     return (torch.nn.functional.cross_entropy(h[sel] @ w.T, y[sel], reduction="none") * tw[sel]).sum()
 
 
-def tiny_model(seq_len=16, loss_fn=None):
+def torch_loss(h, w, y, tw, **kw):
+    return masked_linear_cross_entropy(h, w, y, tw, impl="torch", **kw)
+
+
+def tiny_model(seq_len=16):
     model = build_model(Model(flavor="6M"), seq_len, torch.device("cpu"))
     model.to_empty(device="cpu")
     model.init_weights(seed=7)
-    model.loss_fn = loss_fn or (lambda h, w, y, tw, **kw: masked_linear_cross_entropy(h, w, y, tw, impl="torch", **kw))
     return model
 
 
@@ -53,7 +56,7 @@ def test_loss_equals_float64_reference_on_hand_made_inputs():
     assert batch.num_masked == 10
     p = torch.tensor([0.5 * 0.999 + 1e-3, 0.9 * 0.999 + 1e-3], dtype=torch.float64)
     with torch.no_grad():
-        loss = model(batch.inputs, batch.targets, batch.token_weights)
+        loss = model(batch.inputs, batch.targets, batch.token_weights, loss_fn=torch_loss)
         logits = model(batch.inputs)
     expected = reference_loss(logits, tokens, masked, p, token_count=16)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
@@ -95,8 +98,9 @@ def accumulation_gap(dtype):
     tokens = torch.randint(0, 32000, (n, seq_len))
     noise = sample_noise(torch.arange(n), seq_len, seed=3, step=1)
     whole = forward_process(tokens, noise, eps=1e-3, mask_id=MASK_ID, token_count=n * seq_len)
-    model = tiny_model(seq_len, loss_fn=plain_loss if dtype == torch.float64 else None).to(dtype)
-    loss_full = model(whole.inputs, whole.targets, whole.token_weights.to(dtype))
+    loss_fn = plain_loss if dtype == torch.float64 else torch_loss
+    model = tiny_model(seq_len).to(dtype)
+    loss_full = model(whole.inputs, whole.targets, whole.token_weights.to(dtype), loss_fn=loss_fn)
     loss_full.backward()
     grads_full = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
@@ -104,7 +108,7 @@ def accumulation_gap(dtype):
     for j in range(n):
         part = sample_noise(torch.tensor([j]), seq_len, seed=3, step=1)
         mb = forward_process(tokens[j : j + 1], part, eps=1e-3, mask_id=MASK_ID, token_count=n * seq_len)
-        loss = model(mb.inputs, mb.targets, mb.token_weights.to(dtype))
+        loss = model(mb.inputs, mb.targets, mb.token_weights.to(dtype), loss_fn=loss_fn)
         loss.backward()
         loss_acc += loss.item()
     grads_acc = {k: p.grad for k, p in model.named_parameters()}
@@ -156,6 +160,6 @@ def test_masked_index_matches_the_weights():
                             token_count=48)
     assert torch.equal(batch.masked_index, torch.nonzero(batch.token_weights.flatten()).squeeze(1))
     with torch.no_grad():
-        with_index = model(batch.inputs, batch.targets, batch.token_weights, batch.masked_index)
-        without = model(batch.inputs, batch.targets, batch.token_weights)
+        with_index = model(batch.inputs, batch.targets, batch.token_weights, batch.masked_index, loss_fn=torch_loss)
+        without = model(batch.inputs, batch.targets, batch.token_weights, loss_fn=torch_loss)
     assert with_index.item() == without.item()

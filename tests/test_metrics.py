@@ -15,16 +15,17 @@ import torch
 from harness import tiny_run_args, write_random_shards
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dlm_titan import metrics as metrics_mod
 from dlm_titan.config import load_config
 from dlm_titan.metrics import (
+    LossByTimeBins,
     MetricsLogger,
-    TBuckets,
     ThroughputWindow,
     bucket_means,
     mfu,
     model_flops_per_token,
 )
+from dlm_titan.metrics import throughput as throughput_mod
+from dlm_titan.metrics import train_metrics as train_metrics_mod
 from dlm_titan.models import get_model_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def test_no_mfu_without_a_known_peak():
 
 
 def test_t_buckets_mean_per_bin():
-    b = TBuckets(torch.device("cpu"))
+    b = LossByTimeBins(torch.device("cpu"))
     b.add(torch.tensor([0.0, 0.05, 0.0999, 0.1, 0.95, 1.0]), torch.tensor([1.0, 2.0, 3.0, 10.0, 7.0, 9.0]))
     b.add(torch.tensor([0.55]), torch.tensor([4.0]))
     out = b.scalars(prefix="x/")
@@ -65,7 +66,6 @@ def test_logged_step_is_read_one_step_later_with_its_own_values(tmp_path, monkey
     logging), yet they are that step's: its loss, grad norm, lr, token count and peak memory (read as the step
     was queued, before the next step allocates). The last step logs at once. The trainer defers on GPUs only
     (CPU work runs as it is issued); here it is told to."""
-    import dlm_titan.train as train_module
     from dlm_titan.train import Trainer
 
     seq, gbs = 32, 4
@@ -73,7 +73,7 @@ def test_logged_step_is_read_one_step_later_with_its_own_values(tmp_path, monkey
     data = write_random_shards(tmp_path / "data", vocab=512)
     cfg = load_config(tiny_run_args(data, tmp_path / "out", 512, 7, gbs, 2, 0, "--metrics.log_freq", "3"))
     trainer = Trainer(cfg)
-    trainer.defer_logs = True
+    trainer.metrics.defer = True
     events, steps, logged = [], {}, {}
     train_step, log = trainer.train_step, trainer.metrics.log
 
@@ -90,15 +90,15 @@ def test_logged_step_is_read_one_step_later_with_its_own_values(tmp_path, monkey
         log(step, metrics)
 
     trainer.train_step, trainer.metrics.log = recording_step, recording_log
-    take, buckets = trainer.t_buckets.take, {}
+    take, buckets = trainer.metrics.loss_by_t.take, {}
 
     def recording_take():  # the loss-by-t sums, as taken at each logged step
         buckets[trainer.step] = take()
         return buckets[trainer.step]
 
-    trainer.t_buckets.take = recording_take
+    trainer.metrics.loss_by_t.take = recording_take
     # Stand-in for the allocator's peak counters: the step being trained when they are read.
-    monkeypatch.setattr(train_module, "device_memory", lambda device: {"memory_gib": float(trainer.step)})
+    monkeypatch.setattr(train_metrics_mod, "device_memory", lambda device: {"memory_gib": float(trainer.step)})
     trainer.train()
     assert events == [("step", 1), ("step", 2), ("log", 1), ("step", 3), ("step", 4), ("log", 3), ("step", 5),
                       ("step", 6), ("step", 7), ("log", 6), ("log", 7)]
@@ -126,8 +126,8 @@ def test_a_deferred_log_is_still_printed_when_the_next_step_raises(tmp_path, mon
     data = write_random_shards(tmp_path / "data", vocab=512)
     trainer = train_module.Trainer(load_config(tiny_run_args(data, tmp_path / "out", 512, 7, 4, 2, 0,
                                                              "--metrics.log_freq", "3")))
-    trainer.defer_logs = True
-    trainer.checkpointer.nonfinite.defer_raise = True  # as on a GPU
+    trainer.metrics.defer = True
+    trainer.nonfinite.defer_raise = True  # as on a GPU
     clip = train_module.clip_grad_norm
 
     def nan_at_step_3(params, max_norm, optimizer):
@@ -190,7 +190,7 @@ def test_missing_wandb_warns_and_continues(monkeypatch, capsys):
 
 def test_throughput_window(monkeypatch):
     now = [100.0]
-    monkeypatch.setattr(metrics_mod.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(throughput_mod.time, "perf_counter", lambda: now[0])
     w = ThroughputWindow()
     for _ in range(4):
         w.add(tokens=1000, data_time=0.5)

@@ -6,7 +6,7 @@ import torch
 from harness import tiny_run_args, write_random_shards
 
 from dlm_titan.config import load_config
-from dlm_titan.metrics import TBuckets
+from dlm_titan.metrics import LossByTimeBins
 from dlm_titan.transfers import HostCopy
 
 pytestmark = pytest.mark.gpu
@@ -28,7 +28,7 @@ def test_host_copy_queues_behind_the_work_without_waiting_for_it():
 
 
 def test_t_buckets_take_host_noise_levels_without_a_sync():
-    buckets = TBuckets(torch.device("cuda"))
+    buckets = LossByTimeBins(torch.device("cuda"))
     losses = torch.tensor([1.0, 2.0, 4.0], device="cuda")
     torch.cuda._sleep(1000)  # warm, as in the test above
     buckets.add(torch.tensor([0.5, 0.5, 0.5]), losses)  # caches a pinned buffer (the first one's allocation syncs)
@@ -50,7 +50,7 @@ def test_training_and_log_steps_never_wait_for_the_gpu(tmp_path):
     data = write_random_shards(tmp_path / "data", vocab=512)
     argv = tiny_run_args(data, tmp_path / "out", 512, 8, 4, 2, 0, "--metrics.log_freq", "2", "--training.dtype", "auto")
     trainer = Trainer(load_config(argv))
-    assert trainer.defer_logs
+    assert trainer.metrics.defer
 
     def strict(fn):
         def run(*args):
@@ -63,11 +63,11 @@ def test_training_and_log_steps_never_wait_for_the_gpu(tmp_path):
                 torch.cuda.set_sync_debug_mode("default")
         return run
 
-    trainer.train_step, trainer._start_log = strict(trainer.train_step), strict(trainer._start_log)
+    trainer.train_step, trainer.metrics.start_log = strict(trainer.train_step), strict(trainer.metrics.start_log)
     logged = {}
     log = trainer.metrics.log
     trainer.metrics.log = lambda step, metrics: (logged.update({step: metrics}), log(step, metrics))
     trainer.train()
     assert sorted(logged) == [1, 2, 4, 6, 8]
-    assert trainer.window_mark is not None  # windows timed with CUDA events
+    assert trainer.metrics.window_mark is not None  # windows timed with CUDA events
     assert all(0 < m["tokens_per_s"] < 1e9 and m["step_time_s"] > 0 for m in logged.values())

@@ -149,7 +149,6 @@ def test_compiled_block_equals_eager():
         apply_compile(model, Compile(enable=compiled))
         model.to_empty(device="cpu")
         model.init_weights(seed=1)
-        model.loss_fn = lambda h, w, y, tw: masked_linear_cross_entropy(h, w, y, tw, impl="torch")
         models.append(model)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 65, (2, 16), generator=gen)
@@ -157,7 +156,8 @@ def test_compiled_block_equals_eager():
     weights = torch.rand(2, 16, generator=gen) * (torch.rand(2, 16, generator=gen) < 0.5)
     losses = []
     for model in models:
-        loss = model(tokens, targets, weights)
+        loss = model(tokens, targets, weights,
+                     loss_fn=lambda h, w, y, tw: masked_linear_cross_entropy(h, w, y, tw, impl="torch"))
         loss.backward()
         losses.append(loss.detach())
     assert models[1].layers["0"]._compiled_call_impl is not None
@@ -241,7 +241,7 @@ def test_cudagraphs_are_ignored_on_cpu_and_refused_with_fsdp(monkeypatch):
 
     cfg = load_config(["--model.flavor", "6M", "--compile.enable", "--compile.cudagraphs"])
     model = build_model(cfg.model, 32, torch.device("meta"))
-    assert parallelize_model(model, cfg, None, torch.device("cpu"))["cudagraphs"] is False
+    assert parallelize_model(model, cfg, None, torch.device("cpu")).cudagraphs is False
     assert not model._forward_pre_hooks  # no CUDA-graph step marks either
     # On a GPU with a sharded mesh (a stand-in: only its shape is read before the check) it is a UserError.
     mesh = DeviceMesh.__new__(DeviceMesh)

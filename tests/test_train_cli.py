@@ -98,6 +98,6 @@ def test_run_train_sh_checks_config_before_starting_processes(tmp_path):
                  launcher=("./run_train.sh",), env=env)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: training.global_batch_size (6) must be a multiple of local_batch_size (4) x data-parallel ranks (2); "
-        "e.g. --training.global_batch_size 8"
+        "error: training.global_batch_size=6 must be a multiple of local_batch_size x data-parallel ranks = 4 x 2 = 8; "
+        "set training.global_batch_size to 8 (or change local_batch_size)"
     ]

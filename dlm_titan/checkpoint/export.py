@@ -10,8 +10,6 @@ tensor reads only.
 from __future__ import annotations
 
 import json
-import os
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +25,11 @@ from dlm_titan.checkpoint.layout import (
     single_process_dcp,
 )
 from dlm_titan.errors import UserError
-from dlm_titan.models import TransEncoder
-from dlm_titan.models.attention import resolve_attn_backend, rope_cache
-from dlm_titan.models.flavors import ModelArgs
+from dlm_titan.fileio import atomic_write, atomic_write_text
+from dlm_titan.interop.formats import read_interop
+from dlm_titan.interop.hf_export import write_hf_folder
+from dlm_titan.models import TransEncoder, build_model_from_config, model_config
+from dlm_titan.models.attention import rope_cache
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -37,23 +37,6 @@ EXPORT_FOLDER = "export"
 """Default export location inside a dump folder."""
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-
-
-def model_config(model: TransEncoder, flavor: str) -> dict[str, Any]:
-    """The JSON description of a model's shape, enough to rebuild it (written in exports and checkpoints)."""
-    a: ModelArgs = model.args
-    return {
-        "flavor": flavor,
-        "vocab_size": a.vocab_size,
-        "max_seq_len": int(model.max_seq_len),
-        "mask_id": a.mask_id,
-        "n_layers": a.n_layers,
-        "n_heads": a.n_heads,
-        "dim": a.dim,
-        "ffn_dim": a.ffn_dim,
-        "norm_eps": a.norm_eps,
-        "rope_theta": a.rope_theta,
-    }
 
 
 def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -70,8 +53,8 @@ def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_model(model: nn.Module, model_cfg: dict[str, Any], out_dir: str | Path, dtype: str = "bfloat16",
-                 step: int = 0) -> Path:
-    """Writes ``model.safetensors`` + ``config.json`` for a (possibly FSDP-sharded) model.
+                 step: int = 0, tokenizer_path: str = "", tokens_seen: int | None = None) -> Path:
+    """Writes a Hugging Face model folder (:mod:`dlm_titan.interop.hf_export`) of a (possibly FSDP-sharded) model.
 
     Collective under FSDP2: call it on every rank; rank 0 writes. The weights file is replaced first and
     config.json last, each through a temporary name, so a reader never sees a half-written file.
@@ -82,6 +65,8 @@ def export_model(model: nn.Module, model_cfg: dict[str, Any], out_dir: str | Pat
         out_dir: export folder (created).
         dtype: "bfloat16" or "float32" (also "float16").
         step: training step the weights come from, recorded in config.json.
+        tokenizer_path: the run's ``data.tokenizer_path``, converted into the folder's tokenizer files.
+        tokens_seen: training tokens so far, recorded in config.json and the model card.
 
     Returns:
         the export folder.
@@ -93,7 +78,8 @@ def export_model(model: nn.Module, model_cfg: dict[str, Any], out_dir: str | Pat
         return Path(out_dir)
     base = getattr(model, "args", None)
     cfg = {**(model_config(model, model_cfg.get("flavor", "")) if base is not None else {}), **model_cfg}
-    write_export(state, cfg, out_dir, dtype, step)
+    write_hf_folder(state, cfg, out_dir, dtype, {"flavor": cfg.get("flavor"), "step": int(step),
+                                                 "tokens_seen": tokens_seen}, tokenizer_path)
     return Path(out_dir)
 
 
@@ -105,33 +91,13 @@ def write_export(state: dict[str, torch.Tensor], model_cfg: dict[str, Any], out_
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}
-    _atomic(out / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     config = {**model_cfg, "dtype": dtype, "step": int(step), "format": "dlm_titan"}
-    _atomic(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
-
-
-def _atomic(path: Path, write) -> None:
-    """Writes through ``path.tmp`` then renames, so ``path`` is either the old or the complete new file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
 
 def is_export_folder(path: Path) -> bool:
     return (path / WEIGHTS_FILE).is_file() and (path / CONFIG_FILE).is_file()
-
-
-def build_model_from_config(cfg: dict[str, Any], device: str | torch.device = "cpu",
-                            attn_backend: str = "auto") -> TransEncoder:
-    """An uninitialized TransEncoder (on the meta device) of the shape in ``cfg`` (see :func:`model_config`)."""
-    args = ModelArgs(int(cfg["n_layers"]), int(cfg["n_heads"]), int(cfg["dim"]), int(cfg["ffn_dim"]),
-                     vocab_size=int(cfg["vocab_size"]), norm_eps=float(cfg.get("norm_eps", 1e-5)),
-                     rope_theta=float(cfg.get("rope_theta", 10000.0)))
-    backend = resolve_attn_backend(attn_backend, torch.device(device))
-    with torch.device("meta"):
-        return TransEncoder(args, max_seq_len=int(cfg["max_seq_len"]), attn_backend=backend)
 
 
 def read_model_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -143,6 +109,9 @@ def read_model_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torc
     path = Path(path)
     if not path.exists():
         raise UserError(f"no such checkpoint or export: {path}")
+    interop = read_interop(path)  # Hugging Face folders (dlm_titan's export, Llama) and SMDM/lit-gpt files
+    if interop is not None:
+        return interop
     if is_export_folder(path):
         return _read_export(path)
     if is_dcp_folder(path):
@@ -150,8 +119,8 @@ def read_model_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torc
     step_dir = find_checkpoint(path)
     if step_dir is not None:
         return _read_dcp_model(step_dir)
-    if is_export_folder(path / EXPORT_FOLDER):
-        return _read_export(path / EXPORT_FOLDER)
+    if (path / EXPORT_FOLDER / CONFIG_FILE).is_file():
+        return read_model_weights(path / EXPORT_FOLDER)
     raise UserError(f"{path} holds no complete checkpoint (step-N with its marker) and no export "
                     f"({WEIGHTS_FILE} + {CONFIG_FILE}); pass a dump folder, a step-N folder or an export folder")
 
@@ -196,8 +165,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str 
         max_seq_len: longest sequence the RoPE cache covers (default: the training seq_len).
 
     Returns:
-        the model, with ``model.config`` (the config JSON, including ``step``) and ``model.loss_fn`` set
-        (the masked cross-entropy, so ``model(tokens, targets, token_weights)`` works as in training).
+        the model, with ``model.config`` (the config JSON, including ``step``); ``model(tokens, targets,
+        token_weights)`` computes the masked cross-entropy as in training.
     """
     cfg, state = read_model_weights(path)
     if max_seq_len is not None:
@@ -215,8 +184,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str 
     model.to(device=device, dtype=dtype)
     # RoPE stays float32 whatever the weights' dtype, as in training (attention casts it per call)
     model.rope = rope_cache(model.max_seq_len, model.args.head_dim, model.args.rope_theta, device=torch.device(device))
-    from dlm_kernels import masked_linear_cross_entropy
-
-    model.loss_fn = partial(masked_linear_cross_entropy, impl="auto")
     model.config = cfg
     return model.eval()

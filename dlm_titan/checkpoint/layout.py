@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import sys
 import warnings
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dlm_titan.errors import UserError
+from dlm_titan.fileio import atomic_write_text
 
 MARKER = "complete.json"
 """Written last into a step folder: its presence makes the checkpoint complete (JSON: step, model shape, ...)."""
@@ -91,15 +91,10 @@ def read_dcp_metadata(step_dir: Path) -> Any:
 
 def write_marker(step_dir: Path, content: dict[str, Any]) -> None:
     """Marks a fully written checkpoint complete, recording the size of each file in it (call once every rank's
-    files and DCP's .metadata are written). The marker goes through a temporary name, is fsynced and renamed,
-    so it is either absent or whole."""
-    tmp = step_dir / (MARKER + ".tmp")
+    files and DCP's .metadata are written). The marker is written atomically, so it is either absent or whole."""
     files = {p.name: p.stat().st_size for p in sorted(step_dir.iterdir())
-             if p.is_file() and p.name not in (MARKER, tmp.name)}
-    tmp.write_text(json.dumps({**content, "files": files}, indent=2) + "\n")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, step_dir / MARKER)
+             if p.is_file() and p.name not in (MARKER, MARKER + ".tmp")}
+    atomic_write_text(step_dir / MARKER, json.dumps({**content, "files": files}, indent=2) + "\n")
 
 
 def checkpoint_folder_of(dump_folder: Path) -> Path:

@@ -1,17 +1,15 @@
-"""Checkpoints: DCP save/resume of the whole training state and crash safety; saves on preemption and on a
-"stop" after a non-finite step (the signals and the guard live in preemption.py and nonfinite.py).
+"""The checkpoint manager: DCP save and resume of the whole training state, async saves, crash safety.
 
-Layout and completion markers: see layout.py. What a checkpoint holds (DCP keys): ``model.*`` and
-``optimizer.*`` tensors (FQN-keyed, DTensor shards under FSDP2, so any world size can load them), and JSON in
-uint8 tensors for ``optimizer_groups`` (hyper-parameters), ``lr_scheduler``, ``train_state`` (step,
-tokens_seen, world_size, seed) and ``dataloader.rank_R`` (each rank's loader state).
+A save of step N writes ``{dump_folder}/{checkpoint.folder}/step-N`` and marks it complete last (layout.py);
+what it holds is described in state.py; async saves stage the state in CPU buffers (staging.py) and write them
+from a background thread. A resume takes the newest complete checkpoint. The final weights are exported
+(export.py) when a run completes.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,11 +23,10 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_optimizer_state_dict,
     set_model_state_dict,
-    set_optimizer_state_dict,
 )
 
+from dlm_titan.checkpoint.export import EXPORT_FOLDER, export_model, is_export_folder, read_model_weights
 from dlm_titan.checkpoint.layout import (
     find_checkpoint,
     is_complete,
@@ -43,39 +40,15 @@ from dlm_titan.checkpoint.layout import (
     write_marker,
 )
 from dlm_titan.checkpoint.staging import StateStager, current_cuda_device, use_device
+from dlm_titan.checkpoint.state import (
+    BLOB_KEYS,
+    from_json_tensor,
+    load_optimizer,
+    state_to_save,
+    tensor_state,
+)
 from dlm_titan.errors import UserError
-from dlm_titan.checkpoint.export import EXPORT_FOLDER, export_model, is_export_folder, read_model_weights
-from dlm_titan.nonfinite import NonFiniteGuard
-from dlm_titan.preemption import StopSignals
-
-# ---------------------------------------------------------------------------------------------------------------
-# Non-tensor state (lr schedule, data loader, train state, optimizer hyper-parameters) is stored as JSON bytes in
-# uint8 tensors: DCP then holds tensors only, so loading unpickles nothing of ours and the loader state of any
-# worker count fits one key.
-
-
-def _json_tensor(obj: Any) -> torch.Tensor:
-    return torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
-
-
-def _from_json_tensor(t: torch.Tensor) -> Any:
-    return json.loads(bytes(t.numpy().tobytes()).decode())
-
-
-def _jsonable(obj: Any) -> Any:
-    """``obj`` as it reads back from JSON (tuples become lists)."""
-    return json.loads(json.dumps(obj))
-
-
-# Optimizer group entries that pick a kernel, not the math: a resume keeps the running optimizer's own.
-_IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
-
-
-def _like(saved: Any, template: Any) -> Any:
-    """A JSON value converted back to the template's container types (tuples do not survive JSON)."""
-    if isinstance(template, tuple) and isinstance(saved, list):
-        return tuple(saved)
-    return saved
+from dlm_titan.interop.formats import interop_kind
 
 
 @dataclass
@@ -90,55 +63,62 @@ class _Pending:
 
 
 class CheckpointManager:
-    """Saves and restores model, optimizer, lr scheduler, data loader (per rank) and train state with DCP.
+    """The trainer's one entry point to checkpoints: saves and restores model, optimizer, lr scheduler, data
+    loader (per rank) and train state with DCP, and exports the final weights.
 
-    The trainer calls :meth:`load` before iterating the loader, :meth:`check_finite` between gradient
-    clipping and the optimizer step, :meth:`step_end` after every step (saves on interval, on a stop
-    request and at the last step; True = stop now), and :meth:`close` at the end (waits for saves, exports).
+    The trainer calls :meth:`load` before iterating the loader, :meth:`step_end` after every step (saves on
+    interval, at the last step and, blocking, when the loop stops early), :meth:`finish_in_flight` when the run
+    fails, and :meth:`close` at the end (waits for saves, exports).
 
     Args:
-        cfg: the whole JobConfig (uses checkpoint, training, job).
+        cfg: the whole JobConfig (uses checkpoint, training.seed, job.dump_folder).
         model, optimizer, lr_scheduler: the training objects (model possibly FSDP2-sharded).
         data_loader: the training loader (a TrainLoader; any Stateful loader works for same-layout resumes).
-        model_config: JSON description of the model (``export.model_config``), kept in markers and exports.
+        model_config: JSON description of the model (``models.model_config``), kept in markers and exports.
+        barrier_group: a gloo group for the main thread's barriers (e.g. the training loop's own), or None to
+            make one. Never the group of DCP's collectives (see below).
     """
 
     def __init__(self, cfg, model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler, data_loader,
-                 model_config: dict[str, Any]):
+                 model_config: dict[str, Any], barrier_group: dist.ProcessGroup | None = None):
         self.cfg = cfg.checkpoint
-        self.training = cfg.training
+        self.seed = cfg.training.seed
         self.folder = Path(cfg.job.dump_folder) / self.cfg.folder
         self.export_folder = Path(cfg.job.dump_folder) / EXPORT_FOLDER
         self.model, self.optimizer, self.lr_scheduler, self.data_loader = model, optimizer, lr_scheduler, data_loader
         self.model_config = model_config
+        self.tokenizer_path = cfg.data.tokenizer_path  # converted into the final export's tokenizer files
+        self.tokens_seen: int | None = None
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
         # Two gloo groups: DCP's planning collectives (in a background thread while an async save runs) and
-        # the main thread's per-step flags must not interleave on one group, and neither may touch the NCCL
-        # stream or sync the GPU.
+        # the main thread's barriers must not interleave on one group, and neither may touch the NCCL stream
+        # or sync the GPU.
         self._save_group = dist.new_group(backend="gloo") if self.distributed else None
-        self._flag_group = dist.new_group(backend="gloo") if self.distributed else None
+        self._barrier_group = barrier_group
+        if self.distributed and barrier_group is None:
+            self._barrier_group = dist.new_group(backend="gloo")
         self._pending: _Pending | None = None
         self._stager: StateStager | None = None
         self._writer: ThreadPoolExecutor | None = None
         self._reserved = False
         self._last_saved = -1
-        self.nonfinite = NonFiniteGuard(cfg.training.on_nonfinite, self.rank, self._flag_group)
-        self.signals = StopSignals(self._flag_group)
         self.save_stats: list[dict[str, float]] = []
         """One entry per completed save: step, blocking_s (training stall), total_s (until complete)."""
         if self.cfg.enable:
             self._check_config()
             if self.cfg.async_mode != "disabled":
-                # one stager and writer thread for the whole run: the stager's CPU buffers are reused by every save
-                self._stager = StateStager(pin_memory=self.cfg.async_mode == "async_with_pinned_mem")
-                # The writer thread waits on CUDA events and DCP touches streams there: on this rank's GPU, not on
-                # GPU 0, where a new thread starts (and would create a context).
-                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer",
-                                                  initializer=use_device, initargs=(current_cuda_device(),))
-                optimizer.register_step_pre_hook(lambda *_: self._wait_for_staging())
-            self.signals.install(data_loader)
+                self._start_async_writer()
+
+    def _start_async_writer(self) -> None:
+        # one stager and writer thread for the whole run: the stager's CPU buffers are reused by every save
+        self._stager = StateStager(pin_memory=self.cfg.async_mode == "async_with_pinned_mem")
+        # The writer thread waits on CUDA events and DCP touches streams there: on this rank's GPU, not on GPU 0,
+        # where a new thread starts (and would create a context).
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer",
+                                          initializer=use_device, initargs=(current_cuda_device(),))
+        self.optimizer.register_step_pre_hook(lambda *_: self._wait_for_staging())
 
     def _check_config(self) -> None:
         if self.cfg.write_threads < 1:
@@ -151,6 +131,10 @@ class CheckpointManager:
     def _log(self, msg: str) -> None:
         if self.rank == 0:
             print(f"checkpoint: {msg}", flush=True)
+
+    def step_folder(self, step: int) -> Path:
+        """Where the checkpoint of ``step`` is (or would be) saved."""
+        return self.folder / f"step-{step}"
 
     # -- loading ------------------------------------------------------------------------------------------------
 
@@ -186,22 +170,16 @@ class CheckpointManager:
         self._check_model(marker.get("model", {}), step_dir)
         metadata = read_dcp_metadata(step_dir)
         sizes = {k: v.size for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
-        state = self._tensor_state()
+        state = tensor_state(self.model, self.optimizer)
         optim_extras = state.pop("_optim_extras")
-        blobs = {"optimizer_groups": None, "lr_scheduler": None, "train_state": None}
-        for key in blobs:
+        for key in BLOB_KEYS:
             state[key] = torch.empty(sizes[key], dtype=torch.uint8)
         self._dcp_load(state, step_dir)
-        train_state = _from_json_tensor(state["train_state"])
+        train_state = from_json_tensor(state["train_state"])
         set_model_state_dict(self.model, state["model"])
-        groups = _from_json_tensor(state["optimizer_groups"])
-        optim_state = dict(state["optimizer"])
-        for key, template in optim_extras.items():
-            # Hyper-parameters come from the checkpoint; the kernel choice (optimizer.implementation) from this run.
-            saved = key in groups and key.rsplit(".", 1)[-1] not in _IMPLEMENTATION_FLAGS
-            optim_state[key] = _like(groups[key], template) if saved else template
-        set_optimizer_state_dict(self.model, self.optimizer, optim_state, options=_OPTIM_OPTIONS)
-        self.lr_scheduler.load_state_dict(_from_json_tensor(state["lr_scheduler"]))
+        load_optimizer(self.model, self.optimizer, state["optimizer"], optim_extras,
+                       from_json_tensor(state["optimizer_groups"]))
+        self.lr_scheduler.load_state_dict(from_json_tensor(state["lr_scheduler"]))
         self._load_data_loader(step_dir, train_state, sizes)
         step, tokens = int(train_state["step"]), int(train_state["tokens_seen"])
         self._last_saved = step
@@ -224,18 +202,20 @@ class CheckpointManager:
     def _load_data_loader(self, step_dir: Path, train_state: dict[str, Any], sizes: dict[str, Any]) -> None:
         """The rank's own saved loader state when the layout is unchanged. Under another world size (or worker
         count or micro-batch size) the loader is repositioned at the start of the next step instead: its
-        position is global (see :func:`reposition`)."""
+        position is global (see :meth:`dlm_titan.data.loader.TrainLoader.reposition`)."""
         own = f"dataloader.rank_{self.rank}"
         same_world = int(train_state["world_size"]) == self.world_size
         key = own if same_world and own in sizes else "dataloader.rank_0"
         blob = {"dataloader": {key.split(".", 1)[1]: torch.empty(sizes[key], dtype=torch.uint8)}}
         self._dcp_load(blob, step_dir)
-        saved = _from_json_tensor(next(iter(blob["dataloader"].values())))
+        saved = from_json_tensor(next(iter(blob["dataloader"].values())))
         layout = getattr(self.data_loader, "layout", None)
-        if same_world and (layout is None or _jsonable(layout) == saved.get("layout")):
+        if same_world and (layout is None or json.loads(json.dumps(layout)) == saved.get("layout")):
             self.data_loader.load_state_dict(saved)
             return
-        self.data_loader.load_state_dict(reposition(self.data_loader, saved, int(train_state["step"])))
+        if not hasattr(self.data_loader, "reposition"):
+            raise UserError("this data loader cannot resume under another world size; resume with the saved one")
+        self.data_loader.load_state_dict(self.data_loader.reposition(saved, int(train_state["step"])))
         self._log(f"data loader repositioned at step {train_state['step']} (saved by {train_state['world_size']} "
                   f"ranks, {saved['layout'].get('num_workers')} workers; now {self.world_size} ranks)")
 
@@ -244,7 +224,7 @@ class CheckpointManager:
         if not path.exists():
             raise UserError(f"checkpoint.initial_load_path {path} does not exist")
         step_dir = None
-        if not is_export_folder(path):
+        if not is_export_folder(path) and interop_kind(path) is None:
             step_dir = path if is_dcp_folder(path) else find_checkpoint(path, warn=self.rank == 0)
         if step_dir is not None:
             self._check_model(read_marker(step_dir).get("model", {}), step_dir)
@@ -260,50 +240,15 @@ class CheckpointManager:
 
     # -- saving -------------------------------------------------------------------------------------------------
 
-    def _tensor_state(self) -> dict[str, Any]:
-        """Model and optimizer tensors (DTensor shards under FSDP2); optimizer hyper-parameters apart."""
-        optim = self._optimizer_state_dict()
-        return {
-            "model": get_model_state_dict(self.model),
-            "optimizer": {k: v for k, v in optim.items() if isinstance(v, torch.Tensor)},
-            "_optim_extras": {k: v for k, v in optim.items() if not isinstance(v, torch.Tensor)},
-        }
-
-    def _optimizer_state_dict(self) -> dict[str, Any]:
-        """DCP's flattened optimizer state dict, with Adam's state present even before the first update.
-
-        Before any update DCP creates the state (a zero-gradient step at lr 0) only if no parameter has a
-        gradient. Gradients that stay allocated (DDP's bucket views, CUDA graphs' buffers) would make it return
-        an empty state: a checkpoint saved then (e.g. a stop at step 1) could not be loaded by a process whose
-        state DCP does create. So they are set aside for the call and put back.
-        """
-        kept = {}
-        if not self.optimizer.state:
-            kept = {p: p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None}
-            for param in kept:
-                param.grad = None
-        try:
-            return get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIM_OPTIONS)
-        finally:
-            for param, grad in kept.items():
-                param.grad = grad
-
     def _state_to_save(self, step: int, tokens_seen: int) -> dict[str, Any]:
-        state = self._tensor_state()
-        state["optimizer_groups"] = _json_tensor(state.pop("_optim_extras"))
-        state["lr_scheduler"] = _json_tensor(self.lr_scheduler.state_dict())
-        state["train_state"] = _json_tensor({
-            "step": step, "tokens_seen": tokens_seen, "world_size": self.world_size, "seed": self.training.seed,
-        })
-        # per-rank key: DCP keeps one copy of replicated tensors, but every rank's loader state is its own
-        state["dataloader"] = {f"rank_{self.rank}": _json_tensor(self.data_loader.state_dict())}
-        return state
+        train_state = {"step": step, "tokens_seen": tokens_seen, "world_size": self.world_size, "seed": self.seed}
+        return state_to_save(self.model, self.optimizer, self.lr_scheduler, self.data_loader, train_state, self.rank)
 
     def save(self, step: int, tokens_seen: int, blocking: bool = False) -> None:
         """Saves ``step-{step}``; async modes return once the state is staged unless ``blocking``."""
         self.wait()  # one save in flight at a time
         start = time.perf_counter()
-        path = self.folder / f"step-{step}"
+        path = self.step_folder(step)
         if self.rank == 0:
             if path.exists():  # a stale folder from a crashed save (or a rerun): never mix its files in
                 shutil.rmtree(path)
@@ -408,50 +353,44 @@ class CheckpointManager:
 
     def _barrier(self) -> None:
         if self.distributed:
-            dist.barrier(group=self._flag_group)
+            dist.barrier(group=self._barrier_group)
 
-    # -- the training loop's hooks ------------------------------------------------------------------------------
+    # -- the training loop's calls ------------------------------------------------------------------------------
 
-    def check_finite(self, step: int, micro_losses: list[torch.Tensor], grad_norm: torch.Tensor) -> bool:
-        """Whether to apply this step's update (see :class:`NonFiniteGuard`)."""
-        return self.nonfinite.check(step, micro_losses, grad_norm)
+    def save_due(self, step: int, last: bool) -> bool:
+        """Whether :meth:`step_end` saves ``step`` (on interval or at the last step) unless the loop stops."""
+        return self.cfg.enable and (last or (self.cfg.interval > 0 and step % self.cfg.interval == 0))
 
-    def step_end(self, step: int, tokens_seen: int, last: bool) -> bool:
-        """After each step: finishes a completed async save, saves on interval or at the last step, and handles
-        stop requests (SIGTERM/SIGUSR1, or a non-finite step under on_nonfinite = "stop"): saves and returns True,
-        so the trainer leaves its loop (and :meth:`close` raises for the non-finite case)."""
+    def step_end(self, step: int, tokens_seen: int, last: bool, stop: bool = False) -> None:
+        """After each step: finishes a completed async save, and saves on interval, at the last step, or when the
+        loop stops early (``stop``: SIGTERM/SIGUSR1, a non-finite step under on_nonfinite = "stop"), then
+        blocking, so the state is on disk before the process ends. Call it once the step's update is known to
+        be finite: no checkpoint may hold a non-finite one."""
         self._poll()
+        self.tokens_seen = tokens_seen
         if self._stager is not None and self._stager.pin_memory and not self._reserved and self.optimizer.state:
             # Once Adam's state exists (after the first applied update: asking for the state dict of an optimizer
             # without state would make torch take a zero step): pin the staging buffers in the background now
             # rather than inside the first save, where it would stall training for seconds.
-            state = self._tensor_state()
+            state = tensor_state(self.model, self.optimizer)
             state.pop("_optim_extras")
             self._stager.reserve(state)
             self._reserved = True
-        signalled = self.signals.received()
-        stop = bool(signalled) or self.nonfinite.stop_requested
-        if stop or (self.cfg.enable and (last or (self.cfg.interval > 0 and step % self.cfg.interval == 0))):
-            self.nonfinite.resolve_deferred()
+        if stop or self.save_due(step, last):
             if step != self._last_saved:
                 self.save(step, tokens_seen, blocking=stop)
             elif stop:
                 self.wait()
-        if signalled:
-            self._log(f"stopping at step {step} on signal {signal.Signals(signalled).name}; rerun the same command "
-                      "to resume")
-        return stop
 
-    def close(self, step: int, completed: bool) -> None:
-        """End of training: waits for saves in flight, exports the final weights of a completed run, and
-        restores signal handlers; raises FloatingPointError if a non-finite step ended the run ("stop", or a
-        deferred "raise"). Collective."""
+    def close(self, step: int, export: bool) -> None:
+        """End of training: waits for saves in flight, exports the final weights (``export``: the run completed
+        with every update finite) when checkpointing is on, and stops the writer thread. Collective."""
         try:
-            self.nonfinite.resolve_deferred()
             self.wait()
-            if completed and self.cfg.enable and not self.nonfinite.stop_requested:
+            if export and self.cfg.enable:
                 start = time.perf_counter()
-                export_model(self.model, self.model_config, self.export_folder, self.cfg.export_dtype, step)
+                export_model(self.model, self.model_config, self.export_folder, self.cfg.export_dtype, step,
+                             self.tokenizer_path, self.tokens_seen)
                 self._log(f"exported step {step} ({self.cfg.export_dtype}) to {self.export_folder} in "
                           f"{time.perf_counter() - start:.2f} s")
         finally:
@@ -459,46 +398,3 @@ class CheckpointManager:
                 self._writer.shutdown(wait=True)
                 self._writer = None
             self._stager = None
-            self.signals.restore()
-        if self.nonfinite.stop_requested:
-            raise FloatingPointError(f"stopped at step {step} after a non-finite loss or grad norm "
-                                     f"(training.on_nonfinite = stop); state saved in {self.folder / f'step-{step}'}")
-
-
-# Optimizer state keyed by parameter FQN ("state.<fqn>.exp_avg"), so any sharding layout can load it.
-_OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
-
-
-def reposition(loader, saved: dict[str, Any], step: int) -> dict[str, Any]:
-    """A TrainLoader state that starts at ``step`` under this loader's layout, from a state saved under
-    another data-parallel layout.
-
-    The loader's position is global: micro-batch ``k`` of every rank belongs to step ``k // A`` (``A`` =
-    micro-batches per rank per step), and a checkpoint is taken at a step boundary, so the state to resume
-    from is this loader's fresh state with its sampler at ``k = step * A``. Sample-defining settings (seed,
-    global batch, seq_len, sources) must match the saved ones; rank, world size, workers and micro-batch
-    size may differ.
-    """
-    layout = getattr(loader, "layout", None)
-    if layout is None:
-        raise UserError("this data loader cannot resume under another world size; resume with the saved one")
-    for key in ("seq_len", "global_batch_size", "seed", "train_prefixes", "train_weights"):
-        old, new = saved["layout"].get(key), layout.get(key)
-        if (list(old) if isinstance(old, (list, tuple)) else old) != (list(new) if isinstance(new, (list, tuple)) else new):
-            raise UserError(f"the data-loader state was saved with {key}={old!r}, this run has {new!r}; resume "
-                            "with the same value (or start a new dump_folder)")
-    per_rank = layout["global_batch_size"] // (layout["local_batch_size"] * layout["dp_world_size"])
-    state = loader.state_dict()
-    _set_position(state["loader"], step * per_rank)
-    return state
-
-
-def _set_position(state: dict[str, Any], k: int) -> None:
-    """Sets a StatefulDataLoader state (any worker count) to 'k micro-batches yielded, sampler at k'."""
-    for key, value in state.items():
-        if key == "_sampler_iter_state":
-            state[key] = {"next": k}
-        elif key in ("_sampler_iter_yielded", "_num_yielded", "_snapshot_step"):
-            state[key] = k
-        elif isinstance(value, dict):
-            _set_position(value, k)

@@ -82,7 +82,7 @@ class TrainBatches(Dataset):
         self.mixture = SourceMixture(weights, seed) if len(sources) > 1 else None
         self.seed = seed
         self.G, self.b = global_batch_size, local_batch_size
-        self.A = global_batch_size // (local_batch_size * dp_world_size)
+        self.A = micro_batches_per_step(global_batch_size, local_batch_size, dp_world_size)
         self.rank = dp_rank
         self._perm: dict[tuple[int, int], IndexPermutation] = {}
 
@@ -213,19 +213,61 @@ class TrainLoader(PackedLoader):
         return {"loader": super().state_dict(), "layout": dict(self.layout)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict["layout"]
-        for key, now in self.layout.items():
-            if not _same(saved.get(key), now):
-                raise UserError(f"the data-loader state was saved with {key}={saved.get(key)!r}, this run has "
-                                f"{now!r}; resume with the same value (or start a new dump_folder)")
+        check_same_layout(state_dict["layout"], self.layout, self.layout)
         super().load_state_dict(state_dict["loader"])
 
+    def reposition(self, saved: dict[str, Any], step: int) -> dict[str, Any]:
+        """A state of this loader that starts at ``step``, from a state saved under another data-parallel layout.
 
-def _same(a: Any, b: Any) -> bool:
-    """Equality that survives a checkpoint round trip turning lists into tuples."""
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return list(a) == list(b)
-    return a == b
+        The loader's position is global: micro-batch ``k`` of every rank belongs to step ``k // A`` (``A`` =
+        micro-batches per rank per step), and a checkpoint is taken at a step boundary, so the state to resume
+        from is this loader's fresh state with its sampler at ``k = step * A``. Sample-defining settings
+        (:data:`SAMPLE_KEYS`) must match the saved ones; rank, world size, workers and micro-batch size may differ.
+        """
+        check_same_layout(saved["layout"], self.layout, SAMPLE_KEYS)
+        per_rank = micro_batches_per_step(self.layout["global_batch_size"], self.layout["local_batch_size"],
+                                          self.layout["dp_world_size"])
+        state = self.state_dict()
+        _set_position(state["loader"], step * per_rank)
+        return state
+
+
+SAMPLE_KEYS = ("seq_len", "global_batch_size", "seed", "train_prefixes", "train_weights")
+"""Loader layout settings that define which samples each step trains on (the rest only say who reads them)."""
+
+
+def check_same_layout(saved: dict[str, Any], layout: dict[str, Any], keys) -> None:
+    """Refuses a loader state saved under another layout: UserError naming the first of ``keys`` that differs.
+
+    Lists and tuples compare equal (a checkpoint round trip turns one into the other)."""
+    for key in keys:
+        old, new = saved.get(key), layout.get(key)
+        if (list(old) if isinstance(old, (list, tuple)) else old) != (list(new) if isinstance(new, (list, tuple)) else new):
+            raise UserError(f"the data-loader state was saved with {key}={old!r}, this run has {new!r}; resume "
+                            "with the same value (or start a new dump_folder)")
+
+
+def _set_position(state: dict[str, Any], k: int) -> None:
+    """Sets a StatefulDataLoader state (any worker count) to 'k micro-batches yielded, sampler at k'."""
+    for key, value in state.items():
+        if key == "_sampler_iter_state":
+            state[key] = {"next": k}
+        elif key in ("_sampler_iter_yielded", "_num_yielded", "_snapshot_step"):
+            state[key] = k
+        elif isinstance(value, dict):
+            _set_position(value, k)
+
+
+def micro_batches_per_step(global_batch_size: int, local_batch_size: int, dp_world_size: int) -> int:
+    """Micro-batches each rank runs per optimizer step, ``G / (b * W)``; UserError unless that is a whole number
+    (at least one)."""
+    per_step = local_batch_size * dp_world_size
+    if global_batch_size < per_step or global_batch_size % per_step:
+        fix = max(per_step, global_batch_size // per_step * per_step)
+        raise UserError(f"training.global_batch_size={global_batch_size} must be a multiple of local_batch_size x "
+                        f"data-parallel ranks = {local_batch_size} x {dp_world_size} = {per_step}; set "
+                        f"training.global_batch_size to {fix} (or change local_batch_size)")
+    return global_batch_size // per_step
 
 
 def _check_weights(prefixes: list[str], weights: list[float]) -> None:
@@ -241,12 +283,7 @@ def _check_layout(seq_len: int, local_batch_size: int, global_batch_size: int, d
     if seq_len < 1 or local_batch_size < 1 or dp_world_size < 1 or not 0 <= dp_rank < dp_world_size:
         raise UserError(f"bad data layout: seq_len={seq_len}, local_batch_size={local_batch_size}, "
                         f"dp_rank={dp_rank}, dp_world_size={dp_world_size}")
-    per_step = local_batch_size * dp_world_size
-    if global_batch_size < per_step or global_batch_size % per_step:
-        fix = max(per_step, global_batch_size // per_step * per_step)
-        raise UserError(f"training.global_batch_size={global_batch_size} must be a multiple of "
-                        f"training.local_batch_size x data-parallel ranks = {local_batch_size} x {dp_world_size} "
-                        f"= {per_step}; set training.global_batch_size to {fix} (or change local_batch_size)")
+    micro_batches_per_step(global_batch_size, local_batch_size, dp_world_size)
     if num_workers < 0:
         raise UserError(f"data.num_workers={num_workers} must be >= 0")
 

@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dlm_titan.errors import UserError
+from dlm_titan.fileio import atomic_write_text
 
 from .readers import SLIMPAJAMA, STARCODER, Corpus, find_inputs, general_corpus, iter_documents
 from .shards import ShardError, dtype_for_vocab, read_header, write_shard
@@ -215,9 +216,7 @@ def _write_manifest(path: Path, manifest: dict) -> None:
             agg["documents"] += counts["documents"]
             agg["tokens"] += counts["tokens"]
     manifest = {**manifest, "totals": totals, "sets": sets}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
 def _is_done(entry: dict | None, destination: Path) -> bool:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from dlm_titan.errors import UserError
+from dlm_titan.fileio import atomic_write
 
 MAGIC = b"LITPKDS"
 VERSION = 1
@@ -68,11 +69,13 @@ def pack_header(dtype: np.dtype, chunk_size: int) -> bytes:
 def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
     """Write ``tokens`` (1-D, dtype already chosen) as one shard, atomically (``{path}.tmp``, then rename)."""
     tokens = np.ascontiguousarray(tokens)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(pack_header(tokens.dtype, tokens.size))
-        f.write(tokens.tobytes(order="C"))
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(pack_header(tokens.dtype, tokens.size))
+            f.write(tokens.tobytes(order="C"))
+
+    atomic_write(path, write)
 
 
 @dataclass(frozen=True)

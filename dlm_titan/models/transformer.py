@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from dlm_kernels import masked_linear_cross_entropy
 from dlm_kernels.add_rms_norm import add_rms_norm
 from torch import nn
 
 from dlm_titan.models.attention import Attention, rope_cache
 from dlm_titan.models.flavors import ModelArgs
+
+LossFn = Callable[..., torch.Tensor]
+"""The loss a forward computes from the head: ``loss_fn(hidden [N, d], head weight [V, d], targets [N],
+token_weights [N], masked_index=None)`` -> scalar, ``sum_i w_i CE(hidden_i @ weight^T, targets_i)`` (or per-row
+terms, e.g. validation's). The objective decides targets and weights: masked tokens weighted 1 / (p T) for MDM,
+every next token weighted 1 / T for the autoregressive baseline."""
+
+
+def default_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor,
+                 masked_index: torch.Tensor | None = None) -> torch.Tensor:
+    """The weighted linear cross-entropy with the implementation picked by device (fused Triton kernel on CUDA)."""
+    return masked_linear_cross_entropy(hidden, weight, targets, token_weights, impl="auto", masked_index=masked_index)
 
 
 def _compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
@@ -87,7 +101,6 @@ class TransEncoder(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # Not persistent: recomputed by init_weights, so checkpoints hold only parameters.
         self.register_buffer("rope", rope_cache(max_seq_len, args.head_dim, args.rope_theta), persistent=False)
-        self.loss_fn = None  # set by the trainer: (hidden, weight, targets, token_weights) -> scalar
 
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states [B, L, dim] of token ids [B, L] (mask id = vocab_size)."""
@@ -105,17 +118,20 @@ class TransEncoder(nn.Module):
         targets: torch.Tensor | None = None,
         token_weights: torch.Tensor | None = None,
         masked_index: torch.Tensor | None = None,
+        *,
+        loss_fn: LossFn = default_loss,
     ) -> torch.Tensor:
-        """Logits [B, L, vocab] of ``tokens``, or, given targets and per-token loss weights, the weighted
-        cross-entropy sum computed by ``self.loss_fn`` inside forward (where FSDP has gathered the head).
-        ``masked_index`` (flat indices of the non-zero weights) spares the loss a device-to-host sync."""
+        """Logits [B, L, vocab] of ``tokens``, or, given targets and per-token loss weights, the loss that
+        ``loss_fn`` computes from the final hidden states and the head weight (see :data:`LossFn`), inside
+        forward, where FSDP has gathered the head. ``masked_index`` (flat indices of the non-zero weights)
+        spares the loss a device-to-host sync."""
         h = self.hidden_states(tokens)
         if targets is None:
             return self.output(h)
         weight = self.output.weight
         dtype = _compute_dtype(h.device, weight.dtype)
         extra = {} if masked_index is None else {"masked_index": masked_index}
-        return self.loss_fn(h.flatten(0, 1).to(dtype), weight.to(dtype), targets.flatten(), token_weights.flatten(), **extra)
+        return loss_fn(h.flatten(0, 1).to(dtype), weight.to(dtype), targets.flatten(), token_weights.flatten(), **extra)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 3407) -> None:
