@@ -67,17 +67,20 @@ def test_extending_a_run_on_resume_follows_the_new_schedule(shards, tmp_path, ca
     dump = tmp_path / "run"
     _, first = train(shards, dump, 4)
     assert [u["lr"] for u in first] == pytest.approx([reference_lr(s, 4, 1e-3) for s in (1, 2, 3, 4)], rel=1e-12)
-    capsys.readouterr()
+    assert "resumed with this run's config" not in capsys.readouterr().out  # a fresh run has nothing to say
     trainer, resumed = train(shards, dump, 6)
     out = capsys.readouterr().out
     assert trainer.step == 6 and len(resumed) == 2
-    assert resumed[0]["lr"] == pytest.approx(reference_lr(5, 6, 1e-3), rel=1e-12) == pytest.approx(8.333e-4, rel=1e-3)
+    assert resumed[0]["lr"] == pytest.approx(reference_lr(5, 6, 1e-3), rel=1e-12)
+    assert reference_lr(5, 6, 1e-3) == pytest.approx(8.333e-4, rel=1e-4)  # the example
     assert resumed[1]["lr"] == pytest.approx(reference_lr(6, 6, 1e-3), rel=1e-12)
     logged = logged_lrs(out)
     assert logged[5] == pytest.approx(reference_lr(5, 6, 1e-3), rel=1e-3), out  # the console prints 4 digits
     assert logged[6] == pytest.approx(reference_lr(6, 6, 1e-3), rel=1e-3), out
     notes = " ".join(trainer.lr_scheduler.resume_notes)
     assert "training.steps 6 (checkpoint: 4)" in notes and "lr_scheduler.warmup_steps 6 (checkpoint: 4)" in notes
+    printed = [line for line in out.splitlines() if line.startswith("resumed with this run's config")]
+    assert len(printed) == 1 and "training.steps 6 (checkpoint: 4)" in printed[0], out  # said at start
 
 
 @pytest.mark.slow
