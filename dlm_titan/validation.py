@@ -177,11 +177,8 @@ def build_validator(cfg: Any, model: torch.nn.Module, data_path: str, dp_rank: i
     if not v.enable:
         return None
     from dlm_titan.data import build_val_loader
-    from dlm_titan.errors import UserError
 
-    if v.freq < 1 or v.mc_samples < 1 or v.steps == 0 or v.steps < -1:
-        raise UserError(f"validation needs freq >= 1, mc_samples >= 1 and steps >= 1 or -1; got freq={v.freq}, "
-                        f"mc_samples={v.mc_samples}, steps={v.steps}")
+    # freq, mc_samples and steps are range-checked when the config loads (dlm_titan.config).
     loader = build_val_loader(
         dataclasses.replace(cfg.data, num_workers=0), data_path=data_path, seq_len=cfg.training.seq_len,
         local_batch_size=cfg.training.local_batch_size, dp_rank=dp_rank, dp_world_size=dp_world_size,

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from dlm_titan.config import load_config
 from dlm_titan.data import build_train_loader, build_val_loader, read_header, write_shard
 from dlm_titan.data.shards import ShardError, dtype_for_vocab
 from dlm_titan.errors import UserError
@@ -121,11 +122,12 @@ def test_shards_shorter_than_a_window(tmp_path: Path):
         first_batch(tmp_path)
 
 
-def test_bad_weights(tmp_path: Path):
+def test_bad_weights():
+    """Checked when the config loads (the loader's one home for them is dlm_titan.config's range table)."""
     with pytest.raises(UserError, match="one weight per prefix"):
-        first_batch(tmp_path, train_weights=[0.5, 0.5])
+        load_config(["--data.train_weights", "0.5", "0.5"])
     with pytest.raises(UserError, match="positive sum"):
-        first_batch(tmp_path, train_weights=[0.0])
+        load_config(["--data.train_weights", "0.0"])
 
 
 def test_int32_shard_written_by_hand_reads_through_the_loader(tmp_path: Path):

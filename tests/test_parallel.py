@@ -176,8 +176,6 @@ def test_compiled_block_equals_eager():
         (3, -1, 4, "does not divide the world size 4"),
         (1, 3, 4, "must equal the world size (4)"),
         (2, 4, 4, "must equal the world size (4)"),
-        (0, -1, 4, "data_parallel_replicate_degree must be >= 1 or -1"),
-        (1, 0, 4, "data_parallel_shard_degree must be >= 1 or -1"),
         (-1, -1, 4, "are both -1"),
         (-1, 3, 4, "data_parallel_shard_degree = 3 does not divide the world size 4"),
     ],

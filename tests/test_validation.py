@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 from dlm_kernels import masked_linear_cross_entropy
 
-from dlm_titan.config import JobConfig
+from dlm_titan.config import JobConfig, load_config
 from dlm_titan.data import write_shard
 from dlm_titan.diffusion import VALIDATION_STREAM, sample_noise
 from dlm_titan.errors import UserError
@@ -189,10 +189,12 @@ def test_build_validator_reads_the_validation_shards(tmp_path):
                            model, str(tmp_path), 0, 1, torch.device("cpu")) is None
 
 
-@pytest.mark.parametrize("bad", [{"freq": 0}, {"mc_samples": 0}, {"steps": 0}, {"steps": -2}])
-def test_bad_validation_config_is_a_user_error(tmp_path, bad):
-    with pytest.raises(UserError, match="validation needs"):
-        build_validator(_config(tmp_path, **bad), tiny_model(), str(tmp_path), 0, 1, torch.device("cpu"))
+@pytest.mark.parametrize("bad", [("freq", "0"), ("mc_samples", "0"), ("steps", "0"), ("steps", "-2")])
+def test_bad_validation_config_is_a_user_error(bad):
+    """Checked with the other ranges when the config loads, only when validation is on."""
+    key, value = bad
+    with pytest.raises(UserError, match=f"--validation.{key} must be >= 1"):
+        load_config(["--validation.enable", f"--validation.{key}", value])
 
 
 def _rank_main(rank, world, init_file, out_file):

@@ -121,10 +121,7 @@ class CheckpointManager:
         self.optimizer.register_step_pre_hook(lambda *_: self._wait_for_staging())
 
     def _check_config(self) -> None:
-        if self.cfg.write_threads < 1:
-            raise UserError(f"checkpoint.write_threads = {self.cfg.write_threads} must be >= 1")
-        if self.cfg.keep_latest_k < 0:
-            raise UserError(f"checkpoint.keep_latest_k = {self.cfg.keep_latest_k} must be >= 0 (0 keeps all)")
+        # write_threads and keep_latest_k are range-checked when the config loads (dlm_titan.config).
         if self.cfg.async_mode == "async_with_pinned_mem" and not torch.cuda.is_available():
             self._log('async_mode = "async_with_pinned_mem" needs CUDA; saving like "async" instead')
 

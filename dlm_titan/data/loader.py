@@ -270,22 +270,12 @@ def micro_batches_per_step(global_batch_size: int, local_batch_size: int, dp_wor
     return global_batch_size // per_step
 
 
-def _check_weights(prefixes: list[str], weights: list[float]) -> None:
-    if len(prefixes) != len(weights) or not prefixes:
-        raise UserError(f"data.train_prefixes ({len(prefixes)}) and data.train_weights ({len(weights)}) need "
-                        "one weight per prefix, at least one of each")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise UserError(f"data.train_weights {list(weights)} must be >= 0 with a positive sum")
-
-
 def _check_layout(seq_len: int, local_batch_size: int, global_batch_size: int, dp_rank: int,
-                  dp_world_size: int, num_workers: int) -> None:
+                  dp_world_size: int) -> None:
     if seq_len < 1 or local_batch_size < 1 or dp_world_size < 1 or not 0 <= dp_rank < dp_world_size:
         raise UserError(f"bad data layout: seq_len={seq_len}, local_batch_size={local_batch_size}, "
                         f"dp_rank={dp_rank}, dp_world_size={dp_world_size}")
     micro_batches_per_step(global_batch_size, local_batch_size, dp_world_size)
-    if num_workers < 0:
-        raise UserError(f"data.num_workers={num_workers} must be >= 0")
 
 
 def build_train_loader(data_cfg: Any, *, data_path: str, seq_len: int, local_batch_size: int,
@@ -305,9 +295,9 @@ def build_train_loader(data_cfg: Any, *, data_path: str, seq_len: int, local_bat
 
     Yields (when iterated) dicts ``{"input": int64[b, seq_len + 1], "position": int64[b]}``.
     """
+    # One weight per prefix, finite, >= 0 with a positive sum, num_workers >= 0: checked when the config loads.
     prefixes, weights = list(data_cfg.train_prefixes), [float(w) for w in data_cfg.train_weights]
-    _check_weights(prefixes, weights)
-    _check_layout(seq_len, local_batch_size, global_batch_size, dp_rank, dp_world_size, data_cfg.num_workers)
+    _check_layout(seq_len, local_batch_size, global_batch_size, dp_rank, dp_world_size)
     check_tokenizer_fits(data_cfg, vocab_size)
     # zero-weight sources are never read, so their files need not exist (SMDM required them)
     used = [i for i, w in enumerate(weights) if w > 0]
@@ -331,8 +321,7 @@ def build_val_loader(data_cfg: Any, *, data_path: str, seq_len: int, local_batch
     the last ``N % (b * W)`` windows are dropped. ``"position"`` is each window's global index in the
     validation set, so evaluation noise can be keyed by it. Iterating again starts a new pass.
     """
-    _check_layout(seq_len, local_batch_size, local_batch_size * dp_world_size, dp_rank, dp_world_size,
-                  data_cfg.num_workers)
+    _check_layout(seq_len, local_batch_size, local_batch_size * dp_world_size, dp_rank, dp_world_size)
     source = WindowSet(data_path, data_cfg.val_prefix, seq_len + 1, vocab_size)
     if dp_rank == 0:  # one rank reads the set (a bad id stops it; torchrun then ends the others)
         source.check_all_ids()
