@@ -20,10 +20,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 32000  # the embedded tokenizer's
+SMALL = 256  # a vocabulary for the tests that need no tokenizer (their exports warn that they have none)
 
 
-def tiny_model(n_kv_heads: int = 0, seed: int = 1):
-    args = ModelArgs(2, 4, 64, 96, vocab_size=VOCAB, n_kv_heads=n_kv_heads)
+def tiny_model(n_kv_heads: int = 0, seed: int = 1, vocab: int = VOCAB):
+    args = ModelArgs(2, 4, 64, 96, vocab_size=vocab, n_kv_heads=n_kv_heads)
     model = build_transencoder(args, 64, "math", "cpu")
     model.to_empty(device="cpu")
     model.init_weights(seed)
@@ -54,6 +55,15 @@ def corpus_texts(limit: int) -> list[str]:
     return texts[:limit]
 
 
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A GQA model with a small vocabulary exported in float32, without tokenizer files."""
+    model = tiny_model(n_kv_heads=2, vocab=SMALL)
+    out = tmp_path_factory.mktemp("small")
+    write_hf_folder(model.state_dict(), model_config(model, "tiny"), out, "float32", {})
+    return model, out
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -66,7 +76,8 @@ def test_folder_holds_the_contract(exported):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "dlm_titan" and config["architectures"] == ["DlmTitanForMaskedLM"]
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForMaskedLM"}
-    assert (config["mask_token_id"], config["num_key_value_heads"], config["dtype"]) == (VOCAB, 2, "float32")
+    assert (config["vocab_size"], config["mask_token_id"]) == (VOCAB + 1, VOCAB)  # input ids: the mask included
+    assert (config["num_key_value_heads"], config["dtype"]) == (2, "float32")
     assert (config["flavor"], config["step"], config["tokens_seen"], config["final_loss"]) == ("tiny", 7, 1234, 3.5)
     card = (out / "README.md").read_text()
     assert "tiny" in card and "3.5000" in card and "1,234 tokens" in card
@@ -88,13 +99,13 @@ def test_transformers_logits_equal_dlm_titan_fp32(exported):
 
 
 def test_bfloat16_export_within_rounding(tmp_path):
-    model = tiny_model()
+    model = tiny_model(vocab=SMALL)
     write_hf_folder(model.state_dict(), model_config(model, "tiny"), tmp_path, "bfloat16", {})
     hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path, trust_remote_code=True, dtype=torch.bfloat16)
     ours = load_model(tmp_path, dtype=torch.bfloat16, attn_backend="math")
-    tokens = torch.randint(0, VOCAB + 1, (1, 17))
+    tokens = torch.randint(0, SMALL + 1, (1, 17))
     with torch.no_grad():
-        reference = tiny_model()(tokens)
+        reference = tiny_model(vocab=SMALL)(tokens)
         assert rel_err(hf(tokens).logits, ours(tokens)) < 2e-2
         assert rel_err(hf(tokens).logits, reference) < 3e-2  # bf16 weights and activations vs fp32
 
@@ -114,14 +125,14 @@ def test_dlm_titan_reads_the_folder_back_and_the_older_export(exported, tmp_path
 
 
 def test_sharded_weights_load_in_transformers_and_dlm_titan(tmp_path):
-    model = tiny_model()
-    write_hf_folder(model.state_dict(), model_config(model, "tiny"), tmp_path, "float32", {}, max_shard_bytes=3_000_000)
+    model = tiny_model(vocab=SMALL)
+    write_hf_folder(model.state_dict(), model_config(model, "tiny"), tmp_path, "float32", {}, max_shard_bytes=60_000)
     shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
     assert len(shards) >= 3 and not (tmp_path / "model.safetensors").exists()
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(shards)
     assert index["metadata"]["total_size"] == sum(p.numel() * 4 for p in model.parameters())
-    tokens = torch.randint(0, VOCAB + 1, (1, 9))
+    tokens = torch.randint(0, SMALL + 1, (1, 9))
     hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path, trust_remote_code=True)
     with torch.no_grad():
         assert rel_err(hf(tokens).logits, model(tokens)) < 1e-5
@@ -142,6 +153,22 @@ def test_tokenizer_encodes_as_training(exported):
         assert ids == ours.encode(text, bos=False, eos=False), repr(text[:80])
         assert hf_tok.decode(ids) == ours.decode(ids)
     assert (hf_tok.mask_token_id, hf_tok.eos_token_id, hf_tok.bos_token_id) == (VOCAB, ours.eos_id, ours.bos_id)
+    # dlm_titan reads the folder's tokenizer too (data.tokenizer_path / --tokenizer_path), encoding the same
+    back = load_tokenizer(str(out), max_vocab_size=VOCAB)
+    assert (back.vocab_size, back.eos_id, back.bos_id) == (VOCAB, ours.eos_id, ours.bos_id)
+    assert all(back.encode(t) == ours.encode(t) for t in texts[:20])
+
+
+def test_reexport_keeps_the_tokenizer_and_weights(exported, tmp_path):
+    """scripts.export_checkpoint from an exported folder (e.g. to bfloat16) ships the folder's own tokenizer."""
+    from scripts.export_checkpoint import main as export_main
+
+    model, out = exported
+    assert export_main([str(out), "--out", str(tmp_path / "again"), "--dtype", "float32"]) == 0
+    assert json.loads((tmp_path / "again" / "tokenizer.json").read_text()) == json.loads((out / "tokenizer.json").read_text())
+    tokens = torch.randint(0, VOCAB + 1, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "again", attn_backend="math")(tokens), model(tokens))
 
 
 @pytest.mark.parametrize("options", [
@@ -150,13 +177,13 @@ def test_tokenizer_encodes_as_training(exported):
     dict(algorithm="stochastic", temperature=0.7),
 ])
 @pytest.mark.slow
-def test_generate_diffusion_equals_dlm_titan_sampler(exported, options):
-    model, out = exported
+def test_generate_diffusion_equals_dlm_titan_sampler(small, options):
+    model, out = small
     hf = transformers.AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True).eval()
-    prompt = torch.randint(0, VOCAB, (2, 5))
+    prompt = torch.randint(0, SMALL, (2, 5))
     cfg = SamplerConfig(length=8, steps=4, stop_at_eos=True, seed=3, **options)
     eos = int(prompt[0, 0])  # a token the model may well produce, so stopping is exercised
-    ours = sample(model, prompt, cfg, mask_id=VOCAB, eos_id=eos)
+    ours = sample(model, prompt, cfg, mask_id=SMALL, eos_id=eos)
     theirs = hf.generate_diffusion(prompt, length=8, steps=4, eos_token_id=eos, seed=3, **options)
     assert torch.equal(theirs, ours)
-    assert not (theirs == VOCAB).any()
+    assert not (theirs == SMALL).any()

@@ -76,7 +76,7 @@ def model_card(cfg: dict[str, Any], dtype: str, info: dict[str, Any], has_tokeni
     kind = "autoregressive baseline (causal)" if cfg.get("causal") else "masked diffusion language model (SMDM recipe)"
     facts = [f"- flavor: {info.get('flavor') or 'custom'}; {cfg['n_layers']} layers, d={cfg['dim']}, "
              f"{cfg['n_heads']} heads ({cfg.get('n_kv_heads') or cfg['n_heads']} key/value), d_ff={cfg['ffn_dim']}, "
-             f"vocabulary {cfg['vocab_size']} (+ mask token id {cfg['vocab_size']})",
+             f"vocabulary {cfg['vocab_size']}" + ("" if cfg.get("causal") else f" + the mask token (id {cfg['vocab_size']})"),
              f"- weights: {dtype}; training sequence length {cfg['max_seq_len']}"]
     if "step" in info:
         facts.append(f"- training step {info['step']}" + (f", {info['tokens_seen']:,} tokens seen" if "tokens_seen" in info else ""))
@@ -99,9 +99,9 @@ Trained with dlm_titan. Bidirectional LLaMA encoder (RMSNorm, RoPE, SwiGLU, no b
 ```python
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 model = AutoModelForMaskedLM.from_pretrained(PATH, trust_remote_code=True)
-tok = AutoTokenizer.from_pretrained(PATH)
+tok = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)  # (the flag spares a prompt: config.json has code)
 ids = tok("The capital of France is", return_tensors="pt").input_ids  # no BOS/EOS added, as in training
-logits = model(ids).logits                       # [1, L, vocab_size]; the mask token is tok.mask_token_id
+logits = model(ids).logits                       # [1, L, vocab_size - 1]; the mask token is tok.mask_token_id
 out = model.generate_diffusion(ids, length=64, steps=64, eos_token_id=tok.eos_token_id)
 print(tok.decode(out[0, ids.shape[1]:]))
 ```

@@ -78,7 +78,7 @@ def hf_config(cfg: dict[str, Any], dtype: str, info: dict[str, Any], special: di
         "model_type": MODEL_TYPE,
         "architectures": [ARCHITECTURE],
         "auto_map": dict(AUTO_MAP),
-        "vocab_size": int(cfg["vocab_size"]),
+        "vocab_size": int(cfg["vocab_size"]) + (0 if causal else 1),  # input ids, the mask token included
         "hidden_size": int(cfg["dim"]),
         "intermediate_size": int(cfg["ffn_dim"]),
         "num_hidden_layers": int(cfg["n_layers"]),
@@ -102,11 +102,13 @@ def is_dlm_titan_hf_config(config: dict[str, Any]) -> bool:
 
 def shape_from_hf_config(config: dict[str, Any]) -> dict[str, Any]:
     """The dlm_titan shape (and step, dtype, flavor) recorded in one of our config.json files."""
+    causal = bool(config.get("causal", False))
+    vocab = int(config["vocab_size"]) - (0 if causal else 1)  # the head's outputs: every input id but the mask
     return {
         "flavor": config.get("flavor", ""),
-        "vocab_size": int(config["vocab_size"]),
+        "vocab_size": vocab,
         "max_seq_len": int(config.get("max_position_embeddings", 2048)),
-        "mask_id": int(config["vocab_size"]),
+        "mask_id": vocab,
         "n_layers": int(config["num_hidden_layers"]),
         "n_heads": int(config["num_attention_heads"]),
         "n_kv_heads": int(config.get("num_key_value_heads") or config["num_attention_heads"]),
@@ -114,7 +116,7 @@ def shape_from_hf_config(config: dict[str, Any]) -> dict[str, Any]:
         "ffn_dim": int(config["intermediate_size"]),
         "norm_eps": float(config.get("rms_norm_eps", 1e-5)),
         "rope_theta": float(config.get("rope_theta", 10000.0)),
-        "causal": bool(config.get("causal", False)),
+        "causal": causal,
         "dtype": config.get("dtype", "float32"),
         "step": int(config.get("step", 0)),
         "tokens_seen": int(config.get("tokens_seen", 0)),

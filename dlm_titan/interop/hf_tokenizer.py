@@ -19,11 +19,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dlm_titan.data.tokenizer import Tokenizer, load_tokenizer
+from dlm_titan.data.tokenizer import MASK_TOKEN, Tokenizer, load_tokenizer
 from dlm_titan.errors import UserError
 from dlm_titan.fileio import atomic_write_text
 
-MASK_TOKEN = "<|mdm_mask|>"
 _SPIECE_SPACE = "\u2581"
 
 

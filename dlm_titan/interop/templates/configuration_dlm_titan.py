@@ -9,11 +9,12 @@ from transformers import PretrainedConfig
 class DlmTitanConfig(PretrainedConfig):
     """Shape of a bidirectional LLaMA encoder trained as a masked diffusion language model.
 
-    ``vocab_size`` is the number of outputs of the head (the tokenizer's vocabulary); the input embedding has one
-    more row, the mask token, at ``mask_token_id = vocab_size``, which the head never predicts.
+    ``vocab_size`` counts the ids the input may hold, as in transformers: the tokenizer's vocabulary plus, for a
+    diffusion model, the mask token at ``mask_token_id = vocab_size - 1``, which the head never predicts. The head
+    has ``output_vocab_size`` outputs (vocab_size - 1 for a diffusion model, vocab_size for a causal one).
 
     Args:
-        vocab_size: output vocabulary.
+        vocab_size: input vocabulary (embedding rows), the mask token included.
         hidden_size: model width d.
         intermediate_size: SwiGLU hidden width.
         num_hidden_layers: transformer blocks.
@@ -24,14 +25,14 @@ class DlmTitanConfig(PretrainedConfig):
         max_position_embeddings: training sequence length (RoPE itself has no limit).
         causal: False for diffusion models (every token sees the whole sequence); True for the autoregressive
             baseline, which has no mask row.
-        mask_token_id: id of the mask token (vocab_size for diffusion models).
+        mask_token_id: id of the mask token (vocab_size - 1 for diffusion models).
     """
 
     model_type = "dlm_titan"
 
     def __init__(
         self,
-        vocab_size: int = 32000,
+        vocab_size: int = 32001,
         hidden_size: int = 768,
         intermediate_size: int = 3072,
         num_hidden_layers: int = 18,
@@ -54,6 +55,11 @@ class DlmTitanConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.max_position_embeddings = max_position_embeddings
         self.causal = causal
-        self.mask_token_id = None if causal else (vocab_size if mask_token_id is None else mask_token_id)
+        self.mask_token_id = None if causal else (vocab_size - 1 if mask_token_id is None else mask_token_id)
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
+
+    @property
+    def output_vocab_size(self) -> int:
+        """Outputs of the head: every input id but the mask token."""
+        return self.vocab_size - (0 if self.causal else 1)

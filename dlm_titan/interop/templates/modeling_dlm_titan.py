@@ -3,9 +3,9 @@
 Standalone: needs only torch and transformers (and numpy, which transformers requires). Written into every exported
 model folder by dlm_titan; the maths is dlm_titan's (dlm_titan/models), written out plainly:
 
-    embedding (vocab_size + 1 rows, the last one the mask token)
+    embedding (vocab_size rows, the last one the mask token)
     -> num_hidden_layers x [h = x + attention(rmsnorm(x)); out = h + swiglu(rmsnorm(h))]
-    -> rmsnorm -> head (vocab_size outputs, untied)
+    -> rmsnorm -> head (vocab_size - 1 outputs, untied: the mask token is never predicted)
 
 Attention is bidirectional (no causal mask: a diffusion model sees the whole sequence), through
 ``torch.nn.functional.scaled_dot_product_attention``, with rotary embeddings (GPT-NeoX half rotation over the whole
@@ -132,8 +132,7 @@ class DlmTitanModel(DlmTitanPreTrainedModel):
 
     def __init__(self, config: DlmTitanConfig):
         super().__init__(config)
-        rows = config.vocab_size + (0 if config.causal else 1)  # the last row is the mask token
-        self.embed_tokens = nn.Embedding(rows, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)  # the last row: the mask token
         self.layers = nn.ModuleList(DlmTitanBlock(config) for _ in range(config.num_hidden_layers))
         self.norm = DlmTitanRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
@@ -160,7 +159,8 @@ class DlmTitanModel(DlmTitanPreTrainedModel):
 
 
 class DlmTitanForMaskedLM(DlmTitanPreTrainedModel):
-    """The encoder and its head: logits [B, L, vocab_size] for every position (the mask id is never predicted).
+    """The encoder and its head: logits [B, L, output_vocab_size] for every position (the mask id is never
+    predicted).
 
     ``labels`` (optional, -100 = ignored) gives the mean cross-entropy over the labelled positions; the diffusion
     training loss additionally weights each masked token by 1 / p(t), see dlm_titan.
@@ -169,7 +169,7 @@ class DlmTitanForMaskedLM(DlmTitanPreTrainedModel):
     def __init__(self, config: DlmTitanConfig):
         super().__init__(config)
         self.model = DlmTitanModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.output_vocab_size, bias=False)
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
