@@ -427,6 +427,8 @@ _RANGES = (
     ("checkpoint.keep_latest_k", lambda v: v >= 0, ">= 0 (0 keeps all)"),
     ("checkpoint.load_step", lambda v: v >= -1, ">= 0, or -1 for the newest complete checkpoint"),
     ("metrics.log_freq", lambda v: v >= 1, ">= 1"),
+    ("activation_checkpoint.selective_ac_option", lambda v: v == "op" or (v.isdigit() and int(v) >= 1),
+     '"op" or a positive integer (checkpoint every Nth block)', lambda c: c.activation_checkpoint.mode == "selective"),
     ("validation.freq", lambda v: v >= 1, ">= 1", _validation_on),
     ("validation.steps", lambda v: v >= 1 or v == -1, ">= 1, or -1 for the whole validation set", _validation_on),
     ("validation.mc_samples", lambda v: v >= 1, ">= 1", _validation_on),
@@ -486,27 +488,38 @@ def _check_choices(config: JobConfig) -> None:
     if config.compile.enable and config.compile.cudagraphs and config.diffusion.ssl_ratio > 0:
         raise UserError("--compile.cudagraphs needs fixed shapes, but --diffusion.ssl_ratio > 0 crops batches to "
                         "random lengths (each would record new graphs): add --compile.no_cudagraphs")
-    _check_memory(t.seq_len, t.local_batch_size)
+    _check_memory(t, config.model.vocab_size)
     _check_dump_folder(config.job.dump_folder)
 
 
-# Bytes per sequence position that a run allocates at start whatever its model: the RoPE table (cos and sin in
-# float32 over the head dim, which is >= 64 in every flavor: tests/test_config.py checks it) and, per sequence
-# of a micro-batch, the loader's int64 window.
+# What a run allocates at start whatever its flavor, as lower bounds: per sequence position the RoPE table (cos and
+# sin in float32 over the head dim, >= 64 in every flavor) and, per sequence of a micro-batch, the loader's int64
+# window; per vocabulary entry an embedding row and a head row in float32 (width >= 256 in every flavor).
+# tests/test_bad_input.py checks both facts against the flavor table.
 _ROPE_BYTES_PER_POSITION = 2 * 4 * 64
 _TOKEN_BYTES = 8
+_VOCAB_BYTES_PER_ENTRY = 2 * 4 * 256
 
 
-def _check_memory(seq_len: int, local_batch_size: int) -> None:
-    """Refuses a seq_len whose start-up buffers alone exceed this machine's memory (else a MemoryError or an
-    allocator traceback while the model is built)."""
-    needed = seq_len * (_ROPE_BYTES_PER_POSITION + _TOKEN_BYTES * local_batch_size)
+def _check_memory(t: Training, vocab_size: int) -> None:
+    """Refuses a seq_len or vocab_size whose start-up buffers alone exceed this machine's memory (else a
+    MemoryError or an allocator traceback while the model is built)."""
     available = _physical_memory()
-    if available is not None and needed > available:
+    if available is None:
+        return
+    have = f"more than this machine's {available / 2**30:,.0f} GiB of memory"
+    per_position = _ROPE_BYTES_PER_POSITION + _TOKEN_BYTES * t.local_batch_size
+    if t.seq_len * per_position > available:
         raise UserError(
-            f"--training.seq_len {seq_len} needs at least {needed / 2**30:,.0f} GiB for its position table and "
-            f"one micro-batch of {local_batch_size} sequences, more than this machine's {available / 2**30:,.0f} "
-            f"GiB of memory; use a shorter --training.seq_len (at most {available // (needed // seq_len):,})"
+            f"--training.seq_len {t.seq_len} needs at least {t.seq_len * per_position / 2**30:,.0f} GiB for its "
+            f"position table and one micro-batch of {t.local_batch_size} sequences, {have}; use a shorter "
+            f"--training.seq_len (at most {available // per_position:,})"
+        )
+    if vocab_size * _VOCAB_BYTES_PER_ENTRY > available:
+        raise UserError(
+            f"--model.vocab_size {vocab_size} needs at least {vocab_size * _VOCAB_BYTES_PER_ENTRY / 2**30:,.0f} GiB "
+            f"for its embedding and output head, {have}; use a smaller --model.vocab_size (at most "
+            f"{available // _VOCAB_BYTES_PER_ENTRY:,})"
         )
 
 

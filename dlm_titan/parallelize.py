@@ -63,13 +63,9 @@ def apply_ac(model: nn.Module, ac_cfg) -> None:
     """
     if ac_cfg.mode == "none":
         return
-    option = str(ac_cfg.selective_ac_option)
+    option = str(ac_cfg.selective_ac_option)  # "op" or a positive integer: checked when the config loads
     every = 1
     if ac_cfg.mode == "selective" and option != "op":
-        if not option.isdigit() or int(option) < 1:
-            raise UserError(
-                f'activation_checkpoint.selective_ac_option must be "op" or a positive integer, got {option!r}'
-            )
         every = int(option)
     per_op = ac_cfg.mode == "selective" and option == "op"
     for i, block in enumerate(model.layers.values()):

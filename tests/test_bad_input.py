@@ -10,6 +10,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 
 from dlm_titan.config import JobConfig, load_config
 from dlm_titan.errors import UserError
@@ -137,16 +138,29 @@ def test_seq_len_beyond_memory_names_the_limit():
     assert "needs at least" in refused(["--training.seq_len", str(limit + 1)])
 
 
-def test_rope_bytes_per_position_is_a_lower_bound_for_every_flavor():
-    """config.py counts 2 x 4 x 64 bytes per position for the RoPE table: the head dim of every flavor is >= 64."""
-    from dlm_titan.config import _ROPE_BYTES_PER_POSITION
+def test_vocab_size_beyond_memory_names_the_limit():
+    message = refused(["--model.vocab_size", str(10**12)])
+    assert message.startswith("--model.vocab_size 1000000000000 needs at least") and "GiB of memory" in message
+    limit = int(message.rsplit("at most ", 1)[1].rstrip(")").replace(",", ""))
+    assert load_config(["--model.vocab_size", str(limit)]).model.vocab_size == limit
+    assert "needs at least" in refused(["--model.vocab_size", str(limit + 1)])
+
+
+def test_memory_lower_bounds_hold_for_every_flavor():
+    """config.py counts 2 x 4 x 64 bytes per position for the RoPE table (the head dim of every flavor is >= 64)
+    and 2 x 4 x 256 bytes per vocabulary entry for the embedding and head (every flavor is >= 256 wide)."""
+    from dlm_titan.config import _ROPE_BYTES_PER_POSITION, _VOCAB_BYTES_PER_ENTRY
+    from dlm_titan.models import build_model
     from dlm_titan.models.attention import rope_cache
     from dlm_titan.models.flavors import FLAVORS, get_model_args
 
-    head_dims = [get_model_args(name).head_dim for name in FLAVORS]
-    assert min(head_dims) >= 64
-    table = rope_cache(16, min(head_dims), 10000.0)
+    shapes = [get_model_args(name) for name in FLAVORS]
+    assert min(a.head_dim for a in shapes) >= 64 and min(a.dim for a in shapes) >= 256
+    table = rope_cache(16, 64, 10000.0)
     assert table.numel() * table.element_size() == 16 * _ROPE_BYTES_PER_POSITION
+    model = build_model(JobConfig().model, 16, torch.device("cpu"))  # the 6M flavor, 256 wide, on the meta device
+    vocab_params = sum(p.numel() * 4 for name, p in model.named_parameters() if p.shape[0] >= model.args.vocab_size)
+    assert vocab_params >= model.args.vocab_size * _VOCAB_BYTES_PER_ENTRY
 
 
 @pytest.mark.parametrize("flags, key", [

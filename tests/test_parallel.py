@@ -19,7 +19,7 @@ import pytest
 import torch
 from harness import read_losses, run_trainer, tiny_run_args, write_random_shards
 
-from dlm_titan.config import ActivationCheckpoint, Parallelism, load_config
+from dlm_titan.config import Parallelism, load_config
 from dlm_titan.distributed import resolve_parallel_dims
 from dlm_titan.errors import UserError
 
@@ -208,14 +208,13 @@ def test_auto_reshard_rule():
     assert resolve_reshard("always", 1) == "always"
 
 
-def test_bad_selective_option_is_a_user_error():
-    from dlm_titan.config import Model
-    from dlm_titan.models import build_model
-    from dlm_titan.parallelize import apply_ac
-
-    model = build_model(Model(flavor="6M"), 32, torch.device("cpu"))
-    with pytest.raises(UserError, match="selective_ac_option"):
-        apply_ac(model, ActivationCheckpoint(mode="selective", selective_ac_option="every"))
+@pytest.mark.parametrize("option", ["every", "0", "-2"])
+def test_bad_selective_option_is_a_user_error(option):
+    """Checked with the other ranges when the config loads, only for selective checkpointing."""
+    with pytest.raises(UserError, match='--activation_checkpoint.selective_ac_option must be "op" or a positive'):
+        load_config(["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option",
+                     option])
+    assert load_config(["--activation_checkpoint.selective_ac_option", option]).activation_checkpoint.mode == "none"
 
 
 def test_gradients_stay_allocated_only_where_something_holds_them():
