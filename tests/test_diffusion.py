@@ -117,11 +117,15 @@ def accumulation_gap(dtype):
 
 @pytest.mark.slow
 def test_accumulation_equals_one_batch_fp32():
-    """1 process x 4 micro-batches of 1 == one batch of 4 (fp32, 1e-6), loss and gradients."""
+    """1 process x 4 micro-batches of 1 == one batch of 4 (fp32), loss and gradients.
+
+    Gradients agree to 1e-5 of each tensor's largest entry: batched and single-sequence GEMMs round differently,
+    and an embedding row sums many positions' terms (1.3e-6 next to entries up to 0.75 on a 2-core CPU), while a
+    wrong normalisation would be off by a factor."""
     loss_full, loss_acc, grads_full, grads_acc = accumulation_gap(torch.float32)
     assert loss_acc == pytest.approx(loss_full, rel=1e-6)
     for k, g in grads_full.items():
-        torch.testing.assert_close(grads_acc[k], g, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grads_acc[k], g, rtol=1e-6, atol=1e-5 * g.abs().max().item())
 
 
 @pytest.mark.slow
