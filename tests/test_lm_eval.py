@@ -179,13 +179,14 @@ def test_two_processes_give_the_one_process_answers(setup, one_process):
     ("greedy=maybe", "model_args greedy='maybe' must be true or false"),
 ])
 def test_bad_model_args_are_user_errors(setup, model_args, message):
-    """Checked before the model loads; lm-eval parses model_args as this string is parsed here."""
+    """Checked before the model loads (so the path need not exist); lm-eval parses model_args as this string is
+    parsed here."""
     from dlm_titan.errors import UserError
     from dlm_titan.lm_eval.model import DLMTitanLM
 
     _, export, _ = setup
     with pytest.raises(UserError) as err:
-        DLMTitanLM.create_from_arg_string(f"pretrained={export},{model_args}", {"batch_size": 4, "device": "cpu"})
+        DLMTitanLM.create_from_arg_string(f"pretrained=/nonexistent,{model_args}", {"batch_size": 4, "device": "cpu"})
     assert str(err.value).startswith(message)
     with pytest.raises(UserError, match="no such checkpoint or export: /nonexistent"):
         DLMTitanLM.create_from_arg_string("pretrained=/nonexistent", {"device": "cpu"})

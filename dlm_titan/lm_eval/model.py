@@ -14,6 +14,7 @@ those of a one-process run.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -43,7 +44,9 @@ def scorer_config(options: dict, batch_size: int | str) -> ScorerConfig:
     values = {k: _coerce(fields[k].default, k, v) for k, v in options.items() if v is not None}
     if str(batch_size).startswith("auto"):
         batch_size = 128
-    return ScorerConfig(**values, batch_size=_coerce(1, "batch_size", batch_size))
+    cfg = ScorerConfig(**values, batch_size=_coerce(1, "batch_size", batch_size))
+    cfg.check()  # before the model loads
+    return cfg
 
 
 def _coerce(default, name: str, value):
@@ -66,8 +69,11 @@ def place(device: str | None) -> tuple[int, int, torch.device]:
     without CUDA, as lm-eval's default cuda:0 is: CUDA when available, else the CPU)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return init_distributed()
-    if device in (None, "", "auto") or (str(device).startswith("cuda") and not torch.cuda.is_available()):
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")  # lm-eval's default is cuda:0
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        logging.getLogger(__name__).warning("device %s: CUDA is not available here, running on the CPU", device)
+        device = "cpu"
+    if device in (None, "", "auto"):
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return 0, 1, torch.device(device)
 
 
