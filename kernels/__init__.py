@@ -3,7 +3,9 @@
 (:mod:`dlm_kernels.add_rms_norm`) and RoPE of a fused QKV projection with a one-kernel backward
 (:mod:`dlm_kernels.rope`).
 
-Standalone: imports torch and, when installed, triton; never dlm_titan. Importable without CUDA or triton.
+Standalone: imports torch and, when installed, triton; never dlm_titan. Importable without CUDA or triton
+(:mod:`dlm_kernels.triton_utils` holds what the Triton modules share: the optional import, where kernels run,
+launch-configuration arithmetic).
 
 This folder is installed as ``dlm_kernels``; under its folder name ``kernels`` (found first whenever the
 repository root is on ``sys.path``: pytest, ``python -m ...`` from the root) it hands over to the unrelated
