@@ -1,4 +1,4 @@
-"""``python -m dlm_titan.train``: the masked-diffusion pretraining loop.
+"""``python -m dlm_titan.train``: the masked-diffusion pretraining loop (or its autoregressive baseline).
 
 The Trainer composes the pieces below it (config, model, parallelize, data, diffusion, optim, metrics,
 checkpoint, validation) and nothing imports it. It owns the loop: the steps, the non-finite guard and the
@@ -22,6 +22,8 @@ import torch
 from dlm_kernels import masked_linear_cross_entropy
 
 from dlm_titan import distributed as dist_utils
+from dlm_titan.ar_validation import NextTokenValidator
+from dlm_titan.autoregressive import next_token_micro_batch
 from dlm_titan.checkpoint import CheckpointManager
 from dlm_titan.config import JobConfig, load_config, to_toml
 from dlm_titan.data import build_train_loader, resolve_data_path
@@ -64,6 +66,8 @@ class Trainer:
         self.autocast = _autocast(training.dtype, self.device, fsdp=self.dims.sharded)
         self.metrics = TrainMetrics(cfg, self.model_args, self.rank, world_size, self.device)
         self.validator = build_validator(cfg, self.model, data_path, self.rank, world_size, self.device, self.autocast)
+        if self.validator is not None and training.objective == "ar":  # the exact NLL instead of the ELBO
+            self.validator = NextTokenValidator.like(self.validator)
         self.step = 0
         self.tokens_seen = 0
         if self.rank == 0 and cfg.job.print_config:
@@ -81,7 +85,8 @@ class Trainer:
     def _build_model(self) -> None:
         """The model, built on the meta device, parallelized, then materialized and initialised; its loss."""
         training = self.cfg.training
-        self.model = build_training_model(self.cfg, training.seq_len, self.device)  # flavor, or initial folder
+        self.model = build_training_model(self.cfg, training.seq_len, self.device,  # flavor, or initial folder
+                                          causal=training.objective == "ar")
         self.model_args = self.model.args
         self.steps = resolve_steps(self.cfg, self.model_args)
         mesh = dist_utils.build_mesh(self.dims, self.device)
@@ -123,7 +128,8 @@ class Trainer:
         equals 8 ranks x 1.
         """
         token_count = step_token_count(self.cfg, step)
-        self.loss_tap.armed = self._is_log_step(step)
+        # losses by diffusion time t on logged steps (MDM only: the autoregressive baseline has no t)
+        self.loss_tap.armed = self._is_log_step(step) and self.cfg.training.objective == "mdm"
         loss_sum = torch.zeros((), device=self.device)
         masked, data_time, micro_losses = 0, 0.0, []
         for i in range(self.micro_batches):
@@ -132,7 +138,7 @@ class Trainer:
             start = time.perf_counter()
             batch = next(self.data_iter)
             data_time += time.perf_counter() - start
-            mb, t, length = diffusion_micro_batch(self.cfg, batch, step, token_count, self.model_args.mask_id)
+            mb, t, length = self._micro_batch(batch, step, token_count)
             masked += mb.num_masked
             inputs, targets, weights, index = (
                 to_device(x, self.device) for x in (mb.inputs, mb.targets, mb.token_weights, mb.masked_index)
@@ -146,6 +152,14 @@ class Trainer:
                 self.metrics.loss_by_t.add(t, self.loss_tap.take(len(t)) * (token_count / length))
         return {"loss_sum": loss_sum, "masked": masked, "tokens": token_count, "data_time": data_time,
                 **self._update(step, micro_losses, token_count)}
+
+    def _micro_batch(self, batch: dict[str, torch.Tensor], step: int, token_count: int
+                     ) -> tuple[MaskedBatch, torch.Tensor | None, int]:
+        """The objective's inputs of one micro-batch: SMDM's forward process, or next-token targets for the
+        autoregressive baseline (every token predicted, no t); each weighted by the step's token count."""
+        if self.cfg.training.objective == "ar":
+            return next_token_micro_batch(self.cfg, batch, step, token_count)
+        return diffusion_micro_batch(self.cfg, batch, step, token_count, self.model_args.mask_id)
 
     def _update(self, step: int, micro_losses: list[torch.Tensor], token_count: int) -> dict[str, Any]:
         """Clips, applies the update unless the non-finite guard drops it, moves the schedule on, clears grads."""
@@ -272,7 +286,8 @@ def plan_summary(cfg: JobConfig, model, steps: int, world_size: int, micro_batch
     warmup = resolve_warmup_steps(cfg.lr_scheduler.warmup_steps, steps)
     return [
         f"model {cfg.model.flavor}: {a.n_layers} layers, d={a.dim}, {a.non_embedding_params():,} non-embedding "
-        f"params, {a.total_params():,} total; attention backend {model.attn_backend}",
+        f"params, {a.total_params():,} total; attention backend {model.attn_backend}"
+        + ("; objective ar (causal attention, next-token loss)" if training.objective == "ar" else ""),
         f"training: {steps:,} steps, {steps * training.global_batch_size * training.seq_len:,} tokens, warmup "
         f"{warmup} steps, global batch {training.global_batch_size} x {training.seq_len} = {world_size} ranks x "
         f"{micro_batches} micro-batches x {training.local_batch_size}; device {device}; data {data_path}",

@@ -186,6 +186,25 @@ def test_exact_nll_and_perplexity():
     assert perplexity(math.log(7.0)) == pytest.approx(7.0)
 
 
+def test_validation_is_the_exact_nll_per_token():
+    from dlm_titan.ar_validation import NextTokenValidator
+
+    model = tiny_model()
+    batches = [{"input": torch.randint(0, ARGS.vocab_size, (2, 17)), "position": torch.arange(2) + 2 * i}
+               for i in range(3)]
+    result = NextTokenValidator(model, batches, steps=-1, seq_len=16, device=torch.device("cpu")).run()
+    windows = torch.cat([b["input"] for b in batches])
+    logp = reference_logits(model.state_dict(), windows[:, :-1]).log_softmax(-1)
+    nll = -logp.gather(-1, windows[:, 1:, None]).squeeze(-1)
+    assert result.loss == pytest.approx(nll.mean().item(), rel=1e-6)
+    assert result.ppl == pytest.approx(math.exp(nll.mean().item()), rel=1e-6)
+    assert result.stderr == pytest.approx(nll.mean(1).std().item() / math.sqrt(6), rel=1e-5)
+    assert (result.sequences, result.tokens) == (6, 96) and model.training
+    assert result.scalars()["validation/loss"] == result.loss and "exact NLL" in result.summary()
+    two = NextTokenValidator(model, batches, steps=2, seq_len=16, device=torch.device("cpu")).run()
+    assert two.sequences == 4 and two.loss == pytest.approx(nll[:4].mean().item(), rel=1e-6)
+
+
 def test_trainer_micro_batch_uses_seq_len_and_the_ssl_crop():
     from dlm_titan.autoregressive import next_token_micro_batch
     from dlm_titan.diffusion import ssl_length

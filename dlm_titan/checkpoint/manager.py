@@ -165,6 +165,7 @@ class CheckpointManager:
         start = time.perf_counter()
         marker = read_marker(step_dir)
         self._check_model(marker.get("model", {}), step_dir)
+        self._check_objective(marker.get("model", {}), step_dir)
         metadata = read_dcp_metadata(step_dir)
         sizes = {k: v.size for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
         state = tensor_state(self.model, self.optimizer)
@@ -196,6 +197,13 @@ class CheckpointManager:
                             f"run builds {self.model_config.get('flavor')} (vocab {self.model_config.get('vocab_size')}); "
                             "use the same model.flavor/vocab_size or another dump_folder")
 
+    def _check_objective(self, saved: dict[str, Any], where: Path) -> None:
+        """A checkpoint of this trainer records whether its model is causal (training.objective = "ar")."""
+        saved_objective, this = ("ar" if saved.get("causal") else "mdm"), ("ar" if self.model_config.get("causal") else "mdm")
+        if saved and saved_objective != this:
+            raise UserError(f"{where} holds a model trained with training.objective = {saved_objective!r} but this run "
+                            f"trains {this!r}; use the same objective or another dump_folder")
+
     def _load_data_loader(self, step_dir: Path, train_state: dict[str, Any], sizes: dict[str, Any]) -> None:
         """The rank's own saved loader state when the layout is unchanged. Under another world size (or worker
         count or micro-batch size) the loader is repositioned at the start of the next step instead: its
@@ -225,6 +233,7 @@ class CheckpointManager:
             step_dir = path if is_dcp_folder(path) else find_checkpoint(path, warn=self.rank == 0)
         if step_dir is not None:
             self._check_model(read_marker(step_dir).get("model", {}), step_dir)
+            self._check_objective(read_marker(step_dir).get("model", {}), step_dir)
             read_dcp_metadata(step_dir)  # UserError when damaged
             state = {"model": get_model_state_dict(self.model)}
             self._dcp_load(state, step_dir)

@@ -66,6 +66,7 @@ def model_config(model: TransEncoder, flavor: str) -> dict[str, Any]:
         "ffn_dim": a.ffn_dim,
         "norm_eps": a.norm_eps,
         "rope_theta": a.rope_theta,
+        "causal": bool(model.causal),  # the autoregressive baseline: causal attention, no mask row
     }
 
 
