@@ -187,3 +187,22 @@ def test_generate_diffusion_equals_dlm_titan_sampler(small, options):
     theirs = hf.generate_diffusion(prompt, length=8, steps=4, eos_token_id=eos, seed=3, **options)
     assert torch.equal(theirs, ours)
     assert not (theirs == SMALL).any()
+
+
+def test_training_final_export_is_a_transformers_folder(tmp_path):
+    """The trainer's final export: a folder transformers loads, with the run's step, tokens and tokenizer."""
+    from harness import run_trainer, tiny_run_args, write_random_shards
+
+    (tmp_path / "data").mkdir()
+    data = write_random_shards(tmp_path / "data", VOCAB)
+    dump = tmp_path / "dump"
+    run_trainer(tiny_run_args(data, dump, VOCAB, 2, 2, 1, 0, "--checkpoint.enable", "--checkpoint.export_dtype",
+                              "float32"))
+    config = json.loads((dump / "export" / "config.json").read_text())
+    assert (config["step"], config["tokens_seen"], config["flavor"]) == (2, 2 * 2 * 32, "6M")
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(dump / "export", trust_remote_code=True)
+    tokens = torch.randint(0, VOCAB + 1, (1, 9))
+    with torch.no_grad():
+        want = load_model(dump / "checkpoint" / "step-2", attn_backend="math")(tokens)
+        assert rel_err(hf(tokens).logits, want) < 1e-5
+    assert transformers.AutoTokenizer.from_pretrained(dump / "export", trust_remote_code=True).mask_token_id == VOCAB

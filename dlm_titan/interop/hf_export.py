@@ -64,7 +64,8 @@ def _write_tokenizer(out: Path, tokenizer_path: str, cfg: dict[str, Any]) -> dic
     """The tokenizer files and its BOS/EOS ids; None (with a warning) when it cannot be converted, so the weights
     of a finished run are still exported."""
     try:
-        tok = write_tokenizer(out, tokenizer_path, int(cfg["vocab_size"]), int(cfg["max_seq_len"]))
+        tok = write_tokenizer(out, tokenizer_path, int(cfg["vocab_size"]), int(cfg["max_seq_len"]),
+                              mask=not cfg.get("causal", False))
     except UserError as e:
         print(f"warning: the export in {out} has no tokenizer: {e}", file=sys.stderr)
         return None

@@ -89,7 +89,7 @@ def _tokenizer_json(tok: Tokenizer) -> dict[str, Any]:
     return spec
 
 
-def write_tokenizer(out: Path, tokenizer_path: str, vocab_size: int, max_length: int) -> Tokenizer:
+def write_tokenizer(out: Path, tokenizer_path: str, vocab_size: int, max_length: int, mask: bool = True) -> Tokenizer:
     """Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json into ``out``.
 
     Args:
@@ -97,6 +97,7 @@ def write_tokenizer(out: Path, tokenizer_path: str, vocab_size: int, max_length:
         tokenizer_path: as ``data.tokenizer_path`` ("" = the embedded tokenizer).
         vocab_size: the model's output vocabulary; the mask token gets this id.
         max_length: the training sequence length (``model_max_length``).
+        mask: register the mask token (diffusion models; the autoregressive baseline has none).
 
     Returns:
         the dlm_titan tokenizer it was converted from.
@@ -106,12 +107,14 @@ def write_tokenizer(out: Path, tokenizer_path: str, vocab_size: int, max_length:
     taken = {t["id"]: t["content"] for t in spec.get("added_tokens", [])}
     if vocab_size in taken and taken[vocab_size] != MASK_TOKEN:
         raise UserError(f"tokenizer {tok.path} already uses id {vocab_size} (the mask id) for {taken[vocab_size]!r}")
-    spec["added_tokens"] = [t for t in spec.get("added_tokens", []) if t["id"] != vocab_size] + [_added(vocab_size, MASK_TOKEN)]
+    spec["added_tokens"] = [t for t in spec.get("added_tokens", []) if t["content"] != MASK_TOKEN]
+    if mask:
+        spec["added_tokens"].append(_added(vocab_size, MASK_TOKEN))
     names = {i: t for t, i in _vocab_of(spec).items()}
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
         "split_special_tokens": True, "clean_up_tokenization_spaces": False, "model_max_length": max_length,
-        "mask_token": MASK_TOKEN,
+        **({"mask_token": MASK_TOKEN} if mask else {}),
     }
     for key, token_id in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id)):
         if token_id >= 0 and token_id in names:
