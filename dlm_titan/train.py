@@ -245,7 +245,7 @@ class Trainer:
         try:
             self.nonfinite.resolve_deferred()
             completed = self.step >= self.steps and not self.nonfinite.stop_requested
-            self.checkpointer.close(self.step, export=completed)
+            self.checkpointer.close(self.step, export=completed, final_loss=self.metrics.last_loss)
         finally:
             self.signals.restore()
         if self.nonfinite.stop_requested:

@@ -196,10 +196,12 @@ def test_training_final_export_is_a_transformers_folder(tmp_path):
     (tmp_path / "data").mkdir()
     data = write_random_shards(tmp_path / "data", VOCAB)
     dump = tmp_path / "dump"
-    run_trainer(tiny_run_args(data, dump, VOCAB, 2, 2, 1, 0, "--checkpoint.enable", "--checkpoint.export_dtype",
-                              "float32"))
+    losses = run_trainer(tiny_run_args(data, dump, VOCAB, 2, 2, 1, 0, "--checkpoint.enable",
+                                       "--checkpoint.export_dtype", "float32"))
     config = json.loads((dump / "export" / "config.json").read_text())
     assert (config["step"], config["tokens_seen"], config["flavor"]) == (2, 2 * 2 * 32, "6M")
+    assert config["final_loss"] == losses[2]  # the last logged loss
+    assert f"final training loss {losses[2]:.4f}" in (dump / "export" / "README.md").read_text()
     hf = transformers.AutoModelForMaskedLM.from_pretrained(dump / "export", trust_remote_code=True)
     tokens = torch.randint(0, VOCAB + 1, (1, 9))
     with torch.no_grad():

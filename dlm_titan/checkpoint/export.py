@@ -53,7 +53,8 @@ def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_model(model: nn.Module, model_cfg: dict[str, Any], out_dir: str | Path, dtype: str = "bfloat16",
-                 step: int = 0, tokenizer_path: str = "", tokens_seen: int | None = None) -> Path:
+                 step: int = 0, tokenizer_path: str = "", tokens_seen: int | None = None,
+                 final_loss: float | None = None) -> Path:
     """Writes a Hugging Face model folder (:mod:`dlm_titan.interop.hf_export`) of a (possibly FSDP-sharded) model.
 
     Collective under FSDP2: call it on every rank; rank 0 writes. The weights file is replaced first and
@@ -67,6 +68,7 @@ def export_model(model: nn.Module, model_cfg: dict[str, Any], out_dir: str | Pat
         step: training step the weights come from, recorded in config.json.
         tokenizer_path: the run's ``data.tokenizer_path``, converted into the folder's tokenizer files.
         tokens_seen: training tokens so far, recorded in config.json and the model card.
+        final_loss: the last logged training loss, likewise.
 
     Returns:
         the export folder.
@@ -79,7 +81,7 @@ def export_model(model: nn.Module, model_cfg: dict[str, Any], out_dir: str | Pat
     base = getattr(model, "args", None)
     cfg = {**(model_config(model, model_cfg.get("flavor", "")) if base is not None else {}), **model_cfg}
     write_hf_folder(state, cfg, out_dir, dtype, {"flavor": cfg.get("flavor"), "step": int(step),
-                                                 "tokens_seen": tokens_seen}, tokenizer_path)
+                                                 "tokens_seen": tokens_seen, "final_loss": final_loss}, tokenizer_path)
     return Path(out_dir)
 
 

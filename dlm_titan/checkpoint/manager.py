@@ -388,7 +388,7 @@ class CheckpointManager:
             elif stop:
                 self.wait()
 
-    def close(self, step: int, export: bool) -> None:
+    def close(self, step: int, export: bool, final_loss: float | None = None) -> None:
         """End of training: waits for saves in flight, exports the final weights (``export``: the run completed
         with every update finite) when checkpointing is on, and stops the writer thread. Collective."""
         try:
@@ -396,7 +396,7 @@ class CheckpointManager:
             if export and self.cfg.enable:
                 start = time.perf_counter()
                 export_model(self.model, self.model_config, self.export_folder, self.cfg.export_dtype, step,
-                             self.tokenizer_path, self.tokens_seen)
+                             self.tokenizer_path, self.tokens_seen, final_loss)
                 self._log(f"exported step {step} ({self.cfg.export_dtype}) to {self.export_folder} in "
                           f"{time.perf_counter() - start:.2f} s")
         finally:

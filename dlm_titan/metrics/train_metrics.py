@@ -63,6 +63,7 @@ class TrainMetrics:
         # as it is issued: nothing to hide the wait behind, and the throughput window would miss that step.
         self.defer = device.type == "cuda"
         self.pending: LoggedStep | None = None  # a logged step's metrics on their way to the host
+        self.last_loss: float | None = None  # the latest logged training loss (the final export's model card)
         self.window = ThroughputWindow()
         self.window_mark: torch.cuda.Event | None = None
 
@@ -130,6 +131,7 @@ class TrainMetrics:
             self.window_mark = pending.device.event
         rates = self.window.read(self.world_size, seconds)
         loss, masked = values["totals"].tolist()
+        self.last_loss = loss
         grad_norm = values["grad_norm"].item()
         if not math.isfinite(grad_norm) and self.rank == 0:
             print(f"warning: non-finite grad norm at step {pending.step}")
