@@ -1,10 +1,11 @@
-"""Model weights in and out of training: safetensors export and the inference loader.
+"""Model weights in and out of training: the export and the inference loader.
 
-An export folder holds ``model.safetensors`` (full, unsharded weights in one dtype) and ``config.json``
-(the model's shape, flavor, max_seq_len, mask id, dtype and training step). :func:`load_model` builds a
-:class:`~dlm_titan.models.TransEncoder` from an export, from a DCP ``step-N`` checkpoint (model weights only)
-or from a whole dump folder (its newest complete checkpoint). Nothing is unpickled: safetensors and DCP
-tensor reads only.
+:func:`export_model` writes a Hugging Face model folder (:mod:`dlm_titan.interop.hf_export`). :func:`load_model`
+builds a :class:`~dlm_titan.models.TransEncoder` from such a folder, from an export of the earlier kind
+(``model.safetensors`` + a ``config.json`` with ``"format": "dlm_titan"``, written by :func:`write_export`), from a
+DCP ``step-N`` checkpoint (model weights only), from a whole dump folder (its newest complete checkpoint), from an
+SMDM/lit-gpt state dict or from a Llama-family folder (:mod:`dlm_titan.interop.formats`). Nothing is unpickled:
+safetensors, DCP and ``weights_only`` tensor reads only.
 """
 
 from __future__ import annotations
