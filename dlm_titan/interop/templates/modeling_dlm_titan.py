@@ -214,14 +214,8 @@ class DlmTitanForMaskedLM(DlmTitanPreTrainedModel):
         Returns:
             [B, P + length] token ids: the prompt, then the generated tokens.
         """
-        if self.config.causal:
-            raise ValueError("this is an autoregressive model (causal = true): use generate()")
-        if algorithm not in ("confidence", "stochastic"):
-            raise ValueError(f"algorithm must be 'confidence' or 'stochastic', not {algorithm!r}")
+        _check_sampler_options(self.config.causal, length, steps, block_length, algorithm)
         block = block_length or length
-        if length < 1 or steps < 1 or length % block or (algorithm == "confidence" and steps > block):
-            raise ValueError(f"need length ({length}) a multiple of block_length ({block}), steps >= 1, and for "
-                             f"confidence sampling steps ({steps}) <= block_length")
         mask_id = self.config.mask_token_id
         batch, plen = input_ids.shape
         x = torch.cat([input_ids, input_ids.new_full((batch, length), mask_id)], dim=1)
@@ -239,7 +233,7 @@ class DlmTitanForMaskedLM(DlmTitanPreTrainedModel):
                     logits[..., vocab_limit:] = float("-inf")
                 x0 = _gumbel_argmax(logits, temperature, gens)
                 candidates = x[:, span] == mask_id
-                if algorithm == "stochastic":
+                if algorithm == "stochastic":  # each candidate revealed with probability 1 - s/t
                     reveal = candidates & (_uniform(tuple(candidates.shape[1:]), gens, x.device) < 1 - times[i + 1] / times[i])
                 else:
                     confidence = torch.softmax(logits.double(), dim=-1).gather(-1, x0[..., None]).squeeze(-1)
@@ -247,9 +241,8 @@ class DlmTitanForMaskedLM(DlmTitanPreTrainedModel):
                 x[:, span] = torch.where(reveal, x0.to(x.dtype), x[:, span])
             if stop and bool((x[:, plen:] == eos_token_id).any(dim=1).all()):
                 break
-        if stop:
-            after = (x[:, plen:] == eos_token_id).long().cumsum(dim=1) > 0
-            x[:, plen:] = torch.where(after, torch.full_like(x[:, plen:], eos_token_id), x[:, plen:])
+        if stop:  # everything after a row's first EOS becomes EOS
+            x[:, plen:] = torch.where(x[:, plen:].eq(eos_token_id).cumsum(dim=1) > 0, eos_token_id, x[:, plen:])
         return x
 
     def _guided_logits(self, x: torch.Tensor, prompt: torch.Tensor, cfg_scale: float) -> torch.Tensor:
@@ -259,6 +252,18 @@ class DlmTitanForMaskedLM(DlmTitanPreTrainedModel):
         uncond = torch.where(prompt, torch.full_like(x, self.config.mask_token_id), x)
         cond_logits, uncond_logits = self(torch.cat([x, uncond])).logits.float().chunk(2)
         return uncond_logits + (cfg_scale + 1.0) * (cond_logits - uncond_logits)
+
+
+def _check_sampler_options(causal: bool, length: int, steps: int, block_length: int, algorithm: str) -> None:
+    """ValueError naming what does not fit (the same rules as dlm_titan.sampling.SamplerConfig)."""
+    if causal:
+        raise ValueError("this is an autoregressive model (causal = true): use generate()")
+    if algorithm not in ("confidence", "stochastic"):
+        raise ValueError(f"algorithm must be 'confidence' or 'stochastic', not {algorithm!r}")
+    block = block_length or length
+    if length < 1 or steps < 1 or length % block or (algorithm == "confidence" and steps > block):
+        raise ValueError(f"need length ({length}) a multiple of block_length ({block}), steps >= 1, and for "
+                         f"confidence sampling steps ({steps}) <= block_length")
 
 
 def _row_generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
