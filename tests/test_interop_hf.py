@@ -208,3 +208,29 @@ def test_training_final_export_is_a_transformers_folder(tmp_path):
         want = load_model(dump / "checkpoint" / "step-2", attn_backend="math")(tokens)
         assert rel_err(hf(tokens).logits, want) < 1e-5
     assert transformers.AutoTokenizer.from_pretrained(dump / "export", trust_remote_code=True).mask_token_id == VOCAB
+
+
+def test_tokenizer_json_source_keeps_training_encoding(tmp_path):
+    """A run tokenized with a Hugging Face tokenizer.json (byte-level BPE with a BOS post-processor, which training
+    never applies): the exported tokenizer encodes as dlm_titan did, special-token strings in text stay text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = ["The quick brown fox jumps over the lazy dog.", "def f(x):\n    return x * 2\n", "naïve café"] * 30
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    model = tiny_model(vocab=512)  # above the tokenizer's 300 tokens: the mask id is 512, not 300
+    write_hf_folder(model.state_dict(), model_config(model, "tiny"), tmp_path / "hf", "float32", {},
+                    tokenizer_path=str(tmp_path / "tok"))
+    ours = load_tokenizer(str(tmp_path / "tok"))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    for text in [*texts[:3], " lead", "a <s> b <|endoftext|> c <|unused_300|>", "🤗 zz", ""]:
+        assert hf_tok(text)["input_ids"] == ours.encode(text, eos=False), repr(text)
+    assert (hf_tok.eos_token_id, hf_tok.mask_token_id) == (ours.eos_id, 512)
+    assert load_tokenizer(str(tmp_path / "hf"), max_vocab_size=512).encode("a b") == ours.encode("a b")

@@ -108,8 +108,10 @@ def write_tokenizer(out: Path, tokenizer_path: str, vocab_size: int, max_length:
     if vocab_size in taken and taken[vocab_size] != MASK_TOKEN:
         raise UserError(f"tokenizer {tok.path} already uses id {vocab_size} (the mask id) for {taken[vocab_size]!r}")
     spec["added_tokens"] = [t for t in spec.get("added_tokens", []) if t["content"] != MASK_TOKEN]
+    _pad_vocabulary(spec, vocab_size)
     if mask:
         spec["added_tokens"].append(_added(vocab_size, MASK_TOKEN))
+    _check_ids(spec, vocab_size if mask else None)
     names = {i: t for t, i in _vocab_of(spec).items()}
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
@@ -124,6 +126,22 @@ def write_tokenizer(out: Path, tokenizer_path: str, vocab_size: int, max_length:
     special = {k: v for k, v in config.items() if k in ("bos_token", "eos_token", "mask_token")}
     atomic_write_text(out / "special_tokens_map.json", json.dumps(special, indent=2, ensure_ascii=False) + "\n")
     return tok
+
+
+def _pad_vocabulary(spec: dict[str, Any], vocab_size: int) -> None:
+    """Placeholder special tokens ``<|unused_N|>`` for the ids between the tokenizer's last and the model's
+    vocabulary: the ``tokenizers`` library numbers added tokens consecutively, so the mask token reaches id
+    ``vocab_size`` only through them (ids the model's head has, which training never saw)."""
+    size = max(_vocab_of(spec).values(), default=-1) + 1
+    spec["added_tokens"] += [_added(i, f"<|unused_{i}|>") for i in range(size, vocab_size)]
+
+
+def _check_ids(spec: dict[str, Any], mask_id: int | None) -> None:
+    """The ``tokenizers`` library reads the spec back with the mask token at ``mask_id`` (a bug here otherwise)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if mask_id is not None and HFTokenizer.from_str(json.dumps(spec)).token_to_id(MASK_TOKEN) != mask_id:
+        raise AssertionError(f"the exported tokenizer does not hold {MASK_TOKEN} at id {mask_id}")
 
 
 def _vocab_of(spec: dict[str, Any]) -> dict[str, int]:
