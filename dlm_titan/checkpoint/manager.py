@@ -192,7 +192,12 @@ class CheckpointManager:
 
     def _check_model(self, saved: dict[str, Any], where: Path) -> None:
         keys = ("n_layers", "n_heads", "dim", "ffn_dim", "vocab_size")
-        if saved and any(saved.get(k) != self.model_config.get(k) for k in keys):
+
+        def kv_heads(c: dict[str, Any]) -> Any:  # markers written before grouped-query attention have none
+            return c.get("n_kv_heads") or c.get("n_heads")
+
+        if saved and (any(saved.get(k) != self.model_config.get(k) for k in keys)
+                      or kv_heads(saved) != kv_heads(self.model_config)):
             raise UserError(f"{where} holds a {saved.get('flavor')} model (vocab {saved.get('vocab_size')}) but this "
                             f"run builds {self.model_config.get('flavor')} (vocab {self.model_config.get('vocab_size')}); "
                             "use the same model.flavor/vocab_size or another dump_folder")
