@@ -127,4 +127,6 @@ def test_other_architectures_and_missing_weights_are_one_line_exit_2(tmp_path, c
     del weights["model.layers.0.mlp.up_proj.weight"]
     save_file(weights, str(folder / "model.safetensors"))
     assert "model.layers.0.mlp.up_proj.weight" in one_error_line(capsys, [str(folder), "--out", str(tmp_path / "o")])
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")  # not read: it would need unpickling
+    assert "only safetensors" in one_error_line(capsys, [str(folder), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()

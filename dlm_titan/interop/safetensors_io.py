@@ -64,6 +64,9 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if not has_weights(folder):
+        raise UserError(f"{folder} has no {SINGLE} (nor {INDEX}): only safetensors weights are read; save the model "
+                        "with transformers' save_pretrained (safe_serialization, its default)")
     try:
         if (folder / INDEX).is_file():
             files = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
