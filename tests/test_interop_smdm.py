@@ -143,3 +143,28 @@ def test_bad_litgpt_files_are_one_line_exit_2(tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert "cannot read" in one_error_line(capsys, [str(tmp_path / "junk.pt"), *out])
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_continued_pretraining_starts_from_the_litgpt_weights(tmp_path, litgpt):
+    """checkpoint.initial_load_path takes an SMDM/lit-gpt file: the run's model starts from its weights and trains."""
+    from harness import run_trainer, tiny_run_args, write_random_shards
+
+    from dlm_titan import distributed as dist_utils
+    from dlm_titan.config import load_config
+    from dlm_titan.interop.smdm import read_litgpt
+    from dlm_titan.train import Trainer
+
+    state, _, _ = litgpt
+    save_file(state, str(tmp_path / "mdm-6M.safetensors"))
+    (tmp_path / "data").mkdir()
+    data = write_random_shards(tmp_path / "data", VOCAB)
+    argv = tiny_run_args(data, tmp_path / "dump", VOCAB, 2, 2, 1, 0, "--checkpoint.initial_load_path",
+                         str(tmp_path / "mdm-6M.safetensors"))
+    try:
+        trainer = Trainer(load_config(argv))
+        want = read_litgpt(tmp_path / "mdm-6M.safetensors")[1]
+        assert all(torch.equal(trainer.model.state_dict()[k], v) for k, v in want.items())
+    finally:
+        dist_utils.shutdown()
+    losses = run_trainer(argv)
+    assert sorted(losses) == [1, 2] and all(math.isfinite(v) for v in losses.values())
