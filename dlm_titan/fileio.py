@@ -27,11 +27,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
     with open(tmp, "wb"):  # created as open() creates any file: its mode is what the umask allows
         pass
     mode = os.stat(tmp).st_mode & 0o7777
-    write(tmp)
-    if os.stat(tmp).st_mode & 0o7777 != mode:
-        os.chmod(tmp, mode)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    try:
+        write(tmp)
+        if os.stat(tmp).st_mode & 0o7777 != mode:
+            os.chmod(tmp, mode)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # the old file stays as it was; no half-written temporary is left beside it
+        raise
     os.replace(tmp, path)
     fsync_folder(path.parent)
 

@@ -252,15 +252,21 @@ def test_exported_files_get_the_mode_of_any_new_file(tmp_path, umask):
     """safetensors writes its file as a private temporary (0600); the export gives every file the mode a new file
     gets under the umask (0644 under the usual 022), so other users can read a shared export."""
     from dlm_titan.checkpoint.export import write_export
+    from dlm_titan.interop.safetensors_io import write_weights
 
+    (tmp_path / "hf").mkdir()
     old = os.umask(umask)
     try:
         write_export({"w": torch.ones(2, 3)}, {"flavor": "tiny"}, tmp_path / "e", "float32", step=1)
+        # the training export's (Hugging Face folder) weights, one file and shards with their index
+        write_weights({"a": torch.ones(64), "b": torch.ones(64)}, tmp_path / "hf", max_bytes=300)
     finally:
         os.umask(old)
-    for name in ("model.safetensors", "config.json"):
-        assert (tmp_path / "e" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
-    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["config.json", "model.safetensors"]  # no .tmp left
+    files = [tmp_path / "e" / "model.safetensors", tmp_path / "e" / "config.json", *(tmp_path / "hf").iterdir()]
+    assert len(files) == 5  # two shards and their index, no .tmp left anywhere
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["config.json", "model.safetensors"]
 
 
 @pytest.mark.slow
