@@ -119,7 +119,7 @@ class DlmTitanPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        """SMDM's initialisation (only used for weights missing from a checkpoint): N(0, sqrt(2 / (5 d)))."""
+        """Weights a checkpoint lacks (none in an export): N(0, sqrt(2 / (5 d))) as SMDM initialises most weights."""
         std = (2 / (5 * self.config.hidden_size)) ** 0.5
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, 0.0, std)
@@ -129,6 +129,8 @@ class DlmTitanPreTrainedModel(PreTrainedModel):
 
 class DlmTitanModel(DlmTitanPreTrainedModel):
     """The encoder: token ids -> final-norm hidden states [B, L, hidden_size]."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]  # AutoModel on a folder of the masked-LM model
 
     def __init__(self, config: DlmTitanConfig):
         super().__init__(config)
