@@ -65,9 +65,7 @@ class Trainer:
         self.data_loader = train_loader(cfg, data_path, self.rank, world_size)
         self.autocast = _autocast(training.dtype, self.device, fsdp=self.dims.sharded)
         self.metrics = TrainMetrics(cfg, self.model_args, self.rank, world_size, self.device)
-        self.validator = build_validator(cfg, self.model, data_path, self.rank, world_size, self.device, self.autocast)
-        if self.validator is not None and training.objective == "ar":  # the exact NLL instead of the ELBO
-            self.validator = NextTokenValidator.like(self.validator)
+        self.validator = run_validator(cfg, self.model, data_path, self.rank, world_size, self.device, self.autocast)
         self.step = 0
         self.tokens_seen = 0
         if self.rank == 0 and cfg.job.print_config:
@@ -77,7 +75,8 @@ class Trainer:
             self.log(line)
         self.log(self.parallel_plan.describe())
         self._build_checkpointing()
-        self._write_config()  # after the load: a resume refused (another model, seq_len, ...) keeps the saved one
+        if self.rank == 0:  # after the load: a resume refused (another model, seq_len, ...) keeps the saved one
+            write_config(cfg)
         self.keep_grads = keeps_gradients(self.dims.form, self.parallel_plan.cudagraphs, self.micro_batches)
         if self.keep_grads and self.parallel_plan.cudagraphs:
             allocate_gradients(self.params)
@@ -112,11 +111,6 @@ class Trainer:
         for note in self.lr_scheduler.resume_notes:  # this run's hyper-parameters that differ from the checkpoint's
             self.log(note)
 
-    def _write_config(self) -> None:
-        if self.rank == 0:
-            self.dump_folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.dump_folder / "config.toml", to_toml(self.cfg))
-
     def train_step(self, step: int) -> dict[str, Any]:
         """One optimizer step over ``micro_batches`` micro-batches.
 
@@ -138,7 +132,7 @@ class Trainer:
             start = time.perf_counter()
             batch = next(self.data_iter)
             data_time += time.perf_counter() - start
-            mb, t, length = self._micro_batch(batch, step, token_count)
+            mb, t, length = objective_micro_batch(self.cfg, batch, step, token_count, self.model_args.mask_id)
             masked += mb.num_masked
             inputs, targets, weights, index = (
                 to_device(x, self.device) for x in (mb.inputs, mb.targets, mb.token_weights, mb.masked_index)
@@ -152,14 +146,6 @@ class Trainer:
                 self.metrics.loss_by_t.add(t, self.loss_tap.take(len(t)) * (token_count / length))
         return {"loss_sum": loss_sum, "masked": masked, "tokens": token_count, "data_time": data_time,
                 **self._update(step, micro_losses, token_count)}
-
-    def _micro_batch(self, batch: dict[str, torch.Tensor], step: int, token_count: int
-                     ) -> tuple[MaskedBatch, torch.Tensor | None, int]:
-        """The objective's inputs of one micro-batch: SMDM's forward process, or next-token targets for the
-        autoregressive baseline (every token predicted, no t); each weighted by the step's token count."""
-        if self.cfg.training.objective == "ar":
-            return next_token_micro_batch(self.cfg, batch, step, token_count)
-        return diffusion_micro_batch(self.cfg, batch, step, token_count, self.model_args.mask_id)
 
     def _update(self, step: int, micro_losses: list[torch.Tensor], token_count: int) -> dict[str, Any]:
         """Clips, applies the update unless the non-finite guard drops it, moves the schedule on, clears grads."""
@@ -256,6 +242,13 @@ class Trainer:
         return step % self.cfg.metrics.log_freq == 0 or step in (1, self.steps)
 
 
+def write_config(cfg: JobConfig) -> None:
+    """The run's whole config as ``{dump_folder}/config.toml`` (what a rerun or a reader of the folder sees)."""
+    dump_folder = Path(cfg.job.dump_folder)
+    dump_folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(dump_folder / "config.toml", to_toml(cfg))
+
+
 def keeps_gradients(form: str, cudagraphs: bool, micro_batches: int) -> bool:
     """Whether gradients stay allocated between steps (zeroed in place) instead of being set to None.
 
@@ -315,6 +308,25 @@ def step_token_count(cfg: JobConfig, step: int) -> int:
         training.local_batch_size * ssl_length(training.seed, step, first, training.seq_len, cfg.diffusion.ssl_ratio)
         for first in range(0, training.global_batch_size, training.local_batch_size)
     )
+
+
+def objective_micro_batch(cfg: JobConfig, batch: dict[str, torch.Tensor], step: int, token_count: int,
+                          mask_id: int) -> tuple[MaskedBatch, torch.Tensor | None, int]:
+    """The training objective's inputs of one micro-batch: SMDM's forward process, or next-token targets for the
+    autoregressive baseline (every token predicted, no t); each weighted by the step's token count."""
+    if cfg.training.objective == "ar":
+        return next_token_micro_batch(cfg, batch, step, token_count)
+    return diffusion_micro_batch(cfg, batch, step, token_count, mask_id)
+
+
+def run_validator(cfg: JobConfig, model, data_path: str, rank: int, world_size: int, device: torch.device,
+                  autocast):
+    """The run's validator, or None when validation is off: the MDM loss with fixed noise, or the exact NLL per
+    token for the autoregressive baseline."""
+    validator = build_validator(cfg, model, data_path, rank, world_size, device, autocast)
+    if validator is not None and cfg.training.objective == "ar":  # the exact NLL instead of the ELBO
+        validator = NextTokenValidator.like(validator)
+    return validator
 
 
 def diffusion_micro_batch(cfg: JobConfig, batch: dict[str, torch.Tensor], step: int, token_count: int,
