@@ -234,3 +234,22 @@ def test_tokenizer_json_source_keeps_training_encoding(tmp_path):
         assert hf_tok(text)["input_ids"] == ours.encode(text, eos=False), repr(text)
     assert (hf_tok.eos_token_id, hf_tok.mask_token_id) == (ours.eos_id, 512)
     assert load_tokenizer(str(tmp_path / "hf"), max_vocab_size=512).encode("a b") == ours.encode("a b")
+
+
+def test_autoregressive_baseline_exports_causal(tmp_path):
+    """training.objective = "ar": a causal model without mask row; transformers' copy is causal too."""
+    args = ModelArgs(2, 4, 64, 96, vocab_size=SMALL)
+    model = build_transencoder(args, 64, "math", "cpu", causal=True)
+    model.to_empty(device="cpu")
+    model.init_weights(2)
+    write_hf_folder(model.state_dict(), model_config(model, "tiny"), tmp_path, "float32", {})
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["causal"], config["vocab_size"], config["mask_token_id"]) == (True, SMALL, None)
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path, trust_remote_code=True)
+    tokens = torch.randint(0, SMALL, (1, 9))
+    with torch.no_grad():
+        assert rel_err(hf(tokens).logits, model.eval()(tokens)) < 1e-5
+        loaded = load_model(tmp_path, attn_backend="math")
+        assert loaded.causal and torch.equal(loaded(tokens), model(tokens))
+    with pytest.raises(ValueError, match="autoregressive"):
+        hf.generate_diffusion(tokens, length=4, steps=4)
