@@ -118,6 +118,7 @@ def test_parquet_and_jsonl_zst_to_twenty_training_steps(tmp_path: Path, tok_json
     assert np.mean([losses[s] for s in range(16, 21)]) < math.log(vocab) - 0.3, losses
 
 
+@pytest.mark.multiprocess
 def test_json_gz_glob_txt_and_datasets_folders(tmp_path: Path, tok_json: str):
     docs = words_docs(5, 12, WORDS)
     (tmp_path / "raw").mkdir()
