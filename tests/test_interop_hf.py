@@ -98,6 +98,7 @@ def test_transformers_logits_equal_dlm_titan_fp32(exported):
         assert rel_err(base(tokens).last_hidden_state, model.hidden_states(tokens)) < 1e-5
 
 
+@pytest.mark.slow
 def test_bfloat16_export_within_rounding(tmp_path):
     model = tiny_model(vocab=SMALL)
     write_hf_folder(model.state_dict(), model_config(model, "tiny"), tmp_path, "bfloat16", {})
@@ -159,6 +160,7 @@ def test_tokenizer_encodes_as_training(exported):
     assert all(back.encode(t) == ours.encode(t) for t in texts[:20])
 
 
+@pytest.mark.slow
 def test_reexport_keeps_the_tokenizer_and_weights(exported, tmp_path):
     """scripts.export_checkpoint from an exported folder (e.g. to bfloat16) ships the folder's own tokenizer."""
     from scripts.export_checkpoint import main as export_main
@@ -189,6 +191,7 @@ def test_generate_diffusion_equals_dlm_titan_sampler(small, options):
     assert not (theirs == SMALL).any()
 
 
+@pytest.mark.slow
 def test_training_final_export_is_a_transformers_folder(tmp_path):
     """The trainer's final export: a folder transformers loads, with the run's step, tokens and tokenizer."""
     from harness import run_trainer, tiny_run_args, write_random_shards

@@ -83,6 +83,7 @@ def litgpt():
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth", ".pt"])
+@pytest.mark.slow
 def test_litgpt_state_dict_converts_to_reference_logits(tmp_path, litgpt, suffix):
     state, tokens, reference = litgpt
     path = tmp_path / f"mdm-6M{suffix}"
@@ -125,6 +126,7 @@ def one_error_line(capsys, argv: list[str]) -> str:
     return err[0]
 
 
+@pytest.mark.slow
 def test_bad_litgpt_files_are_one_line_exit_2(tmp_path, capsys):
     out = ["--out", str(tmp_path / "out")]
     missing = litgpt_state()
