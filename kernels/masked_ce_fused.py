@@ -133,17 +133,8 @@ def masked_lce_fwd(
         return hidden.new_zeros((), dtype=torch.float32), dx, row_of, dw, terms
     if grad_hidden:
         row_of.index_copy_(0, idx, torch.arange(m, device=idx.device))
-    # Pad to whole chunks with copies of the first masked row at weight 0 (a masked row's logits are finite unless
-    # the loss is not, so their loss and gradients are exact zeros; their dX rows land past the M masked ones,
-    # never read), unless dX has no room: then the last chunk stays short.
     rows, padded = chunk_plan(m, n, vocab, hidden.element_size(), chunk_bytes, row_quantum, grad_hidden)
-    masked = idx
-    if padded > m:
-        idx = torch.cat([idx, idx[:1].expand(padded - m)])
-    x = hidden.index_select(0, idx)
-    y = targets.index_select(0, idx)
-    w = token_weights.index_select(0, idx)
-    w[m:] = 0
+    x, y, w = _gather_padded(hidden, targets, token_weights, idx, padded)
     logits = hidden.new_empty((rows, vocab))
     row_loss = torch.empty(padded, dtype=torch.float32, device=hidden.device)
     weight_t = weight.t()
@@ -159,8 +150,21 @@ def masked_lce_fwd(
         if grad_weight:
             _accumulate_fp32(dw, z.t(), x[start:stop], first=start == 0)
     if per_token:
-        terms.index_copy_(0, masked, row_loss[:m])
+        terms.index_copy_(0, idx, row_loss[:m])
     return row_loss[:m].sum(), dx, row_of, dw, terms
+
+
+def _gather_padded(hidden: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor, idx: torch.Tensor,
+                   padded: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hidden states, targets and weights of the masked rows ``idx``, padded to ``padded`` rows (whole chunks) with
+    copies of the first masked row at weight 0: a masked row's logits are finite unless the loss is not, so their
+    loss and gradients are exact zeros, and their dX rows land past the M masked ones, never read."""
+    m = idx.numel()
+    if padded > m:
+        idx = torch.cat([idx, idx[:1].expand(padded - m)])
+    w = token_weights.index_select(0, idx)
+    w[m:] = 0
+    return hidden.index_select(0, idx), targets.index_select(0, idx), w
 
 
 @masked_lce_fwd.register_fake
