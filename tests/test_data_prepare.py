@@ -290,7 +290,7 @@ def test_parallel_prepare_records_every_finished_input_before_raising(monkeypatc
             return Ready(args[0])
 
     ctx = SimpleNamespace(Value=lambda *a: SimpleNamespace(value=0), Pool=Pool)
-    monkeypatch.setattr(prepare_mod.mp, "get_context", lambda: ctx)
+    monkeypatch.setattr(prepare_mod.mp, "get_context", lambda method=None: ctx)
     monkeypatch.setattr(prepare_mod.time, "sleep", lambda s: None)
     done = {}
     bar = SimpleNamespace(update=lambda n: None, set_postfix=lambda **k: None)

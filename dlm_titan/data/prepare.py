@@ -343,7 +343,9 @@ def _run_serial(jobs: list[InputJob], bar: tqdm, on_done: Callable[[str, dict], 
 
 def _run_parallel(jobs: list[InputJob], num_workers: int, bar: tqdm,
                   on_done: Callable[[str, dict], None]) -> None:
-    ctx = mp.get_context()
+    # spawn, not fork: forking a process that runs threads (tokenizers' pools, pytest's, tqdm's monitor) can copy a
+    # lock held by another thread into the child, which then hangs on it
+    ctx = mp.get_context("spawn")
     counters = (ctx.Value("q", 0), ctx.Value("q", 0))
     with ctx.Pool(min(num_workers, len(jobs)), initializer=_init_worker, initargs=(counters,)) as pool:
         pending = [pool.apply_async(_run_job, (job,)) for job in jobs]
