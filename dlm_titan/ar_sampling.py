@@ -117,8 +117,17 @@ def cached_last_logits(model: torch.nn.Module, tokens: torch.Tensor, cache: KVCa
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, prompt: torch.Tensor, cfg: ARSamplerConfig, eos_id: int | None = None) -> torch.Tensor:
+def generate(model: torch.nn.Module, prompt: torch.Tensor, cfg: ARSamplerConfig, eos_id: int | None = None, *,
+             row_seeds: list[int] | None = None, vocab_limit: int | None = None) -> torch.Tensor:
     """Continues each prompt ``[B, P]`` (equal lengths) by ``cfg.max_new_tokens`` tokens: ``[B, P + new]``.
+
+    Args:
+        model: a causal TransEncoder.
+        prompt: int64 ``[B, P]`` token ids.
+        cfg: the sampler options.
+        eos_id: end-of-text id (stops and pads when ``cfg.stop_at_eos``).
+        row_seeds: row b draws from a generator keyed by ``row_seeds[b]`` (default ``cfg.seed + b``).
+        vocab_limit: only ids below it are drawn (a tokenizer smaller than the model's vocabulary).
 
     Raises:
         UserError: a bad option, or prompt + new tokens longer than the model's RoPE table (max_seq_len).
@@ -130,12 +139,14 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor, cfg: ARSamplerConfig,
     if prompt.shape[1] < 1 or total > model.max_seq_len:
         raise UserError(f"prompt ({prompt.shape[1]}) + max_new_tokens ({cfg.max_new_tokens}) must be 1..{model.max_seq_len} "
                         f"tokens (the model's max_seq_len)")
-    generators = row_generators([cfg.seed + i for i in range(prompt.shape[0])], prompt.device)
+    generators = row_generators(row_seeds or [cfg.seed + i for i in range(prompt.shape[0])], prompt.device)
     cache = KVCache(model, prompt.shape[0], total, model.output.weight.dtype, prompt.device) if cfg.kv_cache else None
     tokens, new = prompt, prompt
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     for _ in range(cfg.max_new_tokens):
         logits = cached_last_logits(model, new, cache) if cache is not None else model(tokens)[:, -1]
+        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+            logits[:, vocab_limit:] = float("-inf")
         new = sample_next(logits, cfg.temperature, cfg.top_k, generators)[:, None]
         if eos_id is not None and cfg.stop_at_eos:
             new = torch.where(done[:, None], torch.full_like(new, eos_id), new)
@@ -146,3 +157,22 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor, cfg: ARSamplerConfig,
     if tokens.shape[1] < total:  # stopped early: every sample ended, pad with EOS
         tokens = F.pad(tokens, (0, total - tokens.shape[1]), value=eos_id)
     return tokens
+
+
+def generate_batch(model: torch.nn.Module, prompts: list[list[int]], cfg: ARSamplerConfig, *, eos_id: int | None = None,
+                   vocab_limit: int | None = None, device: torch.device | str = "cpu") -> list[list[int]]:
+    """Continuations of prompts of any lengths (cut before EOS when ``cfg.stop_at_eos``), the AR twin of
+    :func:`dlm_titan.sampling.generate`: prompts of one length run as one batch, prompt i samples with seed
+    ``cfg.seed + i``, so its continuation does not depend on the other prompts."""
+    if any(len(p) == 0 for p in prompts):
+        raise UserError("a prompt has no tokens; pass at least one token (e.g. the EOS id to start a document)")
+    out: list[list[int]] = [[] for _ in prompts]
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    for plen, rows in by_length.items():
+        prompt = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=device)
+        x = generate(model, prompt, cfg, eos_id, row_seeds=[cfg.seed + i for i in rows], vocab_limit=vocab_limit)
+        for i, seq in zip(rows, x[:, plen:].tolist(), strict=True):
+            out[i] = seq[: seq.index(eos_id)] if cfg.stop_at_eos and eos_id in seq else seq
+    return out

@@ -17,6 +17,11 @@ Windows are scored together, their MC samples packed into forwards of ``--batch_
 ``--left_to_right`` (``--chain_rule``, SMDM's name) adds sum_i log p(x_i | x_<i, masks at >= i): the likelihood of
 revealing the window left to right, one token per step. That is one generation order, not the model's likelihood
 (the ELBO averages this quantity over all orders), and it is no bound: it can come out far worse than the ELBO.
+
+A checkpoint of the autoregressive baseline (``training.objective = "ar"``, recorded as ``causal`` in its config)
+is scored exactly instead: each window's log-likelihood given the one token before it in the stream (the EOS that
+starts the document for the first window of a text; with ``--shards``, windows of ``seq_len + 1`` tokens, the
+first the context, as training validates), by one forward pass. The MC options do not apply to it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import time
 
 import torch
 
+from dlm_titan.ar_likelihood import next_token_logprob_batch
 from dlm_titan.errors import UserError, report
 from dlm_titan.likelihood import elbo_batch, left_to_right_logprob_batch
 from scripts.cli import HelpFormatter
@@ -58,6 +64,24 @@ def shard_windows(folder: str, prefix: str, seq_len: int, max_windows: int, voca
     return out.tolist()
 
 
+def with_context(windows: list[list[int]], first: int, context: int) -> list[tuple[list[int], list[int]]]:
+    """(context, window) pairs: each window with the ``context`` (0 or 1) token before it in the stream, ``first``
+    before the first window."""
+    if not context:
+        return [([], w) for w in windows]
+    return [([first] if i == 0 else windows[i - 1][-1:], w) for i, w in enumerate(windows)]
+
+
+def evaluate_exact(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]], *, batch_size: int) -> dict:
+    """Exact NLL total of a causal model over (context, window) pairs: dict with tokens, windows, nll (nats)."""
+    from tqdm import tqdm
+
+    with tqdm(total=len(pairs), desc="windows", disable=not sys.stderr.isatty()) as bar:
+        scored = next_token_logprob_batch(model, pairs, batch_size=batch_size, progress=bar.update)
+    return {"objective": "ar", "windows": len(pairs), "tokens": sum(len(w) for _, w in pairs),
+            "nll": -sum(logp.sum().item() for logp, _ in scored)}
+
+
 def evaluate(model: torch.nn.Module, windows: list[list[int]], *, mc_samples: int, batch_size: int, eps: float,
              t_sampling: str, seed: int, left_to_right: bool = False) -> dict:
     """ELBO (and left-to-right order) NLL totals over ``windows``; window i uses noise step i.
@@ -85,6 +109,10 @@ def evaluate(model: torch.nn.Module, windows: list[list[int]], *, mc_samples: in
 def format_result(r: dict) -> list[str]:
     """Human-readable lines: NLL per token with its standard error, and the perplexity bound with a 95% band."""
     n = r["tokens"]
+    if r.get("objective") == "ar":
+        nll = r["nll"] / n
+        return [f"windows: {r['windows']}, tokens: {n}; autoregressive model: exact likelihood",
+                f"NLL/token: {nll:.4f}", f"perplexity: {math.exp(nll):.3f}"]
     nll, se = r["elbo_nll"] / n, r["elbo_std_err"] / n
     lines = [
         f"windows: {r['windows']}, tokens: {n}, mc_samples: {r['mc_samples']} ({r['t_sampling']} t, eps {r['eps']:g})",
@@ -124,33 +152,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def read_pairs(args: argparse.Namespace, model: torch.nn.Module, seq_len: int,
+               context: int) -> list[tuple[list[int], list[int]]]:
+    """(context, window) pairs of ``--text_file`` or ``--shards``: windows of ``seq_len`` tokens, each after
+    ``context`` (0 or 1) tokens of the stream (see :func:`with_context`; shard windows carry their own)."""
+    if not args.text_file:
+        windows = shard_windows(args.shards, args.prefix, seq_len + context, args.max_windows, model.args.vocab_size,
+                                args.tokenizer_path)
+        return [(w[:context], w[context:]) for w in windows]
+    tok = load_tokenizer_for(model, args.tokenizer_path)
+    try:
+        with open(args.text_file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read --text_file {args.text_file}: {e}") from None
+    return with_context(text_windows(tok.encode(text, bos=False, eos=True), seq_len), tok.eos_id, context)
+
+
 def run(args: argparse.Namespace) -> dict:
     if args.mc_samples < 2 or args.batch_size < 1:
         raise UserError("--mc_samples must be at least 2 (for a standard error) and --batch_size at least 1")
     if not 0.0 <= args.eps < 1.0:
         raise UserError(f"--eps must be in [0, 1), got {args.eps}")
     model = load_for_inference(args.checkpoint, args.device, args.dtype)
+    causal = bool(getattr(model, "causal", False))  # the autoregressive baseline: its likelihood is exact
+    if causal and args.left_to_right:
+        raise UserError("--left_to_right scores an unmasking order of a masked diffusion model; this checkpoint is "
+                        "autoregressive and its likelihood is computed exactly: drop --left_to_right")
     seq_len = args.seq_len or model.max_seq_len
     if not 1 <= seq_len <= model.max_seq_len:
         raise UserError(f"--seq_len {seq_len} must be in 1..{model.max_seq_len} (the model's max_seq_len)")
-    if args.text_file:
-        tok = load_tokenizer_for(model, args.tokenizer_path)
-        try:
-            with open(args.text_file, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read --text_file {args.text_file}: {e}") from None
-        windows = text_windows(tok.encode(text, bos=False, eos=True), seq_len)
-    else:
-        windows = shard_windows(args.shards, args.prefix, seq_len, args.max_windows, model.args.vocab_size,
-                                args.tokenizer_path)
-    n_tokens = sum(map(len, windows))
+    pairs = read_pairs(args, model, seq_len, context=1 if causal else 0)
+    n_tokens = sum(len(w) for _, w in pairs)
     if args.left_to_right and n_tokens > args.left_to_right_max_tokens:
         raise UserError(f"--left_to_right on {n_tokens} tokens runs {n_tokens} sequences; use it on short texts or "
                         f"raise --left_to_right_max_tokens")
     start = time.perf_counter()
-    result = evaluate(model, windows, mc_samples=args.mc_samples, batch_size=args.batch_size, eps=args.eps,
-                      t_sampling=args.t_sampling, seed=args.seed, left_to_right=args.left_to_right)
+    if causal:
+        result = evaluate_exact(model, pairs, batch_size=args.batch_size)
+    else:
+        result = evaluate(model, [w for _, w in pairs], mc_samples=args.mc_samples, batch_size=args.batch_size,
+                          eps=args.eps, t_sampling=args.t_sampling, seed=args.seed, left_to_right=args.left_to_right)
     result["seconds"] = round(time.perf_counter() - start, 3)
     return result
 

@@ -1,4 +1,4 @@
-"""Generate text with a trained masked diffusion model (SMDM's reverse-process samplers).
+"""Generate text with a trained masked diffusion model (SMDM's reverse-process samplers) or an autoregressive one.
 
 Usage::
 
@@ -10,6 +10,13 @@ Usage::
 folder (model.safetensors + config.json). Each sample prints the prompt verbatim followed by the generated text,
 cut before the first end-of-text token unless ``--no_stop_at_eos``; after the samples, one line on stderr gives
 the samples, tokens and seconds.
+
+A checkpoint of the autoregressive baseline (``training.objective = "ar"``; its config records ``causal``) samples
+left to right instead (dlm_titan.ar_sampling): ``--temperature`` (0 = greedy), ``--top_k`` (0 = the whole
+vocabulary), a KV cache unless ``--no_kv_cache``; ``--steps``, ``--block_length`` and ``--algorithm`` do not
+apply to it::
+
+    python -m scripts.generate --checkpoint outputs/ar --prompt "In the beginning" --length 64 --temperature 0.8 --top_k 50
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import time
 
 import torch
 
+from dlm_titan.ar_sampling import ARSamplerConfig, generate_batch
 from dlm_titan.errors import UserError, report
 from dlm_titan.sampling import ALGORITHMS, SamplerConfig, generate
 from scripts.cli import HelpFormatter
@@ -90,7 +98,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--block_length", type=int, default=0, help="semi-autoregressive block size (0 = off)")
     parser.add_argument("--algorithm", default="confidence", choices=ALGORITHMS,
                         help="confidence: reveal the most confident tokens; stochastic: reveal with prob 1 - s/t")
-    parser.add_argument("--temperature", type=float, default=0.0, help="Gumbel-max temperature (0 = argmax)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature (0 = argmax; Gumbel-max for MDM)")
+    parser.add_argument("--top_k", type=int, default=0,
+                        help="autoregressive checkpoints: sample among the k most likely tokens (0 = all)")
+    parser.add_argument("--no_kv_cache", action="store_true",
+                        help="autoregressive checkpoints: recompute the whole prefix each step (same tokens, slower)")
     parser.add_argument("--cfg_scale", type=float, default=0.0, help="unsupervised classifier-free guidance")
     parser.add_argument("--no_stop_at_eos", action="store_true", help="keep generating past end-of-text")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (prompt i samples with seed + i)")
@@ -112,13 +125,29 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return [p for p in prompts for _ in range(args.num_samples)]
 
 
-def run(args: argparse.Namespace) -> tuple[list[str], str]:
-    """Generates for every prompt; returns the texts to print (prompt verbatim + continuation) and a stats line."""
-    texts = read_prompts(args)
+def sample_tokens(model: torch.nn.Module, prompt_ids: list[list[int]], args: argparse.Namespace, tok) -> list[list[int]]:
+    """Continuation ids of every prompt: left to right for an autoregressive checkpoint (its config records
+    ``causal``), else SMDM's reverse process."""
+    device = next(model.parameters()).device
+    if getattr(model, "causal", False):
+        if args.cfg_scale > 0:
+            raise UserError("--cfg_scale needs a masked diffusion model; this checkpoint is autoregressive: drop it")
+        cfg = ARSamplerConfig(max_new_tokens=args.length, temperature=args.temperature, top_k=args.top_k,
+                              kv_cache=not args.no_kv_cache, stop_at_eos=not args.no_stop_at_eos, seed=args.seed)
+        return generate_batch(model, prompt_ids, cfg, eos_id=tok.eos_id, vocab_limit=tok.vocab_size, device=device)
+    if args.top_k:
+        raise UserError("--top_k applies to autoregressive checkpoints; this one is a masked diffusion model")
     cfg = SamplerConfig(length=args.length, steps=args.steps, block_length=args.block_length,
                         algorithm=args.algorithm, temperature=args.temperature, cfg_scale=args.cfg_scale,
                         stop_at_eos=not args.no_stop_at_eos, seed=args.seed)
-    cfg.blocks()  # bad sampler options fail before the model loads
+    cfg.blocks()  # UserError for bad sampler options
+    return generate(model, prompt_ids, cfg, mask_id=model.args.mask_id, eos_id=tok.eos_id,
+                    vocab_limit=tok.vocab_size, device=device)
+
+
+def run(args: argparse.Namespace) -> tuple[list[str], str]:
+    """Generates for every prompt; returns the texts to print (prompt verbatim + continuation) and a stats line."""
+    texts = read_prompts(args)
     model = load_for_inference(args.checkpoint, args.device, args.dtype)
     tok = load_tokenizer_for(model, args.tokenizer_path)
     # An empty prompt starts a new document: documents follow an EOS in the packed training stream.
@@ -128,8 +157,7 @@ def run(args: argparse.Namespace) -> tuple[list[str], str]:
         raise UserError(f"prompt + --length = {longest} tokens exceeds the model's {model.max_seq_len}; "
                         "shorten the prompt or lower --length")
     start = time.perf_counter()
-    new_ids = generate(model, prompt_ids, cfg, mask_id=model.args.mask_id, eos_id=tok.eos_id,
-                       vocab_limit=tok.vocab_size, device=next(model.parameters()).device)
+    new_ids = sample_tokens(model, prompt_ids, args, tok)
     elapsed = time.perf_counter() - start
     stats = f"{len(texts)} samples, {sum(map(len, new_ids))} tokens in {elapsed:.2f} s"
     return [text + continuation_text(tok, ids, new)

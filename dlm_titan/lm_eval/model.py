@@ -3,7 +3,8 @@
 Importing this module registers the model with lm-eval (``python -m dlm_titan.lm_eval`` does). Its
 ``--model_args`` are ``pretrained=PATH`` (a dump folder, a ``step-N`` checkpoint folder or an export folder),
 ``tokenizer_path``, ``dtype`` and the :class:`~dlm_titan.lm_eval.scorer.ScorerConfig` fields; lm-eval's
-``--batch_size`` is the number of sequences per forward pass and ``--device`` the device.
+``--batch_size`` is the number of sequences per forward pass and ``--device`` the device. A checkpoint of the
+autoregressive baseline (``training.objective = "ar"``) is scored exactly (:mod:`dlm_titan.lm_eval.ar_scorer`).
 
 Data parallel: under ``torchrun --nproc_per_node N`` each process joins the process group (NCCL on GPUs, one
 per local rank; gloo on CPUs) and reports lm-eval's rank / world-size protocol (``rank``, ``world_size``,
@@ -28,7 +29,8 @@ from dlm_titan.checkpoint.export import load_model
 from dlm_titan.data import load_tokenizer
 from dlm_titan.distributed import init_distributed
 from dlm_titan.errors import UserError
-from dlm_titan.lm_eval.scorer import Scorer, ScorerConfig
+from dlm_titan.lm_eval.ar_scorer import make_scorer
+from dlm_titan.lm_eval.scorer import ScorerConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -109,7 +111,7 @@ class DLMTitanLM(LM):
         self._rank, self._world_size, self._device = place(device)
         model = load_model(path, self._device, dtype=resolve_dtype(str(dtype), self._device))
         tok = load_tokenizer(str(tokenizer_path or bundled_tokenizer(path)), max_vocab_size=model.args.vocab_size)
-        self.scorer = Scorer(model, tok, cfg)
+        self.scorer = make_scorer(model, tok, cfg)  # exact for an autoregressive checkpoint
 
     @property
     def device(self) -> torch.device:

@@ -9,6 +9,9 @@
   conditioned on the tokens before it.
 - ``generate_until``: the confidence sampler, cut at EOS and at the task's stop strings.
 
+This is the masked diffusion model's scorer; a checkpoint of the autoregressive baseline is scored exactly by
+:mod:`dlm_titan.lm_eval.ar_scorer` (``make_scorer`` picks by the model's ``causal`` flag).
+
 Every request's sequences (MC draws, left-to-right copies, generation canvases) are packed with those of other
 requests of the same length into forwards of ``batch_size`` rows; noise is keyed by the request's tokens, so
 answers do not depend on batching, request order or the data-parallel rank.
@@ -124,6 +127,54 @@ def _chunks(indices: list[int], size: int) -> list[list[int]]:
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
+@dataclass(frozen=True)
+class GenOptions:
+    """One generate_until request's sampling options (requests with equal options and prompt lengths batch)."""
+
+    prompt_len: int
+    length: int
+    temperature: float
+    top_k: int
+
+
+def gen_options(tokenizer, context: str, kwargs: dict, max_length: int) -> tuple[list[int], list[str], GenOptions]:
+    """(prompt ids, stop strings, options) of a generate_until request: ``max_gen_toks`` (default 256) new tokens
+    within ``max_length``, the prompt cut on the left to fit; temperature 0 unless ``do_sample`` and a temperature
+    say otherwise; ``top_k`` (0 = all; used by AR sampling). An empty prompt becomes EOS."""
+    until = kwargs.get("until") or []
+    until = [until] if isinstance(until, str) else list(until)
+    length = max(1, min(int(kwargs.get("max_gen_toks", 256)), max_length - 1))
+    temperature = 0.0 if kwargs.get("do_sample") is False else float(kwargs.get("temperature") or 0.0)
+    ctx = tokenizer.encode(context, bos=False, eos=False) or [tokenizer.eos_id]
+    ctx = ctx[max(0, len(ctx) + length - max_length):]
+    return ctx, until, GenOptions(len(ctx), length, temperature, int(kwargs.get("top_k") or 0))
+
+
+def generate_grouped(tokenizer, requests: list[tuple[str, dict]], max_length: int, cfg: ScorerConfig,
+                     run: Callable[[list[list[int]], list[int], GenOptions], list[str]], progress: Progress) -> list[str]:
+    """generate_until by a sampler ``run(prompts, row seeds, options) -> continuation texts``: requests with equal
+    options and prompt lengths run together, ``cfg.batch_size`` at a time, and each text is cut at the first stop
+    string. A row's noise seed is keyed by (seed, its tokens, how many equal requests came before it in the call),
+    so copies of a request (lm-eval's ``repeats``) differ at temperature > 0 and nothing depends on batching or
+    rank."""
+    prompts, groups, seen = [], {}, {}
+    for i, (context, kwargs) in enumerate(requests):
+        ctx, until, opts = gen_options(tokenizer, context, kwargs, max_length)
+        copy = seen[(tuple(ctx), opts)] = seen.get((tuple(ctx), opts), -1) + 1
+        prompts.append((ctx, until, text_key([cfg.seed, copy, *ctx])))
+        groups.setdefault(opts, []).append(i)
+    out = [""] * len(requests)
+    for opts, members in groups.items():
+        for chunk in _chunks(members, cfg.batch_size):
+            texts = run([prompts[i][0] for i in chunk], [prompts[i][2] for i in chunk], opts)
+            for i, text in zip(chunk, texts, strict=True):
+                cuts = [text.index(s) for s in prompts[i][1] if s and s in text]
+                out[i] = text[: min(cuts)] if cuts else text
+            if progress is not None:
+                progress(len(chunk))
+    return out
+
+
 class Scorer:
     """loglikelihood / loglikelihood_rolling / generate_until of a model and tokenizer, batched."""
 
@@ -186,34 +237,15 @@ class Scorer:
         return totals
 
     def generate_until(self, requests: list[tuple[str, dict]], progress: Progress = None) -> list[str]:
-        """Confidence sampling of ``max_gen_toks`` tokens, cut at EOS and at the first stop string. Requests with
-        equal options and prompt lengths sample together. A row's noise is keyed by (seed, its tokens, how many
-        equal requests came before it in the call), so copies of a request (lm-eval's ``repeats``) differ at
-        temperature > 0 and nothing depends on batching or rank."""
-        prompts, groups, seen = [], {}, {}
-        for i, (context, kwargs) in enumerate(requests):
-            until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            length = max(1, min(int(kwargs.get("max_gen_toks", 256)), self.max_length - 1))
-            temperature = 0.0 if kwargs.get("do_sample") is False else float(kwargs.get("temperature") or 0.0)
-            ctx = self.tok.encode(context, bos=False, eos=False) or [self.tok.eos_id]
-            ctx = ctx[max(0, len(ctx) + length - self.max_length):]
-            key = (len(ctx), length, temperature)
-            copy = seen[(tuple(ctx), key)] = seen.get((tuple(ctx), key), -1) + 1
-            prompts.append((ctx, until, text_key([self.cfg.seed, copy, *ctx])))
-            groups.setdefault(key, []).append(i)
-        out = [""] * len(requests)
-        for (_, length, temperature), members in groups.items():
-            cfg = SamplerConfig(length=length, steps=min(length, self.cfg.gen_steps or length),
-                                temperature=temperature, cfg_scale=self.cfg.cfg_scale)
-            for chunk in _chunks(members, self.cfg.batch_size):
-                texts = self._generate([prompts[i][0] for i in chunk], [prompts[i][2] for i in chunk], cfg)
-                for i, text in zip(chunk, texts, strict=True):
-                    cuts = [text.index(s) for s in prompts[i][1] if s and s in text]
-                    out[i] = text[: min(cuts)] if cuts else text
-                if progress is not None:
-                    progress(len(chunk))
-        return out
+        """Confidence sampling of ``max_gen_toks`` tokens, cut at EOS and at the first stop string (see
+        :func:`generate_grouped`)."""
+
+        def run(prompts: list[list[int]], seeds: list[int], opts: GenOptions) -> list[str]:
+            cfg = SamplerConfig(length=opts.length, steps=min(opts.length, self.cfg.gen_steps or opts.length),
+                                temperature=opts.temperature, cfg_scale=self.cfg.cfg_scale)
+            return self._generate(prompts, seeds, cfg)
+
+        return generate_grouped(self.tok, requests, self.max_length, self.cfg, run, progress)
 
     def _generate(self, prompts: list[list[int]], seeds: list[int], cfg: SamplerConfig) -> list[str]:
         """Continuation texts of equal-length prompts, row i sampled with noise seed ``seeds[i]``."""
