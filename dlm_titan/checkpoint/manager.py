@@ -49,6 +49,7 @@ from dlm_titan.checkpoint.state import (
 )
 from dlm_titan.errors import UserError
 from dlm_titan.interop.formats import interop_kind
+from dlm_titan.interop.mask_row import match_objective
 
 
 @dataclass
@@ -202,6 +203,10 @@ class CheckpointManager:
                             f"run builds {self.model_config.get('flavor')} (vocab {self.model_config.get('vocab_size')}); "
                             "use the same model.flavor/vocab_size or another dump_folder")
 
+    def _other_objective(self, saved: dict[str, Any]) -> bool:
+        """Whether a checkpoint's model config records the other objective (causal or not) than this run's."""
+        return bool(saved) and bool(saved.get("causal")) != bool(self.model_config.get("causal"))
+
     def _check_objective(self, saved: dict[str, Any], where: Path) -> None:
         """A checkpoint of this trainer records whether its model is causal (training.objective = "ar")."""
         saved_objective, this = ("ar" if saved.get("causal") else "mdm"), ("ar" if self.model_config.get("causal") else "mdm")
@@ -236,6 +241,8 @@ class CheckpointManager:
         step_dir = None
         if not is_export_folder(path) and interop_kind(path) is None:
             step_dir = path if is_dcp_folder(path) else find_checkpoint(path, warn=self.rank == 0)
+        if step_dir is not None and self._other_objective(read_marker(step_dir).get("model", {})):
+            path, step_dir = step_dir, None  # read whole below, the mask-token row added or dropped
         if step_dir is not None:
             self._check_model(read_marker(step_dir).get("model", {}), step_dir)
             self._check_objective(read_marker(step_dir).get("model", {}), step_dir)
@@ -246,6 +253,7 @@ class CheckpointManager:
         else:
             cfg, full = read_model_weights(path)
             self._check_model(cfg, path)
+            cfg, full = match_objective(cfg, full, bool(self.model_config.get("causal")), self._log)
             set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True))
         self._log(f"initialized model weights from {step_dir or path} (optimizer, schedule and data start fresh)")
 

@@ -7,7 +7,8 @@
     tokenizer.json, tokenizer_config.json, special_tokens_map.json   (see :mod:`.hf_tokenizer`)
     README.md                    model card
 
-``AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True)`` then gives dlm_titan's logits.
+``AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True)`` then gives dlm_titan's logits; the
+autoregressive baseline's folder (``causal``) also loads as ``AutoModelForCausalLM``, with ``generate()``.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def model_card(cfg: dict[str, Any], dtype: str, info: dict[str, Any], has_tokeni
         facts.append(f"- final training loss {info['final_loss']:.4f}")
     if not has_tokenizer:
         facts.append("- no tokenizer files: use the tokenizer the model was trained with")
+    if cfg.get("causal"):
+        return _causal_card(kind, facts)
     return f"""---
 library_name: transformers
 tags: [dlm_titan, masked-diffusion, smdm]
@@ -104,6 +107,36 @@ tok = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)  # (the flag s
 ids = tok("The capital of France is", return_tensors="pt").input_ids  # no BOS/EOS added, as in training
 logits = model(ids).logits                       # [1, L, vocab_size - 1]; the mask token is tok.mask_token_id
 out = model.generate_diffusion(ids, length=64, steps=64, eos_token_id=tok.eos_token_id)
+print(tok.decode(out[0, ids.shape[1]:]))
+```
+
+Training documents were the tokenizer's tokens followed by EOS (no BOS). Sequences are never padded: batch
+prompts of one length.
+"""
+
+
+def _causal_card(kind: str, facts: list[str]) -> str:
+    """The model card of the autoregressive baseline: a causal LLaMA that loads as AutoModelForCausalLM."""
+    return f"""---
+library_name: transformers
+tags: [dlm_titan, autoregressive, smdm]
+---
+# dlm_titan {kind}
+
+Trained with dlm_titan as SMDM's autoregressive baseline (`training.objective = "ar"`): causal LLaMA (RMSNorm, RoPE,
+SwiGLU, no biases, untied head), next-token loss.
+
+{chr(10).join(facts)}
+
+## Load
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)
+tok = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)
+ids = tok("The capital of France is", return_tensors="pt").input_ids  # no BOS/EOS added, as in training
+logits = model(ids).logits                       # [1, L, vocab_size]: the next token at every position
+out = model.generate(ids, max_new_tokens=64, do_sample=False, eos_token_id=tok.eos_token_id)
 print(tok.decode(out[0, ids.shape[1]:]))
 ```
 

@@ -19,6 +19,9 @@ AUTO_MAP = {
     "AutoModel": "modeling_dlm_titan.DlmTitanModel",
     "AutoModelForMaskedLM": "modeling_dlm_titan.DlmTitanForMaskedLM",
 }
+CAUSAL_ARCHITECTURE = "DlmTitanForCausalLM"
+CAUSAL_AUTO_MAP = {**AUTO_MAP, "AutoModelForCausalLM": "modeling_dlm_titan.DlmTitanForCausalLM"}
+"""The autoregressive baseline's folder also loads as AutoModelForCausalLM (its architecture)."""
 TEMPLATES = ("configuration_dlm_titan.py", "modeling_dlm_titan.py")
 
 # dlm_titan name (per block, after "layers.{i}.") -> HF name (after "model.layers.{i}."), wqkv apart.
@@ -76,8 +79,8 @@ def hf_config(cfg: dict[str, Any], dtype: str, info: dict[str, Any], special: di
     causal = bool(cfg.get("causal", False))
     return {
         "model_type": MODEL_TYPE,
-        "architectures": [ARCHITECTURE],
-        "auto_map": dict(AUTO_MAP),
+        "architectures": [CAUSAL_ARCHITECTURE if causal else ARCHITECTURE],
+        "auto_map": dict(CAUSAL_AUTO_MAP if causal else AUTO_MAP),
         "vocab_size": int(cfg["vocab_size"]) + (0 if causal else 1),  # input ids, the mask token included
         "hidden_size": int(cfg["dim"]),
         "intermediate_size": int(cfg["ffn_dim"]),

@@ -24,6 +24,7 @@ import torch
 
 from dlm_titan.errors import UserError
 from dlm_titan.interop.hf_format import from_hf_state
+from dlm_titan.interop.mask_row import with_mask_row
 from dlm_titan.interop.safetensors_io import read_weights
 
 ARCHITECTURES = ("LlamaForCausalLM",)
@@ -82,7 +83,4 @@ def read_llama(folder: Path, max_seq_len: int | None = None) -> tuple[dict[str, 
         state = from_hf_state(hf, shape)
     except KeyError as e:
         raise UserError(f"{folder}: the weights lack {e.args[0]!r}") from None
-    emb = state["tok_embeddings.weight"]
-    mask_row = emb.float().mean(dim=0, keepdim=True).to(emb.dtype)
-    state["tok_embeddings.weight"] = torch.cat([emb, mask_row])
-    return shape, state
+    return shape, with_mask_row(state)

@@ -13,6 +13,10 @@ head) on queries and keys. RMSNorm and the rotary tables are computed in float32
 
 Generation: :meth:`DlmTitanForMaskedLM.generate_diffusion` runs the reverse process (SMDM's samplers, the rule of
 dlm_titan.sampling); ``generate()`` (autoregressive decoding) does not apply to a diffusion model.
+
+The autoregressive baseline (``config.causal``: trained with ``training.objective = "ar"``, no mask row) applies the
+causal mask in every attention layer and loads as ``AutoModelForCausalLM`` (:class:`DlmTitanForCausalLM`): next-token
+logits and transformers' ``generate()`` (without a key/value cache: each step recomputes the prefix).
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput, MaskedLMOutput
 
 from .configuration_dlm_titan import DlmTitanConfig
 
@@ -254,6 +258,43 @@ class DlmTitanForMaskedLM(DlmTitanPreTrainedModel):
         uncond = torch.where(prompt, torch.full_like(x, self.config.mask_token_id), x)
         cond_logits, uncond_logits = self(torch.cat([x, uncond])).logits.float().chunk(2)
         return uncond_logits + (cfg_scale + 1.0) * (cond_logits - uncond_logits)
+
+
+class DlmTitanForCausalLM(DlmTitanPreTrainedModel, GenerationMixin):
+    """The autoregressive baseline (``config.causal``): causal encoder and head, logits [B, L, vocab_size] of the
+    next token at every position; ``generate()`` works (no key/value cache).
+
+    ``labels`` (optional, -100 = ignored) gives the mean next-token cross-entropy, labels shifted inside as in
+    transformers' causal language models (position i predicts labels[i + 1]).
+    """
+
+    def __init__(self, config: DlmTitanConfig):
+        super().__init__(config)
+        if not config.causal:
+            raise ValueError("this is a masked diffusion model (causal = false): load it with AutoModelForMaskedLM")
+        self.model = DlmTitanModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.output_vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() recomputes the prefix: the layers keep no cache
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                                      **kwargs) -> dict:
+        return {"input_ids": input_ids, "attention_mask": attention_mask}  # the whole prefix, every step
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, return_dict: bool | None = None, **kwargs) -> CausalLMOutput:
+        hidden = self.model(input_ids, attention_mask=attention_mask).last_hidden_state
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutput(loss=loss, logits=logits)
 
 
 def _check_sampler_options(causal: bool, length: int, steps: int, block_length: int, algorithm: str) -> None:
