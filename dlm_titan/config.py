@@ -116,6 +116,9 @@ class Training:
     """Run Python's garbage collector every this many steps (automatic GC is disabled: it stalls steps)."""
     on_nonfinite: Literal["skip", "stop", "raise"] = "raise"
     """Non-finite loss or grad norm: skip the step, save and stop, or raise."""
+    max_consecutive_skips: int = 10
+    """With on_nonfinite = "skip": this many non-finite steps in a row end the run (exit 1, no save, no export):
+    the run has diverged, and the newest checkpoint stays the last good one."""
     deterministic: bool = False
     """Deterministic algorithms (slower); for debugging numerics."""
     objective: Literal["mdm", "ar"] = "mdm"
@@ -204,6 +207,10 @@ class Checkpoint:
     """Start a new run from these model weights only (a step folder or an export)."""
     export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """dtype of the final safetensors export."""
+    accept_data_change: bool = False
+    """Resume although the training shards differ from those the checkpoint was saved with (files added, removed
+    or resized): the stream then continues from its saved sample position over the new shards, with the epoch
+    order recomputed for them, and a warning says so. Without it such a resume is refused."""
 
 
 @dataclass
@@ -408,6 +415,7 @@ _RANGES = (
     ("training.flops_budget", lambda v: v >= 0, ">= 0 (0 = use training.steps)"),
     ("training.seed", lambda v: 0 <= v <= _SEED_MAX, f"in [0, {_SEED_MAX}]"),
     ("training.gc_freq", lambda v: v >= 1, ">= 1"),
+    ("training.max_consecutive_skips", lambda v: v >= 1, ">= 1"),
     ("diffusion.ssl_ratio", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     ("diffusion.eps", lambda v: 0 < v < 1, "in (0, 1) (mask probability floor)"),
     ("optimizer.lr", lambda v: v > 0, "> 0"),

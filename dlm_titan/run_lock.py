@@ -13,6 +13,7 @@ a second trainer on the same folder is not refused. On NFS mounted ``local_lock=
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -20,6 +21,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +130,32 @@ def _describe(holder: dict[str, Any]) -> str:
     if not holder:
         return "holder unknown"
     return f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}"
+
+
+@contextlib.contextmanager
+def hold_dump_folder(folder: str | Path, rank: int, group: Any = None) -> Iterator[None]:
+    """Holds the dump folder's lock for the body: rank 0 takes it, every rank learns the outcome.
+
+    Collective when ``group`` (a gloo group of all ranks) is given: if rank 0 is refused, every rank raises the
+    same :class:`UserError`, so under torchrun all ranks exit 2 together instead of waiting on rank 0. The lock
+    is released however the body ends.
+    """
+    lock = RunLock(folder)
+    error = None
+    if rank == 0:
+        try:
+            lock.acquire()
+        except UserError as e:
+            error = str(e)
+    if group is not None:
+        import torch.distributed as dist
+
+        box = [error]
+        dist.broadcast_object_list(box, src=0, group=group)
+        error = box[0]
+    if error is not None:
+        raise UserError(error)
+    try:
+        yield
+    finally:
+        lock.release()

@@ -35,11 +35,12 @@ from dlm_titan.flops import steps_from_budget
 from dlm_titan.interop.init_shape import build_training_model
 from dlm_titan.metrics import TrainMetrics
 from dlm_titan.models import get_model_args, model_config
-from dlm_titan.nonfinite import NonFiniteGuard
+from dlm_titan.nonfinite import NonFiniteGuard, NonFiniteStop
 from dlm_titan.optim import build_lr_scheduler, build_optimizer, clip_grad_norm, resolve_warmup_steps
 from dlm_titan.parallelize import parallelize_model, set_gradient_sync
 from dlm_titan.preemption import StopSignals
 from dlm_titan.profiling import Profiler
+from dlm_titan.run_lock import hold_dump_folder
 from dlm_titan.transfers import to_device
 from dlm_titan.validation import SequenceLossTap, build_validator
 
@@ -101,7 +102,8 @@ class Trainer:
     def _build_checkpointing(self) -> None:
         """The non-finite guard, the stop signals and the checkpoint manager, then the resume (or initial load)."""
         flags = dist_utils.new_host_group()  # per-step agreements across ranks, off the GPU and its stream
-        self.nonfinite = NonFiniteGuard(self.cfg.training.on_nonfinite, self.rank, flags)
+        self.nonfinite = NonFiniteGuard(self.cfg.training.on_nonfinite, self.rank, flags,
+                                        self.cfg.training.max_consecutive_skips)
         self.signals = StopSignals(flags)
         self.checkpointer = CheckpointManager(self.cfg, self.model, self.optimizer, self.lr_scheduler, self.data_loader,
                                               model_config(self.model, self.cfg.model.flavor), barrier_group=flags)
@@ -219,7 +221,8 @@ class Trainer:
         stop = bool(signalled) or self.nonfinite.stop_requested
         if stop or self.checkpointer.save_due(self.step, last):
             self.nonfinite.resolve_deferred()  # a deferred "raise" verdict first: no checkpoint holds a bad update
-        self.checkpointer.step_end(self.step, self.tokens_seen, last=last, stop=stop)
+        if not self.nonfinite.diverged:  # a diverged run saves nothing: its newest checkpoint is its last good one
+            self.checkpointer.step_end(self.step, self.tokens_seen, last=last, stop=stop)
         if signalled:
             self.log(f"checkpoint: stopping at step {self.step} on signal {signal.Signals(signalled).name}; rerun the "
                      "same command to resume", flush=True)
@@ -235,8 +238,7 @@ class Trainer:
         finally:
             self.signals.restore()
         if self.nonfinite.stop_requested:
-            raise FloatingPointError(f"stopped at step {self.step} after a non-finite loss or grad norm (training."
-                                     f"on_nonfinite = stop); state saved in {self.checkpointer.step_folder(self.step)}")
+            raise NonFiniteStop(self.nonfinite.stop_message(self.step, str(self.checkpointer.step_folder(self.step))))
 
     def _is_log_step(self, step: int) -> bool:
         return step % self.cfg.metrics.log_freq == 0 or step in (1, self.steps)
@@ -366,6 +368,8 @@ def check_config(cfg: JobConfig, world_size: int) -> int:
     dist_utils.resolve_parallel_dims(cfg.parallelism, world_size, rank=0)
     micro_batches_per_step(cfg.training.global_batch_size, cfg.training.local_batch_size, world_size)
     train_loader(cfg, resolve_data_path(cfg.data), 0, world_size)
+    with hold_dump_folder(cfg.job.dump_folder, rank=0):  # another trainer on this folder: refused now, not later
+        pass
     return 0
 
 
@@ -375,9 +379,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(argv)
         if os.environ.get("DLM_TITAN_CHECK_ONLY"):
             return check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-        Trainer(cfg).train()
+        rank = dist_utils.init_distributed()[0]
+        with hold_dump_folder(cfg.job.dump_folder, rank, dist_utils.new_host_group()):  # one run per dump folder
+            Trainer(cfg).train()
     except UserError as e:
         return report(e)
+    except NonFiniteStop as e:  # the run diverged: not bad input, but no traceback either; state as it says
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         dist_utils.shutdown()
     return 0

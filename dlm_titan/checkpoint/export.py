@@ -19,12 +19,15 @@ import torch.distributed as dist
 from torch import nn
 
 from dlm_titan.checkpoint.layout import (
+    damaged,
     find_checkpoint,
     is_dcp_folder,
     read_dcp_metadata,
     read_marker,
     single_process_dcp,
+    verify_checksums,
 )
+from dlm_titan.checkpoint.state import first_nonfinite
 from dlm_titan.errors import UserError
 from dlm_titan.fileio import atomic_write, atomic_write_text
 from dlm_titan.interop.formats import read_interop
@@ -145,6 +148,7 @@ def _read_dcp_model(step_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Ten
     import torch.distributed.checkpoint as dcp
 
     marker = read_marker(step_dir)  # raises UserError for an incomplete or damaged checkpoint
+    verify_checksums(step_dir, marker)
     read_dcp_metadata(step_dir)
     cfg = marker["model"]
     model = build_model_from_config(cfg, "cpu", attn_backend="math")
@@ -152,6 +156,9 @@ def _read_dcp_model(step_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Ten
     state = {k: v for k, v in model.state_dict().items()}
     with single_process_dcp():
         dcp.load({"model": state}, checkpoint_id=str(step_dir), no_dist=True)
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise UserError(damaged(step_dir, f"its weights hold non-finite values (first: {bad})"))
     return {**cfg, "dtype": "float32", "step": int(marker["step"])}, state
 
 

@@ -4,7 +4,8 @@
 ``complete.json`` exists: the checkpoint manager writes it (rank 0) after every rank's data and DCP's
 ``.metadata`` are on disk, so a crash or SIGKILL mid-save leaves a folder without a marker, which is skipped.
 The marker holds the step, the saving world size, the model's shape (so weights can be read without the run's
-config) and the size of every file of the folder, so a truncated or missing file is named before DCP reads it.
+config), the size of every file of the folder, so a truncated or missing file is named before DCP reads it, and
+each file's CRC-32 (checksums.py), so bytes changed in place are named too (:func:`verify_checksums`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dlm_titan.checksums import mismatched_files
 from dlm_titan.errors import UserError
 from dlm_titan.fileio import atomic_write_text
 
@@ -61,9 +63,29 @@ def read_marker(step_dir: Path) -> dict[str, Any]:
         found = path.stat().st_size if path.is_file() else None
         if found != size:
             what = "is missing" if found is None else f"has {found:,} bytes, but its save wrote {size:,}"
-            raise UserError(f"checkpoint {step_dir} is damaged: {name} {what}; load another step "
-                            "(checkpoint.load_step) or delete it")
+            raise UserError(damaged(step_dir, f"{name} {what}"))
     return marker
+
+
+def damaged(step_dir: Path, what: str) -> str:
+    """The one line refusing a damaged checkpoint, naming the newest older complete one to load instead."""
+    match = _STEP_DIR.match(step_dir.name)
+    older = [s for s, p in step_folders(step_dir.parent) if match and s < int(match.group(1)) and is_complete(p)]
+    fix = (f"resume from the newest older complete checkpoint with --checkpoint.load_step {older[-1]}, or delete "
+           f"{step_dir.name}" if older else "there is no older complete checkpoint: delete it to start over")
+    return f"checkpoint {step_dir} is damaged: {what}; {fix}"
+
+
+def verify_checksums(step_dir: Path, marker: dict[str, Any], names: list[str] | None = None) -> None:
+    """Checks the files ``names`` (default: all) of a checkpoint against the CRC-32s its marker records; raises
+    UserError naming the first mismatch. Markers written before checksums were recorded have none: no check."""
+    expected = marker.get("checksums") or {}
+    if names is not None:
+        expected = {n: expected[n] for n in names if n in expected}
+    bad = mismatched_files(step_dir, expected)
+    if bad:
+        raise UserError(damaged(step_dir, f"{bad[0]} does not match the checksum its save recorded (its bytes "
+                                          "changed on disk)"))
 
 
 @contextlib.contextmanager
@@ -89,12 +111,16 @@ def read_dcp_metadata(step_dir: Path) -> Any:
                         "load another step (checkpoint.load_step) or delete it") from None
 
 
-def write_marker(step_dir: Path, content: dict[str, Any]) -> None:
-    """Marks a fully written checkpoint complete, recording the size of each file in it (call once every rank's
-    files and DCP's .metadata are written). The marker is written atomically, so it is either absent or whole."""
+def write_marker(step_dir: Path, content: dict[str, Any], checksums: dict[str, str] | None = None) -> None:
+    """Marks a fully written checkpoint complete, recording the size of each file in it and ``checksums`` (file
+    name -> CRC-32; call once every rank's files and DCP's .metadata are written). The marker is written
+    atomically, so it is either absent or whole."""
     files = {p.name: p.stat().st_size for p in sorted(step_dir.iterdir())
              if p.is_file() and p.name not in (MARKER, MARKER + ".tmp")}
-    atomic_write_text(step_dir / MARKER, json.dumps({**content, "files": files}, indent=2) + "\n")
+    record = {**content, "files": files}
+    if checksums is not None:
+        record["checksums"] = dict(sorted(checksums.items()))
+    atomic_write_text(step_dir / MARKER, json.dumps(record, indent=2) + "\n")
 
 
 def checkpoint_folder_of(dump_folder: Path) -> Path:

@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from dlm_titan.checkpoint.export import EXPORT_FOLDER, export_model, is_export_folder, read_model_weights
 from dlm_titan.checkpoint.layout import (
+    damaged,
     find_checkpoint,
     is_complete,
     is_dcp_folder,
@@ -37,16 +38,21 @@ from dlm_titan.checkpoint.layout import (
     read_marker,
     single_process_dcp,
     step_folders,
+    verify_checksums,
     write_marker,
 )
 from dlm_titan.checkpoint.staging import StateStager, current_cuda_device, use_device
 from dlm_titan.checkpoint.state import (
     BLOB_KEYS,
+    first_nonfinite,
     from_json_tensor,
     load_optimizer,
     state_to_save,
     tensor_state,
 )
+from dlm_titan.checkpoint.write_errors import save_failure, writer_thread_errors
+from dlm_titan.checksums import checksum_files
+from dlm_titan.data.identity import dataset_identity, describe_change
 from dlm_titan.errors import UserError
 from dlm_titan.interop.formats import interop_kind
 from dlm_titan.interop.mask_row import match_objective
@@ -89,6 +95,8 @@ class CheckpointManager:
         self.model, self.optimizer, self.lr_scheduler, self.data_loader = model, optimizer, lr_scheduler, data_loader
         self.model_config = model_config
         self.tokenizer_path = cfg.data.tokenizer_path  # converted into the final export's tokenizer files
+        self.data_cfg = cfg.data  # its shards' identity goes into every marker and is compared on resume
+        self._data_identity: dict[str, Any] | None = None
         self.tokens_seen: int | None = None
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.distributed else 0
@@ -167,6 +175,8 @@ class CheckpointManager:
         marker = read_marker(step_dir)
         self._check_model(marker.get("model", {}), step_dir)
         self._check_objective(marker.get("model", {}), step_dir)
+        self._check_data(marker, step_dir)
+        self._verify(step_dir, marker)
         metadata = read_dcp_metadata(step_dir)
         sizes = {k: v.size for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
         state = tensor_state(self.model, self.optimizer)
@@ -175,6 +185,7 @@ class CheckpointManager:
             state[key] = torch.empty(sizes[key], dtype=torch.uint8)
         self._dcp_load(state, step_dir)
         train_state = from_json_tensor(state["train_state"])
+        self._check_finite(state["model"], step_dir)
         set_model_state_dict(self.model, state["model"])
         load_optimizer(self.model, self.optimizer, state["optimizer"], optim_extras,
                        from_json_tensor(state["optimizer_groups"]))
@@ -214,6 +225,50 @@ class CheckpointManager:
             raise UserError(f"{where} holds a model trained with training.objective = {saved_objective!r} but this run "
                             f"trains {this!r}; use the same objective or another dump_folder")
 
+    def _agree(self, error: str | None) -> None:
+        """Raises UserError with the first rank's ``error`` on every rank (collective), so all ranks exit 2."""
+        if self.distributed:
+            errors: list[str | None] = [None] * self.world_size
+            dist.all_gather_object(errors, error, group=self._barrier_group)
+            error = next((e for e in errors if e), None)
+        if error:
+            raise UserError(error)
+
+    def _verify(self, step_dir: Path, marker: dict[str, Any]) -> None:
+        """Checks the files' CRC-32s against the marker's, each rank a share of the files (collective)."""
+        names = sorted(marker.get("checksums") or {})[self.rank::self.world_size]
+        try:
+            verify_checksums(step_dir, marker, names)
+            error = None
+        except UserError as e:
+            error = str(e)
+        self._agree(error)
+
+    def _check_finite(self, model_state: dict[str, Any], step_dir: Path) -> None:
+        """Refuses loaded weights that hold NaN or inf (collective: each rank checks its shards)."""
+        bad = first_nonfinite(model_state)
+        self._agree(None if bad is None else damaged(step_dir, f"its weights hold non-finite values (first: {bad})"))
+
+    def data_identity(self) -> dict[str, Any]:
+        """The training shards' identity (names, sizes, manifests), taken once: the loader opened them at start."""
+        if self._data_identity is None:
+            from dlm_titan.data import resolve_data_path
+
+            self._data_identity = dataset_identity(resolve_data_path(self.data_cfg), self.data_cfg.train_prefixes)
+        return self._data_identity
+
+    def _check_data(self, marker: dict[str, Any], step_dir: Path) -> None:
+        """A resume continues the saved sample stream only over the same shards (markers without "data": none)."""
+        change = describe_change(marker["data"], self.data_identity()) if "data" in marker else None
+        if change is None:
+            return
+        if not self.cfg.accept_data_change:
+            raise UserError(f"the training data changed since {step_dir} was saved: {change}; restore the saved "
+                            "shards, or resume on the new ones with --checkpoint.accept_data_change")
+        print_warning(f"the training data changed since {step_dir} was saved ({change}); continuing from the saved "
+                      "sample position over the new shards with their epoch order recomputed "
+                      "(checkpoint.accept_data_change): the sample stream differs from the saved run's")
+
     def _load_data_loader(self, step_dir: Path, train_state: dict[str, Any], sizes: dict[str, Any]) -> None:
         """The rank's own saved loader state when the layout is unchanged. Under another world size (or worker
         count or micro-batch size) the loader is repositioned at the start of the next step instead: its
@@ -244,11 +299,14 @@ class CheckpointManager:
         if step_dir is not None and self._other_objective(read_marker(step_dir).get("model", {})):
             path, step_dir = step_dir, None  # read whole below, the mask-token row added or dropped
         if step_dir is not None:
-            self._check_model(read_marker(step_dir).get("model", {}), step_dir)
-            self._check_objective(read_marker(step_dir).get("model", {}), step_dir)
+            marker = read_marker(step_dir)
+            self._check_model(marker.get("model", {}), step_dir)
+            self._check_objective(marker.get("model", {}), step_dir)
+            self._verify(step_dir, marker)
             read_dcp_metadata(step_dir)  # UserError when damaged
             state = {"model": get_model_state_dict(self.model)}
             self._dcp_load(state, step_dir)
+            self._check_finite(state["model"], step_dir)
             set_model_state_dict(self.model, state["model"])
         else:
             cfg, full = read_model_weights(path)
@@ -276,8 +334,7 @@ class CheckpointManager:
         state = self._state_to_save(step, tokens_seen)
         mode = self.cfg.async_mode
         if mode == "disabled" or blocking:
-            self._dcp_save(state, path)
-            self._mark_complete(step, path)
+            self._write(state, path, step)
             self._finish(step, path, start, time.perf_counter() - start)
             return
         upload = self._async_save(state, path, step)
@@ -291,10 +348,30 @@ class CheckpointManager:
 
     def _write_staged(self, staged: dict[str, Any], path: Path, step: int) -> None:
         self._stager.synchronize()
-        self._dcp_save(staged, path)
         # Marked here, not by the main thread: a written checkpoint is complete even if training has failed or
         # hangs meanwhile (e.g. rank 0 blocked in a collective after another rank died).
-        self._mark_complete(step, path)
+        self._write(staged, path, step)
+
+    def _write(self, state: dict[str, Any], path: Path, step: int) -> None:
+        """Writes the checkpoint and marks it complete. A failure of the storage (full disk, quota, read-only
+        filesystem) on any rank is one UserError on every rank; the folder is removed (it never got a marker), so
+        the previous checkpoint stays the newest complete one. Other failures (bugs) raise as they are."""
+        try:
+            with writer_thread_errors() as lost:
+                self._dcp_save(state, path)
+            if lost:  # a helper thread's error: DCP's save "succeeded" without that thread's files
+                raise lost[0]
+            failure = None
+        except (Exception, dcp.api.CheckpointException) as e:
+            failure = save_failure(e, path, self.folder)
+            if failure is None:
+                raise
+        self._mark_complete(step, path, None if failure is None else str(failure))
+
+    def _storage_failed(self, path: Path, error: str) -> UserError:
+        if self.rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        return UserError(error)
 
     def _dcp_save(self, state: dict[str, Any], path: Path) -> None:
         writer = dcp.FileSystemWriter(str(path), thread_count=self.cfg.write_threads)
@@ -340,13 +417,33 @@ class CheckpointManager:
             return
         self._finish(p.step, p.path, p.started, p.blocking_s)
 
-    def _mark_complete(self, step: int, path: Path) -> None:
-        """Rank 0 writes the marker once DCP's save has returned there, i.e. every rank's files and .metadata are
-        written."""
+    def _mark_complete(self, step: int, path: Path, error: str | None = None) -> None:
+        """Rank 0 writes the marker once DCP's save has returned on every rank without ``error``, i.e. every
+        rank's files and .metadata are written. Each rank checksums the files it wrote (``__{rank}_*.distcp``;
+        rank 0 also .metadata); all ranks gather the checksums and errors (collective on the save group: in the
+        writer thread for async saves), so a save that failed anywhere fails everywhere, unmarked."""
+        checksums = {}
+        if error is None:
+            own = sorted(path.glob(f"__{self.rank}_*.distcp")) + ([path / ".metadata"] if self.rank == 0 else [])
+            checksums = checksum_files(own)
+        parts = [(error, checksums)]
+        if self.distributed:
+            parts = [None] * self.world_size
+            dist.all_gather_object(parts, (error, checksums), group=self._save_group)
+        errors = [e for e, _ in parts if e]
+        if errors:
+            raise self._storage_failed(path, errors[0])
         if self.rank == 0:
             marker = {"step": step, "world_size": self.world_size, "model": self.model_config,
-                      "async_mode": self.cfg.async_mode, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            write_marker(path, marker)
+                      "async_mode": self.cfg.async_mode, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                      "data": self.data_identity()}
+            try:
+                write_marker(path, marker, {k: v for _, part in parts for k, v in part.items()})
+            except OSError as e:
+                failure = save_failure(e, path, self.folder)
+                if failure is None:
+                    raise
+                raise self._storage_failed(path, str(failure)) from None
 
     def _finish(self, step: int, path: Path, started: float, blocking_s: float) -> None:
         """Bookkeeping of a completed save (main thread): purge, stats, log."""

@@ -99,3 +99,13 @@ def _like(saved: Any, template: Any) -> Any:
     if isinstance(template, tuple) and isinstance(saved, list):
         return tuple(saved)
     return saved
+
+
+def first_nonfinite(tensors: dict[str, Any]) -> str | None:
+    """The name of the first floating-point tensor (this rank's shard of a DTensor) holding a NaN or inf, or
+    None: weights a load must refuse, whatever the checksums say (a checkpoint saved from a diverged state)."""
+    for name, t in tensors.items():
+        local = t.to_local() if hasattr(t, "to_local") else t
+        if isinstance(local, torch.Tensor) and local.is_floating_point() and not bool(torch.isfinite(local).all()):
+            return name
+    return None

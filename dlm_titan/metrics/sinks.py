@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -64,9 +65,9 @@ class MetricsLogger:
         if rank != 0:
             return
         if enable_tensorboard and log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
+            from dlm_titan.metrics.event_file import EventFileWriter  # tensorboard is imported only when used
 
-            self.writer = SummaryWriter(log_dir=str(log_dir))
+            self._guard_tensorboard(lambda: setattr(self, "writer", EventFileWriter(log_dir)))
         if enable_wandb:
             self.wandb = _init_wandb(log_dir.parent if log_dir is not None else None, wandb_config or {})
 
@@ -94,10 +95,27 @@ class MetricsLogger:
             return
         scalars = {tag: float(v) for tag, v in scalars.items() if v is not None}
         if self.writer is not None:
-            for tag, value in scalars.items():
-                self.writer.add_scalar(tag, value, step)
+            self._guard_tensorboard(lambda: self._write_tensorboard(step, scalars))
         if self.wandb is not None and scalars:
             self.wandb.log(scalars, step=step)
+
+    def _write_tensorboard(self, step: int, scalars: dict[str, float]) -> None:
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def _guard_tensorboard(self, write) -> None:
+        """Runs a TensorBoard write; if the filesystem fails it (full disk, quota, vanished mount), warns once and
+        stops writing TensorBoard: metrics are not worth a training run."""
+        try:
+            write()
+        except OSError as e:
+            print(f"warning: TensorBoard writing stopped: {e}; training goes on, the console keeps logging",
+                  file=sys.stderr, flush=True)
+            writer, self.writer = self.writer, None
+            if writer is not None:
+                with contextlib.suppress(OSError):
+                    writer.close()
 
     def _paint(self, key: str, text: str) -> str:
         color = _COLORS.get(key, "\033[34m" if key == "validation" else None)
@@ -107,7 +125,7 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            self._guard_tensorboard(self.writer.close)
             self.writer = None
         if self.wandb is not None:
             self.wandb.finish()
