@@ -281,7 +281,7 @@ def plan_summary(cfg: JobConfig, model, steps: int, world_size: int, micro_batch
     warmup = resolve_warmup_steps(cfg.lr_scheduler.warmup_steps, steps)
     return [
         f"model {cfg.model.flavor}: {a.n_layers} layers, d={a.dim}, {a.non_embedding_params():,} non-embedding "
-        f"params, {a.total_params():,} total; attention backend {model.attn_backend}"
+        f"params, {a.total_params(mask_row=not model.causal):,} total; attention backend {model.attn_backend}"
         + ("; objective ar (causal attention, next-token loss)" if training.objective == "ar" else ""),
         f"training: {steps:,} steps, {steps * training.global_batch_size * training.seq_len:,} tokens, warmup "
         f"{warmup} steps, global batch {training.global_batch_size} x {training.seq_len} = {world_size} ranks x "

@@ -16,11 +16,14 @@ A run is ``FLAVOR:feature,feature,...`` with features:
   measure its host sync); bf16emb (cast the embedding output to bf16 under autocast, so the residual stream is
   bf16 on one GPU as it is under FSDP: a probe for a model change); losstorch (the chunked PyTorch loss reference
   instead of the fused Triton kernel); cudagraphs (compiled blocks replayed as CUDA graphs; with compile);
-  adamfused (PyTorch's fused AdamW after clip_grad_norm_ instead of the Triton AdamW with clipping folded in).
+  adamfused (PyTorch's fused AdamW after clip_grad_norm_ instead of the Triton AdamW with clipping folded in);
+  ar (the autoregressive baseline, training.objective = "ar": causal attention, next-token loss; the same work as
+  torchtitan's Llama of that shape, so its tokens/s compares with torchtitan's directly).
 
 Launch with torchrun for several GPUs: every rank runs the same list, rank 0 prints and writes results.
 
     python -m scripts.bench_train --runs 170M:eager 170M:compile 1028M:compile,float8 --data_path DIR
+    python -m scripts.bench_train --runs 170M:compile,ar 1028M:compile,ar   # against torchtitan's Llama
     torchrun --nproc_per_node 4 -m scripts.bench_train --runs 170M:compile,replicate 1028M:compile,noreshard
 """
 
@@ -44,7 +47,7 @@ from dlm_titan.flops import flops_per_token, peak_flops
 from scripts.cli import HelpFormatter
 
 FEATURES = {"eager", "compile", "ac", "acfull", "ac2", "float8", "fsdp", "noreshard", "default", "replicate", "profile",
-            "nocheck", "bf16reduce", "bf16emb", "losstorch", "cudagraphs", "adamfused"}
+            "nocheck", "bf16reduce", "bf16emb", "losstorch", "cudagraphs", "adamfused", "ar"}
 
 
 def parse_run(spec: str) -> tuple[str, list[str], int | None, int]:
@@ -96,6 +99,8 @@ def trainer_argv(flavor: str, features: list[str], args, world_size: int, dump: 
         argv += ["--diffusion.loss_impl", "torch"]
     if "bf16reduce" in features:
         argv += ["--training.mixed_precision_reduce", "bfloat16"]
+    if "ar" in features:
+        argv += ["--training.objective", "ar"]
     if "profile" in features:
         argv += ["--profiling.enable_profiling", "--profiling.profile_freq", str(steps)]
     return argv + list(args.trainer_args)
@@ -143,7 +148,7 @@ def run_one(spec: str, args, world_size: int, rank: int) -> dict:
         "peak_active_gib": max((m.get("memory_gib") or 0.0) for m in after) if after else None,
         "peak_reserved_gib": max((m.get("memory_reserved_gib") or 0.0) for m in after) if after else None,
         "loss_last": marks[-1][1].get("loss") if marks else None,
-        "attn_backend": trainer.model.attn_backend, "form": trainer.dims.form,
+        "objective": trainer.cfg.training.objective, "attn_backend": trainer.model.attn_backend, "form": trainer.dims.form,
         "float8_linears": sum(type(m).__name__ == "Float8Linear" for m in trainer.model.modules()),
     }
     if "profile" in features and rank == 0:

@@ -219,3 +219,18 @@ def test_trainer_micro_batch_uses_seq_len_and_the_ssl_crop():
     mb, _, length = next_token_micro_batch(cfg, batch, step=3, token_count=128)
     assert length == ssl_length(cfg.training.seed, 3, 4, 32, 1.0) == mb.inputs.shape[1]
     assert torch.equal(mb.targets, windows[:, 1 : length + 1])
+
+
+def test_plan_line_counts_the_parameters_the_model_has():
+    """An AR model has no mask-token row: the plan line's total is its real parameter count (an MDM's has d more)."""
+    from pathlib import Path
+
+    from dlm_titan.train import plan_summary
+
+    for objective, causal in (("ar", True), ("mdm", False)):
+        cfg = load_config(["--training.objective", objective, "--model.vocab_size", "100"])
+        model = build_model(cfg.model, 32, torch.device("cpu"), causal=causal)
+        line = plan_summary(cfg, model, 10, 1, 1, torch.device("cpu"), Path("data"))[0]
+        total = sum(p.numel() for p in model.parameters())
+        assert f" {total:,} total;" in line, line
+    assert model.args.total_params() - model.args.total_params(mask_row=False) == model.args.dim

@@ -49,12 +49,14 @@ class ModelArgs:
         d, kv_dim = self.dim, self.kv_heads * self.head_dim
         return self.n_layers * (2 * d * d + 2 * d * kv_dim + 3 * d * self.ffn_dim + 2 * d) + d
 
-    def embedding_params(self) -> int:
-        """Input embedding (vocab + 1 rows, the extra one is the mask token) and the untied output head."""
-        return (self.vocab_size + 1) * self.dim + self.vocab_size * self.dim
+    def embedding_params(self, mask_row: bool = True) -> int:
+        """Input embedding (vocab + 1 rows, the extra one is the mask token; vocab rows without ``mask_row``, as the
+        autoregressive baseline has) and the untied output head."""
+        return (self.vocab_size + int(mask_row)) * self.dim + self.vocab_size * self.dim
 
-    def total_params(self) -> int:
-        return self.non_embedding_params() + self.embedding_params()
+    def total_params(self, mask_row: bool = True) -> int:
+        """Every parameter; ``mask_row=False`` for the autoregressive baseline (no mask-token embedding row)."""
+        return self.non_embedding_params() + self.embedding_params(mask_row)
 
 
 # name: (n_layers, n_heads, dim, ffn_dim), exactly SMDM's table.
