@@ -10,6 +10,12 @@ end and any wait for staging in the next optimizer step. The stall of a save at 
 ``t(s) + t(s+1) - 2 * median`` (median over iterations untouched by saves); "save" is the time from the start
 of the save until its completion marker is written. The first save of async_with_pinned_mem also allocates the
 pinned buffers, so both saves are reported. Prints one summary line at the end (and per-mode lines before it).
+
+``--checksum`` times what the checkpoint checksums cost instead: blocking saves without and with the CRC-32 of
+every file recorded in the marker, and the verification a resume does (all files, threads, page cache warm as
+right after a save; a resume after a reboot reads from the disk).
+
+    python -m scripts.bench_checkpoint --checksum             # 1028M: save with/without CRC-32, verify time
 """
 
 from __future__ import annotations
@@ -39,8 +45,9 @@ def write_random_shards(folder: Path, tokens: int, vocab: int) -> None:
         write_shard(folder / f"train_slim_{n:010d}.bin", rng.integers(0, vocab, chunk, dtype=np.uint16))
 
 
-def bench_mode(mode: str, args: argparse.Namespace, data: Path, dump: Path) -> dict:
-    """Trains ``2 * interval + 2`` steps saving every ``interval``; returns iteration times and save stats."""
+def bench_mode(mode: str, args: argparse.Namespace, data: Path, dump: Path, checksums: bool = True) -> dict:
+    """Trains ``2 * interval + 2`` steps saving every ``interval`` (recording file ``checksums`` in the markers or
+    not); returns iteration times, save stats and the verification time of the last checkpoint (or None)."""
     from dlm_titan.config import load_config
     from dlm_titan.train import Trainer
 
@@ -55,6 +62,7 @@ def bench_mode(mode: str, args: argparse.Namespace, data: Path, dump: Path) -> d
         "--checkpoint.async_mode", mode, "--checkpoint.write_threads", str(args.write_threads),
     ])
     trainer = Trainer(cfg)
+    trainer.checkpointer.record_checksums = checksums
     starts: list[float] = []
     step_fn = trainer.train_step
 
@@ -76,7 +84,35 @@ def bench_mode(mode: str, args: argparse.Namespace, data: Path, dump: Path) -> d
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return {"iters": iters, "stats": stats, "state_gb": state_bytes / 1e9}
+    return {"iters": iters, "stats": stats, "state_gb": state_bytes / 1e9, "verify_s": _verify_time(dump)}
+
+
+def _verify_time(dump: Path) -> float | None:
+    """Seconds to verify the newest checkpoint's files against its marker's CRC-32s (None: none recorded)."""
+    from dlm_titan.checkpoint.layout import newest_complete, read_marker, verify_checksums
+
+    step_dir = newest_complete(dump / "checkpoint", warn=False)
+    marker = read_marker(step_dir)
+    if not marker.get("checksums"):
+        return None
+    start = time.perf_counter()
+    verify_checksums(step_dir, marker)
+    return time.perf_counter() - start
+
+
+def bench_checksums(args: argparse.Namespace, data: Path, root: Path) -> str:
+    """Blocking saves without and with checksums, and the verification time; returns the summary line."""
+    saves = {}
+    for checksums in (False, True):
+        result = bench_mode("disabled", args, data, root / f"crc_{checksums}", checksums)
+        shutil.rmtree(root / f"crc_{checksums}", ignore_errors=True)
+        saves[checksums] = statistics.median(s["total_s"] for s in result["stats"])
+    added = saves[True] - saves[False]
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    return (f"bench_checkpoint checksum: {name} | {args.flavor}, {result['state_gb']:.1f} GB of params + Adam state, "
+            f"{args.write_threads} write threads | blocking save {saves[False]:.2f} s without, {saves[True]:.2f} s "
+            f"with CRC-32 ({added:+.2f} s, {added / saves[False]:+.1%}) | verify on resume {result['verify_s']:.2f} s "
+            "(page cache warm)")
 
 
 def _fmt(values: list[float], digits: int) -> str:
@@ -111,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated checkpoint modes to time")
     parser.add_argument("--write_threads", type=int, default=4, help="checkpoint.write_threads")
     parser.add_argument("--dir", default=None, help="folder for shards and checkpoints (default: a temp folder)")
+    parser.add_argument("--checksum", action="store_true", help="time the checkpoint checksums instead: save "
+                        "without/with CRC-32, verification on resume")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_checkpoint: no CUDA GPU; running on the CPU (async_with_pinned_mem acts as async)")
@@ -120,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         data.mkdir()
         tokens = (2 * args.interval + 4) * args.local_batch_size * args.micro_batches * (args.seq_len + 1)
         write_random_shards(data, tokens, 32000)
+        if args.checksum:
+            print(bench_checksums(args, data, root), flush=True)
+            return 0
         lines, worst = [], {}
         for mode in args.modes.split(","):
             result = bench_mode(mode, args, data, root / mode)

@@ -113,6 +113,8 @@ class CheckpointManager:
         self._writer: ThreadPoolExecutor | None = None
         self._reserved = False
         self._last_saved = -1
+        self.record_checksums = True
+        """CRC-32 of every file in the marker (scripts.bench_checkpoint --checksum turns it off to time its cost)."""
         self.save_stats: list[dict[str, float]] = []
         """One entry per completed save: step, blocking_s (training stall), total_s (until complete)."""
         if self.cfg.enable:
@@ -425,7 +427,7 @@ class CheckpointManager:
         checksums = {}
         if error is None:
             own = sorted(path.glob(f"__{self.rank}_*.distcp")) + ([path / ".metadata"] if self.rank == 0 else [])
-            checksums = checksum_files(own)
+            checksums = checksum_files(own) if self.record_checksums else {}
         parts = [(error, checksums)]
         if self.distributed:
             parts = [None] * self.world_size
@@ -438,7 +440,8 @@ class CheckpointManager:
                       "async_mode": self.cfg.async_mode, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                       "data": self.data_identity()}
             try:
-                write_marker(path, marker, {k: v for _, part in parts for k, v in part.items()})
+                checksums = {k: v for _, part in parts for k, v in part.items()}
+                write_marker(path, marker, checksums if self.record_checksums else None)
             except OSError as e:
                 failure = save_failure(e, path, self.folder)
                 if failure is None:
