@@ -28,6 +28,7 @@ from dlm_titan.checkpoint import CheckpointManager
 from dlm_titan.config import JobConfig, load_config, to_toml
 from dlm_titan.data import build_train_loader, resolve_data_path
 from dlm_titan.data.loader import micro_batches_per_step
+from dlm_titan.data.shards import check_leading_ids, list_shards, read_header
 from dlm_titan.diffusion import MaskedBatch, forward_process, sample_noise, ssl_length
 from dlm_titan.errors import UserError, report
 from dlm_titan.fileio import atomic_write_text
@@ -367,7 +368,12 @@ def check_config(cfg: JobConfig, world_size: int) -> int:
     get_model_args(cfg.model.flavor, cfg.model.vocab_size)
     dist_utils.resolve_parallel_dims(cfg.parallelism, world_size, rank=0)
     micro_batches_per_step(cfg.training.global_batch_size, cfg.training.local_batch_size, world_size)
-    train_loader(cfg, resolve_data_path(cfg.data), 0, world_size)
+    data_path = resolve_data_path(cfg.data)
+    train_loader(cfg, data_path, 0, world_size)
+    used = [p for p, w in zip(cfg.data.train_prefixes, cfg.data.train_weights, strict=True) if w > 0]
+    for prefix in used:  # a header whose dtype code is wrong: found here, not mid-run on a rank
+        for path in list_shards(data_path, prefix):
+            check_leading_ids(read_header(path), cfg.model.vocab_size)
     with hold_dump_folder(cfg.job.dump_folder, rank=0):  # another trainer on this folder: refused now, not later
         pass
     return 0

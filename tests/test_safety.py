@@ -344,3 +344,22 @@ def test_a_failing_tensorboard_disk_warns_once_and_training_goes_on(shards, tmp_
     assert code == 0, err[-3000:]
     assert err.count("warning: TensorBoard writing stopped") == 1 and "Traceback" not in err
     assert list((dump / "tb").glob("events.out.tfevents.*"))
+
+
+# -- a forged shard header -------------------------------------------------------------------------------------------
+
+def test_a_wrong_dtype_code_is_found_by_the_launch_pre_check(shards, tmp_path, monkeypatch, capfd):
+    """int32 code over uint16 tokens, chunk_size halved so the size agrees: ids come out in the millions. The
+    pre-check of run_train.sh (before torchrun starts every rank) names the shard in one line."""
+    import struct
+
+    path = shards / "train_slim_0000000001.bin"
+    data = bytearray(path.read_bytes())
+    data[15] = 4
+    data[16:24] = struct.pack("<Q", (len(data) - 24) // 4)
+    path.write_bytes(bytes(data))
+    monkeypatch.setenv("DLM_TITAN_CHECK_ONLY", "1")
+    code, err = run(capfd, cli(shards, tmp_path / "out", 4))
+    assert code == 2
+    line = one_error_line(err)
+    assert path.name in line and "read as int32" in line and "header" in line

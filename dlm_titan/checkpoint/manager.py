@@ -256,7 +256,9 @@ class CheckpointManager:
         if self._data_identity is None:
             from dlm_titan.data import resolve_data_path
 
-            self._data_identity = dataset_identity(resolve_data_path(self.data_cfg), self.data_cfg.train_prefixes)
+            data = self.data_cfg  # zero-weight sources are never read (their files need not exist)
+            used = [p for p, w in zip(data.train_prefixes, data.train_weights, strict=True) if w > 0]
+            self._data_identity = dataset_identity(resolve_data_path(data), used)
         return self._data_identity
 
     def _check_data(self, marker: dict[str, Any], step_dir: Path) -> None:

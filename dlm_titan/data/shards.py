@@ -119,13 +119,28 @@ def open_shard(info: ShardInfo, vocab_size: int | None) -> np.ndarray:
         return np.zeros(0, dtype=info.dtype)
     tokens = np.memmap(info.path, dtype=info.dtype, mode="r", offset=HEADER_SIZE, shape=(info.chunk_size,))
     if vocab_size is not None:
-        hi, lo = int(tokens.max()), int(tokens.min())
-        if hi >= vocab_size or lo < 0:
-            bad = hi if hi >= vocab_size else lo
-            raise ShardError(f"shard {info.path} holds token id {bad}, outside the model vocabulary "
-                             f"[0, {vocab_size}); prepare it with a tokenizer of at most model.vocab_size tokens "
-                             "or raise model.vocab_size")
+        _check_ids(info, tokens, vocab_size)
     return tokens
+
+
+def check_leading_ids(info: ShardInfo, vocab_size: int, count: int = 4096) -> None:
+    """The first ``count`` token ids of a shard must fit the vocabulary. One small read per shard (a launch's
+    pre-check affords it for thousands of shards, where the full check of every id waits for the first use of
+    each shard): it catches a header whose dtype code is wrong, e.g. int32 over uint16 tokens (ids of millions)."""
+    _check_ids(info, np.fromfile(info.path, dtype=info.dtype, count=min(count, info.chunk_size), offset=HEADER_SIZE),
+               vocab_size)
+
+
+def _check_ids(info: ShardInfo, tokens: np.ndarray, vocab_size: int) -> None:
+    if tokens.size == 0:
+        return
+    hi, lo = int(tokens.max()), int(tokens.min())
+    if hi >= vocab_size or lo < 0:
+        bad = hi if hi >= vocab_size else lo
+        raise ShardError(f"shard {info.path} holds token id {bad}, outside the model vocabulary [0, {vocab_size}) "
+                         f"(read as {info.dtype.name}, the dtype its header names); prepare it with a tokenizer of at "
+                         "most model.vocab_size tokens or raise model.vocab_size, or re-create it if its header is "
+                         "wrong")
 
 
 def list_shards(folder: str | os.PathLike, prefix: str) -> list[str]:
