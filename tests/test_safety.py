@@ -363,3 +363,24 @@ def test_a_wrong_dtype_code_is_found_by_the_launch_pre_check(shards, tmp_path, m
     assert code == 2
     line = one_error_line(err)
     assert path.name in line and "read as int32" in line and "header" in line
+
+
+# -- further faults ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("edit", ["not json", "checksums not a dict", "files a list", "data a string"])
+@pytest.mark.slow
+def test_a_damaged_marker_is_one_line_naming_the_older_checkpoint(shards, tmp_path, capfd, edit):
+    dump = tmp_path / "out"
+    assert run(capfd, cli(shards, dump, 4, "--checkpoint.enable"))[0] == 0
+    path = dump / "checkpoint" / "step-4" / MARKER
+    marker = json.loads(path.read_text())
+    if edit == "not json":
+        path.write_text("{garbage")
+    else:
+        key, value = {"checksums not a dict": ("checksums", "abc"), "files a list": ("files", [1, 2]),
+                      "data a string": ("data", "x")}[edit]
+        path.write_text(json.dumps({**marker, key: value}))
+    code, err = run(capfd, cli(shards, dump, 6, "--checkpoint.enable"))
+    assert code == 2
+    line = one_error_line(err)
+    assert "step-4 is damaged: its complete.json" in line and "--checkpoint.load_step 2" in line

@@ -51,13 +51,15 @@ def is_dcp_folder(path: Path) -> bool:
 
 def read_marker(step_dir: Path) -> dict[str, Any]:
     """The marker JSON of a complete checkpoint; UserError naming the folder when it is incomplete."""
-    try:
-        marker = json.loads((step_dir / MARKER).read_text())
-    except (OSError, json.JSONDecodeError):
-        marker = None
-    if not isinstance(marker, dict) or not (step_dir / ".metadata").is_file():
+    if not (step_dir / MARKER).is_file() or not (step_dir / ".metadata").is_file():
         raise UserError(f"checkpoint {step_dir} is incomplete (no {MARKER} or .metadata: its save was interrupted); "
                         f"load another step (checkpoint.load_step) or delete it")
+    try:
+        marker = json.loads((step_dir / MARKER).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        marker = None
+    if not _well_formed(marker):
+        raise UserError(damaged(step_dir, f"its {MARKER} is not the marker a save writes"))
     for name, size in marker.get("files", {}).items():  # markers written before file sizes were recorded: none
         path = step_dir / name
         found = path.stat().st_size if path.is_file() else None
@@ -65,6 +67,16 @@ def read_marker(step_dir: Path) -> dict[str, Any]:
             what = "is missing" if found is None else f"has {found:,} bytes, but its save wrote {size:,}"
             raise UserError(damaged(step_dir, f"{name} {what}"))
     return marker
+
+
+def _well_formed(marker: Any) -> bool:
+    """The marker's fields that loads rely on have the types a save writes (a hand-edited or damaged one may not)."""
+    if not isinstance(marker, dict) or not isinstance(marker.get("step", 0), int):
+        return False
+    files, checksums = marker.get("files", {}), marker.get("checksums", {})
+    return (isinstance(files, dict) and all(isinstance(v, int) for v in files.values())
+            and isinstance(checksums, dict) and all(isinstance(v, str) for v in checksums.values())
+            and all(isinstance(marker.get(k, {}), dict) for k in ("model", "data")))
 
 
 def damaged(step_dir: Path, what: str) -> str:
