@@ -9,6 +9,7 @@ preemption signals; the metrics component logs each step and the checkpoint mana
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import os
 import signal
@@ -393,6 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteStop as e:  # the run diverged: not bad input, but no traceback either; state as it says
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a full disk outside a checkpoint save (which reports its own): the config, an export
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+            raise
+        return report(UserError(f"{e.strerror} ({e.filename or 'writing the dump folder'}); complete checkpoints "
+                                "already saved are intact: free space (or fix the filesystem) and rerun the same "
+                                "command"))
     finally:
         dist_utils.shutdown()
     return 0

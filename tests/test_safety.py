@@ -384,3 +384,33 @@ def test_a_damaged_marker_is_one_line_naming_the_older_checkpoint(shards, tmp_pa
     assert code == 2
     line = one_error_line(err)
     assert "step-4 is damaged: its complete.json" in line and "--checkpoint.load_step 2" in line
+
+
+@pytest.mark.slow
+def test_a_full_disk_outside_a_save_is_one_line(shards, tmp_path, capfd, monkeypatch):
+    """The run's config.toml (written after the resume) meets a full disk: one line, exit 2, checkpoints kept."""
+    import dlm_titan.train as train_module
+
+    dump = tmp_path / "out"
+    assert run(capfd, cli(shards, dump, 2, "--checkpoint.enable"))[0] == 0
+
+    def full(cfg):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dump / "config.toml"))
+
+    monkeypatch.setattr(train_module, "write_config", full)
+    code, err = run(capfd, cli(shards, dump, 4, "--checkpoint.enable"))
+    assert code == 2
+    line = one_error_line(err)
+    assert "No space left on device" in line and "config.toml" in line and "rerun" in line
+    assert (dump / "checkpoint" / "step-2" / MARKER).is_file()
+
+
+def test_a_checkpoint_folder_that_is_a_file_is_refused_before_training(shards, tmp_path, capfd):
+    dump = tmp_path / "out"
+    dump.mkdir()
+    (dump / "checkpoint").write_text("x")
+    capfd.readouterr()
+    code = main(cli(shards, dump, 2, "--checkpoint.enable"))
+    out, err = capfd.readouterr()
+    assert code == 2 and "is a file" in one_error_line(err)
+    assert "step: 1" not in out  # refused at start, not at the first save

@@ -119,6 +119,9 @@ class CheckpointManager:
         """One entry per completed save: step, blocking_s (training stall), total_s (until complete)."""
         if self.cfg.enable:
             self._check_config()
+            if self.folder.exists() and not self.folder.is_dir():  # found now, not at the first save
+                raise UserError(f"checkpoint folder {self.folder} is a file; remove it or set another "
+                                "--checkpoint.folder")
             if self.cfg.async_mode != "disabled":
                 self._start_async_writer()
 
