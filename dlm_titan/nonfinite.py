@@ -89,11 +89,11 @@ class NonFiniteGuard:
             self.stop_requested = self.diverged = True
         return False
 
-    def stop_message(self, step: int, saved_in: str) -> str:
+    def stop_message(self, step: int, saved_in: str | None) -> str:
         """The one line that ends a run stopped by this guard (see :class:`NonFiniteStop`)."""
         if self.diverged:
             return (f"training diverged: {self.skipped_in_a_row} non-finite steps in a row up to step {step} "
                     f"(training.max_consecutive_skips = {self.max_skips}); nothing saved or exported, the newest "
                     "checkpoint is the last good state: lower optimizer.lr or check the data, then resume or restart")
-        return (f"stopped at step {step} after a non-finite loss or grad norm (training.on_nonfinite = stop); state "
-                f"saved in {saved_in}")
+        saved = f"state saved in {saved_in}" if saved_in else "nothing saved (checkpoint.enable is off)"
+        return f"stopped at step {step} after a non-finite loss or grad norm (training.on_nonfinite = stop); {saved}"

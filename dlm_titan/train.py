@@ -240,7 +240,8 @@ class Trainer:
         finally:
             self.signals.restore()
         if self.nonfinite.stop_requested:
-            raise NonFiniteStop(self.nonfinite.stop_message(self.step, str(self.checkpointer.step_folder(self.step))))
+            saved = str(self.checkpointer.step_folder(self.step)) if self.cfg.checkpoint.enable else None
+            raise NonFiniteStop(self.nonfinite.stop_message(self.step, saved))
 
     def _is_log_step(self, step: int) -> bool:
         return step % self.cfg.metrics.log_freq == 0 or step in (1, self.steps)
@@ -381,7 +382,8 @@ def check_config(cfg: JobConfig, world_size: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: bad input prints one line and returns 2; bugs raise with their traceback."""
+    """Entry point: bad input (or a full disk) prints one line and returns 2; a run ended by non-finite steps
+    (training.on_nonfinite) prints one line and returns 1; bugs raise with their traceback."""
     try:
         cfg = load_config(argv)
         if os.environ.get("DLM_TITAN_CHECK_ONLY"):

@@ -122,6 +122,7 @@ class CheckpointManager:
             if self.folder.exists() and not self.folder.is_dir():  # found now, not at the first save
                 raise UserError(f"checkpoint folder {self.folder} is a file; remove it or set another "
                                 "--checkpoint.folder")
+            self.data_identity()  # the shards as the loader opened them, whatever changes during the run
             if self.cfg.async_mode != "disabled":
                 self._start_async_writer()
 
