@@ -414,3 +414,14 @@ def test_a_checkpoint_folder_that_is_a_file_is_refused_before_training(shards, t
     out, err = capfd.readouterr()
     assert code == 2 and "is a file" in one_error_line(err)
     assert "step: 1" not in out  # refused at start, not at the first save
+
+
+@pytest.mark.slow
+def test_keep_latest_k_never_deletes_the_checkpoint_just_saved(shards, tmp_path, capfd):
+    """Resumed from step 2 while step 6 exists, keep_latest_k = 1: the run's own new step 4 survives its purge."""
+    dump = tmp_path / "out"
+    assert run(capfd, cli(shards, dump, 6, "--checkpoint.enable"))[0] == 0
+    code, err = run(capfd, cli(shards, dump, 4, "--checkpoint.enable", "--checkpoint.load_step", "2",
+                               "--checkpoint.keep_latest_k", "1"))
+    assert code == 0, err[-3000:]
+    assert (dump / "checkpoint" / "step-4" / MARKER).is_file()

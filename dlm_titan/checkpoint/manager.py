@@ -457,22 +457,24 @@ class CheckpointManager:
     def _finish(self, step: int, path: Path, started: float, blocking_s: float) -> None:
         """Bookkeeping of a completed save (main thread): purge, stats, log."""
         if self.rank == 0:
-            self._purge()
+            self._purge(path)
         self._last_saved = step
         total = time.perf_counter() - started
         self.save_stats.append({"step": step, "blocking_s": blocking_s, "total_s": total})
         self._log(f"saved {path} in {total:.2f} s (training blocked {blocking_s:.2f} s)")
 
-    def _purge(self) -> None:
+    def _purge(self, saved: Path) -> None:
         """keep_latest_k: deletes all but the newest k complete checkpoints, and incomplete folders older than
-        the newest complete one (leftovers of crashed saves)."""
+        the newest complete one (leftovers of crashed saves). Never the one just ``saved``: a run resumed from an
+        older step (checkpoint.load_step) has newer checkpoints of its abandoned past, which must not push out
+        its own."""
         k = self.cfg.keep_latest_k
         if k <= 0:
             return
         folders = step_folders(self.folder)
         complete = [p for _, p in folders if is_complete(p)]
         newest = max((s for s, p in folders if is_complete(p)), default=-1)
-        doomed = complete[:-k] + [p for s, p in folders if s < newest and not is_complete(p)]
+        doomed = [p for p in complete[:-k] if p != saved] + [p for s, p in folders if s < newest and not is_complete(p)]
         for path in doomed:
             shutil.rmtree(path, ignore_errors=True)
 
