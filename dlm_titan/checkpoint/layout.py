@@ -94,6 +94,9 @@ def verify_checksums(step_dir: Path, marker: dict[str, Any], names: list[str] | 
     expected = marker.get("checksums") or {}
     if names is not None:
         expected = {n: expected[n] for n in names if n in expected}
+    missing = [n for n in expected if not (step_dir / n).is_file()]
+    if missing:
+        raise UserError(damaged(step_dir, f"{missing[0]} is missing"))
     bad = mismatched_files(step_dir, expected)
     if bad:
         raise UserError(damaged(step_dir, f"{bad[0]} does not match the checksum its save recorded (its bytes "
