@@ -147,7 +147,7 @@ class Data:
 class Parallelism:
     data_parallel_shard_degree: int = -1
     """FSDP shard degree; -1 = all ranks not used by replication; 1 = plain replication (DDP), the faster form
-    for models up to ~400M parameters (README, Parallelism)."""
+    for models up to ~400M parameters (docs/training.md, Parallelism)."""
     data_parallel_replicate_degree: int = 1
     """Replica count (replicate x shard = world size): > 1 with shard > 1 is HSDP; -1 = all ranks not used by
     sharding."""

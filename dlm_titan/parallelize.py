@@ -181,8 +181,8 @@ def apply_ddp(model: nn.Module, device: torch.device, bucket_cap_mb: int, reduce
     gradients all-reduced in buckets that start while backward still runs; compute in bf16 by autocast.
 
     Why not FSDP with a shard dimension of 1: its per-group Python hooks cost ~1 ms of host time a block, and a
-    small model's GPU work per block is about as short, so the host falls behind and ranks drift apart (README,
-    "Data parallel"). DDP's hooks run in C++ and its buckets (``bucket_cap_mb``) are few. Buffers (the RoPE
+    small model's GPU work per block is about as short, so the host falls behind and ranks drift apart (docs/training.md,
+    "Parallelism"). DDP's hooks run in C++ and its buckets (``bucket_cap_mb``) are few. Buffers (the RoPE
     table) are constants, so they are not broadcast before every forward.
 
     Composable ``replicate`` keeps the module (and parameter names) as they are; it builds the reducer at the
@@ -232,7 +232,7 @@ AUTO_NO_RESHARD_MAX_PARAMS = 3_000_000_000
 def resolve_reshard(policy: str, num_params: int) -> str:
     """The FSDP reshard-after-forward policy that "auto" means for a model of ``num_params`` parameters.
 
-    Measured on 2 and 4 H200s (README "Performance"): keeping gathered bf16 parameters ("never") was the
+    Measured on 2 and 4 H200s (docs/performance.md): keeping gathered bf16 parameters ("never") was the
     fastest sharded form at 170M and 1028M, and with it micro-batches accumulate without communication. It
     costs 2 bytes a parameter (plus 4 for the fp32 gradient sums while accumulating), which stays small next
     to 80 GB up to a few billion parameters; beyond that "default" frees all but the last block.

@@ -218,7 +218,7 @@ def bench_dim(d: int, paths: dict, args: argparse.Namespace, mm: float) -> list[
 
 
 def table_lines(rows: list[dict]) -> list[str]:
-    """The README table: one line per record, with the speed-up over the compiled chunked path of its ``d``."""
+    """The table of docs/performance.md: one line per record, with the speed-up over the compiled chunked path of its ``d``."""
     base = {r["d"]: r["ms"] for r in rows if r["path"] == "compiled_chunked"}
     lines = [
         "| d | path | fwd+bwd ms | peak extra GiB | useful TFLOP/s (% of matmul) | vs compiled chunked |",
