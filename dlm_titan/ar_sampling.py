@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from dlm_kernels.rope import apply_rope
 
 from dlm_titan.errors import UserError
-from dlm_titan.sampling import row_generators
+from dlm_titan.sampling import group_by_length, row_generators
 
 
 @dataclass
@@ -164,13 +164,8 @@ def generate_batch(model: torch.nn.Module, prompts: list[list[int]], cfg: ARSamp
     """Continuations of prompts of any lengths (cut before EOS when ``cfg.stop_at_eos``), the AR twin of
     :func:`dlm_titan.sampling.generate`: prompts of one length run as one batch, prompt i samples with seed
     ``cfg.seed + i``, so its continuation does not depend on the other prompts."""
-    if any(len(p) == 0 for p in prompts):
-        raise UserError("a prompt has no tokens; pass at least one token (e.g. the EOS id to start a document)")
     out: list[list[int]] = [[] for _ in prompts]
-    by_length: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_length.setdefault(len(p), []).append(i)
-    for plen, rows in by_length.items():
+    for plen, rows in group_by_length(prompts).items():
         prompt = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=device)
         x = generate(model, prompt, cfg, eos_id, row_seeds=[cfg.seed + i for i in rows], vocab_limit=vocab_limit)
         for i, seq in zip(rows, x[:, plen:].tolist(), strict=True):

@@ -25,10 +25,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from dlm_titan.errors import UserError
+from dlm_titan.interop.templates.diffusion_rule import (
+    gumbel_argmax,
+    reveal_step,
+    row_generators,
+    transfer_counts,
+)
+
+# The reveal rule lives in a standalone module that exported model folders carry too; its pieces are
+# re-exported here, where the trainer-side code imports them.
+__all__ = ["ALGORITHMS", "SamplerConfig", "generate", "group_by_length", "guided_logits", "gumbel_argmax",
+           "row_generators", "sample", "transfer_counts", "truncate_at_eos"]
 
 ALGORITHMS = ("confidence", "stochastic")
 
@@ -79,30 +89,6 @@ def _divisor_near(n: int, target: int) -> int:
     return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - target))
 
 
-def row_generators(seeds: list[int], device: torch.device | str) -> list[torch.Generator]:
-    """One generator per sample, so a sample's noise does not depend on its batch (keys mixed by SeedSequence)."""
-    keys = [int(np.random.SeedSequence([s]).generate_state(1, dtype=np.uint64)[0] >> 1) for s in seeds]
-    return [torch.Generator(device=device).manual_seed(k) for k in keys]
-
-
-def _rand(shape: tuple[int, ...], generators: list[torch.Generator], device: torch.device) -> torch.Tensor:
-    """float64 uniforms [B, *shape]: row b from generators[b]."""
-    return torch.stack([torch.rand(shape, dtype=torch.float64, device=device, generator=g) for g in generators])
-
-
-def gumbel_argmax(logits: torch.Tensor, temperature: float, generators: list[torch.Generator]) -> torch.Tensor:
-    """A token per position of ``logits`` [B, N, V] drawn from softmax(logits / temperature) by Gumbel-max in
-    float64 (argmax at temperature 0); row b's noise comes from generators[b].
-
-    argmax(l / T + G) with G = -log(-log u) equals SMDM's argmax(exp(l) / (-log u)^T) without overflowing exp.
-    float64 keeps the draw exact for low-probability tokens (float32 Gumbel noise saturates near u = 1).
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    u = _rand(tuple(logits.shape[1:]), generators, logits.device)
-    return (logits.double() / temperature - torch.log(-torch.log(u))).argmax(dim=-1)
-
-
 def guided_logits(
     model: torch.nn.Module, x: torch.Tensor, prompt_mask: torch.Tensor, cfg_scale: float, mask_id: int
 ) -> torch.Tensor:
@@ -116,27 +102,6 @@ def guided_logits(
     uncond = torch.where(prompt_mask, torch.full_like(x, mask_id), x)
     cond_logits, uncond_logits = model(torch.cat([x, uncond])).float().chunk(2)
     return uncond_logits + (cfg_scale + 1.0) * (cond_logits - uncond_logits)
-
-
-def transfer_counts(n: int, steps: int) -> list[int]:
-    """Tokens revealed at each step of the linear schedule: floor(n (i+1)/steps) - floor(n i/steps); sums to n."""
-    return [n * (i + 1) // steps - n * i // steps for i in range(steps)]
-
-
-def _reveal_stochastic(candidates: torch.Tensor, t: float, s: float, generators: list[torch.Generator]) -> torch.Tensor:
-    """Each candidate (a masked position of the current block) is revealed with probability 1 - s/t."""
-    u = _rand(tuple(candidates.shape[1:]), generators, candidates.device)
-    return candidates & (u < 1.0 - s / t)
-
-
-def _reveal_confident(candidates: torch.Tensor, confidence: torch.Tensor, k: int) -> torch.Tensor:
-    """The k candidates of each row with the highest confidence (top-k within each sample)."""
-    reveal = torch.zeros_like(candidates)
-    if k == 0:
-        return reveal
-    scores = torch.where(candidates, confidence, torch.full_like(confidence, -1.0))
-    reveal.scatter_(1, scores.topk(k, dim=1).indices, True)
-    return reveal & candidates
 
 
 @torch.no_grad()
@@ -181,14 +146,8 @@ def sample(
             logits = guided_logits(model, x, prompt_mask, cfg.cfg_scale, mask_id)[:, span]
             if vocab_limit is not None and vocab_limit < logits.shape[-1]:
                 logits[..., vocab_limit:] = float("-inf")
-            x0 = gumbel_argmax(logits, cfg.temperature, generators)
-            candidates = x[:, span] == mask_id
-            if cfg.algorithm == "stochastic":
-                reveal = _reveal_stochastic(candidates, times[i], times[i + 1], generators)
-            else:
-                confidence = torch.softmax(logits.double(), dim=-1).gather(-1, x0[..., None]).squeeze(-1)
-                reveal = _reveal_confident(candidates, confidence, counts[i])
-            x[:, span] = torch.where(reveal, x0.to(x.dtype), x[:, span])
+            x[:, span] = reveal_step(x[:, span], logits, mask_id, cfg.algorithm, cfg.temperature, times[i],
+                                     times[i + 1], counts[i], generators)
         if stop and bool((x[:, plen:] == eos_id).any(dim=1).all()):
             break
     if stop:
@@ -207,6 +166,17 @@ def truncate_at_eos(tokens: list[int], eos_id: int | None) -> list[int]:
     return tokens[: tokens.index(eos_id)] if eos_id is not None and eos_id in tokens else tokens
 
 
+def group_by_length(prompts: list[list[int]]) -> dict[int, list[int]]:
+    """The indices of the prompts of each length (a model without an attention mask runs one length per batch);
+    UserError if a prompt is empty."""
+    if any(len(p) == 0 for p in prompts):
+        raise UserError("a prompt has no tokens; pass at least one token (e.g. the EOS id to start a document)")
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(i)
+    return groups
+
+
 def generate(
     model: torch.nn.Module,
     prompts: list[list[int]],
@@ -223,13 +193,8 @@ def generate(
     each group runs as one batch. Prompt i samples with seed ``cfg.seed + i``, so its continuation does not
     depend on the other prompts, and copies of one prompt give different samples at temperature > 0.
     """
-    if any(len(p) == 0 for p in prompts):
-        raise UserError("a prompt has no tokens; pass at least one token (e.g. the EOS id to start a document)")
     out: list[list[int]] = [[] for _ in prompts]
-    by_length: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_length.setdefault(len(p), []).append(i)
-    for plen, rows in by_length.items():
+    for plen, rows in group_by_length(prompts).items():
         prompt = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=device)
         x = sample(model, prompt, cfg, mask_id=mask_id, eos_id=eos_id, vocab_limit=vocab_limit,
                    row_seeds=[cfg.seed + i for i in rows])

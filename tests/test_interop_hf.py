@@ -72,7 +72,7 @@ def test_folder_holds_the_contract(exported):
     _, out = exported
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "configuration_dlm_titan.py", "modeling_dlm_titan.py",
-            "tokenizer.json", "tokenizer_config.json", "README.md"} <= names
+            "diffusion_rule.py", "tokenizer.json", "tokenizer_config.json", "README.md"} <= names
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "dlm_titan" and config["architectures"] == ["DlmTitanForMaskedLM"]
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForMaskedLM"}
@@ -81,7 +81,7 @@ def test_folder_holds_the_contract(exported):
     assert (config["flavor"], config["step"], config["tokens_seen"], config["final_loss"]) == ("tiny", 7, 1234, 3.5)
     card = (out / "README.md").read_text()
     assert "tiny" in card and "3.5000" in card and "1,234 tokens" in card
-    for template in ("configuration_dlm_titan.py", "modeling_dlm_titan.py"):  # standalone: torch + transformers
+    for template in ("configuration_dlm_titan.py", "modeling_dlm_titan.py", "diffusion_rule.py"):  # torch + transformers
         imports = [line for line in (out / template).read_text().splitlines() if line.startswith(("import", "from"))]
         assert all(m.split()[1].split(".")[0] in {"__future__", "numpy", "torch", "transformers", ""} for m in imports)
 

@@ -4,6 +4,7 @@
     model.safetensors            weights (or model-0000k-of-0000n.safetensors + model.safetensors.index.json)
     configuration_dlm_titan.py   standalone config and model code (torch + transformers only)
     modeling_dlm_titan.py
+    diffusion_rule.py            the sampler's reveal rule (torch + numpy), imported by modeling_dlm_titan.py
     tokenizer.json, tokenizer_config.json, special_tokens_map.json   (see :mod:`.hf_tokenizer`)
     README.md                    model card
 

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 
 MODEL_TYPE = "dlm_titan"
+TEMPLATES = ("configuration_dlm_titan.py", "modeling_dlm_titan.py", "diffusion_rule.py")
+"""The code files (interop/templates) copied into every folder; modeling_dlm_titan.py imports the other two."""
 ARCHITECTURE = "DlmTitanForMaskedLM"
 AUTO_MAP = {
     "AutoConfig": "configuration_dlm_titan.DlmTitanConfig",
@@ -22,7 +24,6 @@ AUTO_MAP = {
 CAUSAL_ARCHITECTURE = "DlmTitanForCausalLM"
 CAUSAL_AUTO_MAP = {**AUTO_MAP, "AutoModelForCausalLM": "modeling_dlm_titan.DlmTitanForCausalLM"}
 """The autoregressive baseline's folder also loads as AutoModelForCausalLM (its architecture)."""
-TEMPLATES = ("configuration_dlm_titan.py", "modeling_dlm_titan.py")
 
 # dlm_titan name (per block, after "layers.{i}.") -> HF name (after "model.layers.{i}."), wqkv apart.
 _BLOCK = {

@@ -1,7 +1,8 @@
 """A dlm_titan masked diffusion language model (SMDM's TransEncoder) for Hugging Face transformers.
 
 Standalone: needs only torch and transformers (and numpy, which transformers requires). Written into every exported
-model folder by dlm_titan; the maths is dlm_titan's (dlm_titan/models), written out plainly:
+model folder by dlm_titan, with configuration_dlm_titan.py and diffusion_rule.py (the sampler's reveal rule, the very
+module dlm_titan.sampling uses); the maths is dlm_titan's (dlm_titan/models), written out plainly:
 
     embedding (vocab_size rows, the last one the mask token)
     -> num_hidden_layers x [h = x + attention(rmsnorm(x)); out = h + swiglu(rmsnorm(h))]
@@ -21,7 +22,6 @@ logits and transformers' ``generate()`` (without a key/value cache: each step re
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +29,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput, MaskedLMOutput
 
 from .configuration_dlm_titan import DlmTitanConfig
+from .diffusion_rule import reveal_step, row_generators, transfer_counts
 
 
 class DlmTitanRMSNorm(nn.Module):
@@ -183,11 +184,9 @@ class DlmTitanForMaskedLM(DlmTitanPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, return_dict: bool | None = None, **kwargs) -> MaskedLMOutput:
-        hidden = self.model(input_ids, attention_mask=attention_mask).last_hidden_state
-        logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        logits = self.lm_head(self.model(input_ids, attention_mask=attention_mask).last_hidden_state)
+        loss = None if labels is None else F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                                           ignore_index=-100)
         return MaskedLMOutput(loss=loss, logits=logits)
 
     @torch.no_grad()
@@ -227,9 +226,9 @@ class DlmTitanForMaskedLM(DlmTitanPreTrainedModel):
         x = torch.cat([input_ids, input_ids.new_full((batch, length), mask_id)], dim=1)
         prompt = torch.zeros_like(x, dtype=torch.bool)
         prompt[:, :plen] = True
-        gens = _row_generators(row_seeds or [seed + r for r in range(batch)], x.device)
+        gens = row_generators(row_seeds or [seed + r for r in range(batch)], x.device)
         times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
-        counts = [block * (i + 1) // steps - block * i // steps for i in range(steps)]
+        counts = transfer_counts(block, steps)
         stop = stop_at_eos and eos_token_id is not None
         for b in range(length // block):
             span = slice(plen + b * block, plen + (b + 1) * block)
@@ -237,14 +236,8 @@ class DlmTitanForMaskedLM(DlmTitanPreTrainedModel):
                 logits = self._guided_logits(x, prompt, cfg_scale)[:, span]
                 if vocab_limit is not None and vocab_limit < logits.shape[-1]:
                     logits[..., vocab_limit:] = float("-inf")
-                x0 = _gumbel_argmax(logits, temperature, gens)
-                candidates = x[:, span] == mask_id
-                if algorithm == "stochastic":  # each candidate revealed with probability 1 - s/t
-                    reveal = candidates & (_uniform(tuple(candidates.shape[1:]), gens, x.device) < 1 - times[i + 1] / times[i])
-                else:
-                    confidence = torch.softmax(logits.double(), dim=-1).gather(-1, x0[..., None]).squeeze(-1)
-                    reveal = _most_confident(candidates, confidence, counts[i])
-                x[:, span] = torch.where(reveal, x0.to(x.dtype), x[:, span])
+                x[:, span] = reveal_step(x[:, span], logits, mask_id, algorithm, temperature, times[i], times[i + 1],
+                                         counts[i], gens)
             if stop and bool((x[:, plen:] == eos_token_id).any(dim=1).all()):
                 break
         if stop:  # everything after a row's first EOS becomes EOS
@@ -289,11 +282,9 @@ class DlmTitanForCausalLM(DlmTitanPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, return_dict: bool | None = None, **kwargs) -> CausalLMOutput:
-        hidden = self.model(input_ids, attention_mask=attention_mask).last_hidden_state
-        logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        logits = self.lm_head(self.model(input_ids, attention_mask=attention_mask).last_hidden_state)
+        loss = None if labels is None else F.cross_entropy(logits[:, :-1].float().flatten(0, 1),
+                                                           labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits)
 
 
@@ -307,32 +298,3 @@ def _check_sampler_options(causal: bool, length: int, steps: int, block_length: 
     if length < 1 or steps < 1 or length % block or (algorithm == "confidence" and steps > block):
         raise ValueError(f"need length ({length}) a multiple of block_length ({block}), steps >= 1, and for "
                          f"confidence sampling steps ({steps}) <= block_length")
-
-
-def _row_generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
-    """One torch generator per row, its key mixed from the row's seed by numpy's SeedSequence."""
-    keys = [int(np.random.SeedSequence([s]).generate_state(1, dtype=np.uint64)[0] >> 1) for s in seeds]
-    return [torch.Generator(device=device).manual_seed(k) for k in keys]
-
-
-def _uniform(shape: tuple[int, ...], gens: list[torch.Generator], device: torch.device) -> torch.Tensor:
-    """float64 uniforms [B, *shape], row b from gens[b]."""
-    return torch.stack([torch.rand(shape, dtype=torch.float64, device=device, generator=g) for g in gens])
-
-
-def _gumbel_argmax(logits: torch.Tensor, temperature: float, gens: list[torch.Generator]) -> torch.Tensor:
-    """argmax(logits / T + Gumbel noise) in float64 (a draw from softmax(logits / T)); argmax at T = 0."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    u = _uniform(tuple(logits.shape[1:]), gens, logits.device)
-    return (logits.double() / temperature - torch.log(-torch.log(u))).argmax(dim=-1)
-
-
-def _most_confident(candidates: torch.Tensor, confidence: torch.Tensor, k: int) -> torch.Tensor:
-    """The k candidates of each row with the highest confidence."""
-    reveal = torch.zeros_like(candidates)
-    if k == 0:
-        return reveal
-    scores = torch.where(candidates, confidence, torch.full_like(confidence, -1.0))
-    reveal.scatter_(1, scores.topk(k, dim=1).indices, True)
-    return reveal & candidates
