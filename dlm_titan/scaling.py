@@ -363,9 +363,8 @@ def fit_to_dict(fit: IsoflopFit) -> dict:
 # ---------------------------------------------------------------------------------------------- plotting
 
 
-def plot_isoflop(fit: IsoflopFit, path: Path, loss_label: str = "validation loss (ELBO)") -> None:
-    """Writes SMDM's isoFLOP figure as a PNG: loss vs N per budget with the parabolas and their minima;
-    N_opt vs C; L_opt vs C, each with its power law.
+def new_figure(what: str, figsize: tuple[float, float]):
+    """An empty matplotlib Figure (constrained layout) for ``what``.
 
     Raises:
         UserError: matplotlib is not installed.
@@ -373,9 +372,18 @@ def plot_isoflop(fit: IsoflopFit, path: Path, loss_label: str = "validation loss
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise UserError('the isoFLOP figure needs matplotlib: pip install ".[plot]" (or pass --no_plot)') from None
+        raise UserError(f'{what} needs matplotlib: pip install ".[plot]" (or pass --no_plot)') from None
+    return Figure(figsize=figsize, layout="constrained")
 
-    figure = Figure(figsize=(15, 4.6), layout="constrained")
+
+def plot_isoflop(fit: IsoflopFit, path: Path, loss_label: str = "validation loss (ELBO)") -> None:
+    """Writes SMDM's isoFLOP figure as a PNG: loss vs N per budget with the parabolas and their minima;
+    N_opt vs C; L_opt vs C, each with its power law.
+
+    Raises:
+        UserError: matplotlib is not installed.
+    """
+    figure = new_figure("the isoFLOP figure", (15, 4.6))
     curves, n_axis, loss_axis = figure.subplots(1, 3)
     colors = _colors(len(fit.budgets))
     for bf, color in zip(fit.budgets, colors):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from dlm_titan.errors import UserError
-from dlm_titan.scaling import PowerLaw, budget_label, fit_isoflop, fit_power_law
+from dlm_titan.scaling import PowerLaw, budget_label, fit_isoflop, fit_power_law, new_figure
 
 Point = tuple[float, float, float]  # (budget C, non-embedding N, final loss)
 
@@ -185,11 +185,7 @@ def plot_comparison(cmp: Comparison, runs: Mapping[str, list[Point]], path: Path
     Raises:
         UserError: matplotlib is not installed.
     """
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UserError('the comparison figure needs matplotlib: pip install ".[plot]" (or pass --no_plot)') from None
-    figure = Figure(figsize=(7.5, 5), layout="constrained")
+    figure = new_figure("the comparison figure", (7.5, 5))
     axis = figure.subplots()
     c_ar, c_mdm = (compute_at_loss(cmp.laws[o], cmp.reference_loss) for o in ("ar", "mdm"))
     budgets = [p[0] for points in runs.values() for p in points] + [c_ar, c_mdm]
