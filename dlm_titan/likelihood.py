@@ -319,15 +319,8 @@ def left_to_right_logprob_batch(
     return [-ce[starts[i] : starts[i + 1]] for i in range(len(pairs))]
 
 
-def left_to_right_logprob(
-    model: torch.nn.Module,
-    target: Tokens,
-    *,
-    mask_id: int,
-    context: Tokens | None = None,
-    batch_size: int = 32,
-    cfg_scale: float = 0.0,
-) -> torch.Tensor:
+def left_to_right_logprob(model: torch.nn.Module, target: Tokens, *, mask_id: int, context: Tokens | None = None,
+                          batch_size: int = 32, cfg_scale: float = 0.0) -> torch.Tensor:
     """:func:`left_to_right_logprob_batch` of one text: per-token log-probabilities, float64 [n]; their sum is
     the log-likelihood of the left-to-right unmasking order (not log p(target))."""
     return left_to_right_logprob_batch(model, [(context, target)], mask_id=mask_id, batch_size=batch_size,
