@@ -34,7 +34,7 @@ from dlm_titan.diffusion import MaskedBatch, forward_process, sample_noise, ssl_
 from dlm_titan.errors import UserError, report
 from dlm_titan.fileio import atomic_write_text
 from dlm_titan.flops import steps_from_budget
-from dlm_titan.interop.init_shape import build_training_model
+from dlm_titan.interop.init_shape import build_training_model, folder_model_args
 from dlm_titan.metrics import TrainMetrics
 from dlm_titan.models import get_model_args, model_config
 from dlm_titan.nonfinite import NonFiniteGuard, NonFiniteStop
@@ -282,8 +282,10 @@ def plan_summary(cfg: JobConfig, model, steps: int, world_size: int, micro_batch
     """The run's plan as the log lines printed before training: the model, and the steps and batch layout."""
     training, a = cfg.training, model.args
     warmup = resolve_warmup_steps(cfg.lr_scheduler.warmup_steps, steps)
+    shaped_by_folder = folder_model_args(cfg.checkpoint.initial_load_path, cfg.model.vocab_size) is not None
+    name = f"of {cfg.checkpoint.initial_load_path}" if shaped_by_folder else cfg.model.flavor
     return [
-        f"model {cfg.model.flavor}: {a.n_layers} layers, d={a.dim}, {a.non_embedding_params():,} non-embedding "
+        f"model {name}: {a.n_layers} layers, d={a.dim}, {a.non_embedding_params():,} non-embedding "
         f"params, {a.total_params(mask_row=not model.causal):,} total; attention backend {model.attn_backend}"
         + ("; objective ar (causal attention, next-token loss)" if training.objective == "ar" else ""),
         f"training: {steps:,} steps, {steps * training.global_batch_size * training.seq_len:,} tokens, warmup "

@@ -130,3 +130,16 @@ def test_other_architectures_and_missing_weights_are_one_line_exit_2(tmp_path, c
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")  # not read: it would need unpickling
     assert "only safetensors" in one_error_line(capsys, [str(folder), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_plan_line_names_the_folder_that_gives_the_shape(tmp_path):
+    from dlm_titan.config import load_config
+    from dlm_titan.interop.init_shape import build_training_model
+    from dlm_titan.train import plan_summary
+
+    save_llama(tmp_path / "llama", layers=2)
+    cfg = load_config(["--checkpoint.initial_load_path", str(tmp_path / "llama"), "--model.vocab_size", str(VOCAB)])
+    model = build_training_model(cfg, 16, torch.device("cpu"))
+    line = plan_summary(cfg, model, 10, 1, 1, torch.device("cpu"), tmp_path)[0]
+    assert line.startswith(f"model of {tmp_path / 'llama'}: 2 layers, d={DIM}")
+    assert "6M" not in line
