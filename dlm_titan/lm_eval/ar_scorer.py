@@ -24,9 +24,11 @@ from dlm_titan.lm_eval.scorer import (
     Progress,
     Scorer,
     ScorerConfig,
+    all_windows,
     continuation_text,
     encode_pair,
     generate_grouped,
+    sum_by_text,
     truncate_pair,
 )
 from dlm_titan.sampling import truncate_at_eos
@@ -78,17 +80,9 @@ class ARScorer:
 
     def loglikelihood_rolling(self, texts: list[str], progress: Progress = None) -> list[float]:
         """The exact log-likelihood of each whole text, summed over its windows; all windows scored together."""
-        windows, owner = [], []
-        for i, text in enumerate(texts):
-            tokens = self.tok.encode(text, bos=False, eos=False)
-            for pair in ar_rolling_windows(tokens, self.max_length, self.cfg.rolling_context, self.tok.eos_id):
-                windows.append(pair)
-                owner.append(i)
+        windows, owner = all_windows(self.tok, texts, ar_rolling_windows, self.max_length, self.cfg.rolling_context)
         scored = next_token_logprob_batch(self.model, windows, batch_size=self.cfg.batch_size, progress=progress)
-        totals = [0.0] * len(texts)
-        for i, (logp, _) in zip(owner, scored, strict=True):
-            totals[i] += logp.sum().item()
-        return totals
+        return sum_by_text([logp.sum().item() for logp, _ in scored], owner, len(texts))
 
     def generate_until(self, requests: list[tuple[str, dict]], progress: Progress = None) -> list[str]:
         """``max_gen_toks`` tokens sampled left to right, cut at EOS and the first stop string."""

@@ -109,6 +109,30 @@ def rolling_windows(tokens: list[int], max_length: int, context_length: int,
     return out
 
 
+WindowsFn = Callable[[list[int], int, int, int], list[tuple[list[int], list[int]]]]
+
+
+def all_windows(tokenizer, texts: list[str], windows_of: WindowsFn, max_length: int,
+                context_length: int) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
+    """The rolling windows of every text (``windows_of``: :func:`rolling_windows` or the AR one), to be scored
+    together, and the index of the text each window belongs to."""
+    windows, owner = [], []
+    for i, text in enumerate(texts):
+        tokens = tokenizer.encode(text, bos=False, eos=False)
+        for pair in windows_of(tokens, max_length, context_length, tokenizer.eos_id):
+            windows.append(pair)
+            owner.append(i)
+    return windows, owner
+
+
+def sum_by_text(values: list[float], owner: list[int], num_texts: int) -> list[float]:
+    """Per-window values summed per text (``owner[j]``: the text of window j)."""
+    totals = [0.0] * num_texts
+    for i, value in zip(owner, values, strict=True):
+        totals[i] += value
+    return totals
+
+
 def truncate_pair(ctx: list[int], cont: list[int], max_length: int) -> tuple[list[int], list[int]]:
     """Drops context tokens from the left (then continuation tokens, keeping the last ones) to fit max_length."""
     cont = cont[-max_length:]
@@ -222,19 +246,11 @@ class Scorer:
     def loglikelihood_rolling(self, texts: list[str], progress: Progress = None) -> list[float]:
         """Minus the ELBO of each whole text (a lower bound on its log-likelihood), summed over its windows; the
         windows of all texts are scored together."""
-        windows, owner = [], []
-        for i, text in enumerate(texts):
-            tokens = self.tok.encode(text, bos=False, eos=False)
-            for pair in rolling_windows(tokens, self.max_length, self.cfg.rolling_context, self.tok.eos_id):
-                windows.append(pair)
-                owner.append(i)
         c = self.cfg
+        windows, owner = all_windows(self.tok, texts, rolling_windows, self.max_length, c.rolling_context)
         estimates = elbo_batch(self.model, windows, mask_id=self.mask_id, mc_samples=c.mc_samples,
                                batch_size=c.batch_size, eps=c.eps, seed=c.seed, progress=progress)
-        totals = [0.0] * len(texts)
-        for i, est in zip(owner, estimates, strict=True):
-            totals[i] -= est.nll
-        return totals
+        return sum_by_text([-est.nll for est in estimates], owner, len(texts))
 
     def generate_until(self, requests: list[tuple[str, dict]], progress: Progress = None) -> list[str]:
         """Confidence sampling of ``max_gen_toks`` tokens, cut at EOS and at the first stop string (see
