@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 CHUNK_BYTES = 16 << 20
+THREADED_BYTES = 256 << 20
 
 
 def file_crc32(path: str | os.PathLike) -> str:
@@ -29,11 +30,17 @@ def file_crc32(path: str | os.PathLike) -> str:
 
 
 def checksum_files(paths: Iterable[Path], threads: int | None = None) -> dict[str, str]:
-    """``{file name: CRC-32}`` of ``paths``, computed ``threads`` files at a time (default: up to 8 cores)."""
+    """``{file name: CRC-32}`` of ``paths``, computed ``threads`` files at a time (default: up to 8 cores, and one
+    below 256 MiB in all, where threads gain nothing: a trainer forks its data-loader workers soon after a resume
+    verifies its checkpoint, and a process that has just run threads is a riskier one to fork)."""
     paths = list(paths)
     if not paths:
         return {}
+    if threads is None and sum(os.path.getsize(p) for p in paths) < THREADED_BYTES:
+        threads = 1
     threads = threads or min(8, os.cpu_count() or 1, len(paths))
+    if threads == 1:
+        return {p.name: file_crc32(p) for p in paths}
     with ThreadPoolExecutor(max_workers=threads) as pool:
         return dict(zip((p.name for p in paths), pool.map(file_crc32, paths), strict=True))
 
