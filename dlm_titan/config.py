@@ -2,16 +2,16 @@
 
 Precedence is CLI > TOML > defaults. ``--job.config_file`` names the TOML file; every other field is
 ``--section.key value`` on the command line and ``[section] key = value`` in the file. Unknown sections or keys
-in either place are a :class:`~dlm_titan.errors.UserError` naming the key. This module is the ground of the
-package: it imports nothing from dlm_titan except the error type.
+in either place are a :class:`~dlm_titan.errors.UserError` naming the key; so are values the run cannot
+use, checked by :mod:`dlm_titan.config_checks` once the config is resolved. This module is the ground of the
+package: it imports nothing from dlm_titan except the error type and those checks (which import only the
+error type).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
-import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +20,7 @@ from typing import Literal
 
 import tyro
 
+from dlm_titan.config_checks import check_config
 from dlm_titan.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -294,7 +295,7 @@ def load_config(argv: list[str] | None = None) -> JobConfig:
         defaults = _merge_toml(defaults, _read_toml(config_file))
         defaults.job.config_file = config_file
     config = tyro.cli(JobConfig, default=defaults, args=argv, use_underscores=True)
-    _check_choices(config)
+    check_config(config)
     return config
 
 
@@ -392,165 +393,6 @@ def _coerce(value: object, hint: object, where: str) -> object:
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         raise UserError(f"{where} must be of type {hint.__name__}, got {value!r}")
     return value
-
-
-def _validation_on(c: JobConfig) -> bool:
-    return c.validation.enable
-
-
-def _profiling_on(c: JobConfig) -> bool:
-    return c.profiling.enable_profiling or c.profiling.enable_memory_snapshot
-
-
-_SEED_MAX = 2**32 - 1  # numpy's seed range; every generator keyed by the seed (init, data order, noise) takes it
-
-# The one home of numeric range checks: (key, ok, rule[, applies]). A value outside would end in a traceback deep
-# in training or a silently wrong run. ``applies(config)`` limits a row to runs that use the value. Every float
-# value (lists included) must also be finite (_check_finite), before these rows are read.
-_RANGES = (
-    ("model.vocab_size", lambda v: v >= 1, ">= 1"),
-    ("training.global_batch_size", lambda v: v >= 1, ">= 1"),
-    ("training.local_batch_size", lambda v: v >= 1, ">= 1"),
-    ("training.seq_len", lambda v: v >= 1, ">= 1"),
-    ("training.flops_budget", lambda v: v >= 0, ">= 0 (0 = use training.steps)"),
-    ("training.seed", lambda v: 0 <= v <= _SEED_MAX, f"in [0, {_SEED_MAX}]"),
-    ("training.gc_freq", lambda v: v >= 1, ">= 1"),
-    ("training.max_consecutive_skips", lambda v: v >= 1, ">= 1"),
-    ("diffusion.ssl_ratio", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
-    ("diffusion.eps", lambda v: 0 < v < 1, "in (0, 1) (mask probability floor)"),
-    ("optimizer.lr", lambda v: v > 0, "> 0"),
-    ("optimizer.betas", lambda v: len(v) == 2 and all(0.0 <= b < 1.0 for b in v), "two numbers in [0, 1)"),
-    ("optimizer.eps", lambda v: v > 0, "> 0"),
-    ("optimizer.weight_decay", lambda v: v >= 0, ">= 0"),
-    ("lr_scheduler.warmup_steps", lambda v: v >= -1, ">= 0, or -1 for SMDM's max(1% of steps, 100)"),
-    ("lr_scheduler.min_lr", lambda v: v >= 0, ">= 0"),
-    ("data.train_weights", lambda v: all(w >= 0 for w in v) and sum(v) > 0, ">= 0 with a positive sum"),
-    ("data.num_workers", lambda v: v >= 0, ">= 0"),
-    ("parallelism.data_parallel_shard_degree", lambda v: v >= 1 or v == -1,
-     ">= 1 or -1 (all ranks the other degree leaves)"),
-    ("parallelism.data_parallel_replicate_degree", lambda v: v >= 1 or v == -1,
-     ">= 1 or -1 (all ranks the other degree leaves)"),
-    ("parallelism.ddp_bucket_cap_mb", lambda v: v >= 1, ">= 1"),
-    ("checkpoint.write_threads", lambda v: v >= 1, ">= 1"),
-    ("checkpoint.keep_latest_k", lambda v: v >= 0, ">= 0 (0 keeps all)"),
-    ("checkpoint.load_step", lambda v: v >= -1, ">= 0, or -1 for the newest complete checkpoint"),
-    ("metrics.log_freq", lambda v: v >= 1, ">= 1"),
-    ("activation_checkpoint.selective_ac_option", lambda v: v == "op" or (v.isdigit() and int(v) >= 1),
-     '"op" or a positive integer (checkpoint every Nth block)', lambda c: c.activation_checkpoint.mode == "selective"),
-    ("validation.freq", lambda v: v >= 1, ">= 1", _validation_on),
-    ("validation.steps", lambda v: v >= 1 or v == -1, ">= 1, or -1 for the whole validation set", _validation_on),
-    ("validation.mc_samples", lambda v: v >= 1, ">= 1", _validation_on),
-    ("validation.seed", lambda v: 0 <= v <= _SEED_MAX, f"in [0, {_SEED_MAX}]", _validation_on),
-    ("profiling.profile_freq", lambda v: v >= 1, ">= 1", _profiling_on),
-)
-
-
-def _value(config: JobConfig, key: str) -> object:
-    section, name = key.split(".")
-    return getattr(getattr(config, section), name)
-
-
-def _float_keys() -> list[str]:
-    """Every key whose value is a float or a list/tuple of floats."""
-    keys = []
-    for section, cls in typing.get_type_hints(JobConfig).items():
-        for key, hint in typing.get_type_hints(cls).items():
-            if hint is float or float in typing.get_args(hint):
-                keys.append(f"{section}.{key}")
-    return keys
-
-
-def _check_finite(config: JobConfig) -> None:
-    """inf or nan passes most range checks (or fails them with a misleading rule) and then trains on silently:
-    an infinite AdamW eps stops all learning, a nan max_norm turns clipping off."""
-    for key in _float_keys():
-        value = _value(config, key)
-        if not all(math.isfinite(v) for v in (value if isinstance(value, (list, tuple)) else [value])):
-            raise UserError(f"--{key} must be finite (not inf or nan), got {value!r}")
-
-
-def _check_ranges(config: JobConfig) -> None:
-    _check_finite(config)
-    for key, ok, rule, *applies in _RANGES:
-        if applies and not applies[0](config):
-            continue
-        value = _value(config, key)
-        if not ok(value):
-            raise UserError(f"--{key} must be {rule}, got {value!r}")
-
-
-def _check_choices(config: JobConfig) -> None:
-    """Literal-typed fields are checked by tyro on the CLI and by _coerce in TOML; this checks the rest."""
-    t = config.training
-    if len(config.data.train_prefixes) != len(config.data.train_weights):
-        raise UserError(
-            f"data.train_prefixes has {len(config.data.train_prefixes)} entries but data.train_weights has "
-            f"{len(config.data.train_weights)}: give one weight per prefix"
-        )
-    _check_ranges(config)
-    if t.steps < 1 and t.flops_budget <= 0:
-        raise UserError("--training.steps must be >= 1 (or set --training.flops_budget)")
-    if config.lr_scheduler.decay_type != "constant" and config.lr_scheduler.min_lr > config.optimizer.lr:
-        raise UserError(f"--lr_scheduler.min_lr ({config.lr_scheduler.min_lr}) must not exceed the peak "
-                        f"--optimizer.lr ({config.optimizer.lr})")
-    if config.compile.enable and config.compile.cudagraphs and config.diffusion.ssl_ratio > 0:
-        raise UserError("--compile.cudagraphs needs fixed shapes, but --diffusion.ssl_ratio > 0 crops batches to "
-                        "random lengths (each would record new graphs): add --compile.no_cudagraphs")
-    _check_memory(t, config.model.vocab_size)
-    _check_dump_folder(config.job.dump_folder)
-
-
-# What a run allocates at start whatever its flavor, as lower bounds: per sequence position the RoPE table (cos and
-# sin in float32 over the head dim, >= 64 in every flavor) and, per sequence of a micro-batch, the loader's int64
-# window; per vocabulary entry an embedding row and a head row in float32 (width >= 256 in every flavor).
-# tests/test_bad_input.py checks both facts against the flavor table.
-_ROPE_BYTES_PER_POSITION = 2 * 4 * 64
-_TOKEN_BYTES = 8
-_VOCAB_BYTES_PER_ENTRY = 2 * 4 * 256
-
-
-def _check_memory(t: Training, vocab_size: int) -> None:
-    """Refuses a seq_len or vocab_size whose start-up buffers alone exceed this machine's memory (else a
-    MemoryError or an allocator traceback while the model is built)."""
-    available = _physical_memory()
-    if available is None:
-        return
-    have = f"more than this machine's {available / 2**30:,.0f} GiB of memory"
-    per_position = _ROPE_BYTES_PER_POSITION + _TOKEN_BYTES * t.local_batch_size
-    if t.seq_len * per_position > available:
-        raise UserError(
-            f"--training.seq_len {t.seq_len} needs at least {t.seq_len * per_position / 2**30:,.0f} GiB for its "
-            f"position table and one micro-batch of {t.local_batch_size} sequences, {have}; use a shorter "
-            f"--training.seq_len (at most {available // per_position:,})"
-        )
-    if vocab_size * _VOCAB_BYTES_PER_ENTRY > available:
-        raise UserError(
-            f"--model.vocab_size {vocab_size} needs at least {vocab_size * _VOCAB_BYTES_PER_ENTRY / 2**30:,.0f} GiB "
-            f"for its embedding and output head, {have}; use a smaller --model.vocab_size (at most "
-            f"{available // _VOCAB_BYTES_PER_ENTRY:,})"
-        )
-
-
-def _physical_memory() -> int | None:
-    """This machine's RAM in bytes, or None where the OS does not say."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
-def _check_dump_folder(folder: str) -> None:
-    """The dump folder must be a folder this process can create or write into (checked without writing)."""
-    path = Path(folder).absolute()
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--job.dump_folder {folder} is a file, not a folder; choose another --job.dump_folder")
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise UserError(f"--job.dump_folder {folder} cannot be created: {existing} is a file; choose another "
-                        "--job.dump_folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--job.dump_folder {folder} is not writable ({existing} is read-only for this user); "
-                        "choose another --job.dump_folder")
 
 
 def to_toml(config: JobConfig) -> str:
