@@ -147,7 +147,7 @@ def test_vocab_size_beyond_memory_names_the_limit():
 
 
 def test_memory_lower_bounds_hold_for_every_flavor():
-    """config.py counts 2 x 4 x 64 bytes per position for the RoPE table (the head dim of every flavor is >= 64)
+    """config_checks.py counts 2 x 4 x 64 bytes per position for the RoPE table (the head dim of every flavor is >= 64)
     and 2 x 4 x 256 bytes per vocabulary entry for the embedding and head (every flavor is >= 256 wide)."""
     from dlm_titan.config_checks import _ROPE_BYTES_PER_POSITION, _VOCAB_BYTES_PER_ENTRY
     from dlm_titan.models import build_model

@@ -123,7 +123,7 @@ def test_shards_shorter_than_a_window(tmp_path: Path):
 
 
 def test_bad_weights():
-    """Checked when the config loads (the loader's one home for them is dlm_titan.config's range table)."""
+    """Checked when the config loads (the loader's one home for them is dlm_titan.config_checks' range table)."""
     with pytest.raises(UserError, match="one weight per prefix"):
         load_config(["--data.train_weights", "0.5", "0.5"])
     with pytest.raises(UserError, match="positive sum"):
