@@ -88,11 +88,22 @@ def apply_compile(model: nn.Module, compile_cfg, cudagraphs: bool = False) -> No
     """
     if not compile_cfg.enable:
         return
-    mode = "reduce-overhead" if cudagraphs else None
-    for block in model.layers.children():
-        block.compile(fullgraph=True, mode=mode)
+    compile_blocks(model, mode="reduce-overhead" if cudagraphs else None)
     if cudagraphs:
         model.register_forward_pre_hook(_mark_cudagraph_step)
+
+
+def compile_blocks(model: nn.Module, *, mode: str | None = None, dynamic: bool | None = None) -> None:
+    """Compiles each transformer block on its own (fullgraph; the blocks share one graph).
+
+    Args:
+        model: the TransEncoder.
+        mode: torch.compile's mode (None = default).
+        dynamic: None = torch.compile's default (a recompile marks a changed dimension dynamic); True for
+            inference on many sequence lengths and batch sizes (lm-eval requests), so one graph serves them all.
+    """
+    for block in model.layers.children():
+        block.compile(fullgraph=True, mode=mode, dynamic=dynamic)
 
 
 def _mark_cudagraph_step(module: nn.Module, args: tuple) -> None:

@@ -30,6 +30,7 @@ import torch
 from dlm_titan.errors import UserError, report
 from dlm_titan.likelihood import elbo_batch
 from dlm_titan.models import build_transencoder, get_model_args
+from dlm_titan.parallelize import compile_blocks
 from scripts.cli import HelpFormatter
 
 
@@ -48,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--continuation", type=int, default=24, help="longest continuation (tokens); 1..this")
     parser.add_argument("--warmup", type=int, default=4, help="untimed requests scored first by each mode")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per mode (the fastest is reported)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the model's blocks (dynamic shapes: one graph for every length and batch)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -82,7 +85,10 @@ def build(args: argparse.Namespace, max_len: int) -> torch.nn.Module:
     model = build_transencoder(model_args, max_len, "auto", device)
     model.to_empty(device=device)
     model.init_weights(args.seed)
-    return model.to(dtypes[args.dtype]).eval()
+    model = model.to(dtypes[args.dtype]).eval()
+    if args.compile:
+        compile_blocks(model, dynamic=True)
+    return model
 
 
 def timed(fn, device: torch.device) -> float:
@@ -113,7 +119,7 @@ def run(args: argparse.Namespace) -> list[str]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     lines = [f"device: {name}, flavor {args.flavor}, {args.requests} requests of {args.lengths} tokens, "
              f"{args.mc_samples} draws each, batch_size {args.batch_size} (one at a time: {single}), "
-             f"{next(model.parameters()).dtype}"]
+             f"{next(model.parameters()).dtype}{', compiled' if args.compile else ''}"]
     rates = {}
     for label, fn in modes.items():
         if warm:
