@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing.process
 import struct
 from collections import Counter
 from pathlib import Path
@@ -9,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from dlm_titan.data import build_train_loader, build_val_loader
 from dlm_titan.data.loader import TrainBatches, unpack
@@ -61,6 +63,26 @@ def take(it, n: int) -> list[dict]:
 def data(tmp_path: Path) -> tuple[Path, dict]:
     expected = make_source(tmp_path, "train_slimpajama_0", [13, 7, 20], base=10000)  # 40 windows
     return tmp_path, expected
+
+
+@pytest.fixture
+def process_starts(monkeypatch) -> list:
+    """Every process started during the test (loader workers included), in order."""
+    started = []
+    start = multiprocessing.process.BaseProcess.start
+
+    def recorded(process):
+        started.append(process)
+        start(process)
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", recorded)
+    return started
+
+
+def stop_workers(it) -> None:
+    """Ends an iteration's persistent workers now (left to garbage collection, each join waits out 5 s)."""
+    if getattr(it, "it", None) is not None and hasattr(it.it, "_shutdown_workers"):
+        it.it._shutdown_workers()
 
 
 def test_hand_made_shards_read_back_exactly(data):
@@ -146,7 +168,7 @@ def test_zero_weight_prefix_needs_no_files(data):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_mid_epoch_is_exact(data, workers):
+def test_resume_mid_epoch_is_exact(data, workers, process_starts):
     path, _ = data
     c = cfg(num_workers=workers)
     ref = take(iter(loader(path, c, b=2, G=8, rank=1, W=2)), 30)  # 60 samples: crosses the epoch boundary
@@ -155,11 +177,65 @@ def test_resume_mid_epoch_is_exact(data, workers):
     head = take(it, 11)
     state = first.state_dict()
     take(it, 3)  # the interrupted run went on after the checkpoint
+    stop_workers(it)
     resumed = loader(path, c, b=2, G=8, rank=1, W=2)
+    started = len(process_starts)
     resumed.load_state_dict(state)
-    tail = take(iter(resumed), 19)
+    assert resumed.state_dict() == state  # before the first batch the state is the loaded one
+    resumed_it = iter(resumed)
+    assert len(process_starts) == started  # loading, reading the state and iter() start no worker
+    tail = take(resumed_it, 19)
+    assert len(process_starts) == started + workers  # the workers start with the first batch
+    stop_workers(resumed_it)
     for got, want in zip(head + tail, ref, strict=True):
         assert got["input"].equal(want["input"]) and got["position"].equal(want["position"])
+
+
+def test_reposition_starts_no_worker_and_continues_the_stream(data, process_starts):
+    """A state saved by 2 ranks without workers, repositioned for 1 rank with 2 workers: no process starts until
+    the first batch, and the batches are those of an uninterrupted 1-rank loader (independent reference)."""
+    path, _ = data
+    old = loader(path, cfg(), b=2, G=8, rank=0, W=2)
+    take(iter(old), 3 * 2)  # 3 steps x 2 micro-batches per rank
+    saved = old.state_dict()
+    straight = iter(loader(path, cfg(), b=2, G=8))
+    take(straight, 3 * 4)  # 1 rank: 4 micro-batches per step
+    want = take(straight, 9)  # steps 4 to 6 and one more: crosses the epoch boundary (5 steps = 40 windows)
+    assert not process_starts
+    new = loader(path, cfg(num_workers=2), b=2, G=8)
+    state = new.reposition(saved, step=3)
+    assert not process_starts and new._iterator is None
+    new.load_state_dict(state)
+    assert new.state_dict() == state
+    it = iter(new)
+    assert not process_starts
+    got = take(it, 9)
+    assert len(process_starts) == 2
+    stop_workers(it)
+    for g, w in zip(got, want, strict=True):
+        assert g["input"].equal(w["input"]) and g["position"].equal(w["position"])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_fresh_state_is_torchdatas_own_without_a_fork(data, workers, process_starts):
+    """The state of a loader not yet iterated equals the one torchdata reports after starting the workers
+    (independent reference: StatefulDataLoader.state_dict), bar the random base seed; the first iteration then
+    runs with the reported state."""
+    path, _ = data
+    ours = loader(path, cfg(num_workers=workers), b=2, G=8)
+    state = ours.state_dict()
+    assert not process_starts
+    theirs = loader(path, cfg(num_workers=workers), b=2, G=8)
+    reference = StatefulDataLoader.state_dict(theirs)  # makes the iterator: starts the workers
+    assert len(process_starts) == workers
+    theirs._iterator._shutdown_workers()
+    seeds = [s["_snapshot"]["_main_snapshot"].pop("_base_seed") for s in (state["loader"], reference)]
+    assert all(isinstance(seed, int) for seed in seeds)
+    assert state["loader"] == reference
+    it = iter(ours)
+    next(it)
+    assert ours.state_dict()["loader"]["_snapshot"]["_main_snapshot"]["_base_seed"] == seeds[0]
+    stop_workers(it)
 
 
 def test_workers_do_not_change_the_sequence(data):

@@ -11,13 +11,16 @@ source: ``q = g``); epoch ``e = q // N`` and window ``perm_e(q % N)`` with ``per
 ``(seed, prefix, e)``. Every micro-batch is a pure function of ``k``, so the loader's whole state is the next
 ``k``: the sampler yields ``k, k+1, ...``, workers get them round-robin, and StatefulDataLoader's in-order
 delivery plus its sampler snapshot restore the exact next micro-batch in O(1). (torchdata restores per-worker
-snapshots, so a resume needs the same ``data.num_workers``; the saved layout is checked.)
+snapshots, so a resume needs the same ``data.num_workers``; the saved layout is checked.) Reading, loading or
+repositioning that state starts no worker process: the workers start at the first ``next`` of an iteration.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 import zlib
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import Stateful, StatefulDataLoader
+from torchdata.stateful_dataloader.stateful_dataloader import _StatefulSingleProcessDataLoaderIter
 
 from dlm_titan.errors import UserError
 
@@ -163,15 +167,24 @@ def keep_numpy(batch: np.ndarray) -> np.ndarray:
 
 
 class _Unpacked:
-    """Iterator over a loader iterator's packed micro-batches, yielding them unpacked."""
+    """Iterator over a loader's packed micro-batches, yielding them unpacked.
 
-    def __init__(self, it):
-        self.it = it
+    The loader's own iterator, whose creation starts the worker processes, is made at the first ``next``, not by
+    ``iter(loader)``: workers start when training takes its first batch, not while a checkpoint resume computes
+    or restores the loader's position (forking a process that has just run threads, e.g. the checksum
+    verification, risks a deadlock in the child). ``it`` is that iterator once made (None before).
+    """
+
+    def __init__(self, make_iterator: Callable[[], Any]):
+        self._make_iterator = make_iterator
+        self.it: Any = None
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        if self.it is None:
+            self.it = self._make_iterator()
         return unpack(next(self.it))
 
 
@@ -187,7 +200,7 @@ class PackedLoader(StatefulDataLoader):
     """StatefulDataLoader over packed micro-batches that yields them as dicts (see :func:`unpack`)."""
 
     def __iter__(self) -> _Unpacked:  # type: ignore[override]
-        return _Unpacked(super().__iter__())
+        return _Unpacked(super().__iter__)  # called at the first next (see _Unpacked)
 
 
 class TrainLoader(PackedLoader):
@@ -210,7 +223,19 @@ class TrainLoader(PackedLoader):
         self.layout = layout
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loader": super().state_dict(), "layout": dict(self.layout)}
+        """``{"loader": StatefulDataLoader state, "layout": ...}``, without starting worker processes.
+
+        StatefulDataLoader answers a state asked for before its first iterator exists by making that iterator,
+        which forks the workers. Here, before the first iteration the state is the one the first iterator will
+        restore: the loaded state, or else the fresh state built in this process (:func:`fresh_worker_state`).
+        """
+        if self._iterator is not None or self.num_workers == 0:  # an iterator exists, or one needs no process
+            loader_state = super().state_dict()
+        else:
+            if self.next_iter_state is None:  # the first iterator restores this state, so it is the one it will have
+                self.next_iter_state = self._fresh_state()
+            loader_state = copy.deepcopy(self.next_iter_state)
+        return {"loader": loader_state, "layout": dict(self.layout)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         check_same_layout(state_dict["layout"], self.layout, self.layout)
@@ -227,9 +252,17 @@ class TrainLoader(PackedLoader):
         check_same_layout(saved["layout"], self.layout, SAMPLE_KEYS)
         per_rank = micro_batches_per_step(self.layout["global_batch_size"], self.layout["local_batch_size"],
                                           self.layout["dp_world_size"])
-        state = self.state_dict()
+        state = {"loader": self._fresh_state(), "layout": dict(self.layout)}  # starts no worker process
         _set_position(state["loader"], step * per_rank)
         return state
+
+    def _fresh_state(self) -> dict[str, Any]:
+        """The StatefulDataLoader state of a new iterator at micro-batch 0, made in this process."""
+        if self.num_workers == 0:  # torchdata's single-process iterator starts no process: take its own state
+            return _StatefulSingleProcessDataLoaderIter(self).state_dict()
+        # drawn as torchdata draws a new iterator's base seed (the loader's generator, else torch's global one)
+        base_seed = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator).item())
+        return fresh_worker_state(self.num_workers, base_seed)
 
 
 SAMPLE_KEYS = ("seq_len", "global_batch_size", "seed", "train_prefixes", "train_weights")
@@ -245,6 +278,37 @@ def check_same_layout(saved: dict[str, Any], layout: dict[str, Any], keys) -> No
         if (list(old) if isinstance(old, (list, tuple)) else old) != (list(new) if isinstance(new, (list, tuple)) else new):
             raise UserError(f"the data-loader state was saved with {key}={old!r}, this run has {new!r}; resume "
                             "with the same value (or start a new dump_folder)")
+
+
+def fresh_worker_state(num_workers: int, base_seed: int) -> dict[str, Any]:
+    """The state torchdata 0.11's StatefulDataLoader reports for a new iterator over ``num_workers`` > 0 worker
+    processes, built without starting them.
+
+    torchdata gathers it from the workers (each sends its initial state once started); for this loader every
+    part is known up front: the dataset (:class:`TrainBatches`) and the sampler are not Stateful, so the
+    dataset, fetcher and index-sampler states are None; the sampler iterator is at 0; the last yielded worker
+    is the last one, so worker 0 gets the next micro-batch. This is the format checkpoints store (DESIGN.md);
+    a test compares it with the state torchdata itself reports.
+    """
+    return {
+        "_snapshot": {
+            "_snapshot_step": 0,
+            "_last_yielded_worker_id": num_workers - 1,
+            "_main_snapshot": {
+                "_num_workers": num_workers,
+                "_sampler_iter_state": {"next": 0},
+                "_index_sampler_state": None,
+                "_sampler_iter_yielded": 0,
+                "_IterableDataset_len_called": None,
+                "_shared_seed": None,
+                "_base_seed": base_seed,
+            },
+            "_worker_snapshots": {f"worker_{i}": {"worker_id": i, "fetcher_state": None, "dataset_state": None}
+                                  for i in range(num_workers)},
+        },
+        "_steps_since_snapshot": 0,
+        "_iterator_finished": False,
+    }
 
 
 def _set_position(state: dict[str, Any], k: int) -> None:
