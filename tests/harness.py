@@ -1,16 +1,54 @@
-"""Helpers shared by the tests that train with the real Trainer in torchrun launches (parallel, checkpoint):
-random shards and a run that records every logged loss exactly (the console prints 4 decimals)."""
+"""Helpers shared by the tests that train with the real Trainer, in this process or in torchrun launches
+(parallel, checkpoint, safety): random shards, runs that record every loss exactly (the console prints 4
+decimals), and one intra-op thread for a block of code."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from dlm_titan.config import load_config
 from dlm_titan.data.shards import write_shard
+
+if TYPE_CHECKING:
+    from dlm_titan.train import Trainer
+
+
+@contextlib.contextmanager
+def single_torch_thread() -> Iterator[None]:
+    """One torch intra-op thread inside the block, the previous count restored after (also on an error). On a
+    shared 2-core machine two OpenMP threads spin against each other: tiny matmuls and 6M-model steps run 5-100x
+    slower than on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def record_losses(trainer: Trainer, on_step: Callable[[Trainer, int], None] | None = None) -> dict[int, float]:
+    """Wraps ``trainer.train_step`` so that every step that returns records its exact loss (the local loss sum,
+    which is the logged loss for one process); returns {step: loss}, filled as the trainer trains. A step that
+    raises records nothing. ``on_step(trainer, step)`` runs after each recorded step."""
+    losses: dict[int, float] = {}
+    step_fn = trainer.train_step
+
+    def recorded(step: int) -> dict:
+        out = step_fn(step)
+        losses[step] = out["loss_sum"].item()
+        if on_step is not None:
+            on_step(trainer, step)
+        return out
+
+    trainer.train_step = recorded
+    return losses
 
 
 def write_random_shards(folder: Path, vocab: int, files: int = 2, tokens: int = 4096) -> Path:
@@ -42,25 +80,23 @@ def run_trainer(argv: list[str], stop_after: int | None = None) -> dict[int, flo
     from dlm_titan.train import Trainer
 
     cfg = load_config(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two OpenMP threads on two shared, busy cores run ~10x slower than one
     try:
-        trainer = Trainer(cfg)
-        if stop_after is not None:
-            trainer.steps = stop_after
-        losses: dict[int, float] = {}
-        log = trainer.metrics.log
+        with single_torch_thread():
+            trainer = Trainer(cfg)
+            if stop_after is not None:
+                trainer.steps = stop_after
+            losses: dict[int, float] = {}
+            log = trainer.metrics.log
 
-        def capture(step: int, metrics: dict) -> None:
-            losses[step] = metrics["loss"]
-            log(step, metrics)
+            def capture(step: int, metrics: dict) -> None:
+                losses[step] = metrics["loss"]
+                log(step, metrics)
 
-        trainer.metrics.log = capture
-        trainer.train()
-        if trainer.rank == 0:
-            Path(cfg.job.dump_folder, "losses.json").write_text(json.dumps(losses))
+            trainer.metrics.log = capture
+            trainer.train()
+            if trainer.rank == 0:
+                Path(cfg.job.dump_folder, "losses.json").write_text(json.dumps(losses))
     finally:
-        torch.set_num_threads(threads)
         dist_utils.shutdown()
     return losses
 

@@ -21,12 +21,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from harness import record_losses
 
 from dlm_titan.checkpoint.export import export_model, load_model
 from dlm_titan.checkpoint.layout import MARKER, step_folders
 from dlm_titan.config import Data, load_config
 from dlm_titan.data import build_train_loader, resolve_data_path, write_shard
 from dlm_titan.train import Trainer, main
+
+# One intra-op thread (5-20x faster steps on a shared 2-core machine). The SIGKILL child uses one too, so its
+# numerics match the in-process runs bit for bit.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -36,16 +41,6 @@ ARGS = ["--job.config_file", "train_configs/debug.toml", "--training.steps", str
         "--training.global_batch_size", "4", "--training.local_batch_size", "2", "--data.num_workers", "2",
         "--metrics.log_freq", "1", "--job.no_print_config", "--metrics.no_enable_tensorboard",
         "--checkpoint.export_dtype", "float32", "--model.vocab_size", str(VOCAB)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin against each other (steps 5-20x
-    slower). The SIGKILL child uses one too, so its numerics match the in-process runs bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -74,17 +69,7 @@ def train(dump: Path, *extra: str, stop_after: int | None = None, on_step=None) 
     trainer = Trainer(config(dump, *extra))
     if stop_after is not None:
         trainer.steps = stop_after
-    losses: dict[int, float] = {}
-    step_fn = trainer.train_step
-
-    def recorded(step: int):
-        out = step_fn(step)
-        losses[step] = out["loss_sum"].item()
-        if on_step is not None:
-            on_step(trainer, step)
-        return out
-
-    trainer.train_step = recorded
+    losses = record_losses(trainer, on_step)
     trainer.train()
     _stop_workers(trainer)
     return trainer, losses
@@ -477,17 +462,11 @@ def _train_with(dump: Path, install, *extra: str, steps: int = 4):
     trainer = Trainer(config(dump, *extra, "--training.steps", str(steps), "--data.num_workers", "0"))
     install(trainer)
     snapshots: dict[int, torch.Tensor] = {}
-    losses: dict[int, float] = {}
-    step_fn = trainer.train_step
 
-    def recorded(step):
-        out = step_fn(step)
-        losses[step] = out["loss_sum"].item()
-        snapshots[step] = torch.cat([p.detach().flatten().cpu() for p in trainer.model.parameters()])
-        return out
+    def snapshot(tr: Trainer, step: int) -> None:
+        snapshots[step] = torch.cat([p.detach().flatten().cpu() for p in tr.model.parameters()])
 
-    trainer.train_step = recorded
-    return trainer, losses, snapshots
+    return trainer, record_losses(trainer, snapshot), snapshots
 
 
 @pytest.mark.slow

@@ -33,20 +33,13 @@ from dlm_titan.lm_eval.scorer import (
 from dlm_titan.models import ModelArgs, TransEncoder
 
 VOCAB, MASK, EOS = 50, 50, 2
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: a second thread only adds contention
 
 
 def tiny_model(seed: int = 1, vocab: int = VOCAB, dim: int = 64) -> TransEncoder:
     model = TransEncoder(ModelArgs(n_layers=2, n_heads=4, dim=dim, ffn_dim=4 * dim, vocab_size=vocab), max_seq_len=64)
     model.init_weights(seed)
     return model.eval()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: a second thread only adds contention on shared CI cores
-    yield
-    torch.set_num_threads(old)
 
 
 TORCH_LOSS = partial(masked_linear_cross_entropy, impl="torch")

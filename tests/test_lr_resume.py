@@ -17,6 +17,7 @@ from dlm_titan.config import LRScheduler, load_config
 from dlm_titan.optim import LRSchedule
 
 VOCAB = 256
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_lr(step: int, steps: int, peak: float, warmup_cfg: int = -1, min_lr: float = 2e-5) -> float:
@@ -30,14 +31,6 @@ def reference_lr(step: int, steps: int, peak: float, warmup_cfg: int = -1, min_l
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     return write_random_shards(tmp_path_factory.mktemp("shards"), VOCAB)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads on two shared cores spin against each other
-    yield
-    torch.set_num_threads(threads)
 
 
 def train(shards, dump, steps: int, *extra: str):

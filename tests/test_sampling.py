@@ -2,7 +2,6 @@
 per-sample top-k, reveal probabilities, Gumbel-max temperature, CFG, batch invariance, and a tiny model trained
 here on a periodic text that regenerates it and stops at its EOS."""
 
-import contextlib
 import io
 import math
 import re
@@ -19,6 +18,9 @@ from dlm_titan.models import ModelArgs, TransEncoder
 from dlm_titan.sampling import SamplerConfig, generate, guided_logits, gumbel_argmax, row_generators, sample
 
 VOCAB, MASK, EOS = 50, 50, 2
+# Tiny matmuls: a second thread only adds contention on shared 2-core CI machines. Module scope: the model trained
+# once for the module below trains on one thread too.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Counting(nn.Module):
@@ -38,23 +40,6 @@ def tiny_model(seed: int = 1, vocab: int = VOCAB) -> TransEncoder:
     model = TransEncoder(ModelArgs(n_layers=2, n_heads=4, dim=64, ffn_dim=256, vocab_size=vocab), max_seq_len=64)
     model.init_weights(seed)
     return model.eval()
-
-
-@contextlib.contextmanager
-def one_thread():
-    # Tiny matmuls: a second thread only adds contention on shared 2-core CI machines.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -212,18 +197,17 @@ def trained_model():
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
     gen = torch.Generator().manual_seed(0)
     stream = torch.tensor(STREAM)
-    with one_thread():
-        for step in range(1, steps + 1):
-            starts = torch.randint(0, len(DOC), (batch,), generator=gen).tolist()
-            tokens = torch.stack([stream[s : s + seq_len] for s in starts])
-            noise = sample_noise(torch.arange(batch), seq_len, seed=0, step=step)
-            mb = forward_process(tokens, noise, eps=1e-3, mask_id=MASK, token_count=tokens.numel())
-            ce = F.cross_entropy(model(mb.inputs).flatten(0, 1), mb.targets.flatten(), reduction="none")
-            loss = (ce * mb.token_weights.flatten()).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+    for step in range(1, steps + 1):
+        starts = torch.randint(0, len(DOC), (batch,), generator=gen).tolist()
+        tokens = torch.stack([stream[s : s + seq_len] for s in starts])
+        noise = sample_noise(torch.arange(batch), seq_len, seed=0, step=step)
+        mb = forward_process(tokens, noise, eps=1e-3, mask_id=MASK, token_count=tokens.numel())
+        ce = F.cross_entropy(model(mb.inputs).flatten(0, 1), mb.targets.flatten(), reduction="none")
+        loss = (ce * mb.token_weights.flatten()).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
     return model.eval()
 
 
@@ -238,8 +222,7 @@ def test_trained_model_regenerates_its_text(trained_model, algorithm, block_leng
     prompts = [STREAM[s : s + n] for s, n in PROMPTS]
     cfg = SamplerConfig(length=16, steps=steps, block_length=block_length, algorithm=algorithm,
                         temperature=temperature, cfg_scale=cfg_scale, stop_at_eos=False, seed=1)
-    with one_thread():
-        out = generate(trained_model, prompts, cfg, mask_id=MASK, eos_id=EOS)
+    out = generate(trained_model, prompts, cfg, mask_id=MASK, eos_id=EOS)
     assert out == [STREAM[s + n : s + n + 16] for s, n in PROMPTS]
 
 
@@ -248,9 +231,8 @@ def test_trained_model_stops_at_eos(trained_model):
     prompts = [STREAM[s : s + n] for s, n in PROMPTS]
     counted = Counting(trained_model)
     cfg = SamplerConfig(length=16, steps=4, block_length=8, stop_at_eos=True)
-    with one_thread():
-        out = generate(counted, prompts, cfg, mask_id=MASK, eos_id=EOS)
-        x = sample(trained_model, torch.tensor([STREAM[3:11]]), cfg, mask_id=MASK, eos_id=EOS)
+    out = generate(counted, prompts, cfg, mask_id=MASK, eos_id=EOS)
+    x = sample(trained_model, torch.tensor([STREAM[3:11]]), cfg, mask_id=MASK, eos_id=EOS)
     expected = []
     for s, n in PROMPTS:
         rest = STREAM[s + n :]

@@ -30,15 +30,8 @@ VOCAB, EPS, SEQ = 64, 1e-3, 16
 MASK_ID = VOCAB
 # A micro TransEncoder: validation math does not depend on size, and the tests stay fast on 2 busy cores.
 ARGS = ModelArgs(n_layers=2, n_heads=2, dim=32, ffn_dim=64, vocab_size=VOCAB)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Micro models run ~100x faster on one thread than on two contended ones (thread spin overhead)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Micro models run ~100x faster on one thread than on two contended ones (thread spin overhead).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seq_len=SEQ):
