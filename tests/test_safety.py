@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import record_losses
+import torch
 
 from dlm_titan.checkpoint.export import load_model
 from dlm_titan.checkpoint.layout import MARKER, newest_complete, step_folders
@@ -26,14 +26,20 @@ from dlm_titan.data import write_shard
 from dlm_titan.errors import UserError
 from dlm_titan.train import Trainer, main
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 256
 ARGS = ["--job.config_file", "train_configs/debug.toml", "--training.seq_len", "32", "--training.global_batch_size",
         "4", "--training.local_batch_size", "2", "--data.num_workers", "0", "--metrics.log_freq", "1",
         "--job.no_print_config", "--metrics.no_enable_tensorboard", "--model.vocab_size", str(VOCAB),
         "--checkpoint.export_dtype", "float32", "--checkpoint.interval", "2", "--checkpoint.keep_latest_k", "0"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_shards(folder: Path) -> Path:
@@ -73,7 +79,15 @@ def losses_of(argv: list[str], stop_after: int | None = None) -> dict[int, float
     trainer = Trainer(load_config(argv))
     if stop_after is not None:
         trainer.steps = stop_after
-    losses = record_losses(trainer)
+    losses: dict[int, float] = {}
+    step_fn = trainer.train_step
+
+    def recorded(step: int):
+        out = step_fn(step)
+        losses[step] = out["loss_sum"].item()
+        return out
+
+    trainer.train_step = recorded
     trainer.train()
     return losses
 
@@ -411,3 +425,156 @@ def test_keep_latest_k_never_deletes_the_checkpoint_just_saved(shards, tmp_path,
                                "--checkpoint.keep_latest_k", "1"))
     assert code == 0, err[-3000:]
     assert (dump / "checkpoint" / "step-4" / MARKER).is_file()
+
+
+def test_a_purge_cut_short_leaves_no_checkpoint_that_reads_as_complete(tmp_path, monkeypatch):
+    """keep_latest_k deletes an old checkpoint marker first: a purge killed after its first deletion leaves an
+    incomplete folder, skipped on resume and purged next time, not one that reads as complete with a file gone.
+    (The folder listing puts the data files first and the marker last, as a filesystem's order may;
+    KeyboardInterrupt stands in for the kill.)"""
+    import os
+    from types import SimpleNamespace
+
+    from dlm_titan.checkpoint.layout import is_complete, write_marker
+    from dlm_titan.checkpoint.manager import CheckpointManager
+
+    folder = tmp_path / "checkpoint"
+    for step in (2, 4):
+        step_dir = folder / f"step-{step}"
+        step_dir.mkdir(parents=True)
+        for name in ("__0_0.distcp", "__0_1.distcp", ".metadata"):
+            (step_dir / name).write_bytes(bytes(100))
+        write_marker(step_dir, {"step": step})
+    real_scandir, real_unlink = os.scandir, os.unlink
+
+    class Listing(list):
+        def __enter__(self):
+            return iter(self)
+
+        def __exit__(self, *exc):
+            return False
+
+    def marker_last(*args, **kwargs):
+        with real_scandir(*args, **kwargs) as entries:
+            return Listing(sorted(entries, key=lambda e: (e.name == MARKER, e.name == ".metadata")))
+
+    deleted = []
+
+    def killed_after_one(path, *args, **kwargs):
+        if deleted:
+            raise KeyboardInterrupt
+        real_unlink(path, *args, **kwargs)
+        deleted.append(path)
+
+    owner = SimpleNamespace(cfg=SimpleNamespace(keep_latest_k=1), folder=folder)
+    monkeypatch.setattr(os, "scandir", marker_last)
+    monkeypatch.setattr(os, "unlink", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        CheckpointManager._purge(owner, folder / "step-4")
+    monkeypatch.undo()
+    assert len(deleted) == 1 and (folder / "step-2").is_dir()
+    assert not is_complete(folder / "step-2"), f"step-2 reads as complete without {Path(deleted[0]).name}"
+    assert newest_complete(folder) == folder / "step-4"
+    CheckpointManager._purge(owner, folder / "step-4")
+    assert [s for s, _ in step_folders(folder)] == [4] and is_complete(folder / "step-4")
+
+
+@pytest.mark.slow
+def test_an_async_save_failing_while_the_next_save_waits_is_reported_once(shards, tmp_path, capfd, monkeypatch):
+    """The async save of step 2 fails on a full disk while the save of step 4 waits for it: one error line, not
+    also a warning that the failed save "did not complete" and "stays incomplete" (its folder is removed)."""
+    from torch.distributed.checkpoint import filesystem
+
+    from dlm_titan.checkpoint.manager import CheckpointManager
+
+    saving_step_4 = threading.Event()
+    write_item, save = filesystem._write_item, CheckpointManager.save
+
+    def full_once_step_4_saves(*args, **kwargs):
+        if "step-2" in str(getattr(args[1] if len(args) > 1 else None, "name", "")) or "step-2" in str(args):
+            saving_step_4.wait(120)  # still in flight when step 3 and step 4 poll it: the save of step 4 waits
+            raise OSError(errno.ENOSPC, "No space left on device", "step-2")
+        return write_item(*args, **kwargs)
+
+    def save_marking_step_4(self, step: int, *args, **kwargs):
+        if step == 4:
+            saving_step_4.set()
+        return save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(filesystem, "_write_item", full_once_step_4_saves)
+    monkeypatch.setattr(CheckpointManager, "save", save_marking_step_4)
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
+    dump = tmp_path / "out"
+    code, err = run(capfd, cli(shards, dump, 4, "--checkpoint.enable", "--checkpoint.async_mode", "async"))
+    assert code == 2
+    assert "step-2 failed: No space left on device" in one_error_line(err)
+    assert "did not complete" not in err and "stays incomplete" not in err, err[-3000:]
+    assert step_folders(dump / "checkpoint") == []
+
+
+MARKER_WRITE_FAILS_ON_RANK_0 = """
+import errno, sys
+import torch.distributed as dist
+from dlm_titan.checkpoint import manager
+
+def full(*args, **kwargs):
+    assert dist.get_rank() == 0, "only rank 0 writes the marker"
+    raise OSError(errno.ENOSPC, "No space left on device", "complete.json")
+
+manager.write_marker = full
+from dlm_titan.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.multiprocess
+def test_a_marker_write_failing_on_rank_0_fails_the_save_on_every_rank(shards, tmp_path):
+    """2 processes (gloo on CPU): rank 0 cannot write step-1's marker (a full disk). Every rank reports the failed
+    save in one line and exits 2, rather than rank 1 counting the save complete and training on without rank 0."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dump = tmp_path / "out"
+    argv = cli(shards, dump, 3, "--checkpoint.enable", "--checkpoint.interval", "1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [subprocess.Popen([sys.executable, "-c", MARKER_WRITE_FAILS_ON_RANK_0, *argv], cwd=ROOT,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    results = []
+    for proc in procs:
+        try:
+            results.append((proc.communicate(timeout=300)[1], proc.returncode))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            results.append((proc.communicate()[1] + "\n(killed after 300 s)", proc.returncode))
+    for rank, (err, code) in enumerate(results):
+        assert code == 2, f"rank {rank} exited {code}:\n{err[-3000:]}"
+        assert "step-1 failed: No space left on device (complete.json)" in one_error_line(err)
+    assert step_folders(dump / "checkpoint") == []
+
+
+@pytest.mark.slow
+def test_an_io_error_reading_back_the_saved_files_fails_the_save_in_one_line(shards, tmp_path, capfd, monkeypatch):
+    """The checksums of step 4's files cannot be read (EIO): the save fails like any storage failure (one line,
+    the folder removed, step 2 the newest complete checkpoint), and in a multi-rank run on every rank alike."""
+    from dlm_titan import checksums
+
+    crc32 = checksums.file_crc32
+
+    def unreadable(path):
+        if "step-4" in str(path):
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return crc32(path)
+
+    monkeypatch.setattr(checksums, "file_crc32", unreadable)
+    dump = tmp_path / "out"
+    code, err = run(capfd, cli(shards, dump, 6, "--checkpoint.enable"))
+    assert code == 2
+    line = one_error_line(err)
+    assert "step-4 failed: Input/output error" in line and "step-2 stays the newest complete checkpoint" in line
+    assert [s for s, _ in step_folders(dump / "checkpoint")] == [2]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 import sys
 import warnings
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from typing import Any
 
 from dlm_titan.checksums import mismatched_files
 from dlm_titan.errors import UserError
-from dlm_titan.fileio import atomic_write_text
+from dlm_titan.fileio import atomic_write_text, fsync_folder
 
 MARKER = "complete.json"
 """Written last into a step folder: its presence makes the checkpoint complete (JSON: step, model shape, ...)."""
@@ -136,6 +137,19 @@ def write_marker(step_dir: Path, content: dict[str, Any], checksums: dict[str, s
     if checksums is not None:
         record["checksums"] = dict(sorted(checksums.items()))
     atomic_write_text(step_dir / MARKER, json.dumps(record, indent=2) + "\n")
+
+
+def remove_checkpoint(step_dir: Path, ignore_errors: bool = False) -> None:
+    """Deletes a step folder, its marker first: a deletion cut short (SIGKILL, a crash, a power loss) leaves an
+    incomplete folder, skipped on resume, never one that still reads as complete with some of its files gone
+    (``shutil.rmtree`` alone deletes in the folder's listing order, the marker possibly last)."""
+    try:
+        (step_dir / MARKER).unlink(missing_ok=True)
+        fsync_folder(step_dir)  # the marker's removal reaches the disk before any of the files' removals
+    except OSError:
+        if not ignore_errors:
+            raise
+    shutil.rmtree(step_dir, ignore_errors=ignore_errors)
 
 
 def checkpoint_folder_of(dump_folder: Path) -> Path:

@@ -1,17 +1,16 @@
-"""The checkpoint manager: DCP save and resume of the whole training state, async saves, crash safety.
+"""The checkpoint manager: DCP save of the whole training state, async saves, crash safety; resume delegated.
 
 A save of step N writes ``{dump_folder}/{checkpoint.folder}/step-N`` and marks it complete last (layout.py);
 what it holds is described in state.py; async saves stage the state in CPU buffers (staging.py) and write them
-from a background thread. A resume takes the newest complete checkpoint. The final weights are exported
-(export.py) when a run completes.
+from a background thread. A resume takes the newest complete checkpoint (resume.py). The final weights are
+exported (export.py) when a run completes.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,42 +19,23 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    set_model_state_dict,
-)
 
-from dlm_titan.checkpoint.export import EXPORT_FOLDER, export_model, is_export_folder, read_model_weights
+from dlm_titan.checkpoint.export import EXPORT_FOLDER, export_model
 from dlm_titan.checkpoint.layout import (
-    damaged,
-    find_checkpoint,
     is_complete,
-    is_dcp_folder,
-    newest_complete,
     print_warning,
-    read_dcp_metadata,
-    read_marker,
+    remove_checkpoint,
     single_process_dcp,
     step_folders,
-    verify_checksums,
     write_marker,
 )
+from dlm_titan.checkpoint.resume import CheckpointLoader, Ranks, check_model, resume_folder
 from dlm_titan.checkpoint.staging import StateStager, current_cuda_device, use_device
-from dlm_titan.checkpoint.state import (
-    BLOB_KEYS,
-    first_nonfinite,
-    from_json_tensor,
-    load_optimizer,
-    state_to_save,
-    tensor_state,
-)
+from dlm_titan.checkpoint.state import state_to_save, tensor_state
 from dlm_titan.checkpoint.write_errors import save_failure, writer_thread_errors
 from dlm_titan.checksums import checksum_files
-from dlm_titan.data.identity import dataset_identity, describe_change
+from dlm_titan.data.identity import dataset_identity
 from dlm_titan.errors import UserError
-from dlm_titan.interop.formats import interop_kind
-from dlm_titan.interop.mask_row import match_objective
 
 
 @dataclass
@@ -148,7 +128,7 @@ class CheckpointManager:
         """Where the checkpoint of ``step`` is (or would be) saved."""
         return self.folder / f"step-{step}"
 
-    # -- loading ------------------------------------------------------------------------------------------------
+    # -- loading (resume.py) --------------------------------------------------------------------------------
 
     def load(self) -> tuple[int, int]:
         """Restores the newest complete checkpoint (or ``load_step``), else ``initial_load_path`` weights.
@@ -156,104 +136,24 @@ class CheckpointManager:
         Returns:
             (step, tokens_seen) to continue from; (0, 0) for a fresh start.
         """
+        ranks = Ranks(self.distributed, self.rank, self.world_size, self._save_group, self._barrier_group)
+        loader = CheckpointLoader(self.cfg, self.model, self.optimizer, self.lr_scheduler, self.data_loader,
+                                  self.model_config, self.data_identity, ranks, self._log)
         if self.cfg.enable:
-            step_dir = self._resume_folder()
+            step_dir = resume_folder(self.folder, self.cfg.load_step, warn=self.rank == 0)
             if step_dir is not None:
-                return self._load_full(step_dir)
+                step, tokens = loader.load_full(step_dir)
+                self._last_saved = step
+                return step, tokens
         elif self.cfg.load_step >= 0:
             raise UserError(f"checkpoint.load_step = {self.cfg.load_step} needs --checkpoint.enable")
         if self.cfg.initial_load_path:
-            self._load_weights(Path(self.cfg.initial_load_path))
+            loader.load_weights(Path(self.cfg.initial_load_path))
         return 0, 0
 
-    def _resume_folder(self) -> Path | None:
-        if self.cfg.load_step >= 0:
-            path = self.folder / f"step-{self.cfg.load_step}"
-            if not path.is_dir():
-                have = [s for s, p in step_folders(self.folder) if is_complete(p)]
-                raise UserError(f"checkpoint.load_step = {self.cfg.load_step}: no {path}; complete checkpoints: "
-                                f"{have or 'none'}")
-            return path  # _load_full's read_marker refuses it when incomplete or damaged
-        return newest_complete(self.folder, warn=self.rank == 0)
-
-    def _load_full(self, step_dir: Path) -> tuple[int, int]:
-        start = time.perf_counter()
-        marker = read_marker(step_dir)
-        self._check_model(marker.get("model", {}), step_dir)
-        self._check_objective(marker.get("model", {}), step_dir)
-        self._check_data(marker, step_dir)
-        self._verify(step_dir, marker)
-        metadata = read_dcp_metadata(step_dir)
-        sizes = {k: v.size for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
-        state = tensor_state(self.model, self.optimizer)
-        optim_extras = state.pop("_optim_extras")
-        for key in BLOB_KEYS:
-            state[key] = torch.empty(sizes[key], dtype=torch.uint8)
-        self._dcp_load(state, step_dir)
-        train_state = from_json_tensor(state["train_state"])
-        self._check_finite(state["model"], step_dir)
-        set_model_state_dict(self.model, state["model"])
-        load_optimizer(self.model, self.optimizer, state["optimizer"], optim_extras,
-                       from_json_tensor(state["optimizer_groups"]))
-        self.lr_scheduler.load_state_dict(from_json_tensor(state["lr_scheduler"]))
-        self._load_data_loader(step_dir, train_state, sizes)
-        step, tokens = int(train_state["step"]), int(train_state["tokens_seen"])
-        self._last_saved = step
-        self._log(f"resumed from {step_dir} (step {step}, {tokens:,} tokens, saved by {train_state['world_size']} "
-                  f"ranks) in {time.perf_counter() - start:.2f} s")
-        return step, tokens
-
-    def _dcp_load(self, state: dict[str, Any], step_dir: Path) -> None:
-        """Loads ``state``'s keys from a checkpoint in place (DCP reshards DTensors to this run's layout)."""
-        with single_process_dcp():
-            dcp.load(state, checkpoint_id=str(step_dir), process_group=self._save_group, no_dist=not self.distributed)
-
     def _check_model(self, saved: dict[str, Any], where: Path) -> None:
-        keys = ("n_layers", "n_heads", "dim", "ffn_dim", "vocab_size")
-
-        def kv_heads(c: dict[str, Any]) -> Any:  # markers written before grouped-query attention have none
-            return c.get("n_kv_heads") or c.get("n_heads")
-
-        if saved and (any(saved.get(k) != self.model_config.get(k) for k in keys)
-                      or kv_heads(saved) != kv_heads(self.model_config)):
-            raise UserError(f"{where} holds a {saved.get('flavor')} model (vocab {saved.get('vocab_size')}) but this "
-                            f"run builds {self.model_config.get('flavor')} (vocab {self.model_config.get('vocab_size')}); "
-                            "use the same model.flavor/vocab_size or another dump_folder")
-
-    def _other_objective(self, saved: dict[str, Any]) -> bool:
-        """Whether a checkpoint's model config records the other objective (causal or not) than this run's."""
-        return bool(saved) and bool(saved.get("causal")) != bool(self.model_config.get("causal"))
-
-    def _check_objective(self, saved: dict[str, Any], where: Path) -> None:
-        """A checkpoint of this trainer records whether its model is causal (training.objective = "ar")."""
-        saved_objective, this = ("ar" if saved.get("causal") else "mdm"), ("ar" if self.model_config.get("causal") else "mdm")
-        if saved and saved_objective != this:
-            raise UserError(f"{where} holds a model trained with training.objective = {saved_objective!r} but this run "
-                            f"trains {this!r}; use the same objective or another dump_folder")
-
-    def _agree(self, error: str | None) -> None:
-        """Raises UserError with the first rank's ``error`` on every rank (collective), so all ranks exit 2."""
-        if self.distributed:
-            errors: list[str | None] = [None] * self.world_size
-            dist.all_gather_object(errors, error, group=self._barrier_group)
-            error = next((e for e in errors if e), None)
-        if error:
-            raise UserError(error)
-
-    def _verify(self, step_dir: Path, marker: dict[str, Any]) -> None:
-        """Checks the files' CRC-32s against the marker's, each rank a share of the files (collective)."""
-        names = sorted(marker.get("checksums") or {})[self.rank::self.world_size]
-        try:
-            verify_checksums(step_dir, marker, names)
-            error = None
-        except UserError as e:
-            error = str(e)
-        self._agree(error)
-
-    def _check_finite(self, model_state: dict[str, Any], step_dir: Path) -> None:
-        """Refuses loaded weights that hold NaN or inf (collective: each rank checks its shards)."""
-        bad = first_nonfinite(model_state)
-        self._agree(None if bad is None else damaged(step_dir, f"its weights hold non-finite values (first: {bad})"))
+        """Refuses a checkpoint's model config ``saved`` of another shape than this run's (resume.check_model)."""
+        check_model(self.model_config, saved, where)
 
     def data_identity(self) -> dict[str, Any]:
         """The training shards' identity (names, sizes, manifests), taken once: the loader opened them at start."""
@@ -264,64 +164,6 @@ class CheckpointManager:
             used = [p for p, w in zip(data.train_prefixes, data.train_weights, strict=True) if w > 0]
             self._data_identity = dataset_identity(resolve_data_path(data), used)
         return self._data_identity
-
-    def _check_data(self, marker: dict[str, Any], step_dir: Path) -> None:
-        """A resume continues the saved sample stream only over the same shards (markers without "data": none)."""
-        change = describe_change(marker["data"], self.data_identity()) if "data" in marker else None
-        if change is None:
-            return
-        if not self.cfg.accept_data_change:
-            raise UserError(f"the training data changed since {step_dir} was saved: {change}; restore the saved "
-                            "shards, or resume on the new ones with --checkpoint.accept_data_change")
-        print_warning(f"the training data changed since {step_dir} was saved ({change}); continuing from the saved "
-                      "sample position over the new shards with their epoch order recomputed "
-                      "(checkpoint.accept_data_change): the sample stream differs from the saved run's")
-
-    def _load_data_loader(self, step_dir: Path, train_state: dict[str, Any], sizes: dict[str, Any]) -> None:
-        """The rank's own saved loader state when the layout is unchanged. Under another world size (or worker
-        count or micro-batch size) the loader is repositioned at the start of the next step instead: its
-        position is global (see :meth:`dlm_titan.data.loader.TrainLoader.reposition`)."""
-        own = f"dataloader.rank_{self.rank}"
-        same_world = int(train_state["world_size"]) == self.world_size
-        key = own if same_world and own in sizes else "dataloader.rank_0"
-        blob = {"dataloader": {key.split(".", 1)[1]: torch.empty(sizes[key], dtype=torch.uint8)}}
-        self._dcp_load(blob, step_dir)
-        saved = from_json_tensor(next(iter(blob["dataloader"].values())))
-        layout = getattr(self.data_loader, "layout", None)
-        if same_world and (layout is None or json.loads(json.dumps(layout)) == saved.get("layout")):
-            self.data_loader.load_state_dict(saved)
-            return
-        if not hasattr(self.data_loader, "reposition"):
-            raise UserError("this data loader cannot resume under another world size; resume with the saved one")
-        self.data_loader.load_state_dict(self.data_loader.reposition(saved, int(train_state["step"])))
-        self._log(f"data loader repositioned at step {train_state['step']} (saved by {train_state['world_size']} "
-                  f"ranks, {saved['layout'].get('num_workers')} workers; now {self.world_size} ranks)")
-
-    def _load_weights(self, path: Path) -> None:
-        """Model weights only (``initial_load_path``): DCP checkpoints load resharded, exports as full tensors."""
-        if not path.exists():
-            raise UserError(f"checkpoint.initial_load_path {path} does not exist")
-        step_dir = None
-        if not is_export_folder(path) and interop_kind(path) is None:
-            step_dir = path if is_dcp_folder(path) else find_checkpoint(path, warn=self.rank == 0)
-        if step_dir is not None and self._other_objective(read_marker(step_dir).get("model", {})):
-            path, step_dir = step_dir, None  # read whole below, the mask-token row added or dropped
-        if step_dir is not None:
-            marker = read_marker(step_dir)
-            self._check_model(marker.get("model", {}), step_dir)
-            self._check_objective(marker.get("model", {}), step_dir)
-            self._verify(step_dir, marker)
-            read_dcp_metadata(step_dir)  # UserError when damaged
-            state = {"model": get_model_state_dict(self.model)}
-            self._dcp_load(state, step_dir)
-            self._check_finite(state["model"], step_dir)
-            set_model_state_dict(self.model, state["model"])
-        else:
-            cfg, full = read_model_weights(path)
-            self._check_model(cfg, path)
-            cfg, full = match_objective(cfg, full, bool(self.model_config.get("causal")), self._log)
-            set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True))
-        self._log(f"initialized model weights from {step_dir or path} (optimizer, schedule and data start fresh)")
 
     # -- saving -------------------------------------------------------------------------------------------------
 
@@ -336,7 +178,7 @@ class CheckpointManager:
         path = self.step_folder(step)
         if self.rank == 0:
             if path.exists():  # a stale folder from a crashed save (or a rerun): never mix its files in
-                shutil.rmtree(path)
+                remove_checkpoint(path)
             path.mkdir(parents=True)
         self._barrier()
         state = self._state_to_save(step, tokens_seen)
@@ -378,7 +220,7 @@ class CheckpointManager:
 
     def _storage_failed(self, path: Path, error: str) -> UserError:
         if self.rank == 0:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_checkpoint(path, ignore_errors=True)
         return UserError(error)
 
     def _dcp_save(self, state: dict[str, Any], path: Path) -> None:
@@ -400,11 +242,12 @@ class CheckpointManager:
             self._finish(p.step, p.path, p.started, p.blocking_s)
 
     def wait(self) -> None:
-        """Waits for the save in flight, if any, and completes it."""
+        """Waits for the save in flight, if any, and completes it (raises its failure, which is then reported: a
+        failed save is no longer in flight, and :meth:`finish_in_flight` says nothing more about it)."""
         p = self._pending
         if p is not None:
             start = time.perf_counter()
-            p.upload.result()
+            wait_for([p.upload])  # interrupted (Ctrl-C), the save stays in flight for finish_in_flight
             p.blocking_s += time.perf_counter() - start
             self._poll()
 
@@ -427,13 +270,12 @@ class CheckpointManager:
 
     def _mark_complete(self, step: int, path: Path, error: str | None = None) -> None:
         """Rank 0 writes the marker once DCP's save has returned on every rank without ``error``, i.e. every
-        rank's files and .metadata are written. Each rank checksums the files it wrote (``__{rank}_*.distcp``;
-        rank 0 also .metadata); all ranks gather the checksums and errors (collective on the save group: in the
-        writer thread for async saves), so a save that failed anywhere fails everywhere, unmarked."""
-        checksums = {}
+        rank's files and .metadata are written. Each rank checksums the files it wrote; all ranks gather the
+        checksums and errors, then learn whether rank 0's marker write succeeded (collectives on the save group:
+        in the writer thread for async saves), so a save that failed anywhere fails everywhere, unmarked."""
+        checksums: dict[str, str] = {}
         if error is None:
-            own = sorted(path.glob(f"__{self.rank}_*.distcp")) + ([path / ".metadata"] if self.rank == 0 else [])
-            checksums = checksum_files(own) if self.record_checksums else {}
+            checksums, error = self._own_checksums(path)
         parts = [(error, checksums)]
         if self.distributed:
             parts = [None] * self.world_size
@@ -441,18 +283,44 @@ class CheckpointManager:
         errors = [e for e, _ in parts if e]
         if errors:
             raise self._storage_failed(path, errors[0])
+        bug = None
         if self.rank == 0:
-            marker = {"step": step, "world_size": self.world_size, "model": self.model_config,
-                      "async_mode": self.cfg.async_mode, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                      "data": self.data_identity()}
             try:
-                checksums = {k: v for _, part in parts for k, v in part.items()}
-                write_marker(path, marker, checksums if self.record_checksums else None)
-            except OSError as e:
+                self._write_marker(step, path, {k: v for _, part in parts for k, v in part.items()})
+            except Exception as e:  # noqa: BLE001 - told to every rank below, then raised
                 failure = save_failure(e, path, self.folder)
-                if failure is None:
-                    raise
-                raise self._storage_failed(path, str(failure)) from None
+                if failure is None:  # a bug: its traceback on rank 0, one line on the others
+                    bug, error = e, f"rank 0 failed to mark {path} complete ({type(e).__name__}: {e})"
+                else:
+                    error = str(failure)
+        if self.distributed:  # the other ranks must not count a save complete whose marker rank 0 failed to write
+            shared = [error]
+            dist.broadcast_object_list(shared, src=0, group=self._save_group)
+            error = shared[0]
+        if bug is not None:
+            raise bug
+        if error is not None:
+            raise self._storage_failed(path, error)
+
+    def _own_checksums(self, path: Path) -> tuple[dict[str, str], str | None]:
+        """The CRC-32s of the files this rank wrote (``__{rank}_*.distcp``; rank 0 also .metadata), or the error
+        line of a storage failure reading them back (an I/O error), which fails the save on every rank."""
+        if not self.record_checksums:
+            return {}, None
+        own = sorted(path.glob(f"__{self.rank}_*.distcp")) + ([path / ".metadata"] if self.rank == 0 else [])
+        try:
+            return checksum_files(own), None
+        except OSError as e:
+            failure = save_failure(e, path, self.folder)
+            if failure is None:
+                raise
+            return {}, str(failure)
+
+    def _write_marker(self, step: int, path: Path, checksums: dict[str, str]) -> None:
+        marker = {"step": step, "world_size": self.world_size, "model": self.model_config,
+                  "async_mode": self.cfg.async_mode, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  "data": self.data_identity()}
+        write_marker(path, marker, checksums if self.record_checksums else None)
 
     def _finish(self, step: int, path: Path, started: float, blocking_s: float) -> None:
         """Bookkeeping of a completed save (main thread): purge, stats, log."""
@@ -476,7 +344,7 @@ class CheckpointManager:
         newest = max((s for s, p in folders if is_complete(p)), default=-1)
         doomed = [p for p in complete[:-k] if p != saved] + [p for s, p in folders if s < newest and not is_complete(p)]
         for path in doomed:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_checkpoint(path, ignore_errors=True)
 
     def _barrier(self) -> None:
         if self.distributed:
