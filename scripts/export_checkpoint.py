@@ -11,8 +11,9 @@ checkpoint), an export folder (either kind, e.g. to change its dtype), an SMDM/l
 (``.safetensors``, ``.pth``, ``.pt``; the flavor is inferred from its shapes unless ``--flavor`` names it) or a
 Llama-family Hugging Face folder (``LlamaForCausalLM``: its shape, GQA and rope_theta kept, the mask-token row
 added). The default destination is ``{dump_folder}/export-step-N`` for dlm_titan checkpoints; other sources need
-``--out``. The tokenizer files come from ``--tokenizer_path``, else from the dump folder's config.toml, else from
-the source folder's own tokenizer, else the embedded tokenizer.
+``--out``. The tokenizer files come from ``--tokenizer_path`` (one that cannot be shipped is an error), else from
+the dump folder's config.toml, else from the source folder's own tokenizer; an SMDM/lit-gpt file gets the embedded
+tokenizer (SMDM's, Llama-2's), a folder without tokenizer files none (with a warning: no tokenizer is guessed).
 """
 
 from __future__ import annotations
@@ -49,18 +50,28 @@ def default_destination(source: Path, step: int) -> Path:
     return dump / f"export-step-{step}"
 
 
-def default_tokenizer(source: Path) -> str:
-    """The run's ``data.tokenizer_path`` (dump folder's config.toml), else the source folder's own tokenizer file,
-    else "" (the embedded tokenizer)."""
+def default_tokenizer(source: Path) -> str | None:
+    """The run's ``data.tokenizer_path`` (dump folder's config.toml), else the source folder's own tokenizer file;
+    None (no tokenizer) for another folder, "" (the embedded tokenizer, SMDM's) for an SMDM/lit-gpt file."""
     dump = dump_folder_of(source)
     if dump is not None:
         try:
             return str(tomllib.loads((dump / "config.toml").read_text()).get("data", {}).get("tokenizer_path", ""))
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise UserError(f"cannot read {dump / 'config.toml'} ({e}); pass --tokenizer_path") from None
-    if source.is_dir() and any((source / name).is_file() for name in _TOKENIZER_FILES):
-        return str(source)
+    if source.is_dir():
+        return str(source) if any((source / name).is_file() for name in _TOKENIZER_FILES) else None
     return ""
+
+
+def check_destination(out: Path, source: Path) -> None:
+    """UserError for an ``--out`` that would overwrite the source or turn a run's folder into an export (whose
+    config.json would then shadow the newest checkpoint of a dump folder for every reader)."""
+    if out.resolve() == source.resolve():
+        raise UserError(f"--out {out} is the source; choose another destination")
+    if (out / "config.toml").is_file() or (out / ".metadata").is_file():
+        raise UserError(f"--out {out} is a dlm_titan dump or checkpoint folder; export into a folder of its own "
+                        "(default: {dump_folder}/export-step-N)")
 
 
 def export(source: Path, out: Path | None, dtype: str, flavor: str | None, tokenizer_path: str | None) -> tuple[dict, Path]:
@@ -71,11 +82,10 @@ def export(source: Path, out: Path | None, dtype: str, flavor: str | None, token
     cfg, state = read if read is not None else read_model_weights(source)
     step = int(cfg.get("step", 0))
     out = out or default_destination(source, step)
-    if out.resolve() == source.resolve():
-        raise UserError(f"--out {out} is the source; choose another destination")
+    check_destination(out, source)
     tokenizer = default_tokenizer(source) if tokenizer_path is None else tokenizer_path
     info = {"flavor": cfg.get("flavor"), "step": step, "tokens_seen": cfg.get("tokens_seen") or None}
-    write_hf_folder(state, cfg, out, dtype, info, tokenizer)
+    write_hf_folder(state, cfg, out, dtype, info, tokenizer, tokenizer_required=tokenizer_path is not None)
     return cfg, out
 
 

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from dlm_titan.errors import UserError
-from dlm_titan.fileio import atomic_write_text
+from dlm_titan.fileio import atomic_write_text, fsync_folder
 from dlm_titan.interop.hf_format import TEMPLATES, hf_config, to_hf_state
-from dlm_titan.interop.hf_tokenizer import write_tokenizer
+from dlm_titan.interop.hf_tokenizer import TOKENIZER_FILES, tokenizer_files
 from dlm_titan.interop.safetensors_io import MAX_SHARD_BYTES, write_weights
 
 CONFIG_FILE = "config.json"
@@ -34,27 +34,36 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch
 
 
 def write_hf_folder(state: dict[str, torch.Tensor], cfg: dict[str, Any], out_dir: str | Path, dtype: str,
-                    info: dict[str, Any], tokenizer_path: str = "", max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+                    info: dict[str, Any], tokenizer_path: str | None = "", max_shard_bytes: int = MAX_SHARD_BYTES,
+                    tokenizer_required: bool = False) -> Path:
     """Writes a full dlm_titan state dict as a Hugging Face model folder (weights first, config.json last).
 
     Args:
         state: full state dict with dlm_titan names (one process).
         cfg: the model's shape (:func:`dlm_titan.models.model_config`).
-        out_dir: the folder (created; weight files of an earlier export there are replaced).
+        out_dir: the folder (created; an earlier export there is replaced, its config.json removed first).
         dtype: "float32", "bfloat16" or "float16".
         info: trainer facts for config.json and the card: flavor, step, tokens_seen, final_loss (any may be absent).
-        tokenizer_path: as ``data.tokenizer_path`` ("" = the embedded tokenizer).
+        tokenizer_path: as ``data.tokenizer_path`` ("" = the embedded tokenizer); None = no tokenizer files.
         max_shard_bytes: weights above this size are sharded.
+        tokenizer_required: a tokenizer that cannot be converted is a UserError, raised before anything is
+            written, instead of a warning and a folder without tokenizer files.
     """
     if dtype not in DTYPES:
         raise UserError(f"export dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    files, special, problem = _tokenizer(tokenizer_path, cfg, tokenizer_required)
+    out = _open_destination(Path(out_dir))
+    if problem:
+        print(f"warning: the export in {out} has no tokenizer: {problem}", file=sys.stderr)
     tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in to_hf_state(state, cfg).items()}
     write_weights(tensors, out, max_shard_bytes)
     for name in TEMPLATES:
         shutil.copyfile(_TEMPLATE_DIR / name, out / name)
-    special = _write_tokenizer(out, tokenizer_path, cfg)
+    for name in TOKENIZER_FILES:  # an earlier export's files go when this one has none
+        if name in files:
+            atomic_write_text(out / name, files[name])
+        else:
+            (out / name).unlink(missing_ok=True)
     info = {k: v for k, v in info.items() if v is not None}
     atomic_write_text(out / "README.md", model_card(cfg, dtype, info, has_tokenizer=special is not None))
     config = hf_config(cfg, dtype, info, special or {})
@@ -62,16 +71,36 @@ def write_hf_folder(state: dict[str, torch.Tensor], cfg: dict[str, Any], out_dir
     return out
 
 
-def _write_tokenizer(out: Path, tokenizer_path: str, cfg: dict[str, Any]) -> dict[str, int] | None:
-    """The tokenizer files and its BOS/EOS ids; None (with a warning) when it cannot be converted, so the weights
-    of a finished run are still exported."""
+def _open_destination(out: Path) -> Path:
+    """Creates ``out`` and takes an earlier export there out of service: its config.json goes first, so a write
+    that dies half-way leaves a folder that is no model folder (config.json is written last), never one that
+    loads the new weights under the old config or shards of two exports. UserError where no folder can be made."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"export destination {out} is a file, not a folder; choose another destination")
     try:
-        tok = write_tokenizer(out, tokenizer_path, int(cfg["vocab_size"]), int(cfg["max_seq_len"]),
-                              mask=not cfg.get("causal", False))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_FILE).unlink(missing_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the export folder {out} ({e.strerror or e}); "
+                        "choose another destination") from None
+    fsync_folder(out)
+    return out
+
+
+def _tokenizer(tokenizer_path: str | None, cfg: dict[str, Any],
+               required: bool) -> tuple[dict[str, str], dict[str, int] | None, str | None]:
+    """The tokenizer files (name -> text), its BOS/EOS ids and None; ({}, None, why) when there is none or it
+    cannot be converted (the weights of a finished run are still exported), a UserError then if ``required``."""
+    try:
+        if tokenizer_path is None:
+            raise UserError("the source has no tokenizer files; pass --tokenizer_path to ship one")
+        tok, files = tokenizer_files(tokenizer_path, int(cfg["vocab_size"]), int(cfg["max_seq_len"]),
+                                     mask=not cfg.get("causal", False))
     except UserError as e:
-        print(f"warning: the export in {out} has no tokenizer: {e}", file=sys.stderr)
-        return None
-    return {k: v for k, v in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id)) if v >= 0}
+        if required:
+            raise
+        return {}, None, str(e)
+    return files, {k: v for k, v in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id)) if v >= 0}, None
 
 
 def model_card(cfg: dict[str, Any], dtype: str, info: dict[str, Any], has_tokenizer: bool) -> str:

@@ -24,6 +24,8 @@ from dlm_titan.errors import UserError
 from dlm_titan.fileio import atomic_write_text
 
 _SPIECE_SPACE = "\u2581"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+"""What :func:`tokenizer_files` gives and :func:`write_tokenizer` writes."""
 
 
 def _added(token_id: int, content: str) -> dict[str, Any]:
@@ -90,17 +92,31 @@ def _tokenizer_json(tok: Tokenizer) -> dict[str, Any]:
 
 
 def write_tokenizer(out: Path, tokenizer_path: str, vocab_size: int, max_length: int, mask: bool = True) -> Tokenizer:
-    """Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json into ``out``.
+    """Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json into ``out``
+    (:func:`tokenizer_files`, whose arguments it takes after ``out``).
+
+    Returns:
+        the dlm_titan tokenizer it was converted from.
+    """
+    tok, files = tokenizer_files(tokenizer_path, vocab_size, max_length, mask)
+    for name, text in files.items():
+        atomic_write_text(out / name, text)
+    return tok
+
+
+def tokenizer_files(tokenizer_path: str, vocab_size: int, max_length: int,
+                    mask: bool = True) -> tuple[Tokenizer, dict[str, str]]:
+    """The text of tokenizer.json, tokenizer_config.json and special_tokens_map.json, converted (UserError where
+    the tokenizer cannot be), before anything is written.
 
     Args:
-        out: the model folder.
         tokenizer_path: as ``data.tokenizer_path`` ("" = the embedded tokenizer).
         vocab_size: the model's output vocabulary; the mask token gets this id.
         max_length: the training sequence length (``model_max_length``).
         mask: register the mask token (diffusion models; the autoregressive baseline has none).
 
     Returns:
-        the dlm_titan tokenizer it was converted from.
+        the dlm_titan tokenizer it was converted from, and file name -> text.
     """
     tok = load_tokenizer(tokenizer_path, max_vocab_size=vocab_size)
     spec = _tokenizer_json(tok)
@@ -121,11 +137,12 @@ def write_tokenizer(out: Path, tokenizer_path: str, vocab_size: int, max_length:
     for key, token_id in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id)):
         if token_id >= 0 and token_id in names:
             config[key] = names[token_id]
-    atomic_write_text(out / "tokenizer.json", json.dumps(spec, ensure_ascii=False) + "\n")
-    atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     special = {k: v for k, v in config.items() if k in ("bos_token", "eos_token", "mask_token")}
-    atomic_write_text(out / "special_tokens_map.json", json.dumps(special, indent=2, ensure_ascii=False) + "\n")
-    return tok
+    return tok, {
+        "tokenizer.json": json.dumps(spec, ensure_ascii=False) + "\n",
+        "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+        "special_tokens_map.json": json.dumps(special, indent=2, ensure_ascii=False) + "\n",
+    }
 
 
 def _pad_vocabulary(spec: dict[str, Any], vocab_size: int) -> None:

@@ -20,6 +20,8 @@ both. The shape (flavor) is looked up from (layers, width, SwiGLU width) in SMDM
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +57,29 @@ def load_state_file(path: Path) -> dict[str, torch.Tensor]:
             state: Any = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise _unpickling_error(path, e) from None
     except Exception as e:  # safetensors, pickle and zip errors have no common base
-        raise UserError(f"cannot read {path} as a state dict ({type(e).__name__}: {str(e).strip()[:200]})") from None
+        why = " ".join(str(e).split())[:200]  # one line
+        raise UserError(f"cannot read {path} as a state dict ({type(e).__name__}: {why})") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} holds no state dict of tensors")
     return {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
+
+
+def _unpickling_error(path: Path, error: pickle.UnpicklingError) -> UserError:
+    """torch.load's weights-only refusal (several lines, terminal colours) as one line saying what it means."""
+    text = str(error)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found is not None:
+        return UserError(f"cannot read {path} without unpickling code: it holds a {found[1]} object besides tensors "
+                         "(e.g. in training hyperparameters); where you trust the file, save its state dict alone "
+                         "(torch.save(state_dict, ...) or safetensors' save_file) and convert that")
+    cause = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
+    why = " ".join((cause[1] if cause else text).split())[:200]
+    return UserError(f"cannot read {path} as a torch state dict (UnpicklingError: {why})")
 
 
 def _get(state: dict[str, torch.Tensor], key: str, path: Path) -> torch.Tensor:

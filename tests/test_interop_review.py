@@ -1,0 +1,204 @@
+"""Review of the Hugging Face export: what the other interop tests leave out.
+
+- A re-export into an existing folder (the trainer's final export of an extended run, or the script run twice)
+  that dies half-way must not leave a folder that looks complete: it either loads as the earlier export or not at
+  all, never as a mix of two exports (weights of one, config.json of the other, or shards of both).
+- Bad destinations are one line and exit 2, not a traceback.
+- A shape off SMDM's defaults (rope_theta, norm eps, one key/value head) reaches transformers intact: its logits
+  equal dlm_titan's own model run in float64, for the diffusion model and the causal baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from dlm_titan.checkpoint.export import load_model
+from dlm_titan.errors import UserError
+from dlm_titan.interop.hf_export import write_hf_folder
+from dlm_titan.models import ModelArgs, build_transencoder, model_config
+from scripts.export_checkpoint import main as export_main
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 256  # no tokenizer (the exports warn that they have none)
+
+
+def tiny(seed: int, causal: bool = False, **shape) -> torch.nn.Module:
+    args = ModelArgs(2, 4, 64, 96, vocab_size=VOCAB, **shape)
+    model = build_transencoder(args, 64, "math", "cpu", causal=causal)
+    model.to_empty(device="cpu")
+    model.init_weights(seed)
+    return model.eval()
+
+
+def export(model, out, step: int, **kw) -> None:
+    write_hf_folder(model.state_dict(), model_config(model, "tiny"), out, "float32", {"step": step}, **kw)
+
+
+def what_loads(out, tokens: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """(logits, recorded step) of the folder as dlm_titan reads it, or None when it is not a model folder."""
+    try:
+        model = load_model(out, attn_backend="math")
+    except UserError:
+        return None
+    with torch.no_grad():
+        return model(tokens), int(model.config["step"])
+
+
+def transformers_loads(out) -> bool:
+    try:
+        transformers.AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("dies_at", ["second shard", "model card"])
+def test_reexport_that_dies_half_way_never_looks_complete(tmp_path, monkeypatch, dies_at):
+    import safetensors.torch
+
+    import dlm_titan.interop.hf_export as hf_export
+
+    old, new = tiny(seed=1), tiny(seed=2)
+    tokens = torch.randint(0, VOCAB + 1, (1, 9))
+    export(old, tmp_path, step=7, max_shard_bytes=60_000)
+    with torch.no_grad():
+        want = old(tokens)
+    assert torch.equal(what_loads(tmp_path, tokens)[0], want)
+
+    class Killed(Exception):
+        pass
+
+    if dies_at == "second shard":
+        calls = []
+        real = safetensors.torch.save_file
+
+        def save_file(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise Killed
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    else:  # every weight file of the new export written, the card and config.json not yet
+        def model_card(*args, **kwargs):
+            raise Killed
+
+        monkeypatch.setattr(hf_export, "model_card", model_card)
+    with pytest.raises(Killed):
+        export(new, tmp_path, step=9, max_shard_bytes=60_000)
+    monkeypatch.undo()
+    loaded = what_loads(tmp_path, tokens)
+    if loaded is not None:  # only the earlier export, whole, may still be there
+        logits, step = loaded
+        assert step == 7 and torch.equal(logits, want), "a mix of two exports loads"
+    else:
+        assert not transformers_loads(tmp_path)
+    export(new, tmp_path, step=9, max_shard_bytes=60_000)  # the rerun completes it
+    logits, step = what_loads(tmp_path, tokens)
+    with torch.no_grad():
+        assert step == 9 and torch.equal(logits, new(tokens))
+
+
+def one_error_line(capsys, argv: list[str]) -> str:
+    capsys.readouterr()
+    code = export_main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_bad_destination_is_one_line_exit_2(tmp_path, capsys):
+    """--out naming a file, a path under a file or a run's dump folder: one line, exit 2, nothing written."""
+    export(tiny(seed=1), tmp_path / "src", step=3)
+    (tmp_path / "a_file").write_text("not a folder")
+    assert "a_file" in one_error_line(capsys, [str(tmp_path / "src"), "--out", str(tmp_path / "a_file")])
+    assert (tmp_path / "a_file").read_text() == "not a folder"
+    assert "a_file" in one_error_line(capsys, [str(tmp_path / "src"), "--out", str(tmp_path / "a_file" / "sub")])
+    (tmp_path / "dump").mkdir()  # a run's dump folder: an export there would shadow its newest checkpoint
+    (tmp_path / "dump" / "config.toml").write_text("[job]\n")
+    assert "dump" in one_error_line(capsys, [str(tmp_path / "src"), "--out", str(tmp_path / "dump")])
+    assert sorted(p.name for p in (tmp_path / "dump").iterdir()) == ["config.toml"]
+
+
+def float64_reference(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """dlm_titan's own model, every parameter in float64."""
+    ref = build_transencoder(model.args, model.max_seq_len, "math", "cpu", causal=model.causal)
+    ref.load_state_dict({k: v.double() for k, v in model.state_dict().items()}, assign=True)
+    from dlm_titan.models.attention import rope_cache
+
+    ref.rope = rope_cache(ref.max_seq_len, ref.args.head_dim, ref.args.rope_theta)
+    with torch.no_grad():
+        return ref(tokens)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_off_default_shape_reaches_transformers_intact(tmp_path, causal):
+    """rope_theta 5e5, RMSNorm eps 1e-6 and one key/value head for four query heads: transformers' copy (float64)
+    equals dlm_titan's model (float64) at every position, so none of the three fell back to a default."""
+    model = tiny(seed=5, causal=causal, rope_theta=500000.0, norm_eps=1e-6, n_kv_heads=1)
+    with torch.no_grad():  # norm weights away from 1, so a wrong eps or a skipped norm shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.02, 2.0)
+    export(model, tmp_path, step=1)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["rope_theta"], config["rms_norm_eps"], config["num_key_value_heads"]) == (500000.0, 1e-6, 1)
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModelForMaskedLM
+    hf = auto.from_pretrained(tmp_path, trust_remote_code=True).double().eval()
+    tokens = torch.randint(0, VOCAB + (0 if causal else 1), (2, 40))
+    with torch.no_grad():
+        got = hf(tokens).logits
+    want = float64_reference(model, tokens)
+    assert ((got - want).norm() / want.norm()).item() < 1e-6
+    back = load_model(tmp_path, attn_backend="math")
+    assert (back.args.rope_theta, back.args.norm_eps, back.args.kv_heads, back.causal) == (500000.0, 1e-6, 1, causal)
+
+
+def test_explicit_tokenizer_that_cannot_be_shipped_is_one_line_exit_2(tmp_path, capsys):
+    """--tokenizer_path names what the user wants shipped: a path that does not exist, or a tokenizer that does not
+    fit the model (here the embedded 32000-token one for a 256-token model), stops the export before it writes,
+    rather than exporting without tokenizer files and exiting 0."""
+    from dlm_titan.data.tokenizer import embedded_tokenizer_path
+
+    export(tiny(seed=1), tmp_path / "src", step=3)
+    out = ["--out", str(tmp_path / "out")]
+    assert "nope" in one_error_line(capsys, [str(tmp_path / "src"), "--tokenizer_path", str(tmp_path / "nope"), *out])
+    too_big = embedded_tokenizer_path()
+    assert "32000" in one_error_line(capsys, [str(tmp_path / "src"), "--tokenizer_path", too_big, *out])
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_source_without_tokenizer_files_gets_no_guessed_tokenizer(tmp_path, capsys):
+    """A Llama folder downloaded without its tokenizer files (here a 40,000-token vocabulary): the export ships no
+    tokenizer and says so, instead of the embedded Llama-2 tokenizer padded to the model's vocabulary (and an
+    earlier export's tokenizer files in the destination go)."""
+    config = transformers.LlamaConfig(vocab_size=40000, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    assert not list((tmp_path / "llama").glob("tokenizer*"))
+    (tmp_path / "out").mkdir()  # an earlier export's tokenizer there must not pass for this model's
+    (tmp_path / "out" / "tokenizer.json").write_text("{}")
+    capsys.readouterr()
+    assert export_main([str(tmp_path / "llama"), "--out", str(tmp_path / "out"), "--dtype", "float32"]) == 0
+    assert "--tokenizer_path" in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("tokenizer*"))
+    assert "no tokenizer files" in (tmp_path / "out" / "README.md").read_text()
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "eos_token_id" not in config and config["vocab_size"] == 40001
+
+
+def test_checkpoint_holding_other_objects_is_one_line_exit_2(tmp_path, capsys):
+    """A lit-gpt training checkpoint whose hyperparameters hold a Path cannot be read without unpickling code:
+    one plain line (torch's own message spans lines and carries terminal colour codes), naming the way out."""
+    import pathlib
+
+    torch.save({"model": {"lm_head.weight": torch.zeros(4, 2)}, "hparams": {"out_dir": pathlib.PurePosixPath("out")}},
+               tmp_path / "iter-001000-ckpt.pth")
+    line = one_error_line(capsys, [str(tmp_path / "iter-001000-ckpt.pth"), "--out", str(tmp_path / "out")])
+    assert "\x1b" not in line and "safetensors" in line
