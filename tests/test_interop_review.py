@@ -202,3 +202,39 @@ def test_checkpoint_holding_other_objects_is_one_line_exit_2(tmp_path, capsys):
                tmp_path / "iter-001000-ckpt.pth")
     line = one_error_line(capsys, [str(tmp_path / "iter-001000-ckpt.pth"), "--out", str(tmp_path / "out")])
     assert "\x1b" not in line and "safetensors" in line
+
+
+@pytest.mark.parametrize("dummy_prefix", [False, True])
+def test_sentencepiece_user_defined_symbols_encode_as_training_or_ship_no_tokenizer(tmp_path, dummy_prefix):
+    """A SentencePiece BPE model trained with user_defined_symbols: SentencePiece cuts them out of the text
+    wherever they occur (also inside a word). Without a dummy prefix the exported tokenizer.json does the same;
+    with one the tokenizers library cannot (a symbol's own text would get the prefix), so the export says so instead
+    of shipping a tokenizer that encodes differently from the data the model was trained on."""
+    import sentencepiece as spm
+
+    from dlm_titan.data.tokenizer import load_tokenizer
+
+    texts = ["The quick brown fox jumps over the lazy dog.", "naïve café [SEP] ok", "def f(x):\n    return x\n"] * 40
+    texts += [f"item{i} and [SEP] firefox{i}" for i in range(200)]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=str(tmp_path / "sp"), vocab_size=400, model_type="bpe",
+        user_defined_symbols=["[SEP]", "fox"], normalization_rule_name="identity", byte_fallback=True,
+        add_dummy_prefix=dummy_prefix, remove_extra_whitespaces=False, minloglevel=2)
+    model = build_transencoder(ModelArgs(1, 4, 64, 96, vocab_size=512), 64, "math", "cpu")  # above its 400 tokens
+    model.to_empty(device="cpu")
+    model.init_weights(1)
+    if dummy_prefix:
+        with pytest.raises(UserError, match=r"user-defined symbols \(\[SEP\], fox\)"):
+            export(model, tmp_path / "hf", step=1, tokenizer_path=str(tmp_path / "sp.model"), tokenizer_required=True)
+        return
+    export(model, tmp_path / "hf", step=1, tokenizer_path=str(tmp_path / "sp.model"), tokenizer_required=True)
+    ours = load_tokenizer(str(tmp_path / "sp.model"))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in ["a[SEP]b", "[SEP] x", "x [SEP]", "the fox", "firefox", "Fox fox-fox", " fox", "", "[SEP][SEP]",
+                 "<s> [SEP] </s>", "fox", *texts[:3], texts[-1]]:
+        ids = hf_tok(text)["input_ids"]
+        assert ids == ours.encode(text, eos=False), repr(text)
+        assert hf_tok.decode(ids) == ours.decode(ids), repr(text)
+    assert ours.encode("firefox", eos=False)[-1] == ours.backend.processor.piece_to_id("fox")  # cut out of the word
+    back = load_tokenizer(str(tmp_path / "hf"), max_vocab_size=512)  # dlm_titan reading the folder's tokenizer
+    assert all(back.encode(t, eos=False) == ours.encode(t, eos=False) for t in ["a[SEP]b", "the fox", *texts[:3]])

@@ -9,8 +9,9 @@ every document with EOS), and special-token strings in the text are plain text. 
 Sources: a SentencePiece BPE model (the embedded tokenizer) is converted: its pieces and scores become a BPE
 vocabulary and merges (a piece's merges rank by its score, as SentencePiece merges the best-scored pair first), its
 dummy prefix a ``Prepend("▁")`` normalizer (SentencePiece adds it even before a leading space, which the
-``Metaspace`` pre-tokenizer would not). A ``tokenizer.json`` is copied without its post-processor (training never
-applied it, e.g. Llama's added BOS).
+``Metaspace`` pre-tokenizer would not); its user-defined symbols added tokens matched in the normalized text, where
+SentencePiece cuts them out (a model with both is refused: that normalizer would prefix the symbols' own text
+too). A ``tokenizer.json`` is copied without its post-processor (training never applied it, e.g. Llama's added BOS).
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 """What :func:`tokenizer_files` gives and :func:`write_tokenizer` writes."""
 
 
-def _added(token_id: int, content: str) -> dict[str, Any]:
+def _added(token_id: int, content: str, special: bool = True) -> dict[str, Any]:
+    """An added token: a special one is matched in the raw text; a SentencePiece user-defined symbol (``special``
+    False) in the normalized text, where SentencePiece cuts it out (spaces already "▁" there)."""
     return {"id": token_id, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
-            "normalized": False, "special": True}
+            "normalized": not special, "special": special}
 
 
 def _sentencepiece_json(path: str) -> dict[str, Any]:
@@ -47,6 +50,12 @@ def _sentencepiece_json(path: str) -> dict[str, Any]:
         raise UserError(f"tokenizer {path} normalizes text ({norm.name}, remove_extra_whitespaces="
                         f"{norm.remove_extra_whitespaces}); the Hugging Face export converts identity-normalized "
                         "SentencePiece models only")
+    user = [i for i, p in enumerate(proto.pieces) if p.type == p.USER_DEFINED]
+    if user and norm.add_dummy_prefix:
+        shown = ", ".join(proto.pieces[i].piece for i in user[:3]) + (", ..." if len(user) > 3 else "")
+        raise UserError(f"tokenizer {path} has user-defined symbols ({shown}) and a dummy prefix: the tokenizers "
+                        "library cannot cut them out as SentencePiece does, so no tokenizer.json would encode as "
+                        "training did; load the .model with sentencepiece")
     vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
     special = [i for i, p in enumerate(proto.pieces) if p.type in (p.CONTROL, p.UNKNOWN)]
     unk = next((i for i, p in enumerate(proto.pieces) if p.type == p.UNKNOWN), None)
@@ -58,7 +67,8 @@ def _sentencepiece_json(path: str) -> dict[str, Any]:
         decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
     return {
         "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [_added(i, proto.pieces[i].piece) for i in special],
+        "added_tokens": [_added(i, proto.pieces[i].piece) for i in special]
+        + [_added(i, proto.pieces[i].piece, special=False) for i in user],
         "normalizer": {"type": "Sequence", "normalizers": normalizers},
         "pre_tokenizer": None, "post_processor": None,
         "decoder": {"type": "Sequence", "decoders": decoders},
