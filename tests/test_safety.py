@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from harness import record_losses
 
 from dlm_titan.checkpoint.export import load_model
 from dlm_titan.checkpoint.layout import MARKER, newest_complete, step_folders
@@ -26,20 +26,14 @@ from dlm_titan.data import write_shard
 from dlm_titan.errors import UserError
 from dlm_titan.train import Trainer, main
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 256
 ARGS = ["--job.config_file", "train_configs/debug.toml", "--training.seq_len", "32", "--training.global_batch_size",
         "4", "--training.local_batch_size", "2", "--data.num_workers", "0", "--metrics.log_freq", "1",
         "--job.no_print_config", "--metrics.no_enable_tensorboard", "--model.vocab_size", str(VOCAB),
         "--checkpoint.export_dtype", "float32", "--checkpoint.interval", "2", "--checkpoint.keep_latest_k", "0"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_shards(folder: Path) -> Path:
@@ -79,15 +73,7 @@ def losses_of(argv: list[str], stop_after: int | None = None) -> dict[int, float
     trainer = Trainer(load_config(argv))
     if stop_after is not None:
         trainer.steps = stop_after
-    losses: dict[int, float] = {}
-    step_fn = trainer.train_step
-
-    def recorded(step: int):
-        out = step_fn(step)
-        losses[step] = out["loss_sum"].item()
-        return out
-
-    trainer.train_step = recorded
+    losses = record_losses(trainer)
     trainer.train()
     return losses
 
