@@ -177,6 +177,7 @@ def test_two_processes_give_the_one_process_answers(setup, one_process):
     ("nll_type=exact", "nll_type 'exact' is not one of mc, left_to_right, chain_rule"),
     ("mc_samples=many", "model_args mc_samples='many' must be an integer"),
     ("greedy=maybe", "model_args greedy='maybe' must be true or false"),
+    ("compile=sometimes", "model_args compile='sometimes' must be auto, true or false"),
 ])
 def test_bad_model_args_are_user_errors(setup, model_args, message):
     """Checked before the model loads (so the path need not exist); lm-eval parses model_args as this string is
