@@ -34,7 +34,7 @@ from dlm_titan.diffusion import MaskedBatch, forward_process, sample_noise, ssl_
 from dlm_titan.errors import UserError, report
 from dlm_titan.fileio import atomic_write_text
 from dlm_titan.flops import steps_from_budget
-from dlm_titan.interop.init_shape import build_training_model, folder_model_args
+from dlm_titan.interop.init_shape import build_training_model, folder_model_args, run_flavor
 from dlm_titan.metrics import TrainMetrics
 from dlm_titan.models import get_model_args, model_config
 from dlm_titan.nonfinite import NonFiniteGuard, NonFiniteStop
@@ -108,7 +108,7 @@ class Trainer:
                                         self.cfg.training.max_consecutive_skips)
         self.signals = StopSignals(flags)
         self.checkpointer = CheckpointManager(self.cfg, self.model, self.optimizer, self.lr_scheduler, self.data_loader,
-                                              model_config(self.model, self.cfg.model.flavor), barrier_group=flags)
+                                              model_config(self.model, run_flavor(self.cfg)), barrier_group=flags)
         if self.cfg.checkpoint.enable:  # a stop signal saves; without checkpoints it ends the run as usual
             self.signals.install(self.data_loader)
         self.step, self.tokens_seen = self.checkpointer.load()  # resume, or initial_load_path weights

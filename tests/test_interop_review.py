@@ -238,3 +238,54 @@ def test_sentencepiece_user_defined_symbols_encode_as_training_or_ship_no_tokeni
     assert ours.encode("firefox", eos=False)[-1] == ours.backend.processor.piece_to_id("fox")  # cut out of the word
     back = load_tokenizer(str(tmp_path / "hf"), max_vocab_size=512)  # dlm_titan reading the folder's tokenizer
     assert all(back.encode(t, eos=False) == ours.encode(t, eos=False) for t in ["a[SEP]b", "the fox", *texts[:3]])
+
+
+@pytest.fixture(scope="module")
+def folder_shaped_run(tmp_path_factory):
+    """A 2-step run initialised from a Hugging Face folder whose shape is no SMDM flavor (grouped-query attention,
+    rope_theta 5e5), checkpointing every step and exporting at the end; model.flavor stays at the 6M default."""
+    from harness import run_trainer, tiny_run_args, write_random_shards
+
+    root = tmp_path_factory.mktemp("folder_run")
+    (root / "data").mkdir()
+    data = write_random_shards(root / "data", VOCAB)
+    model = tiny(seed=7, rope_theta=500000.0, n_kv_heads=2)
+    write_hf_folder(model.state_dict(), model_config(model, ""), root / "gqa", "float32", {})
+    run_trainer(tiny_run_args(data, root / "run", VOCAB, 2, 4, 1, 0, "--checkpoint.initial_load_path",
+                              str(root / "gqa"), "--checkpoint.enable", "--checkpoint.interval", "1",
+                              "--checkpoint.export_dtype", "float32"))
+    return root, data
+
+
+def test_folder_shaped_run_does_not_record_the_ignored_flavor(folder_shaped_run):
+    """The run's checkpoints and export describe its model: not as "6M" (model.flavor, ignored for the shape), whose
+    6 layers and width 256 the recorded 2 layers and width 64 contradict."""
+    root, _ = folder_shaped_run
+    marker = json.loads((root / "run" / "checkpoint" / "step-2" / "complete.json").read_text())["model"]
+    config = json.loads((root / "run" / "export" / "config.json").read_text())
+    assert (marker["n_layers"], config["num_hidden_layers"], config["num_key_value_heads"]) == (2, 2, 2)
+    assert marker["flavor"] == config["flavor"] == ""
+    assert "6M" not in (root / "run" / "export" / "README.md").read_text()
+
+
+def test_checkpoint_of_a_folder_shaped_run_initialises_a_new_run(folder_shaped_run, tmp_path):
+    """A second stage in a new dump folder starts from the first stage's DCP checkpoint: it takes that model's
+    shape (as it would from the folder), not model.flavor's."""
+    from harness import tiny_run_args
+
+    from dlm_titan import distributed as dist_utils
+    from dlm_titan.config import load_config
+    from dlm_titan.train import Trainer
+
+    root, data = folder_shaped_run
+    step2 = root / "run" / "checkpoint" / "step-2"
+    argv = tiny_run_args(data, tmp_path / "stage2", VOCAB, 2, 4, 1, 0, "--checkpoint.initial_load_path", str(step2))
+    want = load_model(step2, attn_backend="math").state_dict()
+    try:
+        trainer = Trainer(load_config(argv))
+        a = trainer.model.args
+        assert (a.n_layers, a.dim, a.kv_heads, a.rope_theta) == (2, 64, 2, 500000.0)
+        got = trainer.model.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in want.items())
+    finally:
+        dist_utils.shutdown()
