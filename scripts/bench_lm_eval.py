@@ -5,17 +5,21 @@ from a few lengths as in a large task, where many requests share each length) wi
 of ``--flavor`` (the cost does not depend on the weights), ``--mc_samples`` ELBO draws per request, by the code
 behind ``python -m dlm_titan.lm_eval`` (:func:`dlm_titan.likelihood.elbo_batch`):
 
-- ``one request at a time``: each request alone, its draws in forwards of at most ``--batch_size`` sequences,
-  one host sync per request (as a scorer that takes requests one by one);
+- ``one request at a time``: each request alone, its draws in forwards of at most ``--single_batch_size``
+  sequences (default 32), eager, one host sync per request: what the earlier adapter
+  (``scripts/lm_eval_adapter.py``, replaced by ``python -m dlm_titan.lm_eval``) did;
 - ``batched``: all requests in one call, the draws of equal-length requests packed into forwards of
-  ``--batch_size`` sequences (lm-eval's ``--batch_size``).
+  ``--batch_size`` sequences (lm-eval's ``--batch_size``), eager;
+- ``batched, compiled`` (with ``--compile``): the same after compiling the model's blocks with dynamic shapes,
+  as ``python -m dlm_titan.lm_eval`` does on CUDA (``compile=auto``); also prints the largest relative
+  difference of its estimates from the eager ones.
 
-    python -m scripts.bench_lm_eval                                       # 170M, 128 draws, on the GPU
+    python -m scripts.bench_lm_eval --compile                             # 170M, 128 draws, on the GPU
     python -m scripts.bench_lm_eval --flavor 6M --device cpu --requests 8 --mc_samples 16 --batch_size 64
 
 Prints the device and the workload, one line per mode (requests/s, sequences/s, seconds of the fastest of
-``--repeats`` runs) and the ratio. Both modes first score ``--warmup`` requests untimed (kernel selection,
-allocator growth).
+``--repeats`` runs) and each batched mode's ratio to one request at a time. Every mode first scores the
+``--warmup`` extra requests and the timed ones once, untimed (kernel selection, allocator growth, compilation).
 """
 
 from __future__ import annotations
@@ -42,15 +46,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=64, help="requests scored by each mode")
     parser.add_argument("--mc_samples", type=int, default=128, help="ELBO draws per request")
     parser.add_argument("--batch_size", type=int, default=512, help="sequences per forward pass")
-    parser.add_argument("--single_batch_size", type=int, default=0,
-                        help="sequences per forward one request at a time (0 = --batch_size; the earlier "
-                             "adapter's default was 32)")
+    parser.add_argument("--single_batch_size", type=int, default=32,
+                        help="sequences per forward one request at a time (32: the earlier adapter's default)")
     parser.add_argument("--lengths", default="96,104,112,128", help="request lengths (context + continuation), tokens")
     parser.add_argument("--continuation", type=int, default=24, help="longest continuation (tokens); 1..this")
-    parser.add_argument("--warmup", type=int, default=4, help="untimed requests scored first by each mode")
+    parser.add_argument("--warmup", type=int, default=4, help="extra requests in each mode's untimed first pass")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per mode (the fastest is reported)")
     parser.add_argument("--compile", action="store_true",
-                        help="compile the model's blocks (dynamic shapes: one graph for every length and batch)")
+                        help="also time batched scoring with the model's blocks compiled (dynamic shapes)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -85,10 +88,7 @@ def build(args: argparse.Namespace, max_len: int) -> torch.nn.Module:
     model = build_transencoder(model_args, max_len, "auto", device)
     model.to_empty(device=device)
     model.init_weights(args.seed)
-    model = model.to(dtypes[args.dtype]).eval()
-    if args.compile:
-        compile_blocks(model, dynamic=True)
-    return model
+    return model.to(dtypes[args.dtype]).eval()
 
 
 def timed(fn, device: torch.device) -> float:
@@ -113,22 +113,28 @@ def run(args: argparse.Namespace) -> list[str]:
     def score(texts: list, batch_size: int) -> list:
         return elbo_batch(model, texts, mask_id=model.args.mask_id, mc_samples=args.mc_samples, batch_size=batch_size)
 
-    single = args.single_batch_size or args.batch_size
-    modes = {"one request at a time": lambda texts: [score([t], single) for t in texts],
+    modes = {"one request at a time": lambda texts: [e for t in texts for e in score([t], args.single_batch_size)],
              "batched": lambda texts: score(texts, args.batch_size)}
+    if args.compile:
+        modes["batched, compiled"] = modes["batched"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     lines = [f"device: {name}, flavor {args.flavor}, {args.requests} requests of {args.lengths} tokens, "
-             f"{args.mc_samples} draws each, batch_size {args.batch_size} (one at a time: {single}), "
-             f"{next(model.parameters()).dtype}{', compiled' if args.compile else ''}"]
-    rates = {}
+             f"{args.mc_samples} draws each, batch_size {args.batch_size} (one at a time: {args.single_batch_size}), "
+             f"{next(model.parameters()).dtype}"]
+    rates, estimates = {}, {}
     for label, fn in modes.items():
-        if warm:
-            fn(warm)
+        if label == "batched, compiled":
+            compile_blocks(model, dynamic=True)
+        estimates[label] = torch.tensor([e.nll for e in fn(warm + reqs)], dtype=torch.float64)  # warms up too
         seconds = min(timed(lambda fn=fn: fn(reqs), device) for _ in range(max(1, args.repeats)))
         rates[label] = args.requests / seconds
         lines.append(f"{label}: {rates[label]:.2f} requests/s, {rates[label] * args.mc_samples:.0f} sequences/s "
                      f"({seconds:.2f} s)")
-    lines.append(f"batched / one at a time: {rates['batched'] / rates['one request at a time']:.2f}x")
+    for label in [k for k in modes if k.startswith("batched")]:
+        lines.append(f"{label} / one at a time: {rates[label] / rates['one request at a time']:.2f}x")
+    if args.compile:
+        diff = ((estimates["batched, compiled"] - estimates["batched"]).abs() / estimates["batched"].abs()).max()
+        lines.append(f"compiled vs eager estimates: largest relative difference {diff.item():.2e}")
     return lines
 
 
