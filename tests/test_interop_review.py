@@ -6,6 +6,8 @@
 - Bad destinations are one line and exit 2, not a traceback.
 - A shape off SMDM's defaults (rope_theta, norm eps, one key/value head) reaches transformers intact: its logits
   equal dlm_titan's own model run in float64, for the diffusion model and the causal baseline.
+- config.json names the weights' dtype under both keys transformers has read (``torch_dtype`` in 4.x, ``dtype``).
+- A config.json that is valid JSON but no object is one line and exit 2 wherever a folder is read.
 """
 
 from __future__ import annotations
@@ -289,3 +291,46 @@ def test_checkpoint_of_a_folder_shaped_run_initialises_a_new_run(folder_shaped_r
         assert all(torch.equal(got[k], v) for k, v in want.items())
     finally:
         dist_utils.shutdown()
+
+
+def test_config_json_names_the_dtype_for_transformers_4_and_5(tmp_path, capfd):
+    """transformers 4.x takes the weights' dtype from config.json's ``torch_dtype`` (5.x from ``dtype``): a bf16
+    export records both, and the installed transformers loads it as bf16 without a word about either key."""
+    import warnings
+
+    model = tiny(seed=3)
+    write_hf_folder(model.state_dict(), model_config(model, "tiny"), tmp_path, "bfloat16", {"step": 1})
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["torch_dtype"] == config["dtype"] == "bfloat16"
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = transformers.AutoConfig.from_pretrained(tmp_path, trust_remote_code=True)
+        hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path, trust_remote_code=True, dtype="auto")
+    assert loaded.dtype == torch.bfloat16 and {p.dtype for p in hf.parameters()} == {torch.bfloat16}
+    said = capfd.readouterr().err + "\n".join(str(w.message) for w in caught)
+    assert "dtype" not in said, said
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"a string"', "null", "3"])
+def test_config_json_that_is_no_object_is_one_line_exit_2(tmp_path, capsys, content):
+    """A config.json that is valid JSON but no object (a list, a string, ...): the loader, the export script and
+    a run's checkpoint.initial_load_path each say so in one line naming the file (exit 2), not with a traceback."""
+    from harness import tiny_run_args, write_random_shards
+
+    from dlm_titan.train import main as train_main
+
+    export(tiny(seed=1), tmp_path / "hf", step=3)
+    config = tmp_path / "hf" / "config.json"
+    config.write_text(content + "\n")
+    with pytest.raises(UserError, match="config.json holds"):
+        load_model(tmp_path / "hf")
+    assert str(config) in one_error_line(capsys, [str(tmp_path / "hf"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "data").mkdir()
+    data = write_random_shards(tmp_path / "data", VOCAB)
+    capsys.readouterr()
+    code = train_main(tiny_run_args(data, tmp_path / "run", VOCAB, 1, 4, 1, 0, "--checkpoint.initial_load_path",
+                                    str(tmp_path / "hf")))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and str(config) in err[0], err

@@ -27,7 +27,7 @@ from dlm_titan.checkpoint.layout import (
     single_process_dcp,
     verify_checksums,
 )
-from dlm_titan.checkpoint.state import first_nonfinite
+from dlm_titan.checkpoint.state import first_nonfinite, from_json_tensor
 from dlm_titan.errors import UserError
 from dlm_titan.fileio import atomic_write, atomic_write_text
 from dlm_titan.interop.formats import read_interop
@@ -39,6 +39,9 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 EXPORT_FOLDER = "export"
 """Default export location inside a dump folder."""
+
+TRAIN_STATE = "train_state"
+"""The JSON entry of a checkpoint that holds its step and tokens_seen (see checkpoint.state.BLOB_KEYS)."""
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -144,22 +147,27 @@ def _read_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 
 def _read_dcp_model(step_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Model weights only of a DCP checkpoint, read into a fresh CPU state dict of the recorded shape."""
+    """Model weights only of a DCP checkpoint, read into a fresh CPU state dict of the recorded shape; the config
+    also holds the step and, where the checkpoint's training state records it, ``tokens_seen`` (for exports)."""
     import torch.distributed.checkpoint as dcp
 
     marker = read_marker(step_dir)  # raises UserError for an incomplete or damaged checkpoint
     verify_checksums(step_dir, marker)
-    read_dcp_metadata(step_dir)
+    metadata = read_dcp_metadata(step_dir)
     cfg = marker["model"]
     model = build_model_from_config(cfg, "cpu", attn_backend="math")
     model.to_empty(device="cpu")
     state = {k: v for k, v in model.state_dict().items()}
+    size = getattr(metadata.state_dict_metadata.get(TRAIN_STATE), "size", None)  # None: no training state saved
+    blobs = {} if size is None else {TRAIN_STATE: torch.empty(size, dtype=torch.uint8)}
     with single_process_dcp():
-        dcp.load({"model": state}, checkpoint_id=str(step_dir), no_dist=True)
+        dcp.load({"model": state, **blobs}, checkpoint_id=str(step_dir), no_dist=True)
     bad = first_nonfinite(state)
     if bad is not None:
         raise UserError(damaged(step_dir, f"its weights hold non-finite values (first: {bad})"))
-    return {**cfg, "dtype": "float32", "step": int(marker["step"])}, state
+    tokens = from_json_tensor(blobs[TRAIN_STATE]).get("tokens_seen") if blobs else None
+    return {**cfg, "dtype": "float32", "step": int(marker["step"]),
+            **({} if tokens is None else {"tokens_seen": int(tokens)})}, state
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,

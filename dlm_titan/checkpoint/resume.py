@@ -86,16 +86,32 @@ def resume_folder(folder: Path, load_step: int, warn: bool) -> Path | None:
     return newest_complete(folder, warn=warn)
 
 
-def check_model(this: dict[str, Any], saved: dict[str, Any], where: Path) -> None:
-    """Refuses a checkpoint whose model config ``saved`` has another shape than this run's ``this``."""
+def _model_fields(c: dict[str, Any]) -> dict[str, Any]:
+    """What of a recorded model config must match for its weights to be this model's: the tensor shapes and the
+    constants that are no tensor (RoPE base, RMSNorm epsilon). Markers written before grouped-query attention have
+    no n_kv_heads (one key/value head per query head); missing constants are the defaults models are built with."""
+    return {**{k: c.get(k) for k in _SHAPE_KEYS}, "n_kv_heads": c.get("n_kv_heads") or c.get("n_heads"),
+            "rope_theta": float(c.get("rope_theta", 10000.0)), "norm_eps": float(c.get("norm_eps", 1e-5))}
 
-    def kv_heads(c: dict[str, Any]) -> Any:  # markers written before grouped-query attention have none
-        return c.get("n_kv_heads") or c.get("n_heads")
 
-    if saved and (any(saved.get(k) != this.get(k) for k in _SHAPE_KEYS) or kv_heads(saved) != kv_heads(this)):
-        raise UserError(f"{where} holds a {saved.get('flavor')} model (vocab {saved.get('vocab_size')}) but this "
-                        f"run builds {this.get('flavor')} (vocab {this.get('vocab_size')}); "
-                        "use the same model.flavor/vocab_size or another dump_folder")
+RESUME_FIX = ("resume with the model that saved it (its model.flavor and model.vocab_size, or the "
+              "checkpoint.initial_load_path that shaped it) or use another dump_folder")
+INITIAL_FIX = ("set model.flavor and model.vocab_size to that model's, or pass a checkpoint.initial_load_path "
+               "that holds this run's model")
+
+
+def check_model(this: dict[str, Any], saved: dict[str, Any], where: Path, fix: str = RESUME_FIX) -> None:
+    """Refuses a checkpoint whose model config ``saved`` differs from this run's ``this`` in a shape or a constant:
+    one line naming each differing field with both values, then ``fix``."""
+    if not saved:
+        return
+    ours, theirs = _model_fields(this), _model_fields(saved)
+    differ = [k for k in ours if theirs[k] != ours[k]]
+    if differ:
+        raise UserError(f"{where} holds a {saved.get('flavor') or 'custom-shape'} model with "
+                        f"{', '.join(f'{k} = {theirs[k]}' for k in differ)} but this run builds a "
+                        f"{this.get('flavor') or 'custom-shape'} model with "
+                        f"{', '.join(f'{k} = {ours[k]}' for k in differ)}; {fix}")
 
 
 def other_objective(this: dict[str, Any], saved: dict[str, Any]) -> bool:
@@ -187,7 +203,7 @@ class CheckpointLoader:
             self._load_dcp_weights(step_dir)
         else:
             cfg, full = read_model_weights(path)
-            check_model(self.model_config, cfg, path)
+            check_model(self.model_config, cfg, path, INITIAL_FIX)
             cfg, full = match_objective(cfg, full, bool(self.model_config.get("causal")), self.log)
             set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True))
         self.log(f"initialized model weights from {step_dir or path} (optimizer, schedule and data start fresh)")
@@ -195,7 +211,7 @@ class CheckpointLoader:
     def _load_dcp_weights(self, step_dir: Path) -> None:
         """The model weights of a DCP checkpoint of this run's objective, resharded to this run's layout."""
         marker = read_marker(step_dir)
-        self._check_marker_model(marker.get("model", {}), step_dir)
+        self._check_marker_model(marker.get("model", {}), step_dir, INITIAL_FIX)
         self._verify(step_dir, marker)
         read_dcp_metadata(step_dir)  # UserError when damaged
         state = {"model": get_model_state_dict(self.model)}
@@ -203,8 +219,8 @@ class CheckpointLoader:
         self._check_finite(state["model"], step_dir)
         set_model_state_dict(self.model, state["model"])
 
-    def _check_marker_model(self, saved: dict[str, Any], step_dir: Path) -> None:
-        check_model(self.model_config, saved, step_dir)
+    def _check_marker_model(self, saved: dict[str, Any], step_dir: Path, fix: str = RESUME_FIX) -> None:
+        check_model(self.model_config, saved, step_dir, fix)
         check_objective(self.model_config, saved, step_dir)
 
     def _dcp_load(self, state: dict[str, Any], step_dir: Path) -> None:

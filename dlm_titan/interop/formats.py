@@ -22,15 +22,25 @@ from dlm_titan.interop.llama import is_llama_config, llama_shape, read_llama
 from dlm_titan.interop.safetensors_io import read_weights
 from dlm_titan.interop.smdm import is_litgpt_file, read_litgpt
 
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
+"""How a config.json that is no JSON object is named in the error."""
+
 
 def _config(folder: Path) -> dict[str, Any] | None:
+    """The config.json of a folder (None where there is none); UserError naming the file where it cannot be read
+    or is valid JSON but no object."""
     file = folder / "config.json"
     if not (folder.is_dir() and file.is_file()):
         return None
     try:
-        return json.loads(file.read_text())
+        config = json.loads(file.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {file} ({e})") from None
+    if not isinstance(config, dict):  # valid JSON, but no model configuration (e.g. a list)
+        raise UserError(f"{file} holds {_JSON_TYPES.get(type(config), 'a JSON value')}, not the JSON object of a "
+                        "model configuration; replace it with the model's config.json")
+    return config
 
 
 def interop_kind(path: Path) -> str | None:

@@ -95,6 +95,7 @@ def hf_config(cfg: dict[str, Any], dtype: str, info: dict[str, Any], special: di
         "mask_token_id": None if causal else int(cfg["vocab_size"]),
         "tie_word_embeddings": False,
         "dtype": dtype,
+        "torch_dtype": dtype,  # transformers 4.x reads this name (5.x reads dtype, and takes either)
         **special,
         **info,
     }
