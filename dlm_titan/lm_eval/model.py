@@ -90,7 +90,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_compile(value: str | bool, device: torch.device) -> bool:
-    """"auto" = on CUDA (one compile of about half a minute, then ~1.5x the eager scoring rate on an H100), off
+    """"auto" = on CUDA (one compile of under a minute, then 1.47x the eager scoring rate on an H100), off
     elsewhere (a CPU compiles for minutes); true / false."""
     text = str(value).lower()
     if text == "auto":
