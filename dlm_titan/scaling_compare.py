@@ -10,14 +10,21 @@ otherwise reported at a reference loss: by default MDM's frontier loss at the la
 share, where MDM's law is interpolated and AR's is interpolated as long as the multiplier is within the budgets'
 span.
 
-Uncertainty: a bootstrap over runs. Each replicate resamples, with replacement, the runs of every (objective,
-budget) group, refits the frontiers and both laws, and recomputes the multiplier at the same reference loss;
-the interval is the replicates' central percentile range. Replicates whose fit fails (e.g. too few distinct
-budgets) are dropped and counted.
+Uncertainty: a residual bootstrap. Each objective's runs are split into their budget's fitted isoFLOP parabola
+and a residual; the residuals of all its parabolas are pooled (scaled by sqrt(runs / degrees of freedom), each
+parabola using 3). Each replicate adds residuals drawn with replacement from the pool to the fitted losses of every
+run, refits the frontiers and both laws, and recomputes the multiplier at the same reference loss; the interval is
+the replicates' central percentile range. Resampling the runs themselves would not do: a budget's runs are
+different sizes, so a resample drops sizes and swaps the parabola's minimum for the best run left, which widens
+the interval by as much as the data's noise even for noise-free runs. Without residual degrees of freedom (every
+budget of an objective trained at 3 sizes or fewer) the runs say nothing about their noise, and there is no
+interval (NaN, with a note). Replicates whose fit fails are dropped and counted. A multiplier read where a law is
+extrapolated beyond its objective's budgets (e.g. frontiers that do not overlap in loss) is flagged in the notes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from dlm_titan.errors import UserError
-from dlm_titan.scaling import PowerLaw, budget_label, fit_isoflop, fit_power_law, new_figure
+from dlm_titan.scaling import PowerLaw, budget_label, fit_isoflop, fit_parabola, fit_power_law, new_figure
 
 Point = tuple[float, float, float]  # (budget C, non-embedding N, final loss)
 
@@ -92,25 +99,44 @@ def _multiplier_of(runs: Mapping[str, list[Point]], loss: float) -> float:
     return compute_multiplier(mdm, ar, loss)
 
 
-def _resample(runs: Mapping[str, list[Point]], rng: np.random.Generator) -> dict[str, list[Point]]:
-    """Runs resampled with replacement within each (objective, budget) group."""
-    out = {}
-    for objective, points in runs.items():
-        groups: dict[float, list[Point]] = {}
-        for p in points:
-            groups.setdefault(p[0], []).append(p)
-        out[objective] = [g[i] for g in groups.values() for i in rng.integers(0, len(g), len(g))]
-    return out
+def residual_model(points: Iterable[Point]) -> tuple[list[Point], np.ndarray]:
+    """The runs with each loss replaced by its budget's fitted parabola (kept as is where a budget has fewer than
+    3 sizes), and the pooled residuals scaled to the noise's variance: sqrt(runs / degrees of freedom), a parabola
+    using 3. No degrees of freedom (3 sizes or fewer everywhere): an empty pool."""
+    groups: dict[float, list[Point]] = {}
+    for p in points:
+        groups.setdefault(float(p[0]), []).append(p)
+    fitted: list[Point] = []
+    residuals: list[float] = []
+    dof = 0
+    for group in groups.values():
+        n, loss = [p[1] for p in group], np.asarray([p[2] for p in group], dtype=np.float64)
+        if len(set(n)) < 3:
+            fitted += group
+            continue
+        predicted = fit_parabola(n, loss)(np.log10(np.asarray(n, dtype=np.float64)))
+        fitted += [(p[0], p[1], float(f)) for p, f in zip(group, predicted, strict=True)]
+        residuals += (loss - predicted).tolist()
+        dof += len(group) - 3
+    if dof == 0:
+        return fitted, np.zeros(0)
+    return fitted, np.asarray(residuals) * math.sqrt(len(residuals) / dof)
 
 
 def bootstrap_multiplier(runs: Mapping[str, list[Point]], loss: float, replicates: int = 1000, seed: int = 0
                          ) -> tuple[np.ndarray, int]:
-    """Multipliers at ``loss`` of ``replicates`` bootstrap resamples of the runs, and how many failed."""
+    """Multipliers at ``loss`` of ``replicates`` residual-bootstrap replicates of the runs, and how many failed.
+    No replicates (an empty array) when an objective has no residual degrees of freedom."""
+    models = {o: residual_model(runs[o]) for o in ("mdm", "ar")}
+    if any(len(pool) == 0 for _, pool in models.values()):
+        return np.zeros(0), 0
     rng = np.random.default_rng(seed)
     values, failed = [], 0
     for _ in range(replicates):
+        resampled = {o: [(b, n, f + e) for (b, n, f), e in zip(fitted, rng.choice(pool, len(fitted)), strict=True)]
+                     for o, (fitted, pool) in models.items()}
         try:
-            value = _multiplier_of(_resample(runs, rng), loss)
+            value = _multiplier_of(resampled, loss)
         except (UserError, FloatingPointError, ZeroDivisionError, OverflowError):
             failed += 1
             continue
@@ -119,6 +145,19 @@ def bootstrap_multiplier(runs: Mapping[str, list[Point]], loss: float, replicate
         else:
             failed += 1
     return np.asarray(values), failed
+
+
+def _extrapolation_notes(fits: Mapping[str, tuple[list[FrontierPoint], PowerLaw]], loss: float) -> list[str]:
+    """A note per objective whose law reaches ``loss`` outside the budgets it was fitted on."""
+    notes = []
+    for objective, (front, law) in fits.items():
+        budgets = [p.budget for p in front]
+        compute = compute_at_loss(law, loss)
+        if not min(budgets) * (1 - 1e-9) <= compute <= max(budgets) * (1 + 1e-9):  # the edges are inside
+            notes.append(f"{objective}: its frontier reaches L = {loss:.4g} at C = {compute:.3g}, outside its budgets "
+                         f"{budget_label(min(budgets))}-{budget_label(max(budgets))}: the multiplier extrapolates its "
+                         "power law (frontiers that barely overlap in loss); train budgets that bracket it")
+    return notes
 
 
 def compare_objectives(runs: Mapping[str, list[Point]], reference_loss: float | None = None, replicates: int = 1000,
@@ -154,6 +193,11 @@ def compare_objectives(runs: Mapping[str, list[Point]], reference_loss: float | 
         float("nan"), float("nan"))
     notes = [f"{o}: budget {budget_label(p.budget)} frontier point is its best run (no parabola minimum within "
              f"the sizes trained)" for o, (front, _) in fits.items() for p in front if p.source != "parabola"]
+    notes += _extrapolation_notes(fits, reference_loss)
+    no_dof = [o for o in ("mdm", "ar") if len(residual_model(runs[o])[1]) == 0]
+    if replicates and no_dof:
+        notes.append(f"no bootstrap interval: {', '.join(no_dof)} trained at most 3 sizes per budget, so its runs "
+                     "give no estimate of their noise (each parabola passes through them); train 4 or more sizes")
     if replicates and failed:
         notes.append(f"{failed} of {replicates} bootstrap replicates could not be fitted and were left out")
     return Comparison({o: front for o, (front, _) in fits.items()}, laws, reference_loss, reference_budget, multiplier,
@@ -168,8 +212,9 @@ def comparison_to_dict(cmp: Comparison) -> dict:
                      "exponent": law.exponent} for o, law in cmp.laws.items()},
         "reference_loss": cmp.reference_loss, "reference_budget": cmp.reference_budget,
         "compute_multiplier": {"definition": "C_mdm(L) / C_ar(L) at L = reference_loss", "value": cmp.multiplier,
-                               "interval": list(cmp.interval), "confidence": cmp.confidence,
-                               "method": "bootstrap over runs within each (objective, budget)",
+                               "interval": [v if math.isfinite(v) else None for v in cmp.interval],
+                               "confidence": cmp.confidence,
+                               "method": "residual bootstrap of the isoFLOP parabolas (pooled per objective)",
                                "replicates": cmp.replicates, "failed_replicates": cmp.failed_replicates},
         "notes": cmp.notes,
     }
@@ -201,8 +246,9 @@ def plot_comparison(cmp: Comparison, runs: Mapping[str, list[Point]], path: Path
     axis.annotate("", xy=(c_mdm, cmp.reference_loss), xytext=(c_ar, cmp.reference_loss),
                   arrowprops={"arrowstyle": "->", "color": "black"})
     lo, hi = cmp.interval
-    axis.text((c_ar * c_mdm) ** 0.5, cmp.reference_loss, f"x{cmp.multiplier:.3g}\n"
-              f"({cmp.confidence:.0%} CI {lo:.3g}-{hi:.3g})", ha="center", va="bottom", fontsize=9)
+    band = f"{cmp.confidence:.0%} CI {lo:.3g}-{hi:.3g}" if math.isfinite(lo) else "no CI: see the notes"
+    axis.text((c_ar * c_mdm) ** 0.5, cmp.reference_loss, f"x{cmp.multiplier:.3g}\n({band})", ha="center",
+              va="bottom", fontsize=9)
     axis.set(xscale="log", xlabel="training FLOPs C (6 N D)", ylabel="final validation loss (nats/token)",
              title=f"Compute frontiers: MDM needs x{cmp.multiplier:.3g} AR's compute at L = {cmp.reference_loss:.3f}")
     axis.legend(fontsize=8)

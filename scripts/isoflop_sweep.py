@@ -18,7 +18,7 @@ parabola of loss in log10 N per budget and power laws N_opt(C), L_opt(C), and wr
 and ``isoflop.png`` (needs matplotlib: ``pip install ".[plot]"``).
 
 ``--objective mdm,ar`` sweeps SMDM's autoregressive baseline beside MDM (same flavors, budgets and steps; AR runs
-are named ``ar-<budget>-<flavor>`` and never use ssl_ratio), fits each objective's isoFLOP curves
+are named ``ar-<budget>-<flavor>`` and never use ssl_ratio, so with it their steps are fewer than MDM's), fits each objective's isoFLOP curves
 (``isoflop_mdm.png``, ``isoflop_ar.png``) and compares them (:mod:`dlm_titan.scaling_compare`): both loss
 frontiers against compute and the compute multiplier C_mdm / C_ar at equal loss with a bootstrap interval, in
 ``isoflop_fits.json`` and ``isoflop_compare.png``.
@@ -319,8 +319,10 @@ def compare_and_report(results: list[dict], warnings: list[str], output_dir: Pat
     for note in cmp.notes:
         print(f"warning: {note}")
     lo, hi = cmp.interval
+    band = (f"{cmp.confidence:.0%} bootstrap interval {lo:.3g}-{hi:.3g}, {cmp.replicates} replicates"
+            if lo == lo else "no bootstrap interval: see the warnings")  # NaN: no residual degrees of freedom
     print(f"compute multiplier at L = {cmp.reference_loss:.4f}: MDM needs {cmp.multiplier:.3g}x AR's compute "
-          f"({cmp.confidence:.0%} bootstrap interval {lo:.3g}-{hi:.3g}, {cmp.replicates} replicates)")
+          f"({band})")
     (output_dir / FITS_FILE).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {output_dir / FITS_FILE}")
     if plot:
