@@ -7,7 +7,12 @@
 - A shape off SMDM's defaults (rope_theta, norm eps, one key/value head) reaches transformers intact: its logits
   equal dlm_titan's own model run in float64, for the diffusion model and the causal baseline.
 - config.json names the weights' dtype under both keys transformers has read (``torch_dtype`` in 4.x, ``dtype``).
-- A config.json that is valid JSON but no object is one line and exit 2 wherever a folder is read.
+- A config.json that is valid JSON but no object is one line and exit 2 wherever a folder is read; so is a
+  sharded folder's ``model.safetensors.index.json`` that is no object, lacks its weight map or names a shard that
+  is not there.
+- A folder saved by transformers 4.x names its dtype ``torch_dtype`` only: that is the dtype read back.
+- dlm_titan.interop imports nothing of dlm_titan.checkpoint (which imports it): no import cycle between packages.
+- The exported tokenizer names its unknown token as transformers' own conversion of the SentencePiece model does.
 """
 
 from __future__ import annotations
@@ -334,3 +339,102 @@ def test_config_json_that_is_no_object_is_one_line_exit_2(tmp_path, capsys, cont
                                     str(tmp_path / "hf")))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and str(config) in err[0], err
+
+
+@pytest.mark.parametrize("damage", ["[1, 2]", "null", '{"metadata": {}}', '{"weight_map": [1]}',
+                                    '{"weight_map": {"model.norm.weight": 3}}', "missing shard"])
+def test_shard_index_that_cannot_be_followed_is_one_line_exit_2(tmp_path, capsys, damage):
+    """model.safetensors.index.json that is no object, has no weight map (or one that is no object of file names)
+    or names a shard that is not in the folder: one line naming the index (and the shard), exit 2."""
+    export(tiny(seed=1), tmp_path / "hf", step=3, max_shard_bytes=60_000)
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    if damage == "missing shard":
+        shard = sorted((tmp_path / "hf").glob("model-*.safetensors"))[1]
+        shard.unlink()
+        named = [str(index), shard.name]
+    else:
+        index.write_text(damage + "\n")
+        named = [str(index)]
+    with pytest.raises(UserError) as raised:
+        load_model(tmp_path / "hf")
+    assert all(n in str(raised.value) for n in named) and "\n" not in str(raised.value), raised.value
+    line = one_error_line(capsys, [str(tmp_path / "hf"), "--out", str(tmp_path / "out")])
+    assert all(n in line for n in named), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_transformers_4_folder_dtype_is_read_from_torch_dtype(tmp_path):
+    """transformers 4.x writes only ``torch_dtype``: the shape read back takes the dtype from it; ``dtype`` (5.x)
+    wins where both are present, and float32 is the default where neither is."""
+    from dlm_titan.interop.formats import interop_shape
+
+    export(tiny(seed=1), tmp_path, step=1)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for keys, want in [({"torch_dtype": "bfloat16"}, "bfloat16"), ({"dtype": "float16", "torch_dtype": "bfloat16"},
+                       "float16"), ({}, "float32")]:
+        saved = {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")} | keys
+        (tmp_path / "config.json").write_text(json.dumps(saved))
+        assert interop_shape(tmp_path)["dtype"] == want, keys
+
+
+def _package_imports(package: str) -> dict[str, list[str]]:
+    """dlm_titan subpackage -> the dlm_titan subpackages (and top-level modules) its modules import, anywhere in
+    the module (function bodies too), read from the source."""
+    import ast
+    from pathlib import Path
+
+    import dlm_titan
+
+    root = Path(dlm_titan.__file__).parent
+    found: dict[str, list[str]] = {}
+    for file in sorted((root / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "dlm_titan" and len(parts) > 1 and parts[1] != package:
+                    found.setdefault(parts[1], []).append(f"{file.name}:{node.lineno}")
+    return found
+
+
+def test_interop_and_checkpoint_import_one_way():
+    """dlm_titan.checkpoint reads interop formats (its loaders and export); interop must not import checkpoint
+    back, not even inside a function. The public paths of what moved keep working."""
+    assert "interop" in _package_imports("checkpoint")
+    assert "checkpoint" not in _package_imports("interop"), _package_imports("interop")["checkpoint"]
+    from dlm_titan.checkpoint import layout
+    from dlm_titan.checkpoint.layout import MARKER, find_checkpoint, is_dcp_folder, read_marker  # noqa: F401
+
+    assert layout.MARKER == "complete.json"
+
+
+def _llama_conversion(model_file) -> object:
+    """transformers' own Llama tokenizer of a SentencePiece model file (converted offline from the .model)."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp()
+    shutil.copy(model_file, os.path.join(folder, "tokenizer.model"))
+    return transformers.LlamaTokenizer.from_pretrained(folder)
+
+
+def test_exported_tokenizer_names_the_unknown_token_as_transformers_does(tmp_path):
+    """transformers' LlamaTokenizer of the same SentencePiece model names ``<unk>`` as its unknown token (id 0,
+    SentencePiece's unk_id): ours too, in tokenizer_config.json and special_tokens_map.json, so a token string
+    outside the vocabulary maps to that id rather than None. Decoding the unknown id gives "<unk>" in both (where
+    SentencePiece writes " ⁇ "): the same as transformers, documented in docs/checkpointing.md."""
+    from dlm_titan.data.tokenizer import embedded_tokenizer_path, load_tokenizer
+    from dlm_titan.interop.hf_tokenizer import write_tokenizer
+
+    sp = load_tokenizer("").backend.processor
+    reference = _llama_conversion(embedded_tokenizer_path())
+    write_tokenizer(tmp_path, "", 32000, 64)
+    ours = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert ours.unk_token == reference.unk_token == sp.id_to_piece(sp.unk_id())
+    assert ours.unk_token_id == reference.unk_token_id == sp.unk_id()
+    assert ours.convert_tokens_to_ids("no-such-piece") == reference.convert_tokens_to_ids("no-such-piece") == sp.unk_id()
+    assert json.loads((tmp_path / "special_tokens_map.json").read_text())["unk_token"] == reference.unk_token
+    ids = [sp.piece_to_id("\u2581the"), sp.unk_id(), sp.piece_to_id("\u2581end")]
+    assert ours.decode(ids) == reference.decode(ids) == "the<unk> end" and sp.decode(ids) == "the \u2047  end"
+    assert ours("the end").input_ids == [ids[0], ids[2]]

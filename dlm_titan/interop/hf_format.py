@@ -122,7 +122,7 @@ def shape_from_hf_config(config: dict[str, Any]) -> dict[str, Any]:
         "norm_eps": float(config.get("rms_norm_eps", 1e-5)),
         "rope_theta": float(config.get("rope_theta", 10000.0)),
         "causal": causal,
-        "dtype": config.get("dtype", "float32"),
+        "dtype": config.get("dtype") or config.get("torch_dtype") or "float32",  # transformers 4.x: torch_dtype only
         "step": int(config.get("step", 0)),
         "tokens_seen": int(config.get("tokens_seen", 0)),
     }

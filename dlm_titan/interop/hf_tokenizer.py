@@ -147,7 +147,11 @@ def tokenizer_files(tokenizer_path: str, vocab_size: int, max_length: int,
     for key, token_id in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id)):
         if token_id >= 0 and token_id in names:
             config[key] = names[token_id]
-    special = {k: v for k, v in config.items() if k in ("bos_token", "eos_token", "mask_token")}
+    unk = spec.get("model", {}).get("unk_token")
+    if unk is not None and unk in _vocab_of(spec):
+        # as transformers' own Llama conversion names it: unk_token_id, and unknown token strings map to it
+        config["unk_token"] = unk
+    special = {k: v for k, v in config.items() if k in ("bos_token", "eos_token", "unk_token", "mask_token")}
     return tok, {
         "tokenizer.json": json.dumps(spec, ensure_ascii=False) + "\n",
         "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from dlm_titan.checkpoint_layout import MARKER, find_checkpoint, is_dcp_folder, read_marker
 from dlm_titan.errors import UserError
 from dlm_titan.interop.formats import interop_kind, interop_shape
 from dlm_titan.models import TransEncoder, build_model, build_transencoder
@@ -37,8 +38,6 @@ def _shape_of(initial_load_path: str) -> dict[str, Any] | None:
 def _checkpoint_shape(path: Path) -> dict[str, Any] | None:
     """The model config in the marker of a DCP checkpoint (a ``step-N`` folder, or a dump folder's newest complete
     one) whose shape is no SMDM flavor's; None for any other folder (the loader reports what is wrong with it)."""
-    from dlm_titan.checkpoint.layout import MARKER, find_checkpoint, is_dcp_folder, read_marker
-
     step_dir = path if is_dcp_folder(path) else find_checkpoint(path, warn=False)
     if step_dir is None or not (step_dir / MARKER).is_file():
         return None

@@ -59,6 +59,28 @@ def has_weights(folder: Path) -> bool:
     return (folder / SINGLE).is_file() or (folder / INDEX).is_file()
 
 
+def _shard_files(folder: Path) -> list[str]:
+    """The shard files the folder's index maps tensors to; UserError naming the index (and a missing shard) when
+    it is not the JSON object with a ``weight_map`` of file names that transformers writes."""
+    index = folder / INDEX
+    fix = "re-export or re-download the model (or delete the index of a model saved in one model.safetensors)"
+    try:
+        content = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {index} ({e}); {fix}") from None
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise UserError(f"{index} holds no weight_map object mapping each tensor to its shard file (transformers' "
+                        f"index); {fix}")
+    files = sorted(set(weight_map.values()))
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise UserError(f"{index} names shard {missing[0]}, which is not in {folder}"
+                        f"{f' ({len(missing)} shards missing)' if len(missing) > 1 else ''}; copy every shard the "
+                        f"index names into the folder, or {fix}")
+    return files
+
+
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a folder's ``model.safetensors`` or of the shards its index names (CPU)."""
     from safetensors import SafetensorError
@@ -67,14 +89,11 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     if not has_weights(folder):
         raise UserError(f"{folder} has no {SINGLE} (nor {INDEX}): only safetensors weights are read; save the model "
                         "with transformers' save_pretrained (safe_serialization, its default)")
+    files = _shard_files(folder) if (folder / INDEX).is_file() else [SINGLE]
+    state: dict[str, torch.Tensor] = {}
     try:
-        if (folder / INDEX).is_file():
-            files = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
-        else:
-            files = [SINGLE]
-        state: dict[str, torch.Tensor] = {}
         for file in files:
             state.update(load_file(str(folder / file)))
-    except (OSError, ValueError, KeyError, SafetensorError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise UserError(f"cannot read the weights in {folder} ({e}); re-export or re-download them") from None
     return state
