@@ -1,7 +1,7 @@
 """On-disk layout of checkpoints, shared by the checkpoint package (manager, resume, export) and the readers
 below it: dlm_titan.interop.init_shape takes a run's shape from a checkpoint's marker, and interop is what the
 checkpoint package imports, so the layout sits under both (it imports only the ground utilities: checksums,
-errors, fileio); ``dlm_titan.checkpoint.layout`` re-exports it.
+errors, fileio).
 
 ``{dump_folder}/{checkpoint.folder}/step-N`` is one DCP checkpoint. It is complete only once its marker
 ``complete.json`` exists: the checkpoint manager writes it (rank 0) after every rank's data and DCP's

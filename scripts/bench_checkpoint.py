@@ -89,7 +89,7 @@ def bench_mode(mode: str, args: argparse.Namespace, data: Path, dump: Path, chec
 
 def _verify_time(dump: Path) -> float | None:
     """Seconds to verify the newest checkpoint's files against its marker's CRC-32s (None: none recorded)."""
-    from dlm_titan.checkpoint.layout import newest_complete, read_marker, verify_checksums
+    from dlm_titan.checkpoint_layout import newest_complete, read_marker, verify_checksums
 
     step_dir = newest_complete(dump / "checkpoint", warn=False)
     marker = read_marker(step_dir)

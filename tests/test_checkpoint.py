@@ -24,7 +24,7 @@ import torch
 from harness import record_losses
 
 from dlm_titan.checkpoint.export import export_model, load_model
-from dlm_titan.checkpoint.layout import MARKER, step_folders
+from dlm_titan.checkpoint_layout import MARKER, step_folders
 from dlm_titan.config import Data, load_config
 from dlm_titan.data import build_train_loader, resolve_data_path, write_shard
 from dlm_titan.train import Trainer, main

@@ -21,7 +21,7 @@ import pytest
 from harness import record_losses
 
 from dlm_titan.checkpoint.export import load_model
-from dlm_titan.checkpoint.layout import MARKER, newest_complete, step_folders
+from dlm_titan.checkpoint_layout import MARKER, newest_complete, step_folders
 from dlm_titan.data import write_shard
 from dlm_titan.errors import UserError
 from dlm_titan.train import Trainer, main
@@ -421,7 +421,7 @@ def test_a_purge_cut_short_leaves_no_checkpoint_that_reads_as_complete(tmp_path,
     import os
     from types import SimpleNamespace
 
-    from dlm_titan.checkpoint.layout import is_complete, write_marker
+    from dlm_titan.checkpoint_layout import is_complete, write_marker
     from dlm_titan.checkpoint.manager import CheckpointManager
 
     folder = tmp_path / "checkpoint"

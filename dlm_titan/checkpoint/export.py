@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dlm_titan.checkpoint.layout import (
+from dlm_titan.checkpoint_layout import (
     damaged,
     find_checkpoint,
     is_dcp_folder,

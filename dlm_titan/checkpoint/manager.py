@@ -21,7 +21,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from dlm_titan.checkpoint.export import EXPORT_FOLDER, export_model
-from dlm_titan.checkpoint.layout import (
+from dlm_titan.checkpoint_layout import (
     is_complete,
     print_warning,
     remove_checkpoint,

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from dlm_titan.checkpoint.export import is_export_folder, read_model_weights
-from dlm_titan.checkpoint.layout import (
+from dlm_titan.checkpoint_layout import (
     damaged,
     find_checkpoint,
     is_complete,

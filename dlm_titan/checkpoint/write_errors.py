@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from dlm_titan.checkpoint.layout import newest_complete
+from dlm_titan.checkpoint_layout import newest_complete
 from dlm_titan.errors import UserError
 
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOENT,
