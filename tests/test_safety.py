@@ -421,8 +421,8 @@ def test_a_purge_cut_short_leaves_no_checkpoint_that_reads_as_complete(tmp_path,
     import os
     from types import SimpleNamespace
 
-    from dlm_titan.checkpoint_layout import is_complete, write_marker
     from dlm_titan.checkpoint.manager import CheckpointManager
+    from dlm_titan.checkpoint_layout import is_complete, write_marker
 
     folder = tmp_path / "checkpoint"
     for step in (2, 4):

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dlm_titan.checkpoint.state import first_nonfinite, from_json_tensor
 from dlm_titan.checkpoint_layout import (
     damaged,
     find_checkpoint,
@@ -27,7 +28,6 @@ from dlm_titan.checkpoint_layout import (
     single_process_dcp,
     verify_checksums,
 )
-from dlm_titan.checkpoint.state import first_nonfinite, from_json_tensor
 from dlm_titan.errors import UserError
 from dlm_titan.fileio import atomic_write, atomic_write_text
 from dlm_titan.interop.formats import read_interop

@@ -1,6 +1,6 @@
 """The checkpoint manager: DCP save of the whole training state, async saves, crash safety; resume delegated.
 
-A save of step N writes ``{dump_folder}/{checkpoint.folder}/step-N`` and marks it complete last (layout.py);
+A save of step N writes ``{dump_folder}/{checkpoint.folder}/step-N`` and marks it complete last (dlm_titan.checkpoint_layout);
 what it holds is described in state.py; async saves stage the state in CPU buffers (staging.py) and write them
 from a background thread. A resume takes the newest complete checkpoint (resume.py). The final weights are
 exported (export.py) when a run completes.
@@ -21,6 +21,10 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from dlm_titan.checkpoint.export import EXPORT_FOLDER, export_model
+from dlm_titan.checkpoint.resume import CheckpointLoader, Ranks, check_model, resume_folder
+from dlm_titan.checkpoint.staging import StateStager, current_cuda_device, use_device
+from dlm_titan.checkpoint.state import state_to_save, tensor_state
+from dlm_titan.checkpoint.write_errors import save_failure, writer_thread_errors
 from dlm_titan.checkpoint_layout import (
     is_complete,
     print_warning,
@@ -29,10 +33,6 @@ from dlm_titan.checkpoint_layout import (
     step_folders,
     write_marker,
 )
-from dlm_titan.checkpoint.resume import CheckpointLoader, Ranks, check_model, resume_folder
-from dlm_titan.checkpoint.staging import StateStager, current_cuda_device, use_device
-from dlm_titan.checkpoint.state import state_to_save, tensor_state
-from dlm_titan.checkpoint.write_errors import save_failure, writer_thread_errors
 from dlm_titan.checksums import checksum_files
 from dlm_titan.data.identity import dataset_identity
 from dlm_titan.errors import UserError

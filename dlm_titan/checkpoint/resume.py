@@ -27,6 +27,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from dlm_titan.checkpoint.export import is_export_folder, read_model_weights
+from dlm_titan.checkpoint.state import (
+    BLOB_KEYS,
+    first_nonfinite,
+    from_json_tensor,
+    load_optimizer,
+    tensor_state,
+)
 from dlm_titan.checkpoint_layout import (
     damaged,
     find_checkpoint,
@@ -39,13 +46,6 @@ from dlm_titan.checkpoint_layout import (
     single_process_dcp,
     step_folders,
     verify_checksums,
-)
-from dlm_titan.checkpoint.state import (
-    BLOB_KEYS,
-    first_nonfinite,
-    from_json_tensor,
-    load_optimizer,
-    tensor_state,
 )
 from dlm_titan.data.identity import describe_change
 from dlm_titan.errors import UserError
