@@ -193,7 +193,9 @@ def _load_manifest(path: Path, settings: dict) -> dict:
         return {**settings, "inputs": {}}
     try:
         manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("inputs", {}), dict):
+            raise ValueError("not a JSON object with an object of inputs")
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
         raise UserError(f"{path} is not a valid manifest ({e}); delete it and the shards beside it, or choose a "
                         "new --destination_path") from None
     for key, value in settings.items():
@@ -294,13 +296,16 @@ def _check_options(percentage: float, chunk_size: int, num_workers: int, prefix:
 
 
 def _check_streams(done: dict, files: list[str], root: Path, destination: Path) -> None:
-    """UserError if an input recorded in the manifest now sorts at another position (its stream index)."""
+    """UserError if an input recorded in the manifest now sorts at another position (its stream index), or if
+    another file now sorts at the position of a recorded input that is gone (it would overwrite that input's
+    shards, which the manifest would still count as the gone input's)."""
     stream_of = {rel: i for i, rel in enumerate(files)}
     for rel, entry in done.items():
-        if stream_of.get(rel, entry["stream"]) != entry["stream"]:
+        now = stream_of.get(rel, entry["stream"])
+        if now != entry["stream"] or (rel not in stream_of and now < len(files)):
+            was = f"now {now}" if rel in stream_of else f"now {files[now]} is input {now}, {rel} is gone"
             raise UserError(f"the input files under {root} changed since the shards in {destination} were made "
-                            f"({rel} was input {entry['stream']}, now {stream_of[rel]}); use a new "
-                            "--destination_path")
+                            f"({rel} was input {entry['stream']}, {was}); use a new --destination_path")
 
 
 def _run_jobs(jobs: list[InputJob], num_workers: int, bar: tqdm, manifest: dict, manifest_path: Path) -> None:

@@ -25,6 +25,7 @@ from dlm_titan.lm_eval.scorer import (
     Scorer,
     ScorerConfig,
     all_windows,
+    checked_max_length,
     continuation_text,
     encode_pair,
     generate_grouped,
@@ -65,7 +66,7 @@ class ARScorer:
             raise UserError("cfg_scale (classifier-free guidance by masking the prompt) needs a masked diffusion "
                             "model; this checkpoint is autoregressive (causal): drop cfg_scale")
         self.model, self.tok, self.cfg = model, tokenizer, cfg
-        self.max_length = cfg.max_length or model.max_seq_len  # input tokens per forward
+        self.max_length = checked_max_length(cfg, model)  # input tokens per forward
         self.device = next(model.parameters()).device
 
     def loglikelihood(self, requests: list[tuple[str, str]], progress: Progress = None) -> list[tuple[float, bool]]:

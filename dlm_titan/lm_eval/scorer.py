@@ -33,6 +33,9 @@ NLL_TYPES = {"mc": "mc", "left_to_right": "left_to_right", "chain_rule": "left_t
 
 Progress = Callable[[int], None] | None
 
+# generate_until's names of the number of new tokens, in lm-eval's order of priority
+MAX_TOKEN_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+
 
 @dataclass
 class ScorerConfig:
@@ -46,7 +49,8 @@ class ScorerConfig:
         greedy: compute ``is_greedy`` (costs one forward per continuation token); False otherwise.
         eps: ELBO's p = (1 - eps) t + eps.
         seed: MC and sampling noise seed (a request's noise is keyed by its tokens, not its position in the run).
-        max_length: longest sequence scored (0 = the model's max_seq_len); longer contexts lose tokens on the left.
+        max_length: longest sequence scored (0 = the model's max_seq_len, which is also the most); longer contexts
+            lose tokens on the left.
         rolling_context: clean tokens of context before each rolling window (>= 1; the first window's
             context is the EOS that starts a document).
         gen_steps: sampler steps for generate_until (0 = one step per generated token).
@@ -72,6 +76,15 @@ class ScorerConfig:
             raise UserError("mc_samples, batch_size and rolling_context must be at least 1")
         if not 0.0 <= self.eps < 1.0 or self.cfg_scale < 0 or self.max_length < 0 or self.gen_steps < 0:
             raise UserError("eps must be in [0, 1); cfg_scale, max_length and gen_steps must be >= 0")
+
+
+def checked_max_length(cfg: ScorerConfig, model: torch.nn.Module) -> int:
+    """The longest sequence scored: ``cfg.max_length``, 0 = the model's ``max_seq_len``; UserError beyond it (the
+    position table ends there)."""
+    if cfg.max_length > model.max_seq_len:
+        raise UserError(f"model_args max_length={cfg.max_length} exceeds the model's max_seq_len {model.max_seq_len}; "
+                        f"pass max_length={model.max_seq_len} or less (0 = the model's)")
+    return cfg.max_length or model.max_seq_len
 
 
 def split_context(context: str, continuation: str) -> tuple[str, str]:
@@ -137,7 +150,8 @@ def truncate_pair(ctx: list[int], cont: list[int], max_length: int) -> tuple[lis
     """Drops context tokens from the left (then continuation tokens, keeping the last ones) to fit max_length."""
     cont = cont[-max_length:]
     keep = max_length - len(cont)
-    return (ctx[len(ctx) - keep :] if keep > 0 else []), cont
+    # max(0, ...): a negative start would count from the end and drop context tokens that fit
+    return (ctx[max(0, len(ctx) - keep) :] if keep > 0 else []), cont
 
 
 def continuation_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
@@ -162,12 +176,15 @@ class GenOptions:
 
 
 def gen_options(tokenizer, context: str, kwargs: dict, max_length: int) -> tuple[list[int], list[str], GenOptions]:
-    """(prompt ids, stop strings, options) of a generate_until request: ``max_gen_toks`` (default 256) new tokens
+    """(prompt ids, stop strings, options) of a generate_until request: ``max_gen_toks`` (default 256; or lm-eval's
+    aliases ``max_new_tokens``, ``max_tokens``, ``max_completion_tokens``) new tokens
     within ``max_length``, the prompt cut on the left to fit; temperature 0 unless ``do_sample`` and a temperature
     say otherwise; ``top_k`` (0 = all; used by AR sampling). An empty prompt becomes EOS."""
     until = kwargs.get("until") or []
     until = [until] if isinstance(until, str) else list(until)
-    length = max(1, min(int(kwargs.get("max_gen_toks", 256)), max_length - 1))
+    # lm-eval's aliases of max_gen_toks, first given wins (lm_eval.models.utils.normalize_gen_kwargs)
+    given = [kwargs[k] for k in MAX_TOKEN_KEYS if kwargs.get(k) is not None]
+    length = max(1, min(int(given[0]) if given else 256, max_length - 1))
     temperature = 0.0 if kwargs.get("do_sample") is False else float(kwargs.get("temperature") or 0.0)
     ctx = tokenizer.encode(context, bos=False, eos=False) or [tokenizer.eos_id]
     ctx = ctx[max(0, len(ctx) + length - max_length):]
@@ -206,7 +223,7 @@ class Scorer:
         cfg.check()
         self.model, self.tok, self.cfg = model, tokenizer, cfg
         self.mask_id = model.args.mask_id
-        self.max_length = cfg.max_length or model.max_seq_len
+        self.max_length = checked_max_length(cfg, model)
         self.device = next(model.parameters()).device
 
     def loglikelihood(self, requests: list[tuple[str, str]], progress: Progress = None) -> list[tuple[float, bool]]:
