@@ -160,7 +160,7 @@ def read_pairs(args: argparse.Namespace, model: torch.nn.Module, seq_len: int,
         windows = shard_windows(args.shards, args.prefix, seq_len + context, args.max_windows, model.args.vocab_size,
                                 args.tokenizer_path)
         return [(w[:context], w[context:]) for w in windows]
-    tok = load_tokenizer_for(model, args.tokenizer_path)
+    tok = load_tokenizer_for(model, args.tokenizer_path, args.checkpoint)
     try:
         with open(args.text_file, encoding="utf-8") as f:
             text = f.read()

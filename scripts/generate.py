@@ -69,11 +69,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help='"auto" (bf16 on CUDA, fp32 on CPU), float32, bfloat16')
 
 
-def load_tokenizer_for(model: torch.nn.Module, path: str):
-    """The tokenizer, checked to fit the model's vocabulary."""
-    from dlm_titan.data import load_tokenizer
+def load_tokenizer_for(model: torch.nn.Module, path: str, checkpoint: str = ""):
+    """The tokenizer, checked to fit the model's vocabulary and to be the one the run of ``checkpoint`` trained
+    on where its checkpoint records that (a step-N / dump folder carries no tokenizer of its own)."""
+    from dlm_titan.checkpoint.eval_tokenizer import load_checked_tokenizer
 
-    return load_tokenizer(path, max_vocab_size=model.args.vocab_size)
+    return load_checked_tokenizer(checkpoint, path, model.args.vocab_size)
 
 
 def continuation_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
@@ -149,7 +150,7 @@ def run(args: argparse.Namespace) -> tuple[list[str], str]:
     """Generates for every prompt; returns the texts to print (prompt verbatim + continuation) and a stats line."""
     texts = read_prompts(args)
     model = load_for_inference(args.checkpoint, args.device, args.dtype)
-    tok = load_tokenizer_for(model, args.tokenizer_path)
+    tok = load_tokenizer_for(model, args.tokenizer_path, args.checkpoint)
     # An empty prompt starts a new document: documents follow an EOS in the packed training stream.
     prompt_ids = [tok.encode(t, bos=False, eos=False) or [tok.eos_id] for t in texts]
     longest = max(len(p) for p in prompt_ids) + args.length

@@ -25,6 +25,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from dlm_titan.checkpoint.eval_tokenizer import load_checked_tokenizer
 from dlm_titan.checkpoint.export import load_model
 from dlm_titan.data import load_tokenizer
 from dlm_titan.distributed import init_distributed
@@ -126,7 +127,10 @@ class DLMTitanLM(LM):
         model = load_model(path, self._device, dtype=resolve_dtype(str(dtype), self._device))
         if use_compile:  # dynamic shapes: one graph for every request length and batch size
             compile_blocks(model, dynamic=True)
-        tok = load_tokenizer(str(tokenizer_path or bundled_tokenizer(path)), max_vocab_size=model.args.vocab_size)
+        bundled = "" if tokenizer_path else bundled_tokenizer(path)  # an export's own: made from the run's
+        tok = (load_tokenizer(bundled, max_vocab_size=model.args.vocab_size) if bundled else
+               load_checked_tokenizer(path, str(tokenizer_path), model.args.vocab_size,
+                                      how="tokenizer_path=PATH in --model_args"))
         self.scorer = make_scorer(model, tok, cfg)  # exact for an autoregressive checkpoint
 
     @property

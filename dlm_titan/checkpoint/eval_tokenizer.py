@@ -1,0 +1,68 @@
+"""The tokenizer for evaluating a training checkpoint, refused when it is not the one the run trained on.
+
+A ``step-N`` checkpoint (or a dump folder's newest one) carries no tokenizer file, unlike an export; its
+completion marker records the training data's identity (:mod:`dlm_titan.data.identity`), including the sha256 of
+the tokenizer each preparation manifest of the shards names. Evaluating such a checkpoint with another tokenizer
+of the same vocabulary size (e.g. the embedded default for a run trained on a Llama-2 tokenizer) runs without an
+error and gives wrong scores and text, so a tokenizer whose sha256 (computed as data preparation computes it,
+:func:`~dlm_titan.data.tokenizer.tokenizer_fingerprint`) is not among the recorded ones is refused. Checkpoints
+that record no tokenizer (older markers, shards prepared without a manifest) are not checked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dlm_titan.checkpoint_layout import find_checkpoint, is_complete, is_dcp_folder, read_marker
+from dlm_titan.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_fingerprint
+from dlm_titan.errors import UserError
+
+
+def load_checked_tokenizer(checkpoint: str, tokenizer_path: str, vocab_size: int,
+                           how: str = "--tokenizer_path PATH") -> Tokenizer:
+    """``tokenizer_path`` ("" = the embedded tokenizer), checked to fit ``vocab_size`` and to be the tokenizer
+    the training run of ``checkpoint`` recorded, if it recorded one.
+
+    Args:
+        checkpoint: the dump / ``step-N`` / export folder the model was loaded from.
+        tokenizer_path: the tokenizer to use, as ``--tokenizer_path``.
+        vocab_size: the model's vocabulary.
+        how: how the user passes a tokenizer (named in the fix).
+
+    Raises:
+        UserError: one line naming both tokenizers and the fix, when they differ.
+    """
+    tok = load_tokenizer(tokenizer_path, max_vocab_size=vocab_size)
+    recorded = recorded_tokenizer_hashes(checkpoint)
+    if not recorded or _is_converted_copy(Path(tok.path)):
+        return tok
+    sha = tokenizer_fingerprint(tok.path)["sha256"]
+    if sha not in recorded:
+        used = f"tokenizer {tokenizer_path}" if tokenizer_path else "the embedded default tokenizer"
+        trained = ", ".join(f"sha256 {s[:12]}..." for s in sorted(recorded))
+        raise UserError(f"checkpoint {checkpoint} was trained on shards tokenized with another tokenizer ({trained}) "
+                        f"than {used} ({tok.path}, sha256 {sha[:12]}...); pass the training tokenizer "
+                        f"(its data.tokenizer_path) with {how}")
+    return tok
+
+
+def recorded_tokenizer_hashes(checkpoint: str | Path) -> set[str]:
+    """The tokenizer sha256s that the marker of the checkpoint ``load_model`` reads from ``checkpoint`` records
+    (empty for an export, a Hugging Face or SMDM folder, or a marker that records none)."""
+    path = Path(checkpoint)
+    if not path.is_dir() or (path / "config.json").is_file():
+        return set()  # an export / Hugging Face folder or a single weights file: no marker
+    step_dir = path if is_dcp_folder(path) else find_checkpoint(path, warn=False)
+    if step_dir is None or not is_complete(step_dir):
+        return set()
+    manifests = read_marker(step_dir).get("data", {}).get("manifests", {})
+    if not isinstance(manifests, dict):
+        return set()
+    return {m["tokenizer_sha256"] for m in manifests.values()
+            if isinstance(m, dict) and isinstance(m.get("tokenizer_sha256"), str)}
+
+
+def _is_converted_copy(tokenizer_file: Path) -> bool:
+    """A tokenizer.json of a model folder (config.json beside it), e.g. a dlm_titan export's: the export converts
+    the training tokenizer (and adds the mask token), so its bytes never match the recorded hash."""
+    return tokenizer_file.name == "tokenizer.json" and (tokenizer_file.parent / "config.json").is_file()
