@@ -76,8 +76,7 @@ def test_default_tokenizer_refused_for_a_run_on_another(run, tmp_path: Path, cap
     step, tokenizer = run
     text = tmp_path / "t.txt"
     text.write_text(" ".join(TEXTS * 4))
-    for label, call in (("generate", lambda: generate(step)), ("elbo", lambda: eval_elbo(step, text)),
-                        ("dump folder", lambda: generate(step.parent.parent))):
+    for label, call in (("generate", lambda: generate(step)), ("elbo", lambda: eval_elbo(step, text))):
         assert call() == 2, label
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1, err
@@ -115,3 +114,37 @@ def test_checkpoint_without_recorded_tokenizer_is_not_checked(run, tmp_path: Pat
     (old / MARKER).write_text(json.dumps(marker))
     assert generate(old) == 0
     assert capsys.readouterr().out.startswith("the cat")
+
+
+def test_final_export_of_a_run_without_tokenizer_path_ships_no_wrong_tokenizer(run, capsys):
+    """The run named no data.tokenizer_path and its shards' manifest records the BPE tokenizer: its final export
+    (``export/`` in the dump folder) must not ship the embedded tokenizer's files, so a tool given the dump folder
+    without a tokenizer is refused (the checkpoint's recorded identity), not handed the wrong one."""
+    step, tokenizer = run
+    dump = step.parent.parent
+    export = dump / "export"
+    assert (export / "config.json").is_file()
+    assert not (export / "tokenizer.json").exists() and not (export / "tokenizer.model").exists()
+    assert generate(dump) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and file_sha256(tokenizer)[:12] in err, err
+
+
+def test_an_export_brings_its_own_tokenizer_to_every_tool(run, tmp_path: Path, capsys):
+    """An export of the run ships the run's tokenizer (converted, with the mask token): generate, eval_elbo and
+    the lm-eval model use it when no tokenizer is given, so the export scores as the run trained."""
+    from dlm_titan.checkpoint.eval_tokenizer import load_checked_tokenizer
+    from scripts.export_checkpoint import main as export
+
+    step, tokenizer = run
+    out = tmp_path / "export"
+    assert export([str(step), "--out", str(out), "--tokenizer_path", str(tokenizer), "--dtype", "float32"]) == 0
+    tok = load_checked_tokenizer(str(out), "", 32000)
+    assert Path(tok.path).parent == out
+    reference = HF.from_file(str(tokenizer))
+    for text in TEXTS:
+        assert tok.encode(text, bos=False, eos=False) == reference.encode(text).ids
+    text = tmp_path / "doc.txt"
+    text.write_text(TEXTS[0])
+    assert generate(out) == 0
+    assert eval_elbo(out, text) == 0

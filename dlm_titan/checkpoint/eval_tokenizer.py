@@ -11,17 +11,24 @@ that record no tokenizer (older markers, shards prepared without a manifest) are
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from dlm_titan.checkpoint_layout import find_checkpoint, is_complete, is_dcp_folder, read_marker
-from dlm_titan.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_fingerprint
+from dlm_titan.data.tokenizer import (
+    Tokenizer,
+    embedded_tokenizer_path,
+    file_sha256,
+    load_tokenizer,
+    tokenizer_fingerprint,
+)
 from dlm_titan.errors import UserError
 
 
 def load_checked_tokenizer(checkpoint: str, tokenizer_path: str, vocab_size: int,
                            how: str = "--tokenizer_path PATH") -> Tokenizer:
-    """``tokenizer_path`` ("" = the embedded tokenizer), checked to fit ``vocab_size`` and to be the tokenizer
-    the training run of ``checkpoint`` recorded, if it recorded one.
+    """``tokenizer_path`` ("" = the tokenizer an export folder carries, else the embedded tokenizer), checked to
+    fit ``vocab_size`` and to be the tokenizer the training run of ``checkpoint`` recorded, if it recorded one.
 
     Args:
         checkpoint: the dump / ``step-N`` / export folder the model was loaded from.
@@ -32,6 +39,8 @@ def load_checked_tokenizer(checkpoint: str, tokenizer_path: str, vocab_size: int
     Raises:
         UserError: one line naming both tokenizers and the fix, when they differ.
     """
+    if not tokenizer_path and bundled_tokenizer(checkpoint):  # an export's own: converted from the run's
+        return load_tokenizer(bundled_tokenizer(checkpoint), max_vocab_size=vocab_size)
     tok = load_tokenizer(tokenizer_path, max_vocab_size=vocab_size)
     recorded = recorded_tokenizer_hashes(checkpoint)
     if not recorded or _is_converted_copy(Path(tok.path)):
@@ -44,6 +53,15 @@ def load_checked_tokenizer(checkpoint: str, tokenizer_path: str, vocab_size: int
                         f"than {used} ({tok.path}, sha256 {sha[:12]}...); pass the training tokenizer "
                         f"(its data.tokenizer_path) with {how}")
     return tok
+
+
+def bundled_tokenizer(path: str | Path) -> str:
+    """The tokenizer an export folder carries, or a dump folder's ``export/`` (the run's final export): "" if
+    none."""
+    for folder in (Path(path), Path(path) / "export"):
+        if (folder / "tokenizer.model").is_file() or (folder / "tokenizer.json").is_file():
+            return str(folder)
+    return ""
 
 
 def recorded_tokenizer_hashes(checkpoint: str | Path) -> set[str]:
@@ -66,3 +84,23 @@ def _is_converted_copy(tokenizer_file: Path) -> bool:
     """A tokenizer.json of a model folder (config.json beside it), e.g. a dlm_titan export's: the export converts
     the training tokenizer (and adds the mask token), so its bytes never match the recorded hash."""
     return tokenizer_file.name == "tokenizer.json" and (tokenizer_file.parent / "config.json").is_file()
+
+
+def export_tokenizer(tokenizer_path: str, identity: dict) -> str | None:
+    """The tokenizer a run's final export ships: ``data.tokenizer_path`` when set (the loader has checked it
+    against the shards' manifests). When unset, the embedded tokenizer, unless the preparation manifests in the
+    run's data ``identity`` record another one: then None (an export without tokenizer files, with a warning
+    naming the fix), not the embedded tokenizer's files on a model trained on other ids."""
+    if tokenizer_path:
+        return tokenizer_path
+    recorded = {m.get("tokenizer_sha256") for m in identity.get("manifests", {}).values() if isinstance(m, dict)}
+    recorded.discard(None)
+    embedded = embedded_tokenizer_path()
+    if not recorded or (embedded is not None and file_sha256(embedded) in recorded):
+        return ""
+    print("warning: the final export has no tokenizer: the training shards were prepared with another tokenizer "
+          "than the embedded one and data.tokenizer_path is not set; add it with python -m "
+          "scripts.export_checkpoint DUMP_FOLDER --tokenizer_path PATH (and set data.tokenizer_path in later runs)",
+          file=sys.stderr)
+    return None
+

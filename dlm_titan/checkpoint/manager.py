@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from dlm_titan.checkpoint.eval_tokenizer import export_tokenizer
 from dlm_titan.checkpoint.export import EXPORT_FOLDER, export_model
 from dlm_titan.checkpoint.resume import CheckpointLoader, Ranks, check_model, resume_folder
 from dlm_titan.checkpoint.staging import StateStager, current_cuda_device, use_device
@@ -384,8 +385,9 @@ class CheckpointManager:
             self.wait()
             if export and self.cfg.enable:
                 start = time.perf_counter()
+                tokenizer = export_tokenizer(self.tokenizer_path, self.data_identity()) if self.rank == 0 else ""
                 export_model(self.model, self.model_config, self.export_folder, self.cfg.export_dtype, step,
-                             self.tokenizer_path, self.tokens_seen, final_loss)
+                             tokenizer, self.tokens_seen, final_loss)
                 self._log(f"exported step {step} ({self.cfg.export_dtype}) to {self.export_folder} in "
                           f"{time.perf_counter() - start:.2f} s")
         finally:

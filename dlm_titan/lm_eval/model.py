@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -27,7 +26,6 @@ from tqdm import tqdm
 
 from dlm_titan.checkpoint.eval_tokenizer import load_checked_tokenizer
 from dlm_titan.checkpoint.export import load_model
-from dlm_titan.data import load_tokenizer
 from dlm_titan.distributed import init_distributed
 from dlm_titan.errors import UserError
 from dlm_titan.lm_eval.ar_scorer import make_scorer
@@ -101,14 +99,6 @@ def resolve_compile(value: str | bool, device: torch.device) -> bool:
     return text in ("true", "1")
 
 
-def bundled_tokenizer(path: str) -> str:
-    """The tokenizer an export folder carries ("" = none: the embedded tokenizer)."""
-    for folder in (Path(path), Path(path) / "export"):
-        if (folder / "tokenizer.model").is_file() or (folder / "tokenizer.json").is_file():
-            return str(folder)
-    return ""
-
-
 @register_model("dlm_titan")
 class DLMTitanLM(LM):
     """lm-eval model ``dlm_titan``; see the module docstring."""
@@ -127,10 +117,8 @@ class DLMTitanLM(LM):
         model = load_model(path, self._device, dtype=resolve_dtype(str(dtype), self._device))
         if use_compile:  # dynamic shapes: one graph for every request length and batch size
             compile_blocks(model, dynamic=True)
-        bundled = "" if tokenizer_path else bundled_tokenizer(path)  # an export's own: made from the run's
-        tok = (load_tokenizer(bundled, max_vocab_size=model.args.vocab_size) if bundled else
-               load_checked_tokenizer(path, str(tokenizer_path), model.args.vocab_size,
-                                      how="tokenizer_path=PATH in --model_args"))
+        tok = load_checked_tokenizer(path, str(tokenizer_path), model.args.vocab_size,
+                                     how="tokenizer_path=PATH in --model_args")
         self.scorer = make_scorer(model, tok, cfg)  # exact for an autoregressive checkpoint
 
     @property
