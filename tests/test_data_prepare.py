@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -260,42 +261,18 @@ def test_training_checks_the_manifest_tokenizer_at_start(tmp_path: Path, corpus,
     build(300)
 
 
-def test_parallel_prepare_records_every_finished_input_before_raising(monkeypatch):
+def test_parallel_prepare_records_every_finished_input_before_raising():
     """With several workers, an input that fails must not hide inputs that finished in the same poll: they are
-    recorded (and so skipped by a re-run) before the error propagates. A stand-in pool makes both ready at once,
-    the failing one first."""
-    class Ready:
-        def __init__(self, job):
-            self.job = job
-
-        def ready(self):
-            return True
-
-        def get(self):
-            if self.job == "bad":
-                raise UserError("bad: not valid JSON")
-            return self.job, {"tokens": 1}
-
-    class Pool:
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def apply_async(self, fn, args):
-            return Ready(args[0])
-
-    ctx = SimpleNamespace(Value=lambda *a: SimpleNamespace(value=0), Pool=Pool)
-    monkeypatch.setattr(prepare_mod.mp, "get_context", lambda method=None: ctx)
-    monkeypatch.setattr(prepare_mod.time, "sleep", lambda s: None)
+    recorded (and so skipped by a re-run) before the error propagates. Both futures of the parallel run's
+    collector are done at the first poll, the failing one first."""
+    bad, good = Future(), Future()
+    bad.set_exception(UserError("bad: not valid JSON"))
+    good.set_result(("good", {"tokens": 1}))
+    counters = (SimpleNamespace(value=0), SimpleNamespace(value=0))
     done = {}
     bar = SimpleNamespace(update=lambda n: None, set_postfix=lambda **k: None)
     with pytest.raises(UserError, match="bad: not valid JSON"):
-        prepare_mod._run_parallel(["bad", "good"], 2, bar, lambda rel, entry: done.setdefault(rel, entry))
+        prepare_mod._collect([bad, good], bar, counters, lambda rel, entry: done.setdefault(rel, entry))
     assert done == {"good": {"tokens": 1}}
 
 

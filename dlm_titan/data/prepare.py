@@ -23,6 +23,8 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -349,26 +351,63 @@ def _run_serial(jobs: list[InputJob], bar: tqdm, on_done: Callable[[str, dict], 
 def _run_parallel(jobs: list[InputJob], num_workers: int, bar: tqdm,
                   on_done: Callable[[str, dict], None]) -> None:
     # spawn, not fork: forking a process that runs threads (tokenizers' pools, pytest's, tqdm's monitor) can copy a
-    # lock held by another thread into the child, which then hangs on it
+    # lock held by another thread into the child, which then hangs on it. An executor, not mp.Pool: a worker that
+    # dies (SIGKILL by the OOM killer) fails its futures with BrokenProcessPool, where Pool would wait forever.
     ctx = mp.get_context("spawn")
     counters = (ctx.Value("q", 0), ctx.Value("q", 0))
-    with ctx.Pool(min(num_workers, len(jobs)), initializer=_init_worker, initargs=(counters,)) as pool:
-        pending = [pool.apply_async(_run_job, (job,)) for job in jobs]
-        reported = 0
-        while pending:
-            time.sleep(0.2)
-            still, error = [], None
-            for result in pending:
-                if not result.ready():
-                    still.append(result)
-                    continue
-                try:
-                    on_done(*result.get())  # re-raises a worker's UserError here
-                except UserError as e:  # record every other finished input before stopping
-                    error = error or e
-            if error is not None:
-                raise error
-            pending = still
-            bar.update(counters[1].value - reported)
-            reported = counters[1].value
-            bar.set_postfix(docs=counters[0].value, refresh=False)
+    pool = ProcessPoolExecutor(min(num_workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
+                               initargs=(counters,))
+    recorded = 0
+
+    def record(relpath: str, entry: dict) -> None:
+        nonlocal recorded
+        on_done(relpath, entry)
+        recorded += 1
+
+    finished = False
+    try:
+        _collect([pool.submit(_run_job, job) for job in jobs], bar, counters, record)
+        finished = True
+    except BrokenProcessPool:
+        raise UserError(f"a worker process died (killed from outside, most likely by the out-of-memory killer) with "
+                        f"{len(jobs) - recorded} of {len(jobs)} inputs to do unfinished; run again with fewer "
+                        "--num_workers or more memory: the re-run skips the inputs finished so far") from None
+    finally:
+        if finished:
+            pool.shutdown(wait=True)
+        else:  # an error or Ctrl-C: stop the workers before the caller removes the streams they were writing
+            _stop_workers(pool)
+
+
+def _collect(pending: list[Future], bar: tqdm, counters: tuple, on_done: Callable[[str, dict], None]) -> None:
+    """Hands each finished job's entry to ``on_done`` (in job order within a poll) and updates the bar."""
+    reported = 0
+    while pending:
+        wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+        still, error = [], None
+        for future in pending:
+            if not future.done():
+                still.append(future)
+                continue
+            try:
+                on_done(*future.result())  # re-raises a worker's UserError here
+            except (UserError, BrokenProcessPool) as e:  # record every other finished input before stopping
+                error = error or e
+        if error is not None:
+            raise error
+        pending = still
+        bar.update(counters[1].value - reported)
+        reported = counters[1].value
+        bar.set_postfix(docs=counters[0].value, refresh=False)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancels the queued jobs and terminates and joins the worker processes (Pool.terminate's job; the
+    executor's own shutdown would wait for the running jobs to finish)."""
+    processes = list((pool._processes or {}).values())  # shutdown() drops the executor's reference to them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join()
