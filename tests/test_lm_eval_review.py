@@ -148,3 +148,22 @@ def test_new_input_taking_a_removed_inputs_stream_is_refused(tmp_path: Path):
     _write(src, "c.jsonl", ["c c c c"])
     with pytest.raises(UserError, match="b.jsonl"):
         run()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sampled_generation_does_not_depend_on_how_documents_are_spread(causal):
+    """Two documents with the same prompt, sampled at temperature 1: one process scores both, two ranks one each
+    (lm-eval gives each rank whole documents, with their global doc ids). Each document's text must be the same
+    either way, and the two documents' samples differ (their noise is keyed by the document, not the rank)."""
+    torch.manual_seed(0)
+    if causal:
+        model = TransEncoder(AR_ARGS, max_seq_len=24, causal=True)
+        model.init_weights(3)
+        scorer = ARScorer(model.eval(), CharTokenizer(), ScorerConfig(batch_size=4))
+    else:
+        scorer = Scorer(tiny_model(), CharTokenizer(), ScorerConfig(batch_size=4))
+    request = ("the cat", {"until": [], "max_gen_toks": 8, "do_sample": True, "temperature": 1.0})
+    together = scorer.generate_until([request, request], doc_ids=[3, 7])
+    apart = scorer.generate_until([request], doc_ids=[3]) + scorer.generate_until([request], doc_ids=[7])
+    assert together == apart
+    assert together[0] != together[1]

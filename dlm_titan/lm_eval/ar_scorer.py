@@ -85,9 +85,10 @@ class ARScorer:
         scored = next_token_logprob_batch(self.model, windows, batch_size=self.cfg.batch_size, progress=progress)
         return sum_by_text([logp.sum().item() for logp, _ in scored], owner, len(texts))
 
-    def generate_until(self, requests: list[tuple[str, dict]], progress: Progress = None) -> list[str]:
+    def generate_until(self, requests: list[tuple[str, dict]], progress: Progress = None,
+                       doc_ids: list[int] | None = None) -> list[str]:
         """``max_gen_toks`` tokens sampled left to right, cut at EOS and the first stop string."""
-        return generate_grouped(self.tok, requests, self.max_length, self.cfg, self._generate, progress)
+        return generate_grouped(self.tok, requests, self.max_length, self.cfg, self._generate, progress, doc_ids)
 
     def _generate(self, prompts: list[list[int]], seeds: list[int], opts: GenOptions) -> list[str]:
         """Continuation texts of equal-length prompts, row i drawing from a generator keyed by ``seeds[i]``."""

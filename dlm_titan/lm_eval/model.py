@@ -146,8 +146,9 @@ class DLMTitanLM(LM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         args = [(r.args[0], r.args[1]) for r in requests]
+        doc_ids = [r.doc_id or 0 for r in requests]  # global ids: a sample's noise does not depend on the rank
         with self._bar("generate_until requests", len(args), disable_tqdm) as bar:
-            out = self.scorer.generate_until(args, progress=bar.update)
+            out = self.scorer.generate_until(args, progress=bar.update, doc_ids=doc_ids)
         for a, o in zip(args, out, strict=True):
             self.cache_hook.add_partial("generate_until", a, o)
         return out

@@ -192,17 +192,20 @@ def gen_options(tokenizer, context: str, kwargs: dict, max_length: int) -> tuple
 
 
 def generate_grouped(tokenizer, requests: list[tuple[str, dict]], max_length: int, cfg: ScorerConfig,
-                     run: Callable[[list[list[int]], list[int], GenOptions], list[str]], progress: Progress) -> list[str]:
+                     run: Callable[[list[list[int]], list[int], GenOptions], list[str]], progress: Progress,
+                     doc_ids: list[int] | None = None) -> list[str]:
     """generate_until by a sampler ``run(prompts, row seeds, options) -> continuation texts``: requests with equal
     options and prompt lengths run together, ``cfg.batch_size`` at a time, and each text is cut at the first stop
-    string. A row's noise seed is keyed by (seed, its tokens, how many equal requests came before it in the call),
-    so copies of a request (lm-eval's ``repeats``) differ at temperature > 0 and nothing depends on batching or
-    rank."""
+    string. A row's noise seed is keyed by (seed, its document id, its tokens, how many equal requests of that
+    document came before it), so copies of a request (lm-eval's ``repeats``) differ at temperature > 0, and
+    nothing depends on batching or on how lm-eval spread the documents over ranks (a document's requests stay
+    together on one rank; ``doc_ids`` default to 0)."""
     prompts, groups, seen = [], {}, {}
     for i, (context, kwargs) in enumerate(requests):
         ctx, until, opts = gen_options(tokenizer, context, kwargs, max_length)
-        copy = seen[(tuple(ctx), opts)] = seen.get((tuple(ctx), opts), -1) + 1
-        prompts.append((ctx, until, text_key([cfg.seed, copy, *ctx])))
+        doc = 0 if doc_ids is None else int(doc_ids[i])
+        copy = seen[(doc, tuple(ctx), opts)] = seen.get((doc, tuple(ctx), opts), -1) + 1
+        prompts.append((ctx, until, text_key([cfg.seed, doc, copy, *ctx])))
         groups.setdefault(opts, []).append(i)
     out = [""] * len(requests)
     for opts, members in groups.items():
@@ -269,7 +272,8 @@ class Scorer:
                                batch_size=c.batch_size, eps=c.eps, seed=c.seed, progress=progress)
         return sum_by_text([-est.nll for est in estimates], owner, len(texts))
 
-    def generate_until(self, requests: list[tuple[str, dict]], progress: Progress = None) -> list[str]:
+    def generate_until(self, requests: list[tuple[str, dict]], progress: Progress = None,
+                       doc_ids: list[int] | None = None) -> list[str]:
         """Confidence sampling of ``max_gen_toks`` tokens, cut at EOS and at the first stop string (see
         :func:`generate_grouped`)."""
 
@@ -278,7 +282,7 @@ class Scorer:
                                 temperature=opts.temperature, cfg_scale=self.cfg.cfg_scale)
             return self._generate(prompts, seeds, cfg)
 
-        return generate_grouped(self.tok, requests, self.max_length, self.cfg, run, progress)
+        return generate_grouped(self.tok, requests, self.max_length, self.cfg, run, progress, doc_ids)
 
     def _generate(self, prompts: list[list[int]], seeds: list[int], cfg: SamplerConfig) -> list[str]:
         """Continuation texts of equal-length prompts, row i sampled with noise seed ``seeds[i]``."""
