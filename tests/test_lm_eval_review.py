@@ -167,3 +167,23 @@ def test_sampled_generation_does_not_depend_on_how_documents_are_spread(causal):
     apart = scorer.generate_until([request], doc_ids=[3]) + scorer.generate_until([request], doc_ids=[7])
     assert together == apart
     assert together[0] != together[1]
+
+
+def test_progress_with_greedy_reaches_the_end_only_when_decoding_is_done():
+    """With greedy=true a loglikelihood call scores, then decodes: the progress reports add up to the number of
+    requests only at the end, and at most half of it before the decoding pass starts."""
+    model, tok = tiny_model(), CharTokenizer()
+    scorer = Scorer(model, tok, ScorerConfig(mc_samples=4, batch_size=8, greedy=True))
+    reports: list[float] = []
+    decode = scorer.is_greedy
+    seen_at_decode: list[float] = []
+
+    def is_greedy(pairs, progress=None):
+        seen_at_decode.append(sum(reports))
+        return decode(pairs, progress)
+
+    scorer.is_greedy = is_greedy
+    requests = [("the cat", " sat"), ("a dog", " ran far"), ("", " x")]
+    scorer.loglikelihood(requests, progress=reports.append)
+    assert seen_at_decode == [pytest.approx(len(requests) / 2)]
+    assert sum(reports) == pytest.approx(len(requests))

@@ -233,6 +233,8 @@ class Scorer:
         """(log p(continuation | context), is_greedy) per request, by the configured estimator."""
         pairs = [truncate_pair(*encode_pair(self.tok, ctx, cont), self.max_length) for ctx, cont in requests]
         c = self.cfg
+        if c.greedy and progress is not None:  # two passes (scoring, then decoding), each half a request
+            progress = (lambda report: lambda n: report(n / 2))(progress)
         if c.nll_type == "left_to_right":
             per_token = left_to_right_logprob_batch(self.model, pairs, mask_id=self.mask_id, batch_size=c.batch_size,
                                                     cfg_scale=c.cfg_scale, progress=progress)
@@ -242,17 +244,19 @@ class Scorer:
                                    batch_size=c.batch_size, eps=c.eps, seed=c.seed, cfg_scale=c.cfg_scale,
                                    progress=progress)
             logps = [-e.nll for e in estimates]
-        greedy = self.is_greedy(pairs) if c.greedy else [False] * len(pairs)
+        greedy = self.is_greedy(pairs, progress) if c.greedy else [False] * len(pairs)
         return list(zip(logps, greedy, strict=True))
 
-    def is_greedy(self, pairs: list[tuple[list[int], list[int]]]) -> list[bool]:
+    def is_greedy(self, pairs: list[tuple[list[int], list[int]]], progress: Progress = None) -> list[bool]:
         """Whether confidence decoding, one argmax token per step (SMDM), reproduces each continuation; pairs of
-        equal context and continuation lengths decode together."""
+        equal context and continuation lengths decode together. ``progress(n)`` as n more pairs are done."""
         out = [False] * len(pairs)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (ctx, cont) in enumerate(pairs):
             if ctx and cont:
                 groups.setdefault((len(ctx), len(cont)), []).append(i)
+        if progress is not None and len(pairs) > sum(map(len, groups.values())):
+            progress(len(pairs) - sum(map(len, groups.values())))  # nothing to decode
         for (_, n), members in groups.items():
             cfg = SamplerConfig(length=n, steps=n, algorithm="confidence", temperature=0.0,
                                 cfg_scale=self.cfg.cfg_scale, stop_at_eos=False)
@@ -261,6 +265,8 @@ class Scorer:
                 x = sample(self.model, prompt, cfg, mask_id=self.mask_id, vocab_limit=self.tok.vocab_size)
                 for i, row in zip(chunk, x[:, prompt.shape[1]:].tolist(), strict=True):
                     out[i] = row == pairs[i][1]
+                if progress is not None:
+                    progress(len(chunk))
         return out
 
     def loglikelihood_rolling(self, texts: list[str], progress: Progress = None) -> list[float]:
