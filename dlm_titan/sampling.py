@@ -23,6 +23,7 @@ is returned as EOS).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -73,8 +74,11 @@ class SamplerConfig:
             raise UserError(f"unknown sampling algorithm {self.algorithm!r}; use one of {', '.join(ALGORITHMS)}")
         if self.length < 1 or self.steps < 1:
             raise UserError(f"length ({self.length}) and steps ({self.steps}) must be at least 1")
-        if self.temperature < 0 or self.cfg_scale < 0:
-            raise UserError("temperature and cfg_scale must be >= 0")
+        # not (x >= 0) also refuses NaN; inf is refused too: -inf (vocab-limited) logits / inf are NaN, which
+        # argmax picks, so tokens beyond the tokenizer would come out
+        if not all(v >= 0 and math.isfinite(v) for v in (self.temperature, self.cfg_scale)):
+            raise UserError(f"temperature ({self.temperature}) and cfg_scale ({self.cfg_scale}) must be finite "
+                            "and >= 0")
         block = self.block_length or self.length
         if block < 1 or self.length % block:
             raise UserError(f"length ({self.length}) must be a multiple of block_length ({self.block_length}); "

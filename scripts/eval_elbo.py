@@ -174,6 +174,8 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError("--mc_samples must be at least 2 (for a standard error) and --batch_size at least 1")
     if not 0.0 <= args.eps < 1.0:
         raise UserError(f"--eps must be in [0, 1), got {args.eps}")
+    if args.seed < 0:  # the noise generators' keys are non-negative (numpy SeedSequence)
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
     model = load_for_inference(args.checkpoint, args.device, args.dtype)
     causal = bool(getattr(model, "causal", False))  # the autoregressive baseline: its likelihood is exact
     if causal and args.left_to_right:

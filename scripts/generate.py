@@ -149,6 +149,8 @@ def sample_tokens(model: torch.nn.Module, prompt_ids: list[list[int]], args: arg
 def run(args: argparse.Namespace) -> tuple[list[str], str]:
     """Generates for every prompt; returns the texts to print (prompt verbatim + continuation) and a stats line."""
     texts = read_prompts(args)
+    if args.seed < 0:  # the noise generators' keys are non-negative (numpy SeedSequence)
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
     model = load_for_inference(args.checkpoint, args.device, args.dtype)
     tok = load_tokenizer_for(model, args.tokenizer_path, args.checkpoint)
     # An empty prompt starts a new document: documents follow an EOS in the packed training stream.
