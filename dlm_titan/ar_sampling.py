@@ -12,6 +12,7 @@ instead of a full forward. Its outputs equal the uncached path's (the test check
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +47,8 @@ class ARSamplerConfig:
         """UserError naming the option when it is out of range."""
         if self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise UserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # also NaN: it would turn masked-out logits into NaN picks
+            raise UserError(f"temperature must be finite and >= 0 (0 = greedy), got {self.temperature}")
         if not 0 <= self.top_k <= vocab_size:
             raise UserError(f"top_k must be in 0..{vocab_size} (0 = whole vocabulary), got {self.top_k}")
 

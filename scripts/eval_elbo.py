@@ -176,6 +176,8 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError(f"--eps must be in [0, 1), got {args.eps}")
     if args.seed < 0:  # the noise generators' keys are non-negative (numpy SeedSequence)
         raise UserError(f"--seed must be >= 0, got {args.seed}")
+    if args.max_windows < 0:
+        raise UserError(f"--max_windows must be >= 0 (0 = all), got {args.max_windows}")
     model = load_for_inference(args.checkpoint, args.device, args.dtype)
     causal = bool(getattr(model, "causal", False))  # the autoregressive baseline: its likelihood is exact
     if causal and args.left_to_right:

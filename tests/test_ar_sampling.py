@@ -98,3 +98,11 @@ def test_bad_options_are_user_errors():
         generate(model, prompt, ARSamplerConfig(temperature=-1, max_new_tokens=2))
     with pytest.raises(UserError, match="causal"):
         generate(tiny_model(causal=False), prompt, ARSamplerConfig(max_new_tokens=2))
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), float("nan"), -0.5])
+def test_temperature_must_be_finite_and_not_negative(temperature):
+    """An infinite temperature turns the masked-out logits (ids past the vocabulary limit) into NaN, which argmax
+    would pick; NaN likewise: both are one-line user errors, as a negative one is."""
+    with pytest.raises(UserError, match="temperature must be finite and >= 0"):
+        ARSamplerConfig(max_new_tokens=4, temperature=temperature).check(50)

@@ -98,3 +98,14 @@ def _tiny_transencoder(vocab: int) -> nn.Module:
     model = TransEncoder(ModelArgs(n_layers=1, n_heads=2, dim=16, ffn_dim=32, vocab_size=vocab), max_seq_len=32)
     model.init_weights(0)
     return model.eval()
+
+
+def test_eval_elbo_negative_max_windows_is_one_line_and_exit_2(tmp_path, capsys):
+    """--max_windows 0 means all windows; a negative count is refused before anything loads, not read as 'all'."""
+    from scripts.eval_elbo import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("hello")
+    assert main(["--checkpoint", str(tmp_path / "none"), "--text_file", str(text), "--max_windows", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "--max_windows must be >= 0" in err, err

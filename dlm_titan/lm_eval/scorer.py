@@ -19,6 +19,7 @@ answers do not depend on batching, request order or the data-parallel rank.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -74,8 +75,10 @@ class ScorerConfig:
         self.nll_type = NLL_TYPES[self.nll_type]
         if min(self.mc_samples, self.batch_size, self.rolling_context) < 1:
             raise UserError("mc_samples, batch_size and rolling_context must be at least 1")
-        if not 0.0 <= self.eps < 1.0 or self.cfg_scale < 0 or self.max_length < 0 or self.gen_steps < 0:
-            raise UserError("eps must be in [0, 1); cfg_scale, max_length and gen_steps must be >= 0")
+        if not 0.0 <= self.eps < 1.0 or not 0 <= self.cfg_scale < math.inf or min(self.max_length, self.gen_steps) < 0:
+            raise UserError("eps must be in [0, 1); cfg_scale (finite), max_length and gen_steps must be >= 0")
+        if self.seed < 0:
+            raise UserError(f"seed must be >= 0, got {self.seed}")
 
 
 def checked_max_length(cfg: ScorerConfig, model: torch.nn.Module) -> int:
