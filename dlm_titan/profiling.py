@@ -60,7 +60,11 @@ class Profiler:
             on_trace_ready=self._save_trace,
             record_shapes=True,
         )
-        prof.step_num = start_step  # the schedule counts from here: the active step is a multiple of freq
+        # The schedule counts from here: the active step is a multiple of freq. The action of the first step was
+        # computed for step 0 when the profiler was built: recompute it, or a resume one step before a multiple of
+        # freq skips that step's trace.
+        prof.step_num = start_step
+        prof.current_action = prof.schedule(start_step)
         return prof
 
     def _save_trace(self, prof) -> None:

@@ -177,6 +177,7 @@ class Trainer:
             # A bad shard met mid-run, Ctrl-C, a bug: let a save being written in the background finish (its thread
             # marks it complete) before the process ends, so the run loses nothing it had saved.
             self.checkpointer.finish_in_flight()
+            self.signals.restore()  # _close restores them on success; a caller living on must get SIGTERM back
             raise
         finally:
             gc.enable()
@@ -210,7 +211,7 @@ class Trainer:
         if self.step % self.cfg.training.gc_freq == 0:
             gc.collect(1)
         profiler.step()
-        if validate:
+        if validate and not self.signals.received():  # a pending stop saves first: validating may outlast its grace
             result = self.validator.run()
             self.metrics.exclude(result.seconds)
             self.metrics.log_validation(self.step, result.scalars(), result.summary())

@@ -97,7 +97,7 @@ class MetricsLogger:
         if self.writer is not None:
             self._guard_tensorboard(lambda: self._write_tensorboard(step, scalars))
         if self.wandb is not None and scalars:
-            self.wandb.log(scalars, step=step)
+            self._guard_wandb(lambda: self.wandb.log(scalars, step=step))
 
     def _write_tensorboard(self, step: int, scalars: dict[str, float]) -> None:
         for tag, value in scalars.items():
@@ -117,6 +117,16 @@ class MetricsLogger:
                 with contextlib.suppress(OSError):
                     writer.close()
 
+    def _guard_wandb(self, call) -> None:
+        """Runs a W&B call; if it fails (its service process died, the network or the API key), warns once and
+        stops logging to W&B: on rank 0 alone, an error here would end the run and leave the other ranks hanging."""
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001 - wandb raises many kinds; none is worth the run
+            print(f"warning: W&B logging stopped: {type(e).__name__}: {e}; training goes on, the console keeps "
+                  "logging", file=sys.stderr, flush=True)
+            self.wandb = None
+
     def _paint(self, key: str, text: str) -> str:
         color = _COLORS.get(key, "\033[34m" if key == "validation" else None)
         if not self.color or color is None:
@@ -128,7 +138,7 @@ class MetricsLogger:
             self._guard_tensorboard(self.writer.close)
             self.writer = None
         if self.wandb is not None:
-            self.wandb.finish()
+            self._guard_wandb(self.wandb.finish)
             self.wandb = None
 
 
@@ -141,10 +151,15 @@ def _init_wandb(folder: Path | None, config: dict[str, Any]):
         print("warning: metrics.enable_wandb is set but wandb is not installed (pip install wandb); "
               "logging to the console and TensorBoard only", flush=True)
         return None
-    wandb.init(
-        project=os.environ.get("WANDB_PROJECT", "dlm_titan"),
-        name=config.get("job", {}).get("description"),
-        dir=str(folder) if folder is not None else None,
-        config=config,
-    )
+    try:
+        wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "dlm_titan"),
+            name=config.get("job", {}).get("description"),
+            dir=str(folder) if folder is not None else None,
+            config=config,
+        )
+    except Exception as e:  # noqa: BLE001 - no API key, no network, a bad project: the run goes on without W&B
+        print(f"warning: W&B logging is off: wandb.init failed ({type(e).__name__}: {e}); logging to the console "
+              "and TensorBoard only", file=sys.stderr, flush=True)
+        return None
     return wandb
