@@ -68,7 +68,10 @@ def prepare_embedded(tokenizer_path: str = "") -> Path:
         return final
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f"{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second rank waits here, then finds the folder done
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # a second rank waits here, then finds the folder done
+        except OSError:  # no flock on this file system (Lustre/NFS: ENOSYS, ENOLCK): the rename alone keeps it safe
+            pass
         if final.is_dir():
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=root))

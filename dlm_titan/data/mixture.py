@@ -25,6 +25,10 @@ BLOCK = 10_000
 def block_counts(weights: list[float], block: int = BLOCK) -> np.ndarray:
     """Integer counts per source summing to ``block``, proportional to ``weights`` (largest remainder)."""
     w = np.asarray(weights, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        overflow = not np.isfinite(w.sum())
+    if overflow:  # finite weights can sum to inf (2 x 1e308); only then rescale, so ordinary weights keep their
+        w = w / w.max()  # exact counts (a resumed run's sample layout)
     exact = w / w.sum() * block
     counts = np.floor(exact).astype(np.int64)
     short = block - int(counts.sum())

@@ -90,8 +90,13 @@ class ShardInfo:
 def read_header(path: str | os.PathLike) -> ShardInfo:
     """Read and validate a shard's header and size; raise :class:`ShardError` naming the file if bad."""
     path = str(path)
-    with open(path, "rb") as f:
-        header = f.read(HEADER_SIZE)
+    try:  # an unreadable file is bad input too: one line naming it, not an OSError traceback
+        with open(path, "rb") as f:
+            header = f.read(HEADER_SIZE)
+            actual = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise ShardError(f"shard {path} can not be read: {e.strerror or e}; check the file and its permissions") \
+            from None
     if len(header) < HEADER_SIZE:
         raise ShardError(f"shard {path} is truncated: {len(header)} bytes, shorter than the 24-byte header; "
                          "re-create it with scripts/prepare_slim_pajama")
@@ -106,7 +111,6 @@ def read_header(path: str | os.PathLike) -> ShardInfo:
                          f"{sorted(DTYPE_CODES)} (8 = uint16, 4 = int32)")
     dtype = np.dtype(DTYPE_CODES[code])
     expected = HEADER_SIZE + chunk_size * dtype.itemsize
-    actual = os.path.getsize(path)
     if actual != expected:
         raise ShardError(f"shard {path} is truncated or corrupt: {actual} bytes, but its header says "
                          f"{chunk_size} tokens of {dtype.name} = {expected} bytes; re-create it")
