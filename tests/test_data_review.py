@@ -204,3 +204,13 @@ def test_unreadable_shard_is_a_one_line_error(tmp_path: Path):
     with pytest.raises(ShardError, match="can not be read") as info:
         read_header(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_positive_weight_too_small_to_be_sampled_is_refused():
+    """A source whose weight rounds to no sample per block would silently never be read: one line naming it."""
+    from dlm_titan.data.mixture import BLOCK, SourceMixture
+    from dlm_titan.errors import UserError
+
+    with pytest.raises(UserError, match="never be sampled"):
+        SourceMixture([1.0, 1.0 / (4 * BLOCK)], seed=0)
+    assert list(SourceMixture([1.0, 1.0 / BLOCK], seed=0).counts) == [BLOCK - 1, 1]  # one sample a block: read

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dlm_titan.errors import UserError
+
 from .permutation import hash_key
 
 BLOCK = 10_000
@@ -50,6 +52,11 @@ class SourceMixture:
 
     def __init__(self, weights: list[float], seed: int, block: int = BLOCK):
         self.counts = block_counts(weights, block)
+        starved = [w for w, c in zip(weights, self.counts, strict=True) if w > 0 and c == 0]
+        if starved:  # a source that would silently never be read
+            raise UserError(f"data.train_weights: weight {starved[0]:g} is below 1/{2 * block} of their sum, so its "
+                            f"source would never be sampled (counts are whole samples per block of {block}); raise "
+                            "it or set it to 0")
         self.block = block
         self.seed = seed
         self._base = np.repeat(np.arange(len(self.counts)), self.counts)
