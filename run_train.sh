@@ -21,13 +21,22 @@ if [[ " $* " != *" --job.config_file"* ]]; then
 fi
 export PYTHONUNBUFFERED=1
 
+if [[ -n "${DLM_TITAN_CHECK_ONLY:-}" ]]; then
+    # Only the config check, for the world size NGPU x NNODES (scripts/slurm_train.sh runs it once per job).
+    WORLD_SIZE=$((NGPU * NNODES)) exec "$PYTHON" -m dlm_titan.train "${args[@]}"
+fi
+
 if [[ "$NGPU" == 1 && "$NNODES" == 1 ]]; then
     # One process needs no launcher; running it directly keeps its exit code (2 = bad input).
     exec "$PYTHON" -m dlm_titan.train "${args[@]}"
 fi
 
-# Check the config once before starting many processes, so bad input fails with one line and exit 2.
-DLM_TITAN_CHECK_ONLY=1 WORLD_SIZE=$((NGPU * NNODES)) "$PYTHON" -m dlm_titan.train "${args[@]}"
+# Check the config once before starting many processes, so bad input fails with one line and exit 2. Skipped
+# with DLM_TITAN_PRECHECKED=1, set by scripts/slurm_train.sh, which checks once for all nodes: the nodes' checks,
+# run at the same time, would race for the dump folder's lock, and a node refused ends the whole job.
+if [[ "${DLM_TITAN_PRECHECKED:-0}" != 1 ]]; then
+    DLM_TITAN_CHECK_ONLY=1 WORLD_SIZE=$((NGPU * NNODES)) "$PYTHON" -m dlm_titan.train "${args[@]}"
+fi
 
 # Only rank 0 prints, so lines keep the `step: N  loss: ...` form that scripts parse (no torchrun prefixes).
 # torchrun forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT by default; SIGUSR1 (the trainer's other "save and stop",

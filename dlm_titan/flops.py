@@ -4,6 +4,7 @@ from __future__ import annotations
 
 # Dense bf16 peak (TFLOP/s, no sparsity) by a substring of torch.cuda.get_device_name(), most specific first.
 _PEAK_BF16_TFLOPS = (
+    ("H200 NVL", 835.0),  # the PCIe card: lower clocks and power than the SXM H200 ("H200" below)
     ("H200", 989.0),
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),

@@ -37,4 +37,8 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 
 echo "dlm_titan: $NNODES nodes x $NGPU GPUs, rendezvous $RDZV_ENDPOINT (id $RDZV_ID), repo $REPO"
+# Check the config once, here, so bad input ends the job with one line and exit 2; the nodes' launchers then skip
+# their own checks, which would run at the same moment and race for the dump folder's lock (one refused = job over).
+DLM_TITAN_CHECK_ONLY=1 "$REPO/run_train.sh" "$@"
+export DLM_TITAN_PRECHECKED=1
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 "$REPO/run_train.sh" "$@"

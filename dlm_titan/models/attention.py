@@ -19,9 +19,20 @@ _SDPA = {
 }
 
 
+# SDPA backends with a CPU kernel; cuDNN, memory-efficient attention and the flash-attn package need CUDA.
+_CPU_BACKENDS = ("math", "flash")
+
+
 def resolve_attn_backend(name: str, device: torch.device) -> str:
     """Maps "auto" to a concrete backend: cuDNN on Hopper (1.5-1.9x the flash backend for bidirectional
-    attention there), flash elsewhere on CUDA, math on CPU. Other names pass through after a check."""
+    attention there), flash elsewhere on CUDA, math on CPU. Other names pass through after a check.
+
+    Raises:
+        UserError: a backend that has no kernel on a CPU device (else the first forward fails with SDPA's
+            "No viable backend" traceback), or "flash_attn" without the flash-attn package.
+    """
+    if device.type == "cpu" and name not in (*_CPU_BACKENDS, "auto"):
+        raise UserError(f"model.attn_backend = {name!r} has no CPU kernel; on a CPU use auto, math or flash")
     if name == "flash_attn":
         try:
             import flash_attn  # noqa: F401
@@ -76,16 +87,17 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         batch, seq_len, dim = x.shape
         q, k, v = self._rotated_qkv(x, rope)
-        if self.backend == "flash_attn":
+        # flash-attn (as SDPA's flash and cuDNN kernels on CUDA) takes bf16/fp16 only: fp32 (training.dtype
+        # float32, or evaluation without autocast) goes to SDPA's memory-efficient kernel. CPU flash takes fp32.
+        fp32_on_cuda = q.dtype == torch.float32 and q.device.type == "cuda"
+        if self.backend == "flash_attn" and not fp32_on_cuda:
             from flash_attn import flash_attn_func
 
             out = flash_attn_func(q, k, v, causal=self.causal)  # takes fewer key/value heads as they are
         else:
             if self.n_kv_heads != self.n_heads:  # each key/value head serves its group of query heads
                 k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2) for t in (k, v))
-            backend = self.backend
-            if backend in ("cudnn", "flash") and q.dtype == torch.float32:
-                backend = "efficient"  # neither takes fp32 (training.dtype float32, or evaluation without autocast)
+            backend = "efficient" if self.backend in ("cudnn", "flash", "flash_attn") and fp32_on_cuda else self.backend
             # The context sits inside forward so that it also reaches the graph of a compiled block.
             with sdpa_kernel(_SDPA[backend]):
                 out = F.scaled_dot_product_attention(

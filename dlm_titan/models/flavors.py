@@ -26,6 +26,11 @@ class ModelArgs:
 
     def __post_init__(self) -> None:
         kv = self.kv_heads
+        # n_heads and dim come from checkpoints' and config.json files too: 0 or less is refused here, before it
+        # divides anything.
+        if min(self.n_layers, self.n_heads, self.dim, self.ffn_dim, self.vocab_size) < 1:
+            raise UserError(f"model shape: n_layers {self.n_layers}, n_heads {self.n_heads}, dim {self.dim}, "
+                            f"ffn_dim {self.ffn_dim} and vocab_size {self.vocab_size} must all be >= 1")
         if self.dim % self.n_heads or kv < 1 or self.n_heads % kv or self.head_dim % 2:
             raise UserError(f"model shape: dim {self.dim}, {self.n_heads} heads and {kv} key/value heads need "
                             "dim divisible by n_heads into an even head size, and n_heads divisible by n_kv_heads")
