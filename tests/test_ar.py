@@ -102,8 +102,8 @@ def test_causal_model_ignores_the_future():
 
 @pytest.mark.parametrize("backend,dtype,tol", [("flash", torch.bfloat16, 3e-2), ("math", torch.float32, 1e-5)])
 def test_causal_sdpa_backends_equal_explicit_mask(backend, dtype, tol):
-    """On the CPU, SDPA runs the flash backend (bf16; fp32 goes to "efficient", which has no CPU kernel) and the
-    math backend; both must equal softmax with an explicit causal mask in float64 (GPU backends: test_ar_gpu)."""
+    """On the CPU, SDPA runs the flash backend (here in bf16) and the math backend; both must equal softmax with
+    an explicit causal mask in float64 (GPU backends: test_ar_gpu)."""
     attn = Attention(32, 2, backend=backend, causal=True)
     torch.nn.init.normal_(attn.wqkv.weight, std=0.3)
     attn.to(dtype)
