@@ -51,6 +51,15 @@ def record_losses(trainer: Trainer, on_step: Callable[[Trainer, int], None] | No
     return losses
 
 
+def user_error_line(capsys, main: Callable[[list[str]], int], argv: list[str]) -> str:
+    """The one stderr line of ``main(argv)`` refusing bad input with exit 2 (asserted), output before it dropped."""
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
 def write_random_shards(folder: Path, vocab: int, files: int = 2, tokens: int = 4096) -> Path:
     """``train_slim_*`` shards of uniform random token ids below ``vocab`` (seeded)."""
     rng = np.random.default_rng(0)

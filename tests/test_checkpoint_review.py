@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness import user_error_line
 
 from dlm_titan.checkpoint.export import load_model, write_export
 from dlm_titan.checkpoint.resume import check_model
@@ -66,14 +67,6 @@ def private_copy(dump: Path, to: Path) -> Path:
     return to
 
 
-def error_line(capsys, argv: list[str]) -> str:
-    capsys.readouterr()
-    code = train_main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
-
-
 def test_resume_with_other_rope_theta_and_norm_eps_is_refused(off_default_run, tmp_path, capsys):
     """Resuming the run without the folder that shaped it builds the 6M flavor (rope_theta 1e4, eps 1e-5): the same
     tensor shapes, so only the two constants tell the checkpoint's model from this one. Refused, nothing saved; the
@@ -83,7 +76,7 @@ def test_resume_with_other_rope_theta_and_norm_eps_is_refused(off_default_run, t
     root, data = off_default_run
     dump = private_copy(root / "run", tmp_path / "run")
     before = sorted(p.name for p in (dump / "checkpoint").iterdir())
-    line = error_line(capsys, tiny_run_args(data, dump, VOCAB, STEPS + 1, GLOBAL_BATCH, 1, 0, "--checkpoint.enable"))
+    line = user_error_line(capsys, train_main, tiny_run_args(data, dump, VOCAB, STEPS + 1, GLOBAL_BATCH, 1, 0, "--checkpoint.enable"))
     assert f"{dump / 'checkpoint' / f'step-{STEPS}'} holds a custom-shape model with" in line
     for field, saved, ours in (("rope_theta", 500000.0, 10000.0), ("norm_eps", 1e-06, 1e-05)):
         assert f"{field} = {saved}" in line.split(" but ")[0] and f"{field} = {ours}" in line.split(" but ")[1], line
@@ -105,7 +98,7 @@ def test_initial_load_of_other_rope_theta_is_refused(tmp_path, capsys):
     write_export(model.state_dict(), model_config(model, "6M"), tmp_path / "old_export", "float32", step=5)
     (tmp_path / "data").mkdir()
     data = write_random_shards(tmp_path / "data", VOCAB)
-    line = error_line(capsys, tiny_run_args(data, tmp_path / "run", VOCAB, 1, GLOBAL_BATCH, 1, 0,
+    line = user_error_line(capsys, train_main, tiny_run_args(data, tmp_path / "run", VOCAB, 1, GLOBAL_BATCH, 1, 0,
                                             "--checkpoint.initial_load_path", str(tmp_path / "old_export")))
     assert "rope_theta = 500000.0" in line and "rope_theta = 10000.0" in line, line
     assert "model.flavor" in line and "dump_folder" not in line

@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from harness import user_error_line
 
 from dlm_titan.checkpoint.export import load_model
 from dlm_titan.interop.formats import read_interop
@@ -87,14 +88,6 @@ def test_every_position_of_a_causal_import_equals_transformers(tmp_path):
     assert ((got - want).norm() / want.norm()).item() < 1e-5
 
 
-def one_error_line(capsys, argv: list[str]) -> str:
-    capsys.readouterr()  # drop what writing the folder printed
-    code = export_main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
-
-
 @pytest.mark.parametrize("overrides,named", [
     ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "'linear'"),
     ({"attention_bias": True}, "attention_bias"),
@@ -109,7 +102,7 @@ def test_unsupported_llama_features_are_one_line_exit_2(tmp_path, capsys, overri
         config["rope_parameters"] = {**overrides["rope_scaling"], "rope_theta": 500000.0}
     config.update({k: v for k, v in overrides.items() if k != "rope_scaling"})
     (folder / "config.json").write_text(json.dumps(config))
-    assert named in one_error_line(capsys, [str(folder), "--out", str(tmp_path / "out")])
+    assert named in user_error_line(capsys, export_main, [str(folder), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
 
@@ -119,16 +112,16 @@ def test_other_architectures_and_missing_weights_are_one_line_exit_2(tmp_path, c
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"],
                                                     "model_type": "gpt2"}))
-    assert "GPT2LMHeadModel is not supported" in one_error_line(capsys, [str(folder), "--out", str(tmp_path / "o")])
+    assert "GPT2LMHeadModel is not supported" in user_error_line(capsys, export_main, [str(folder), "--out", str(tmp_path / "o")])
     (folder / "config.json").write_text(json.dumps(config))
     from safetensors.torch import load_file, save_file
 
     weights = load_file(str(folder / "model.safetensors"))
     del weights["model.layers.0.mlp.up_proj.weight"]
     save_file(weights, str(folder / "model.safetensors"))
-    assert "model.layers.0.mlp.up_proj.weight" in one_error_line(capsys, [str(folder), "--out", str(tmp_path / "o")])
+    assert "model.layers.0.mlp.up_proj.weight" in user_error_line(capsys, export_main, [str(folder), "--out", str(tmp_path / "o")])
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")  # not read: it would need unpickling
-    assert "only safetensors" in one_error_line(capsys, [str(folder), "--out", str(tmp_path / "o")])
+    assert "only safetensors" in user_error_line(capsys, export_main, [str(folder), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
 
 

@@ -22,6 +22,7 @@ import os
 
 import pytest
 import torch
+from harness import user_error_line
 
 from dlm_titan.checkpoint.export import load_model
 from dlm_titan.errors import UserError
@@ -112,24 +113,16 @@ def test_reexport_that_dies_half_way_never_looks_complete(tmp_path, monkeypatch,
         assert step == 9 and torch.equal(logits, new(tokens))
 
 
-def one_error_line(capsys, argv: list[str]) -> str:
-    capsys.readouterr()
-    code = export_main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
-
-
 def test_bad_destination_is_one_line_exit_2(tmp_path, capsys):
     """--out naming a file, a path under a file or a run's dump folder: one line, exit 2, nothing written."""
     export(tiny(seed=1), tmp_path / "src", step=3)
     (tmp_path / "a_file").write_text("not a folder")
-    assert "a_file" in one_error_line(capsys, [str(tmp_path / "src"), "--out", str(tmp_path / "a_file")])
+    assert "a_file" in user_error_line(capsys, export_main, [str(tmp_path / "src"), "--out", str(tmp_path / "a_file")])
     assert (tmp_path / "a_file").read_text() == "not a folder"
-    assert "a_file" in one_error_line(capsys, [str(tmp_path / "src"), "--out", str(tmp_path / "a_file" / "sub")])
+    assert "a_file" in user_error_line(capsys, export_main, [str(tmp_path / "src"), "--out", str(tmp_path / "a_file" / "sub")])
     (tmp_path / "dump").mkdir()  # a run's dump folder: an export there would shadow its newest checkpoint
     (tmp_path / "dump" / "config.toml").write_text("[job]\n")
-    assert "dump" in one_error_line(capsys, [str(tmp_path / "src"), "--out", str(tmp_path / "dump")])
+    assert "dump" in user_error_line(capsys, export_main, [str(tmp_path / "src"), "--out", str(tmp_path / "dump")])
     assert sorted(p.name for p in (tmp_path / "dump").iterdir()) == ["config.toml"]
 
 
@@ -175,9 +168,9 @@ def test_explicit_tokenizer_that_cannot_be_shipped_is_one_line_exit_2(tmp_path, 
 
     export(tiny(seed=1), tmp_path / "src", step=3)
     out = ["--out", str(tmp_path / "out")]
-    assert "nope" in one_error_line(capsys, [str(tmp_path / "src"), "--tokenizer_path", str(tmp_path / "nope"), *out])
+    assert "nope" in user_error_line(capsys, export_main, [str(tmp_path / "src"), "--tokenizer_path", str(tmp_path / "nope"), *out])
     too_big = embedded_tokenizer_path()
-    assert "32000" in one_error_line(capsys, [str(tmp_path / "src"), "--tokenizer_path", too_big, *out])
+    assert "32000" in user_error_line(capsys, export_main, [str(tmp_path / "src"), "--tokenizer_path", too_big, *out])
     assert not (tmp_path / "out").exists()
 
 
@@ -207,7 +200,7 @@ def test_checkpoint_holding_other_objects_is_one_line_exit_2(tmp_path, capsys):
 
     torch.save({"model": {"lm_head.weight": torch.zeros(4, 2)}, "hparams": {"out_dir": pathlib.PurePosixPath("out")}},
                tmp_path / "iter-001000-ckpt.pth")
-    line = one_error_line(capsys, [str(tmp_path / "iter-001000-ckpt.pth"), "--out", str(tmp_path / "out")])
+    line = user_error_line(capsys, export_main, [str(tmp_path / "iter-001000-ckpt.pth"), "--out", str(tmp_path / "out")])
     assert "\x1b" not in line and "safetensors" in line
 
 
@@ -330,7 +323,7 @@ def test_config_json_that_is_no_object_is_one_line_exit_2(tmp_path, capsys, cont
     config.write_text(content + "\n")
     with pytest.raises(UserError, match="config.json holds"):
         load_model(tmp_path / "hf")
-    assert str(config) in one_error_line(capsys, [str(tmp_path / "hf"), "--out", str(tmp_path / "out")])
+    assert str(config) in user_error_line(capsys, export_main, [str(tmp_path / "hf"), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
     (tmp_path / "data").mkdir()
     data = write_random_shards(tmp_path / "data", VOCAB)
@@ -358,7 +351,7 @@ def test_shard_index_that_cannot_be_followed_is_one_line_exit_2(tmp_path, capsys
     with pytest.raises(UserError) as raised:
         load_model(tmp_path / "hf")
     assert all(n in str(raised.value) for n in named) and "\n" not in str(raised.value), raised.value
-    line = one_error_line(capsys, [str(tmp_path / "hf"), "--out", str(tmp_path / "out")])
+    line = user_error_line(capsys, export_main, [str(tmp_path / "hf"), "--out", str(tmp_path / "out")])
     assert all(n in line for n in named), line
     assert not (tmp_path / "out").exists()
 
