@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from dlm_kernels.rope import apply_rope
 
 from dlm_titan.errors import UserError
-from dlm_titan.sampling import group_by_length, row_generators
+from dlm_titan.sampling import group_by_length, row_generators, truncate_at_eos
 
 
 @dataclass
@@ -170,5 +170,5 @@ def generate_batch(model: torch.nn.Module, prompts: list[list[int]], cfg: ARSamp
         prompt = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=device)
         x = generate(model, prompt, cfg, eos_id, row_seeds=[cfg.seed + i for i in rows], vocab_limit=vocab_limit)
         for i, seq in zip(rows, x[:, plen:].tolist(), strict=True):
-            out[i] = seq[: seq.index(eos_id)] if cfg.stop_at_eos and eos_id in seq else seq
+            out[i] = truncate_at_eos(seq, eos_id) if cfg.stop_at_eos else seq
     return out
