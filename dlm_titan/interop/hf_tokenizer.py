@@ -138,7 +138,8 @@ def tokenizer_files(tokenizer_path: str, vocab_size: int, max_length: int,
     if mask:
         spec["added_tokens"].append(_added(vocab_size, MASK_TOKEN))
     _check_ids(spec, vocab_size if mask else None)
-    names = {i: t for t, i in _vocab_of(spec).items()}
+    vocab = _vocab_of(spec)
+    names = {i: t for t, i in vocab.items()}
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
         "split_special_tokens": True, "clean_up_tokenization_spaces": False, "model_max_length": max_length,
@@ -148,7 +149,7 @@ def tokenizer_files(tokenizer_path: str, vocab_size: int, max_length: int,
         if token_id >= 0 and token_id in names:
             config[key] = names[token_id]
     unk = spec.get("model", {}).get("unk_token")
-    if unk is not None and unk in _vocab_of(spec):
+    if unk is not None and unk in vocab:
         # as transformers' own Llama conversion names it: unk_token_id, and unknown token strings map to it
         config["unk_token"] = unk
     special = {k: v for k, v in config.items() if k in ("bos_token", "eos_token", "unk_token", "mask_token")}
