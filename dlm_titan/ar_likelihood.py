@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-Tokens = list[int] | torch.Tensor
+from dlm_titan.likelihood import Tokens
 
 HEAD_ROWS = 4096
 """Scored positions per output-head call: bounds the float32 logits held at once (rows x vocabulary)."""
