@@ -20,7 +20,6 @@ from dlm_titan.data.tokenizer import (
     embedded_tokenizer_path,
     file_sha256,
     load_tokenizer,
-    tokenizer_fingerprint,
 )
 from dlm_titan.errors import UserError
 
@@ -39,13 +38,13 @@ def load_checked_tokenizer(checkpoint: str, tokenizer_path: str, vocab_size: int
     Raises:
         UserError: one line naming both tokenizers and the fix, when they differ.
     """
-    if not tokenizer_path and bundled_tokenizer(checkpoint):  # an export's own: converted from the run's
-        return load_tokenizer(bundled_tokenizer(checkpoint), max_vocab_size=vocab_size)
+    if not tokenizer_path and (bundled := bundled_tokenizer(checkpoint)):  # an export's own: converted from the run's
+        return load_tokenizer(bundled, max_vocab_size=vocab_size)
     tok = load_tokenizer(tokenizer_path, max_vocab_size=vocab_size)
     recorded = recorded_tokenizer_hashes(checkpoint)
     if not recorded or _is_converted_copy(Path(tok.path)):
         return tok
-    sha = tokenizer_fingerprint(tok.path)["sha256"]
+    sha = file_sha256(tok.path)  # what tokenizer_fingerprint records, without loading the tokenizer again
     if sha not in recorded:
         used = f"tokenizer {tokenizer_path}" if tokenizer_path else "the embedded default tokenizer"
         trained = ", ".join(f"sha256 {s[:12]}..." for s in sorted(recorded))
@@ -73,7 +72,13 @@ def recorded_tokenizer_hashes(checkpoint: str | Path) -> set[str]:
     step_dir = path if is_dcp_folder(path) else find_checkpoint(path, warn=False)
     if step_dir is None or not is_complete(step_dir):
         return set()
-    manifests = read_marker(step_dir).get("data", {}).get("manifests", {})
+    return tokenizer_hashes(read_marker(step_dir).get("data", {}))
+
+
+def tokenizer_hashes(identity: dict) -> set[str]:
+    """The tokenizer sha256s that the preparation manifests of a data identity (:mod:`dlm_titan.data.identity`)
+    record."""
+    manifests = identity.get("manifests", {}) if isinstance(identity, dict) else {}
     if not isinstance(manifests, dict):
         return set()
     return {m["tokenizer_sha256"] for m in manifests.values()
@@ -93,8 +98,7 @@ def export_tokenizer(tokenizer_path: str, identity: dict) -> str | None:
     naming the fix), not the embedded tokenizer's files on a model trained on other ids."""
     if tokenizer_path:
         return tokenizer_path
-    recorded = {m.get("tokenizer_sha256") for m in identity.get("manifests", {}).values() if isinstance(m, dict)}
-    recorded.discard(None)
+    recorded = tokenizer_hashes(identity)
     embedded = embedded_tokenizer_path()
     if not recorded or (embedded is not None and file_sha256(embedded) in recorded):
         return ""
