@@ -197,10 +197,11 @@ class CheckpointLoader:
         step_dir = None
         if not is_export_folder(path) and interop_kind(path) is None:
             step_dir = path if is_dcp_folder(path) else find_checkpoint(path, warn=self.ranks.rank == 0)
-        if step_dir is not None and other_objective(self.model_config, read_marker(step_dir).get("model", {})):
+        marker = read_marker(step_dir) if step_dir is not None else {}
+        if step_dir is not None and other_objective(self.model_config, marker.get("model", {})):
             path, step_dir = step_dir, None  # read whole below, the mask-token row added or dropped
         if step_dir is not None:
-            self._load_dcp_weights(step_dir)
+            self._load_dcp_weights(step_dir, marker)
         else:
             cfg, full = read_model_weights(path)
             check_model(self.model_config, cfg, path, INITIAL_FIX)
@@ -208,9 +209,9 @@ class CheckpointLoader:
             set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True))
         self.log(f"initialized model weights from {step_dir or path} (optimizer, schedule and data start fresh)")
 
-    def _load_dcp_weights(self, step_dir: Path) -> None:
-        """The model weights of a DCP checkpoint of this run's objective, resharded to this run's layout."""
-        marker = read_marker(step_dir)
+    def _load_dcp_weights(self, step_dir: Path, marker: dict[str, Any]) -> None:
+        """The model weights of a DCP checkpoint of this run's objective (``marker``: its read marker), resharded
+        to this run's layout."""
         self._check_marker_model(marker.get("model", {}), step_dir, INITIAL_FIX)
         self._verify(step_dir, marker)
         read_dcp_metadata(step_dir)  # UserError when damaged
