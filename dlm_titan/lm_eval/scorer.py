@@ -237,7 +237,11 @@ class Scorer:
         pairs = [truncate_pair(*encode_pair(self.tok, ctx, cont), self.max_length) for ctx, cont in requests]
         c = self.cfg
         if c.greedy and progress is not None:  # two passes (scoring, then decoding), each half a request
-            progress = (lambda report: lambda n: report(n / 2))(progress)
+            report = progress
+
+            def progress(n: int) -> None:
+                report(n / 2)
+
         if c.nll_type == "left_to_right":
             per_token = left_to_right_logprob_batch(self.model, pairs, mask_id=self.mask_id, batch_size=c.batch_size,
                                                     cfg_scale=c.cfg_scale, progress=progress)
@@ -258,8 +262,9 @@ class Scorer:
         for i, (ctx, cont) in enumerate(pairs):
             if ctx and cont:
                 groups.setdefault((len(ctx), len(cont)), []).append(i)
-        if progress is not None and len(pairs) > sum(map(len, groups.values())):
-            progress(len(pairs) - sum(map(len, groups.values())))  # nothing to decode
+        undecoded = len(pairs) - sum(map(len, groups.values()))  # nothing to decode: done already
+        if progress is not None and undecoded:
+            progress(undecoded)
         for (_, n), members in groups.items():
             cfg = SamplerConfig(length=n, steps=n, algorithm="confidence", temperature=0.0,
                                 cfg_scale=self.cfg.cfg_scale, stop_at_eos=False)
