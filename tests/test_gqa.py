@@ -77,13 +77,12 @@ def test_checkpoint_of_other_key_value_heads_is_refused():
     """A checkpoint whose model differs only in n_kv_heads is one UserError (not a shape error mid-load); markers
     written before n_kv_heads existed read as one key/value head per query head."""
     from pathlib import Path
-    from types import SimpleNamespace
 
-    from dlm_titan.checkpoint.manager import CheckpointManager
+    from dlm_titan.checkpoint.resume import check_model
 
     shape = {"flavor": "6M", "n_layers": 6, "n_heads": 4, "dim": 256, "ffn_dim": 1024, "vocab_size": 32000}
-    this = SimpleNamespace(model_config={**shape, "n_kv_heads": 4})
-    CheckpointManager._check_model(this, dict(shape), Path("old"))  # no n_kv_heads recorded: multi-head
-    CheckpointManager._check_model(this, {**shape, "n_kv_heads": 4}, Path("same"))
+    this = {**shape, "n_kv_heads": 4}
+    check_model(this, dict(shape), Path("old"))  # no n_kv_heads recorded: multi-head
+    check_model(this, {**shape, "n_kv_heads": 4}, Path("same"))
     with pytest.raises(UserError, match="holds"):
-        CheckpointManager._check_model(this, {**shape, "n_kv_heads": 2}, Path("gqa"))
+        check_model(this, {**shape, "n_kv_heads": 2}, Path("gqa"))

@@ -22,7 +22,7 @@ from torch import nn
 
 from dlm_titan.checkpoint.eval_tokenizer import export_tokenizer
 from dlm_titan.checkpoint.export import EXPORT_FOLDER, export_model
-from dlm_titan.checkpoint.resume import CheckpointLoader, Ranks, check_model, resume_folder
+from dlm_titan.checkpoint.resume import CheckpointLoader, Ranks, resume_folder
 from dlm_titan.checkpoint.staging import StateStager, current_cuda_device, use_device
 from dlm_titan.checkpoint.state import state_to_save, tensor_state
 from dlm_titan.checkpoint.write_errors import save_failure, writer_thread_errors
@@ -151,10 +151,6 @@ class CheckpointManager:
         if self.cfg.initial_load_path:
             loader.load_weights(Path(self.cfg.initial_load_path))
         return 0, 0
-
-    def _check_model(self, saved: dict[str, Any], where: Path) -> None:
-        """Refuses a checkpoint's model config ``saved`` of another shape than this run's (resume.check_model)."""
-        check_model(self.model_config, saved, where)
 
     def data_identity(self) -> dict[str, Any]:
         """The training shards' identity (names, sizes, manifests), taken once: the loader opened them at start."""
