@@ -194,8 +194,8 @@ def compare_objectives(runs: Mapping[str, list[Point]], reference_loss: float | 
     notes = [f"{o}: budget {budget_label(p.budget)} frontier point is its best run (no parabola minimum within "
              f"the sizes trained)" for o, (front, _) in fits.items() for p in front if p.source != "parabola"]
     notes += _extrapolation_notes(fits, reference_loss)
-    no_dof = [o for o in ("mdm", "ar") if len(residual_model(runs[o])[1]) == 0]
-    if replicates and no_dof:
+    if replicates and not len(values) and not failed:  # the bootstrap found no residual degrees of freedom: name whose
+        no_dof = [o for o in ("mdm", "ar") if len(residual_model(runs[o])[1]) == 0]
         notes.append(f"no bootstrap interval: {', '.join(no_dof)} trained at most 3 sizes per budget, so its runs "
                      "give no estimate of their noise (each parabola passes through them); train 4 or more sizes")
     if replicates and failed:
