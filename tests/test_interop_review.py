@@ -415,11 +415,12 @@ def test_exported_tokenizer_names_the_unknown_token_as_transformers_does(tmp_pat
     outside the vocabulary maps to that id rather than None. Decoding the unknown id gives "<unk>" in both (where
     SentencePiece writes " ⁇ "): the same as transformers, documented in docs/checkpointing.md."""
     from dlm_titan.data.tokenizer import embedded_tokenizer_path, load_tokenizer
-    from dlm_titan.interop.hf_tokenizer import write_tokenizer
+    from dlm_titan.interop.hf_tokenizer import tokenizer_files
 
     sp = load_tokenizer("").backend.processor
     reference = _llama_conversion(embedded_tokenizer_path())
-    write_tokenizer(tmp_path, "", 32000, 64)
+    for name, text in tokenizer_files("", 32000, 64)[1].items():
+        (tmp_path / name).write_text(text)
     ours = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert ours.unk_token == reference.unk_token == sp.id_to_piece(sp.unk_id())
     assert ours.unk_token_id == reference.unk_token_id == sp.unk_id()

@@ -22,11 +22,10 @@ from typing import Any
 
 from dlm_titan.data.tokenizer import MASK_TOKEN, Tokenizer, load_tokenizer
 from dlm_titan.errors import UserError
-from dlm_titan.fileio import atomic_write_text
 
 _SPIECE_SPACE = "\u2581"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-"""What :func:`tokenizer_files` gives and :func:`write_tokenizer` writes."""
+"""What :func:`tokenizer_files` gives (the export writes them)."""
 
 
 def _added(token_id: int, content: str, special: bool = True) -> dict[str, Any]:
@@ -99,19 +98,6 @@ def _tokenizer_json(tok: Tokenizer) -> dict[str, Any]:
     spec = json.loads(Path(tok.path).read_text(encoding="utf-8"))
     spec["post_processor"] = None
     return spec
-
-
-def write_tokenizer(out: Path, tokenizer_path: str, vocab_size: int, max_length: int, mask: bool = True) -> Tokenizer:
-    """Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json into ``out``
-    (:func:`tokenizer_files`, whose arguments it takes after ``out``).
-
-    Returns:
-        the dlm_titan tokenizer it was converted from.
-    """
-    tok, files = tokenizer_files(tokenizer_path, vocab_size, max_length, mask)
-    for name, text in files.items():
-        atomic_write_text(out / name, text)
-    return tok
 
 
 def tokenizer_files(tokenizer_path: str, vocab_size: int, max_length: int,
