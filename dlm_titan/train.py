@@ -27,7 +27,7 @@ from dlm_titan.ar_validation import NextTokenValidator
 from dlm_titan.autoregressive import next_token_micro_batch
 from dlm_titan.checkpoint import CheckpointManager
 from dlm_titan.config import JobConfig, load_config, to_toml
-from dlm_titan.data import build_train_loader, resolve_data_path
+from dlm_titan.data import build_train_loader, resolve_data_path, used_sources
 from dlm_titan.data.loader import micro_batches_per_step
 from dlm_titan.data.shards import check_leading_ids, list_shards, read_header
 from dlm_titan.diffusion import MaskedBatch, forward_process, sample_noise, ssl_length
@@ -375,8 +375,7 @@ def check_config(cfg: JobConfig, world_size: int) -> int:
     micro_batches_per_step(cfg.training.global_batch_size, cfg.training.local_batch_size, world_size)
     data_path = resolve_data_path(cfg.data)
     train_loader(cfg, data_path, 0, world_size)
-    used = [p for p, w in zip(cfg.data.train_prefixes, cfg.data.train_weights, strict=True) if w > 0]
-    for prefix in used:  # a header whose dtype code is wrong: found here, not mid-run on a rank
+    for prefix, _ in used_sources(cfg.data):  # a header whose dtype code is wrong: found here, not mid-run on a rank
         for path in list_shards(data_path, prefix):
             check_leading_ids(read_header(path), cfg.model.vocab_size)
     with hold_dump_folder(cfg.job.dump_folder, rank=0):  # another trainer on this folder: refused now, not later

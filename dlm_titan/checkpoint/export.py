@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dlm_titan.checkpoint.state import first_nonfinite, from_json_tensor
+from dlm_titan.checkpoint.state import TRAIN_STATE, first_nonfinite, from_json_tensor
 from dlm_titan.checkpoint_layout import (
     damaged,
     find_checkpoint,
@@ -40,8 +40,6 @@ CONFIG_FILE = "config.json"
 EXPORT_FOLDER = "export"
 """Default export location inside a dump folder."""
 
-TRAIN_STATE = "train_state"
-"""The JSON entry of a checkpoint that holds its step and tokens_seen (see checkpoint.state.BLOB_KEYS)."""
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 

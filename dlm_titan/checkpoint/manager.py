@@ -155,11 +155,10 @@ class CheckpointManager:
     def data_identity(self) -> dict[str, Any]:
         """The training shards' identity (names, sizes, manifests), taken once: the loader opened them at start."""
         if self._data_identity is None:
-            from dlm_titan.data import resolve_data_path
+            from dlm_titan.data import resolve_data_path, used_sources
 
-            data = self.data_cfg  # zero-weight sources are never read (their files need not exist)
-            used = [p for p, w in zip(data.train_prefixes, data.train_weights, strict=True) if w > 0]
-            self._data_identity = dataset_identity(resolve_data_path(data), used)
+            used = [prefix for prefix, _ in used_sources(self.data_cfg)]
+            self._data_identity = dataset_identity(resolve_data_path(self.data_cfg), used)
         return self._data_identity
 
     # -- saving -------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 from dlm_titan.checkpoint.export import is_export_folder, read_model_weights
 from dlm_titan.checkpoint.state import (
     BLOB_KEYS,
+    TRAIN_STATE,
     first_nonfinite,
     from_json_tensor,
     load_optimizer,
@@ -178,7 +179,7 @@ class CheckpointLoader:
         for key in BLOB_KEYS:
             state[key] = torch.empty(sizes[key], dtype=torch.uint8)
         self._dcp_load(state, step_dir)
-        train_state = from_json_tensor(state["train_state"])
+        train_state = from_json_tensor(state[TRAIN_STATE])
         self._check_finite(state["model"], step_dir)
         set_model_state_dict(self.model, state["model"])
         load_optimizer(self.model, self.optimizer, state["optimizer"], optim_extras,

@@ -21,7 +21,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-BLOB_KEYS = ("optimizer_groups", "lr_scheduler", "train_state")
+TRAIN_STATE = "train_state"  # the JSON entry holding the step and tokens_seen
+BLOB_KEYS = ("optimizer_groups", "lr_scheduler", TRAIN_STATE)
 """The JSON entries every checkpoint has besides the tensors (and each rank's ``dataloader.rank_R``)."""
 
 # Optimizer state keyed by parameter FQN ("state.<fqn>.exp_avg"), so any sharding layout can load it.
@@ -77,7 +78,7 @@ def state_to_save(model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedul
     state = tensor_state(model, optimizer)
     state["optimizer_groups"] = json_tensor(state.pop("_optim_extras"))
     state["lr_scheduler"] = json_tensor(lr_scheduler.state_dict())
-    state["train_state"] = json_tensor(train_state)
+    state[TRAIN_STATE] = json_tensor(train_state)
     # per-rank key: DCP keeps one copy of replicated tensors, but every rank's loader state is its own
     state["dataloader"] = {f"rank_{rank}": json_tensor(data_loader.state_dict())}
     return state

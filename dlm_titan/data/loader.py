@@ -342,6 +342,12 @@ def _check_layout(seq_len: int, local_batch_size: int, global_batch_size: int, d
     micro_batches_per_step(global_batch_size, local_batch_size, dp_world_size)
 
 
+def used_sources(data_cfg) -> list[tuple[str, float]]:
+    """(prefix, weight) of the training sources with a positive weight: zero-weight sources are never read, so
+    their files need not exist (SMDM required them)."""
+    return [(p, float(w)) for p, w in zip(data_cfg.train_prefixes, data_cfg.train_weights, strict=True) if w > 0]
+
+
 def build_train_loader(data_cfg: Any, *, data_path: str, seq_len: int, local_batch_size: int,
                        global_batch_size: int, dp_rank: int, dp_world_size: int, seed: int,
                        vocab_size: int) -> TrainLoader:
@@ -363,11 +369,10 @@ def build_train_loader(data_cfg: Any, *, data_path: str, seq_len: int, local_bat
     prefixes, weights = list(data_cfg.train_prefixes), [float(w) for w in data_cfg.train_weights]
     _check_layout(seq_len, local_batch_size, global_batch_size, dp_rank, dp_world_size)
     check_tokenizer_fits(data_cfg, vocab_size)
-    # zero-weight sources are never read, so their files need not exist (SMDM required them)
-    used = [i for i, w in enumerate(weights) if w > 0]
-    check_shard_manifests(data_cfg, data_path, vocab_size, [prefixes[i] for i in used])
-    sources = [WindowSet(data_path, prefixes[i], seq_len + 1, vocab_size) for i in used]
-    dataset = TrainBatches(sources, [weights[i] for i in used], seed, global_batch_size, local_batch_size,
+    used = used_sources(data_cfg)
+    check_shard_manifests(data_cfg, data_path, vocab_size, [p for p, _ in used])
+    sources = [WindowSet(data_path, p, seq_len + 1, vocab_size) for p, _ in used]
+    dataset = TrainBatches(sources, [w for _, w in used], seed, global_batch_size, local_batch_size,
                            dp_rank, dp_world_size)
     layout = {
         "seq_len": seq_len, "local_batch_size": local_batch_size, "global_batch_size": global_batch_size,
