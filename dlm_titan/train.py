@@ -9,7 +9,6 @@ preemption signals; the metrics component logs each step and the checkpoint mana
 from __future__ import annotations
 
 import contextlib
-import errno
 import gc
 import os
 import signal
@@ -26,6 +25,7 @@ from dlm_titan import distributed as dist_utils
 from dlm_titan.ar_validation import NextTokenValidator
 from dlm_titan.autoregressive import next_token_micro_batch
 from dlm_titan.checkpoint import CheckpointManager
+from dlm_titan.checkpoint.write_errors import STORAGE_FULL_ERRNOS
 from dlm_titan.config import JobConfig, load_config, to_toml
 from dlm_titan.data import build_train_loader, resolve_data_path, used_sources
 from dlm_titan.data.loader import micro_batches_per_step
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a full disk outside a checkpoint save (which reports its own): the config, an export
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+        if e.errno not in STORAGE_FULL_ERRNOS:
             raise
         return report(UserError(f"{e.strerror} ({e.filename or 'writing the dump folder'}); complete checkpoints "
                                 "already saved are intact: free space (or fix the filesystem) and rerun the same "

@@ -20,6 +20,13 @@ STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.E
                   errno.ESTALE)
 """Errors of the filesystem, not of our code: a save failing with one of them is reported as one line."""
 
+STORAGE_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+"""The part of ``STORAGE_ERRNOS`` that the trainer reports as one line outside a checkpoint save (a full, read-only
+or failing disk under the dump folder or an export). ENOENT, EACCES and EPERM are left out there: outside a save
+they name a path the user gave (a missing or unreadable config, data or init folder), whose traceback says which
+one; inside a save they mean the checkpoint folder vanished or lost its permissions mid-write. ESTALE (an NFS
+handle gone stale under a writer) is likewise counted as storage only within a save."""
+
 
 def storage_error(error: BaseException) -> OSError | None:
     """The first OSError with a storage errno in ``error``, its causes and contexts, and (for DCP's
