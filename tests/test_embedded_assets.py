@@ -14,7 +14,9 @@ import sentencepiece as spm
 import zstandard
 
 from dlm_titan.assets import EMBEDDED_CORPUS_DIR, EMBEDDED_TOKENIZER_PATH
-from scripts.build_embedded_corpus import Doc, clean, html_to_text, split
+from scripts.embedded_corpus.doc import Doc
+from scripts.embedded_corpus.sphinx_text import html_to_text
+from scripts.embedded_corpus.split import clean, split
 from scripts.train_tokenizer import corpus_files, train
 
 # fmt: off
