@@ -204,6 +204,27 @@ def compare_objectives(runs: Mapping[str, list[Point]], reference_loss: float | 
                       interval, confidence, replicates, failed, notes)
 
 
+def format_multiplier(cmp: Comparison, compact: bool = False) -> str:
+    """The compute multiplier at the reference loss with its bootstrap interval, as text.
+
+    Args:
+        cmp: the comparison.
+        compact: the plot's two-line label instead of the sweep's console line.
+
+    Returns:
+        the text; without an interval (NaN: no residual degrees of freedom, or no replicates) it points to where
+        the reason is given (the comparison's notes, which the sweep prints as warnings).
+    """
+    lo, hi = cmp.interval
+    none = math.isnan(lo)  # both ends are NaN together
+    if compact:
+        band = "no CI: see the notes" if none else f"{cmp.confidence:.0%} CI {lo:.3g}-{hi:.3g}"
+        return f"x{cmp.multiplier:.3g}\n({band})"
+    band = ("no bootstrap interval: see the warnings" if none else
+            f"{cmp.confidence:.0%} bootstrap interval {lo:.3g}-{hi:.3g}, {cmp.replicates} replicates")
+    return f"compute multiplier at L = {cmp.reference_loss:.4f}: MDM needs {cmp.multiplier:.3g}x AR's compute ({band})"
+
+
 def comparison_to_dict(cmp: Comparison) -> dict:
     """JSON-ready summary of a comparison."""
     return {
@@ -245,9 +266,7 @@ def plot_comparison(cmp: Comparison, runs: Mapping[str, list[Point]], path: Path
                   label=f"{objective.upper()}: L = {law.coefficient:.3g} C^{law.exponent:.4f}")
     axis.annotate("", xy=(c_mdm, cmp.reference_loss), xytext=(c_ar, cmp.reference_loss),
                   arrowprops={"arrowstyle": "->", "color": "black"})
-    lo, hi = cmp.interval
-    band = f"{cmp.confidence:.0%} CI {lo:.3g}-{hi:.3g}" if math.isfinite(lo) else "no CI: see the notes"
-    axis.text((c_ar * c_mdm) ** 0.5, cmp.reference_loss, f"x{cmp.multiplier:.3g}\n({band})", ha="center",
+    axis.text((c_ar * c_mdm) ** 0.5, cmp.reference_loss, format_multiplier(cmp, compact=True), ha="center",
               va="bottom", fontsize=9)
     axis.set(xscale="log", xlabel="training FLOPs C (6 N D)", ylabel="final validation loss (nats/token)",
              title=f"Compute frontiers: MDM needs x{cmp.multiplier:.3g} AR's compute at L = {cmp.reference_loss:.3f}")

@@ -301,7 +301,12 @@ def fit_and_report(results: list[dict], warnings: list[str], output_dir: Path, p
 def compare_and_report(results: list[dict], warnings: list[str], output_dir: Path, args) -> dict:
     """An MDM + AR sweep: each objective's fits (isoflop_<objective>.png), both frontiers and the compute
     multiplier at equal loss (isoflop_compare.png), all in isoflop_fits.json."""
-    from dlm_titan.scaling_compare import compare_objectives, comparison_to_dict, plot_comparison
+    from dlm_titan.scaling_compare import (
+        compare_objectives,
+        comparison_to_dict,
+        format_multiplier,
+        plot_comparison,
+    )
 
     plot = not args.no_plot
     report = {"objectives": {}}
@@ -318,11 +323,7 @@ def compare_and_report(results: list[dict], warnings: list[str], output_dir: Pat
     report["comparison"] = comparison_to_dict(cmp)
     for note in cmp.notes:
         print(f"warning: {note}")
-    lo, hi = cmp.interval
-    band = (f"{cmp.confidence:.0%} bootstrap interval {lo:.3g}-{hi:.3g}, {cmp.replicates} replicates"
-            if lo == lo else "no bootstrap interval: see the warnings")  # NaN: no residual degrees of freedom
-    print(f"compute multiplier at L = {cmp.reference_loss:.4f}: MDM needs {cmp.multiplier:.3g}x AR's compute "
-          f"({band})")
+    print(format_multiplier(cmp))
     (output_dir / FITS_FILE).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {output_dir / FITS_FILE}")
     if plot:
