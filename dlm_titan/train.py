@@ -50,9 +50,15 @@ from dlm_titan.validation import SequenceLossTap, build_validator
 class Trainer:
     """Builds the model, optimizer, schedule, loader, metrics and checkpointing from a JobConfig, then trains."""
 
-    def __init__(self, cfg: JobConfig):
+    def __init__(self, cfg: JobConfig, host_group: torch.distributed.ProcessGroup | None = None):
+        """Args:
+            cfg: the run's settings.
+            host_group: the gloo group of all ranks for host-side agreements: ``main`` passes the one it held the
+                run lock with, so a run makes one; None (a Trainer built directly, as tests do) makes one here.
+        """
         self.cfg = cfg
         self.rank, world_size, self.device = dist_utils.init_distributed()
+        self.host_group = host_group if host_group is not None else dist_utils.new_host_group()
         self.dims = dist_utils.resolve_parallel_dims(cfg.parallelism, world_size, self.rank)
         training = cfg.training
         self.micro_batches = micro_batches_per_step(training.global_batch_size, training.local_batch_size, world_size)
@@ -103,7 +109,7 @@ class Trainer:
 
     def _build_checkpointing(self) -> None:
         """The non-finite guard, the stop signals and the checkpoint manager, then the resume (or initial load)."""
-        flags = dist_utils.new_host_group()  # per-step agreements across ranks, off the GPU and its stream
+        flags = self.host_group  # per-step agreements across ranks, off the GPU and its stream
         self.nonfinite = NonFiniteGuard(self.cfg.training.on_nonfinite, self.rank, flags,
                                         self.cfg.training.max_consecutive_skips)
         self.signals = StopSignals(flags)
@@ -391,8 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("DLM_TITAN_CHECK_ONLY"):
             return check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         rank = dist_utils.init_distributed()[0]
-        with hold_dump_folder(cfg.job.dump_folder, rank, dist_utils.new_host_group()):  # one run per dump folder
-            Trainer(cfg).train()
+        host_group = dist_utils.new_host_group()  # the lock's broadcast, then the Trainer's per-step agreements
+        with hold_dump_folder(cfg.job.dump_folder, rank, host_group):  # one run per dump folder
+            Trainer(cfg, host_group).train()
     except UserError as e:
         return report(e)
     except NonFiniteStop as e:  # the run diverged: not bad input, but no traceback either; state as it says
