@@ -34,7 +34,7 @@ from dlm_titan.diffusion import MaskedBatch, forward_process, sample_noise, ssl_
 from dlm_titan.errors import UserError, report
 from dlm_titan.fileio import atomic_write_text
 from dlm_titan.flops import steps_from_budget
-from dlm_titan.interop.init_shape import build_training_model, folder_model_args, run_flavor
+from dlm_titan.interop.init_shape import InitialShape, build_training_model, run_flavor
 from dlm_titan.metrics import TrainMetrics
 from dlm_titan.models import get_model_args, model_config
 from dlm_titan.nonfinite import NonFiniteGuard, NonFiniteStop
@@ -80,7 +80,7 @@ class Trainer:
         if self.rank == 0 and cfg.job.print_config:
             print(to_toml(cfg))
         for line in plan_summary(cfg, self.model, self.steps, self.dims.world_size, self.micro_batches, self.device,
-                                 data_path):
+                                 data_path, self.initial_shape):
             self.log(line)
         self.log(self.parallel_plan.describe())
         self._build_checkpointing()
@@ -93,8 +93,10 @@ class Trainer:
     def _build_model(self) -> None:
         """The model, built on the meta device, parallelized, then materialized and initialised; its loss."""
         training = self.cfg.training
+        # read once: the model's shape, the flavor the run records and the plan's log line all come from it
+        self.initial_shape = InitialShape.read(self.cfg.checkpoint.initial_load_path)
         self.model = build_training_model(self.cfg, training.seq_len, self.device,  # flavor, or initial folder
-                                          causal=training.objective == "ar")
+                                          causal=training.objective == "ar", initial=self.initial_shape)
         self.model_args = self.model.args
         self.steps = resolve_steps(self.cfg, self.model_args)
         mesh = dist_utils.build_mesh(self.dims, self.device)
@@ -114,7 +116,8 @@ class Trainer:
                                         self.cfg.training.max_consecutive_skips)
         self.signals = StopSignals(flags)
         self.checkpointer = CheckpointManager(self.cfg, self.model, self.optimizer, self.lr_scheduler, self.data_loader,
-                                              model_config(self.model, run_flavor(self.cfg)), barrier_group=flags)
+                                              model_config(self.model, run_flavor(self.cfg, self.initial_shape)),
+                                              barrier_group=flags)
         if self.cfg.checkpoint.enable:  # a stop signal saves; without checkpoints it ends the run as usual
             self.signals.install(self.data_loader)
         self.step, self.tokens_seen = self.checkpointer.load()  # resume, or initial_load_path weights
@@ -285,11 +288,13 @@ def allocate_gradients(params: list[torch.Tensor]) -> None:
 
 
 def plan_summary(cfg: JobConfig, model, steps: int, world_size: int, micro_batches: int, device: torch.device,
-                 data_path: Path) -> list[str]:
-    """The run's plan as the log lines printed before training: the model, and the steps and batch layout."""
+                 data_path: Path, initial: InitialShape | None = None) -> list[str]:
+    """The run's plan as the log lines printed before training: the model, and the steps and batch layout.
+    ``initial``: the run's :class:`InitialShape` where already read."""
     training, a = cfg.training, model.args
     warmup = resolve_warmup_steps(cfg.lr_scheduler.warmup_steps, steps)
-    shaped_by_folder = folder_model_args(cfg.checkpoint.initial_load_path, cfg.model.vocab_size) is not None
+    initial = initial or InitialShape.read(cfg.checkpoint.initial_load_path)
+    shaped_by_folder = initial.model_args(cfg.model.vocab_size) is not None
     name = f"of {cfg.checkpoint.initial_load_path}" if shaped_by_folder else cfg.model.flavor
     return [
         f"model {name}: {a.n_layers} layers, d={a.dim}, {a.non_embedding_params():,} non-embedding "

@@ -48,7 +48,11 @@ def interop_kind(path: Path) -> str | None:
     UserError for a config.json of an unsupported architecture."""
     if is_litgpt_file(path):
         return "litgpt"
-    config = _config(path)
+    return _config_kind(path, _config(path))
+
+
+def _config_kind(path: Path, config: dict[str, Any] | None) -> str | None:
+    """:func:`interop_kind` of a folder whose config.json (None: none) is already read."""
     if config is None or config.get("format") == "dlm_titan":
         return None
     if is_dlm_titan_hf_config(config):
@@ -62,13 +66,20 @@ def interop_kind(path: Path) -> str | None:
 
 def interop_shape(path: Path, flavor: str | None = None) -> dict[str, Any] | None:
     """The model shape a path holds (reading config.json only, or the state dict of a lit-gpt file), or None."""
-    kind = interop_kind(path)
-    if kind == "hf":
-        return shape_from_hf_config(_config(path))
-    if kind == "llama":
-        return llama_shape(_config(path), path / "config.json")
-    if kind == "litgpt":
+    if is_litgpt_file(path):
         return read_litgpt(path, flavor)[0]
+    return config_shape(path)
+
+
+def config_shape(path: Path) -> dict[str, Any] | None:
+    """The model shape in a folder's config.json (dlm_titan's HF folder or a Llama one), parsed once; None for any
+    other path (a lit-gpt file included: its shape needs its state dict). UserError as :func:`interop_kind`."""
+    config = _config(path)
+    kind = _config_kind(path, config)
+    if kind == "hf":
+        return shape_from_hf_config(config)
+    if kind == "llama":
+        return llama_shape(config, path / "config.json")
     return None
 
 

@@ -10,6 +10,7 @@ SMDM flavors keep ``model.flavor``, checked against the weights when they load.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,49 @@ import torch
 
 from dlm_titan.checkpoint_layout import MARKER, find_checkpoint, is_dcp_folder, read_marker
 from dlm_titan.errors import UserError
-from dlm_titan.interop.formats import interop_kind, interop_shape
+from dlm_titan.interop.formats import config_shape
 from dlm_titan.models import TransEncoder, build_model, build_transencoder
 from dlm_titan.models.flavors import ALIASES, FLAVORS, ModelArgs, get_model_args
+
+
+@dataclass(frozen=True)
+class InitialShape:
+    """What ``checkpoint.initial_load_path`` says of a run's shape, read once: the model, the flavor the run records
+    and its plan's log line all ask.
+
+    Attributes:
+        path: the run's ``checkpoint.initial_load_path`` ("" for none).
+        shape: the model config of the folder (or of the checkpoint marker) when it, not ``model.flavor``, decides
+            the model's shape, else None.
+    """
+
+    path: str
+    shape: dict[str, Any] | None
+
+    @classmethod
+    def read(cls, initial_load_path: str) -> InitialShape:
+        return cls(initial_load_path, _shape_of(initial_load_path))
+
+    def model_args(self, vocab_size: int) -> ModelArgs | None:
+        """The model arguments of the folder's shape, or None (flavor decides); UserError when its vocabulary is
+        not the run's."""
+        shape = self.shape
+        if shape is None:
+            return None
+        if shape["vocab_size"] != vocab_size:
+            raise UserError(f"checkpoint.initial_load_path {self.path} has a vocabulary of {shape['vocab_size']}; "
+                            f"set --model.vocab_size {shape['vocab_size']} (and tokenize the data with its tokenizer)")
+        return ModelArgs(int(shape["n_layers"]), int(shape["n_heads"]), int(shape["dim"]), int(shape["ffn_dim"]),
+                         vocab_size=vocab_size, norm_eps=float(shape.get("norm_eps", 1e-5)),
+                         rope_theta=float(shape.get("rope_theta", 10000.0)),
+                         n_kv_heads=int(shape.get("n_kv_heads") or 0))
+
+    def flavor(self, model_flavor: str) -> str:
+        """The flavor the run records: ``model_flavor``, or the folder's own when it gives the shape ("" for a
+        Llama folder: no SMDM flavor)."""
+        if self.shape is None:
+            return model_flavor
+        return str(self.shape.get("flavor") or "") if _is_flavor_shape(self.shape) else ""
 
 
 def _shape_of(initial_load_path: str) -> dict[str, Any] | None:
@@ -27,12 +68,10 @@ def _shape_of(initial_load_path: str) -> dict[str, Any] | None:
     if not initial_load_path:
         return None
     path = Path(initial_load_path)
-    kind = interop_kind(path)
-    if kind in ("hf", "llama"):
-        return interop_shape(path)
-    if kind is None and path.is_dir():
+    shape = config_shape(path)  # a Hugging Face or Llama folder (its config.json parsed once)
+    if shape is None and path.is_dir():
         return _checkpoint_shape(path)
-    return None
+    return shape
 
 
 def _checkpoint_shape(path: Path) -> dict[str, Any] | None:
@@ -60,32 +99,18 @@ def _is_flavor_shape(saved: dict[str, Any]) -> bool:
         saved.get("rope_theta", 10000.0), saved.get("norm_eps", 1e-5))
 
 
-def folder_model_args(initial_load_path: str, vocab_size: int) -> ModelArgs | None:
-    """The shape of a Hugging Face folder (or of a checkpoint of a run shaped by one) named by
-    ``initial_load_path``, or None (flavor decides)."""
-    shape = _shape_of(initial_load_path)
-    if shape is None:
-        return None
-    if shape["vocab_size"] != vocab_size:
-        raise UserError(f"checkpoint.initial_load_path {initial_load_path} has a vocabulary of {shape['vocab_size']}; "
-                        f"set --model.vocab_size {shape['vocab_size']} (and tokenize the data with its tokenizer)")
-    return ModelArgs(int(shape["n_layers"]), int(shape["n_heads"]), int(shape["dim"]), int(shape["ffn_dim"]),
-                     vocab_size=vocab_size, norm_eps=float(shape.get("norm_eps", 1e-5)),
-                     rope_theta=float(shape.get("rope_theta", 10000.0)), n_kv_heads=int(shape.get("n_kv_heads") or 0))
-
-
-def run_flavor(cfg) -> str:
+def run_flavor(cfg, initial: InitialShape | None = None) -> str:
     """The flavor a run records (checkpoint markers, exports): ``model.flavor``, or, when the initial folder gives
-    the shape, that folder's own ("" for a Llama folder: no SMDM flavor), never the ignored ``model.flavor``."""
-    shape = _shape_of(cfg.checkpoint.initial_load_path)
-    if shape is None:
-        return cfg.model.flavor
-    return str(shape.get("flavor") or "") if _is_flavor_shape(shape) else ""
+    the shape, that folder's own ("" for a Llama folder: no SMDM flavor), never the ignored ``model.flavor``.
+    ``initial``: the run's :class:`InitialShape` where already read."""
+    return (initial or InitialShape.read(cfg.checkpoint.initial_load_path)).flavor(cfg.model.flavor)
 
 
-def build_training_model(cfg, max_seq_len: int, device: torch.device, causal: bool = False) -> TransEncoder:
-    """:func:`dlm_titan.models.build_model`, or a model of the initial folder's shape (see the module doc)."""
-    args = folder_model_args(cfg.checkpoint.initial_load_path, cfg.model.vocab_size)
+def build_training_model(cfg, max_seq_len: int, device: torch.device, causal: bool = False,
+                         initial: InitialShape | None = None) -> TransEncoder:
+    """:func:`dlm_titan.models.build_model`, or a model of the initial folder's shape (see the module doc).
+    ``initial``: the run's :class:`InitialShape` where already read."""
+    args = (initial or InitialShape.read(cfg.checkpoint.initial_load_path)).model_args(cfg.model.vocab_size)
     if args is None:
         return build_model(cfg.model, max_seq_len, device, causal)
     return build_transencoder(args, max_seq_len, cfg.model.attn_backend, device, causal)
