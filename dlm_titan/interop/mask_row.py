@@ -25,9 +25,10 @@ def with_mask_row(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def match_objective(cfg: dict[str, Any], state: dict[str, torch.Tensor], causal: bool,
-                    log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+                    log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config, state) of weights ``cfg`` / ``state`` made to fit a model that is ``causal`` or not: the mask row
-    added (causal weights into a diffusion model) or dropped (the reverse); unchanged when the kinds agree."""
+    added (causal weights into a diffusion model) or dropped (the reverse), said through ``log``; unchanged when
+    the kinds agree."""
     source = bool(cfg.get("causal", False))
     if source == causal:
         return cfg, state
@@ -37,6 +38,5 @@ def match_objective(cfg: dict[str, Any], state: dict[str, torch.Tensor], causal:
     else:
         state = with_mask_row(state)
         note = "an autoregressive model's weights: a mask-token embedding row added (the mean of the token embeddings)"
-    if log is not None:
-        log(f"initialized from {note}")
+    log(f"initialized from {note}")
     return {**cfg, "causal": causal}, state
