@@ -91,9 +91,12 @@ def _tokenizer(tokenizer_path: str | None, cfg: dict[str, Any],
                required: bool) -> tuple[dict[str, str], dict[str, int] | None, str | None]:
     """The tokenizer files (name -> text), its BOS/EOS ids and None; ({}, None, why) when there is none or it
     cannot be converted (the weights of a finished run are still exported), a UserError then if ``required``."""
+    if tokenizer_path is None:
+        problem = "the source has no tokenizer files; pass --tokenizer_path to ship one"
+        if required:
+            raise UserError(problem)
+        return {}, None, problem
     try:
-        if tokenizer_path is None:
-            raise UserError("the source has no tokenizer files; pass --tokenizer_path to ship one")
         tok, files = tokenizer_files(tokenizer_path, int(cfg["vocab_size"]), int(cfg["max_seq_len"]),
                                      mask=not cfg.get("causal", False))
     except UserError as e:
