@@ -234,7 +234,8 @@ class Trainer:
         if stop or self.checkpointer.save_due(self.step, last):
             self.nonfinite.resolve_deferred()  # a deferred "raise" verdict first: no checkpoint holds a bad update
         if not self.nonfinite.diverged:  # a diverged run saves nothing: its newest checkpoint is its last good one
-            self.checkpointer.step_end(self.step, self.tokens_seen, last=last, stop=stop)
+            self.checkpointer.step_end(self.step, self.tokens_seen, last=last, stop=stop,
+                                       last_loss=self.metrics.last_loss)
         if signalled:
             self.log(f"checkpoint: stopping at step {self.step} on signal {signal.Signals(signalled).name}; rerun the "
                      "same command to resume", flush=True)
@@ -246,7 +247,7 @@ class Trainer:
         try:
             self.nonfinite.resolve_deferred()
             completed = self.step >= self.steps and not self.nonfinite.stop_requested
-            self.checkpointer.close(self.step, export=completed, final_loss=self.metrics.last_loss)
+            self.checkpointer.close(self.step, export=completed)
         finally:
             self.signals.restore()
         if self.nonfinite.stop_requested:

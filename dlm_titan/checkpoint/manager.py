@@ -79,6 +79,11 @@ class CheckpointManager:
         self.data_cfg = cfg.data  # its shards' identity goes into every marker and is compared on resume
         self._data_identity: dict[str, Any] | None = None
         self.tokens_seen: int | None = None
+        # The latest logged training loss, for the final export. Kept in every checkpoint's train state (like
+        # tokens_seen) rather than read back from an earlier export: a rerun of a finished run resumes at its last
+        # step and logs nothing, yet its export must record the loss of the run that trained, even when that
+        # run's own export never completed (config.json is written last) or the export folder was removed.
+        self.last_loss: float | None = None
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
@@ -143,8 +148,9 @@ class CheckpointManager:
         if self.cfg.enable:
             step_dir = resume_folder(self.folder, self.cfg.load_step, warn=self.rank == 0)
             if step_dir is not None:
-                step, tokens = loader.load_full(step_dir)
+                step, tokens, self.last_loss = loader.load_full(step_dir)
                 self._last_saved = step
+                self.tokens_seen = tokens  # what a rerun that trains no step exports
                 return step, tokens
         elif self.cfg.load_step >= 0:
             raise UserError(f"checkpoint.load_step = {self.cfg.load_step} needs --checkpoint.enable")
@@ -164,7 +170,8 @@ class CheckpointManager:
     # -- saving -------------------------------------------------------------------------------------------------
 
     def _state_to_save(self, step: int, tokens_seen: int) -> dict[str, Any]:
-        train_state = {"step": step, "tokens_seen": tokens_seen, "world_size": self.world_size, "seed": self.seed}
+        train_state = {"step": step, "tokens_seen": tokens_seen, "world_size": self.world_size, "seed": self.seed,
+                       "last_loss": self.last_loss}
         return state_to_save(self.model, self.optimizer, self.lr_scheduler, self.data_loader, train_state, self.rank)
 
     def save(self, step: int, tokens_seen: int, blocking: bool = False) -> None:
@@ -352,13 +359,17 @@ class CheckpointManager:
         """Whether :meth:`step_end` saves ``step`` (on interval or at the last step) unless the loop stops."""
         return self.cfg.enable and (last or (self.cfg.interval > 0 and step % self.cfg.interval == 0))
 
-    def step_end(self, step: int, tokens_seen: int, last: bool, stop: bool = False) -> None:
+    def step_end(self, step: int, tokens_seen: int, last: bool, stop: bool = False,
+                 last_loss: float | None = None) -> None:
         """After each step: finishes a completed async save, and saves on interval, at the last step, or when the
         loop stops early (``stop``: SIGTERM/SIGUSR1, a non-finite step under on_nonfinite = "stop"), then
         blocking, so the state is on disk before the process ends. Call it once the step's update is known to
-        be finite: no checkpoint may hold a non-finite one."""
+        be finite: no checkpoint may hold a non-finite one. ``last_loss``: the latest logged training loss, None
+        while this process has logged none (the resumed checkpoint's is kept then)."""
         self._poll()
         self.tokens_seen = tokens_seen
+        if last_loss is not None:
+            self.last_loss = last_loss
         if self._stager is not None and self._stager.pin_memory and not self._reserved and self.optimizer.state:
             # Once Adam's state exists (after the first applied update: asking for the state dict of an optimizer
             # without state would make torch take a zero step): pin the staging buffers in the background now
@@ -373,16 +384,17 @@ class CheckpointManager:
             elif stop:
                 self.wait()
 
-    def close(self, step: int, export: bool, final_loss: float | None = None) -> None:
+    def close(self, step: int, export: bool) -> None:
         """End of training: waits for saves in flight, exports the final weights (``export``: the run completed
-        with every update finite) when checkpointing is on, and stops the writer thread. Collective."""
+        with every update finite) when checkpointing is on, with the tokens seen and the latest logged loss that
+        :meth:`step_end` or the resumed checkpoint gave, and stops the writer thread. Collective."""
         try:
             self.wait()
             if export and self.cfg.enable:
                 start = time.perf_counter()
                 tokenizer = export_tokenizer(self.tokenizer_path, self.data_identity()) if self.rank == 0 else ""
                 export_model(self.model, self.model_config, self.export_folder, self.cfg.export_dtype, step,
-                             tokenizer, self.tokens_seen, final_loss)
+                             tokenizer, self.tokens_seen, self.last_loss)
                 self._log(f"exported step {step} ({self.cfg.export_dtype}) to {self.export_folder} in "
                           f"{time.perf_counter() - start:.2f} s")
         finally:

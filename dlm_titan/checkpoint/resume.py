@@ -164,9 +164,10 @@ class CheckpointLoader:
         self.ranks = ranks
         self.log = log
 
-    def load_full(self, step_dir: Path) -> tuple[int, int]:
+    def load_full(self, step_dir: Path) -> tuple[int, int, float | None]:
         """Restores model, optimizer, lr scheduler and data loader from ``step_dir`` after checking that it is
-        this run's model, objective and data and that its files are intact; returns (step, tokens_seen)."""
+        this run's model, objective and data and that its files are intact; returns (step, tokens_seen,
+        last_loss), the last the latest logged training loss (None in checkpoints that predate it)."""
         start = time.perf_counter()
         marker = read_marker(step_dir)
         self._check_marker_model(marker.get("model", {}), step_dir)
@@ -189,7 +190,8 @@ class CheckpointLoader:
         step, tokens = int(train_state["step"]), int(train_state["tokens_seen"])
         self.log(f"resumed from {step_dir} (step {step}, {tokens:,} tokens, saved by {train_state['world_size']} "
                  f"ranks) in {time.perf_counter() - start:.2f} s")
-        return step, tokens
+        last_loss = train_state.get("last_loss")
+        return step, tokens, None if last_loss is None else float(last_loss)
 
     def load_weights(self, path: Path) -> None:
         """Model weights only (``initial_load_path``): DCP checkpoints load resharded, exports as full tensors."""

@@ -2,7 +2,7 @@
 
 DCP keys: ``model.*`` and ``optimizer.*`` tensors (FQN-keyed, DTensor shards under FSDP2, so any world size
 can load them), and JSON in uint8 tensors for ``optimizer_groups`` (hyper-parameters), ``lr_scheduler``,
-``train_state`` (step, tokens_seen, world_size, seed) and ``dataloader.rank_R`` (each rank's loader state).
+``train_state`` (step, tokens_seen, world_size, seed, last_loss) and ``dataloader.rank_R`` (each rank's loader state).
 Non-tensor state is stored as JSON bytes so that DCP holds tensors only: loading unpickles nothing of ours, and
 the loader state of any worker count fits one key.
 """
@@ -74,7 +74,8 @@ def _optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) ->
 
 def state_to_save(model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler, data_loader,
                   train_state: dict[str, Any], rank: int) -> dict[str, Any]:
-    """The whole state dict of one rank for DCP's save; ``train_state`` is step, tokens_seen, world_size, seed."""
+    """The whole state dict of one rank for DCP's save; ``train_state`` is step, tokens_seen, world_size, seed,
+    last_loss."""
     state = tensor_state(model, optimizer)
     state["optimizer_groups"] = json_tensor(state.pop("_optim_extras"))
     state["lr_scheduler"] = json_tensor(lr_scheduler.state_dict())
