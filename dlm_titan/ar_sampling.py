@@ -56,7 +56,10 @@ class ARSamplerConfig:
 def next_token_probs(logits: torch.Tensor, temperature: float, top_k: int = 0) -> torch.Tensor:
     """float64 ``[B, V]`` distribution of the next token: softmax(logits / temperature) over the ``top_k``
     largest logits (0 = all), zero elsewhere. ``temperature`` must be > 0 (0 is greedy: see sample_next)."""
-    scaled = logits.double() / temperature
+    logits = logits.double()
+    # Shift the row's largest logit to 0 before dividing: a tiny temperature then sends the others to -inf (the
+    # argmax, as the limit should), where the unshifted quotient overflows to inf and the softmax gives NaN.
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if 0 < top_k < scaled.shape[-1]:
         kth = scaled.topk(top_k, dim=-1).values[:, -1:]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))

@@ -43,16 +43,19 @@ def make_scorer(model: torch.nn.Module, tokenizer, cfg: ScorerConfig) -> Scorer 
 def ar_rolling_windows(tokens: list[int], max_length: int, context_length: int,
                        prefix_token: int) -> list[tuple[list[int], list[int]]]:
     """(context, target) pairs that score every token once, as lm-eval's rolling windows for causal models
-    (``get_rolling_token_windows`` + ``make_disjoint_window``): targets are consecutive chunks of
-    ``max_length + 1 - context_length`` tokens, each conditioned on as many tokens before it in
-    ``[prefix_token] + tokens`` as fit an input of ``max_length`` tokens (so a short last chunk sees more)."""
+    (``get_rolling_token_windows`` + ``make_disjoint_window``): the first target is the first ``max_length``
+    tokens (after ``prefix_token``), the next ones consecutive chunks of ``max_length + 1 - context_length``
+    tokens, each conditioned on as many tokens before it in ``[prefix_token] + tokens`` as fit an input of
+    ``max_length`` tokens (so a short last chunk sees more)."""
     if not 1 <= context_length <= max_length:
         raise UserError(f"rolling context {context_length} must be in 1..{max_length} (max_length)")
     stream = [prefix_token] + list(tokens)
     chunk = max_length + 1 - context_length
     out = []
-    for start in range(0, len(tokens), chunk):
-        target = stream[start + 1 : start + 1 + chunk]
+    # lm-eval's first window predicts max_length tokens whatever the context length; later ones predict chunks
+    starts = [0, *range(max_length, len(tokens), chunk)] if tokens else []
+    for start in starts:
+        target = stream[start + 1 : start + 1 + (max_length if start == 0 else chunk)]
         out.append((stream[max(0, start + 1 - (max_length + 1 - len(target))) : start + 1], target))
     return out
 

@@ -181,14 +181,21 @@ class GenOptions:
 def gen_options(tokenizer, context: str, kwargs: dict, max_length: int) -> tuple[list[int], list[str], GenOptions]:
     """(prompt ids, stop strings, options) of a generate_until request: ``max_gen_toks`` (default 256; or lm-eval's
     aliases ``max_new_tokens``, ``max_tokens``, ``max_completion_tokens``) new tokens
-    within ``max_length``, the prompt cut on the left to fit; temperature 0 unless ``do_sample`` and a temperature
-    say otherwise; ``top_k`` (0 = all; used by AR sampling). An empty prompt becomes EOS."""
+    within ``max_length``, the prompt cut on the left to fit; the task's ``temperature`` (0 = greedy) unless
+    ``do_sample`` is false, and 1 when ``do_sample`` is true without one (Hugging Face's and vLLM's default), else
+    greedy; ``top_k`` (0 = all; used by AR sampling). An empty prompt becomes EOS."""
     until = kwargs.get("until") or []
     until = [until] if isinstance(until, str) else list(until)
     # lm-eval's aliases of max_gen_toks, first given wins (lm_eval.models.utils.normalize_gen_kwargs)
     given = [kwargs[k] for k in MAX_TOKEN_KEYS if kwargs.get(k) is not None]
     length = max(1, min(int(given[0]) if given else 256, max_length - 1))
-    temperature = 0.0 if kwargs.get("do_sample") is False else float(kwargs.get("temperature") or 0.0)
+    do_sample, given_temperature = kwargs.get("do_sample"), kwargs.get("temperature")
+    if do_sample is False:
+        temperature = 0.0
+    elif given_temperature is not None:
+        temperature = float(given_temperature)
+    else:  # a task that asks to sample without a temperature samples at 1, as lm-eval's HF and vLLM models do
+        temperature = 1.0 if do_sample else 0.0
     ctx = tokenizer.encode(context, bos=False, eos=False) or [tokenizer.eos_id]
     ctx = ctx[max(0, len(ctx) + length - max_length):]
     return ctx, until, GenOptions(len(ctx), length, temperature, int(kwargs.get("top_k") or 0))
