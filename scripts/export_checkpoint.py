@@ -1,5 +1,6 @@
 """Export weights as a Hugging Face model folder (see dlm_titan/interop/hf_export.py), loadable with
-``transformers.AutoModelForMaskedLM.from_pretrained(DIR, trust_remote_code=True)`` and by every dlm_titan script.
+``transformers.AutoModelForMaskedLM.from_pretrained(DIR, trust_remote_code=True)`` (an autoregressive run's, with
+``training.objective = "ar"``: ``AutoModelForCausalLM``) and by every dlm_titan script.
 
     python -m scripts.export_checkpoint outputs/debug/checkpoint/step-100 --dtype float32
     python -m scripts.export_checkpoint outputs/debug            # newest complete checkpoint of a dump folder
