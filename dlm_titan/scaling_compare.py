@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from dlm_titan.errors import UserError
-from dlm_titan.scaling import PowerLaw, budget_label, fit_isoflop, fit_parabola, fit_power_law, new_figure
+from dlm_titan.scaling import PowerLaw, budget_label, fit_isoflop, fit_power_law, new_figure
 
 Point = tuple[float, float, float]  # (budget C, non-embedding N, final loss)
 
@@ -100,24 +100,20 @@ def _multiplier_of(runs: Mapping[str, list[Point]], loss: float) -> float:
 
 
 def residual_model(points: Iterable[Point]) -> tuple[list[Point], np.ndarray]:
-    """The runs with each loss replaced by its budget's fitted parabola (kept as is where a budget has fewer than
-    3 sizes), and the pooled residuals scaled to the noise's variance: sqrt(runs / degrees of freedom), a parabola
-    using 3. No degrees of freedom (3 sizes or fewer everywhere): an empty pool."""
-    groups: dict[float, list[Point]] = {}
-    for p in points:
-        groups.setdefault(float(p[0]), []).append(p)
+    """The runs with each loss replaced by its budget's fitted isoFLOP parabola (kept as is where a budget has
+    fewer than 3 sizes), and the pooled residuals scaled to the noise's variance: sqrt(runs / degrees of freedom), a
+    parabola using 3. No degrees of freedom (3 sizes or fewer everywhere): an empty pool."""
     fitted: list[Point] = []
     residuals: list[float] = []
     dof = 0
-    for group in groups.values():
-        n, loss = [p[1] for p in group], np.asarray([p[2] for p in group], dtype=np.float64)
-        if len(set(n)) < 3:
-            fitted += group
+    for bf in fit_isoflop(points).budgets:
+        if bf.parabola is None:  # too few sizes for a parabola
+            fitted += [(bf.budget, n, loss) for n, loss in zip(bf.n, bf.loss, strict=True)]
             continue
-        predicted = fit_parabola(n, loss)(np.log10(np.asarray(n, dtype=np.float64)))
-        fitted += [(p[0], p[1], float(f)) for p, f in zip(group, predicted, strict=True)]
-        residuals += (loss - predicted).tolist()
-        dof += len(group) - 3
+        predicted = bf.parabola(np.log10(np.asarray(bf.n, dtype=np.float64)))
+        fitted += [(bf.budget, n, float(f)) for n, f in zip(bf.n, predicted, strict=True)]
+        residuals += (np.asarray(bf.loss) - predicted).tolist()
+        dof += len(bf.n) - 3
     if dof == 0:
         return fitted, np.zeros(0)
     return fitted, np.asarray(residuals) * math.sqrt(len(residuals) / dof)
