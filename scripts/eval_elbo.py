@@ -170,8 +170,8 @@ def read_pairs(args: argparse.Namespace, model: torch.nn.Module, seq_len: int,
 
 
 def run(args: argparse.Namespace) -> dict:
-    if args.mc_samples < 2 or args.batch_size < 1:
-        raise UserError("--mc_samples must be at least 2 (for a standard error) and --batch_size at least 1")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     if not 0.0 <= args.eps < 1.0:
         raise UserError(f"--eps must be in [0, 1), got {args.eps}")
     if args.seed < 0:  # the noise generators' keys are non-negative (numpy SeedSequence)
@@ -183,6 +183,8 @@ def run(args: argparse.Namespace) -> dict:
     if causal and args.left_to_right:
         raise UserError("--left_to_right scores an unmasking order of a masked diffusion model; this checkpoint is "
                         "autoregressive and its likelihood is computed exactly: drop --left_to_right")
+    if not causal and args.mc_samples < 2:  # an autoregressive checkpoint's NLL is exact: no samples, no error bar
+        raise UserError(f"--mc_samples must be at least 2 (for a standard error), got {args.mc_samples}")
     seq_len = args.seq_len or model.max_seq_len
     if not 1 <= seq_len <= model.max_seq_len:
         raise UserError(f"--seq_len {seq_len} must be in 1..{model.max_seq_len} (the model's max_seq_len)")

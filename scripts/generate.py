@@ -149,6 +149,8 @@ def sample_tokens(model: torch.nn.Module, prompt_ids: list[list[int]], args: arg
 def run(args: argparse.Namespace) -> tuple[list[str], str]:
     """Generates for every prompt; returns the texts to print (prompt verbatim + continuation) and a stats line."""
     texts = read_prompts(args)
+    if args.length < 1:
+        raise UserError(f"--length must be at least 1, got {args.length}")
     if args.seed < 0:  # the noise generators' keys are non-negative (numpy SeedSequence)
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     model = load_for_inference(args.checkpoint, args.device, args.dtype)

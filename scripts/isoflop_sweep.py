@@ -97,7 +97,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def _objectives(text: str) -> list[str]:
-    values = [v for v in text.split(",") if v]
+    values = [v.strip() for v in text.split(",") if v.strip()]
     unknown = [v for v in values if v not in OBJECTIVES]
     if not values or unknown or len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"objectives must be distinct names among {', '.join(OBJECTIVES)}, got {text!r}")

@@ -77,6 +77,9 @@ def test_eval_elbo_scores_an_ar_checkpoint_exactly(ar_export, tmp_path, capsys):
     assert float(lines[1].split(": ")[1]) == pytest.approx(expected, abs=1e-4)
     assert eval_elbo.main([*base, "--text_file", str(text), "--left_to_right"]) == 2
     assert "drop --left_to_right" in capsys.readouterr().err
+    # --mc_samples does not apply to an exact likelihood: any value gives the same result
+    assert eval_elbo.main([*base, "--text_file", str(text), "--mc_samples", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["nll"] == pytest.approx(r["nll"], rel=1e-12)
 
 
 def test_generate_samples_an_ar_checkpoint(ar_export, capsys):
@@ -98,6 +101,8 @@ def test_generate_samples_an_ar_checkpoint(ar_export, capsys):
     assert capsys.readouterr().out == uncached  # the KV cache changes nothing
     assert generate.main([*argv, "--cfg_scale", "1"]) == 2
     assert "autoregressive" in capsys.readouterr().err
+    assert generate.main([*argv, "--length", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --length must be at least 1, got 0"
 
 
 @pytest.mark.slow

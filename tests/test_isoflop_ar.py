@@ -1,6 +1,7 @@
 """MDM vs AR at equal compute: the frontier fits recover a compute multiplier planted in synthetic runs, and
 ``scripts.isoflop_sweep --objective mdm,ar`` plans, collects and compares both."""
 
+import argparse
 import json
 
 import numpy as np
@@ -113,3 +114,11 @@ def test_bad_objective_is_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2 and "objectives must be distinct names among mdm, ar" in result.stderr
     result = sweep("--budgets", "1e18", "--flavors", "6M", "--dry-run", "--", "--training.objective", "ar")
     assert result.returncode == 2 and "use the sweep option --objective" in result.stderr
+
+
+def test_objectives_with_spaces_are_the_same_list():
+    from scripts.isoflop_sweep import _objectives
+
+    assert _objectives("mdm, ar") == _objectives(" mdm ,ar ") == ["mdm", "ar"]
+    with pytest.raises(argparse.ArgumentTypeError):
+        _objectives("mdm, mdm")

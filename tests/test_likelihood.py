@@ -407,3 +407,5 @@ def test_eval_elbo_cli_text_and_shards(export_dir, tmp_path, capsys):
     assert lines[2].startswith("perplexity bound: ")
     assert eval_elbo.main([*base, "--text_file", str(tmp_path / "missing.txt")]) == 2
     assert "cannot read --text_file" in capsys.readouterr().err
+    assert eval_elbo.main([*base, "--text_file", str(text), "--mc_samples", "1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --mc_samples must be at least 2 (for a standard error), got 1"
