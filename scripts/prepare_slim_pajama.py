@@ -30,7 +30,8 @@ def add_common_args(parser: argparse.ArgumentParser, default_split: str,
     parser.add_argument("--tokenizer_path", default="", help="SentencePiece .model, HF tokenizer.json, or a folder "
                         'holding either ("" = the embedded tokenizer)')
     parser.add_argument("--destination_path", required=True, help="output folder of shards")
-    parser.add_argument("--split", default=default_split, choices=splits)
+    parser.add_argument("--split", default=default_split, choices=splits,
+                        help="split to read: the {source_path}/{split} folder when it exists (a DatasetDict's split)")
     parser.add_argument("--percentage", type=float, default=1.0, help="fraction of the sorted input files to use")
     parser.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK_SIZE, help="tokens per shard (2049*1024)")
     parser.add_argument("--num_workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
@@ -47,7 +48,9 @@ def run(args: argparse.Namespace, corpus, skip_github: bool = False, prefix: str
     except UserError as e:
         return report(e)
     t = manifest["totals"]
-    print(f"{args.split}: {t['inputs']} files, {t['documents']:,} documents, {t['tokens']:,} tokens, "
+    # Name the output by what its files start with: prepare_corpus's --prefix (e.g. "validation"), not the --split
+    # it left at its default "train".
+    print(f"{prefix or args.split}: {t['inputs']} files, {t['documents']:,} documents, {t['tokens']:,} tokens, "
           f"{t['shards']} shards in {args.destination_path}")
     return 0
 

@@ -99,7 +99,7 @@ def test_parquet_and_jsonl_zst_to_twenty_training_steps(tmp_path: Path, tok_json
 
     done = prepare_cli(tmp_path / "pq", tok_json, data, "train_slim", "--text_field", "body")
     assert done.returncode == 0, done.stderr
-    assert "train: 2 files, 60 documents" in done.stdout
+    assert "train_slim: 2 files, 60 documents" in done.stdout
     done = prepare_cli(tmp_path / "zst", tok_json, data, "train_star", "--split", "train")
     assert done.returncode == 0, done.stderr
     for stream, name in enumerate(["p0", "p1"]):
