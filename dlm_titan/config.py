@@ -46,7 +46,8 @@ class Model:
     flavor: str = "6M"
     """SMDM model size, one of the 30 Diff_LLaMA names ("6M" ... "2121M"); "1B" is an alias of "1028M"."""
     vocab_size: int = 32000
-    """Output vocabulary; the embedding has one more row, the mask token (id = vocab_size)."""
+    """Output vocabulary; the embedding has one more row, the mask token (id = vocab_size). 0 = the tokenizer's
+    (data.tokenizer_path, else the shards' preparation manifests, else 32000)."""
     attn_backend: Literal["auto", "cudnn", "flash", "efficient", "math", "flash_attn"] = "auto"
     """Attention kernel: SDPA backends, or "flash_attn" for the flash-attn package. "auto": cuDNN on Hopper,
     flash elsewhere on CUDA, math on CPU."""

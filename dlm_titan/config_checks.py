@@ -35,7 +35,7 @@ _SEED_MAX = 2**32 - 1  # numpy's seed range; every generator keyed by the seed (
 # in training or a silently wrong run. ``applies(config)`` limits a row to runs that use the value. Every float
 # value (lists included) must also be finite (_check_finite), before these rows are read.
 _RANGES = (
-    ("model.vocab_size", lambda v: v >= 1, ">= 1"),
+    ("model.vocab_size", lambda v: v >= 0, ">= 0 (0 = the tokenizer's vocabulary)"),
     ("training.global_batch_size", lambda v: v >= 1, ">= 1"),
     ("training.local_batch_size", lambda v: v >= 1, ">= 1"),
     ("training.seq_len", lambda v: v >= 1, ">= 1"),

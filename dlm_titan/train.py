@@ -27,7 +27,7 @@ from dlm_titan.autoregressive import next_token_micro_batch
 from dlm_titan.checkpoint import CheckpointManager
 from dlm_titan.checkpoint.write_errors import STORAGE_FULL_ERRNOS
 from dlm_titan.config import JobConfig, load_config, to_toml
-from dlm_titan.data import build_train_loader, resolve_data_path, used_sources
+from dlm_titan.data import build_train_loader, resolve_data_path, resolve_vocab_size, used_sources
 from dlm_titan.data.loader import micro_batches_per_step
 from dlm_titan.data.shards import check_leading_ids, list_shards, read_header
 from dlm_titan.diffusion import MaskedBatch, forward_process, sample_noise, ssl_length
@@ -56,6 +56,9 @@ class Trainer:
             host_group: the gloo group of all ranks for host-side agreements: ``main`` passes the one it held the
                 run lock with, so a run makes one; None (a Trainer built directly, as tests do) makes one here.
         """
+        # model.vocab_size 0 follows the tokenizer (or the shards' manifests); resolved before anything reads it,
+        # so the printed and saved config hold the real size.
+        cfg.model.vocab_size = resolve_vocab_size(cfg.model.vocab_size, cfg.data)
         self.cfg = cfg
         self.rank, world_size, self.device = dist_utils.init_distributed()
         self.host_group = host_group if host_group is not None else dist_utils.new_host_group()
@@ -382,6 +385,7 @@ def check_config(cfg: JobConfig, world_size: int) -> int:
     """Validates what can be checked without building the model (run_train.sh runs it once before torchrun, so
     that bad input ends in one line and exit 2 rather than in every rank's error and torchrun's traceback): the
     flavor, parallel degrees, batch layout, the data folder, its shards' headers and the tokenizer."""
+    cfg.model.vocab_size = resolve_vocab_size(cfg.model.vocab_size, cfg.data)
     get_model_args(cfg.model.flavor, cfg.model.vocab_size)
     dist_utils.resolve_parallel_dims(cfg.parallelism, world_size, rank=0)
     micro_batches_per_step(cfg.training.global_batch_size, cfg.training.local_batch_size, world_size)

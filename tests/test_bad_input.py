@@ -66,7 +66,7 @@ def test_non_finite_floats_in_toml_are_refused(tmp_path):
     (["--data.train_weights", "0"], "--data.train_weights must be >= 0 with a positive sum"),
     (["--data.train_prefixes", "a", "b", "--data.train_weights", "1", "-1"], "--data.train_weights must be >= 0"),
     (["--data.num_workers", "-1"], "--data.num_workers must be >= 0"),
-    (["--model.vocab_size", "0"], "--model.vocab_size must be >= 1"),
+    (["--model.vocab_size", "-1"], "--model.vocab_size must be >= 0 (0 = the tokenizer's vocabulary), got -1"),
     (["--parallelism.data_parallel_shard_degree", "0"], "--parallelism.data_parallel_shard_degree must be >= 1 or -1"),
     (["--parallelism.data_parallel_replicate_degree", "-2"],
      "--parallelism.data_parallel_replicate_degree must be >= 1 or -1"),
