@@ -140,7 +140,7 @@ class Data:
     val_prefix: str = "validation"
     """Shard file-name prefix of the validation set."""
     tokenizer_path: str = ""
-    """SentencePiece model; "" = the embedded 32k tokenizer."""
+    """SentencePiece .model, Hugging Face tokenizer.json, or a folder holding either; "" = the embedded 32k tokenizer."""
     num_workers: int = 1
     """Data-loader worker processes per rank (0 = load in the training process)."""
 
@@ -206,7 +206,8 @@ class Checkpoint:
     load_step: int = -1
     """Resume from this step; -1 = newest complete checkpoint."""
     initial_load_path: str = ""
-    """Start a new run from these model weights only (a step folder or an export)."""
+    """Start a new run from these model weights only: a step-N folder, a dump folder, an export, or a Llama-family
+    Hugging Face folder."""
     export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """dtype of the final safetensors export."""
     accept_data_change: bool = False
