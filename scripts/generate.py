@@ -32,6 +32,8 @@ from dlm_titan.errors import UserError, report
 from dlm_titan.sampling import ALGORITHMS, SamplerConfig, generate
 from scripts.cli import HelpFormatter
 
+DEFAULT_STEPS = 64  # forward passes per block unless --steps says otherwise
+
 
 def resolve_device(device: str) -> torch.device:
     """"auto" = CUDA when available, else CPU; UserError for a device this machine lacks."""
@@ -95,7 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompts_file", default="", help="a file with one prompt per line (added to --prompt)")
     parser.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
     parser.add_argument("--length", type=int, default=128, help="tokens to generate after the prompt")
-    parser.add_argument("--steps", type=int, default=64, help="forward passes per block")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"forward passes per block (default: {DEFAULT_STEPS}, or the block's length if shorter)")
     parser.add_argument("--block_length", type=int, default=0, help="semi-autoregressive block size (0 = off)")
     parser.add_argument("--algorithm", default="confidence", choices=ALGORITHMS,
                         help="confidence: reveal the most confident tokens; stochastic: reveal with prob 1 - s/t")
@@ -138,7 +141,9 @@ def sample_tokens(model: torch.nn.Module, prompt_ids: list[list[int]], args: arg
         return generate_batch(model, prompt_ids, cfg, eos_id=tok.eos_id, vocab_limit=tok.vocab_size, device=device)
     if args.top_k:
         raise UserError("--top_k applies to autoregressive checkpoints; this one is a masked diffusion model")
-    cfg = SamplerConfig(length=args.length, steps=args.steps, block_length=args.block_length,
+    # The confidence sampler reveals at least one token a step: a short block caps the default number of steps.
+    steps = args.steps if args.steps is not None else max(1, min(DEFAULT_STEPS, args.block_length or args.length))
+    cfg = SamplerConfig(length=args.length, steps=steps, block_length=args.block_length,
                         algorithm=args.algorithm, temperature=args.temperature, cfg_scale=args.cfg_scale,
                         stop_at_eos=not args.no_stop_at_eos, seed=args.seed)
     cfg.blocks()  # UserError for bad sampler options

@@ -36,8 +36,8 @@ class Counting(nn.Module):
         return self.model(x)
 
 
-def tiny_model(seed: int = 1, vocab: int = VOCAB) -> TransEncoder:
-    model = TransEncoder(ModelArgs(n_layers=2, n_heads=4, dim=64, ffn_dim=256, vocab_size=vocab), max_seq_len=64)
+def tiny_model(seed: int = 1, vocab: int = VOCAB, max_seq_len: int = 64) -> TransEncoder:
+    model = TransEncoder(ModelArgs(n_layers=2, n_heads=4, dim=64, ffn_dim=256, vocab_size=vocab), max_seq_len=max_seq_len)
     model.init_weights(seed)
     return model.eval()
 
@@ -260,3 +260,25 @@ def test_generate_cli_prints_its_stats_line_after_the_samples_on_a_line_of_its_o
     out = both.getvalue()
     assert out[: len(text) + 1] == text + "\n"
     assert re.fullmatch(rf"1 samples, {len(eos_at_end)} tokens in \d+\.\d\d s\n", out[len(text) + 1 :])
+
+
+@pytest.mark.parametrize("extra, steps", [([], 64), (["--length", "8"], 8), (["--length", "64", "--block_length", "16"], 16),
+                                          (["--length", "8", "--steps", "3"], 3)])
+def test_generate_cli_default_steps_fit_the_block(monkeypatch, extra, steps):
+    from dlm_titan.data import load_tokenizer
+    from scripts import generate as cli
+
+    tok = load_tokenizer("")
+    seen = []
+    monkeypatch.setattr(cli, "load_for_inference", lambda *a: tiny_model(vocab=tok.vocab_size, max_seq_len=256))
+    monkeypatch.setattr(cli, "generate", lambda model, prompts, cfg, **kw: seen.append(cfg.steps) or [[] for _ in prompts])
+    assert cli.main(["--checkpoint", "unused", "--prompt", "It was", *extra]) == 0
+    assert seen == [steps]
+
+
+def test_generate_cli_explicit_steps_beyond_the_block_are_refused(monkeypatch, capsys):
+    from scripts import generate as cli
+
+    monkeypatch.setattr(cli, "load_for_inference", lambda *a: tiny_model(vocab=32000))
+    assert cli.main(["--checkpoint", "unused", "--prompt", "It was", "--length", "32", "--steps", "64"]) == 2
+    assert "use --steps 32 or fewer" in capsys.readouterr().err
