@@ -31,6 +31,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -57,6 +58,9 @@ def shard_windows(folder: str, prefix: str, seq_len: int, max_windows: int, voca
 
     if folder == "embedded":
         folder = str(prepare_embedded(tokenizer_path))
+    if not any(Path(folder).glob(f"{prefix}*.bin")):  # the loader's own message speaks of training's data.path
+        raise UserError(f"no shard {prefix}*.bin in --shards {folder}: pass the folder of prepared .bin shards "
+                        "and --prefix the start of their names (e.g. val)")
     windows = WindowSet(folder, prefix, seq_len, vocab_size)
     count = min(max_windows, windows.num_windows) if max_windows > 0 else windows.num_windows
     out = np.zeros((count, seq_len), dtype=np.int64)

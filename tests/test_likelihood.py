@@ -407,5 +407,10 @@ def test_eval_elbo_cli_text_and_shards(export_dir, tmp_path, capsys):
     assert lines[2].startswith("perplexity bound: ")
     assert eval_elbo.main([*base, "--text_file", str(tmp_path / "missing.txt")]) == 2
     assert "cannot read --text_file" in capsys.readouterr().err
+    for shards_arg, prefix in ((str(tmp_path / "missing"), "val"), (str(shards), "test")):
+        assert eval_elbo.main([*base, "--shards", shards_arg, "--prefix", prefix]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: no shard {prefix}*.bin in --shards {shards_arg}: pass the folder of prepared .bin " \
+                      "shards and --prefix the start of their names (e.g. val)"
     assert eval_elbo.main([*base, "--text_file", str(text), "--mc_samples", "1"]) == 2
     assert capsys.readouterr().err.strip() == "error: --mc_samples must be at least 2 (for a standard error), got 1"
