@@ -148,12 +148,18 @@ def _check_ids(info: ShardInfo, tokens: np.ndarray, vocab_size: int) -> None:
 
 
 def list_shards(folder: str | os.PathLike, prefix: str) -> list[str]:
-    """Sorted ``{folder}/{prefix}*.bin`` (SMDM's glob); UserError naming prefix and folder if none."""
+    """Sorted ``{folder}/{prefix}*.bin`` (SMDM's glob); UserError naming prefix and folder if none, ShardError
+    for a symbolic link whose target is gone."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"data folder {folder} does not exist; set data.path to a folder of .bin shards "
                         "(or \"\" for the embedded corpus)")
-    files = sorted(str(p) for p in folder.glob(f"{prefix}*.bin") if p.is_file())
+    matches = sorted(folder.glob(f"{prefix}*.bin"))
+    for path in matches:  # shards linked from another disk: a missing target must not silently drop the shard
+        if path.is_symlink() and not path.exists():
+            raise ShardError(f"shard {path} is a symbolic link to {os.readlink(path)}, which does not exist; mount "
+                             "or restore its target, or remove the link")
+    files = [str(p) for p in matches if p.is_file()]
     if not files:
         raise UserError(f"no shard matches prefix {prefix!r} ({prefix}*.bin) in {folder}; check data.path and "
                         "the data prefixes, or prepare shards with scripts/prepare_slim_pajama")
