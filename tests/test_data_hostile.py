@@ -12,6 +12,7 @@ import pytest
 
 from dlm_titan.data import build_train_loader
 from dlm_titan.data.shards import ShardError, list_shards, write_shard
+from dlm_titan.errors import UserError
 
 SEQ_LEN = 15
 
@@ -45,3 +46,17 @@ def test_a_shard_linked_to_a_missing_target_is_refused(tmp_path):
     # a link to a shard that exists is read as that shard
     shard(tmp_path / "elsewhere", "train_slim_1.bin")
     assert [Path(p).name for p in list_shards(tmp_path, "train_slim")] == ["train_slim_0.bin", "train_slim_1.bin"]
+
+
+@pytest.mark.parametrize("prefixes", [["train_slim", "train_slim"], ["train", "train_star"],
+                                      ["train_slim", "train_slim_1"]])
+def test_training_sources_that_share_a_shard_are_refused(tmp_path, prefixes):
+    """A prefix that begins another (``train`` also selects ``train_star*.bin``), or one listed twice, read the
+    shared shards under both weights: the mixture was not the one the weights say."""
+    for name in ("train_slim_0.bin", "train_slim_1.bin", "train_star_0.bin"):
+        shard(tmp_path, name)
+    with pytest.raises(UserError, match=f"data.train_prefixes {prefixes[0]!r} and {prefixes[1]!r} both select"):
+        train_loader(tmp_path, train_prefixes=prefixes, train_weights=[0.5, 0.5])
+    # disjoint prefixes, and a shared one whose weight is 0 (never read), are fine
+    train_loader(tmp_path, train_prefixes=["train_slim", "train_star"], train_weights=[0.5, 0.5])
+    train_loader(tmp_path, train_prefixes=prefixes, train_weights=[1.0, 0.0])

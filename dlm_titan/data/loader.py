@@ -348,6 +348,20 @@ def used_sources(data_cfg) -> list[tuple[str, float]]:
     return [(p, float(w)) for p, w in zip(data_cfg.train_prefixes, data_cfg.train_weights, strict=True) if w > 0]
 
 
+def check_disjoint_sources(sources: list[WindowSet]) -> None:
+    """UserError if two training sources select the same shard file (a prefix listed twice, or one prefix that
+    begins another: ``train`` also selects ``train_star*.bin``), which would read it under both weights."""
+    owner: dict[str, int] = {}
+    for s, src in enumerate(sources):
+        for info in src.infos:
+            other = owner.setdefault(info.path, s)
+            if other != s:
+                raise UserError(f"data.train_prefixes {sources[other].prefix!r} and {src.prefix!r} both select "
+                                f"{info.path} (a prefix selects every {{prefix}}*.bin), so its samples would be drawn "
+                                "under both weights; use prefixes that select disjoint shards, e.g. train_slim and "
+                                "train_star, each listed once")
+
+
 def build_train_loader(data_cfg: Any, *, data_path: str, seq_len: int, local_batch_size: int,
                        global_batch_size: int, dp_rank: int, dp_world_size: int, seed: int,
                        vocab_size: int) -> TrainLoader:
@@ -372,6 +386,7 @@ def build_train_loader(data_cfg: Any, *, data_path: str, seq_len: int, local_bat
     used = used_sources(data_cfg)
     check_shard_manifests(data_cfg, data_path, vocab_size, [p for p, _ in used])
     sources = [WindowSet(data_path, p, seq_len + 1, vocab_size) for p, _ in used]
+    check_disjoint_sources(sources)
     dataset = TrainBatches(sources, [w for _, w in used], seed, global_batch_size, local_batch_size,
                            dp_rank, dp_world_size)
     layout = {
