@@ -3,6 +3,7 @@ refused with one line naming the problem and the fix instead of training on the 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,7 +11,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from dlm_titan.data import build_train_loader
+from dlm_titan.data import build_train_loader, build_val_loader, prepare_split
+from dlm_titan.data import prepare as prepare_mod
 from dlm_titan.data.shards import ShardError, list_shards, write_shard
 from dlm_titan.errors import UserError
 
@@ -32,6 +34,20 @@ def data_cfg(**overrides) -> SimpleNamespace:
 def train_loader(folder: Path, **overrides):
     return build_train_loader(data_cfg(**overrides), data_path=str(folder), seq_len=SEQ_LEN, local_batch_size=2,
                               global_batch_size=2, dp_rank=0, dp_world_size=1, seed=0, vocab_size=32000)
+
+
+def corpus(folder: Path, files: int = 2, docs: int = 40) -> Path:
+    """``files`` jsonl inputs of ``docs`` short documents each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        lines = [json.dumps({"text": f"input {f} document {d} " + "word " * (d % 7)}) for d in range(docs)]
+        (folder / f"part{f}.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def prepare(src: Path, out: Path, prefix: str = "train_slim", chunk_size: int = 200) -> dict:
+    return prepare_split(str(src), "", str(out), "train", chunk_size=chunk_size, corpus=prepare_mod.general_corpus(),
+                         prefix=prefix, show_progress=False)
 
 
 def test_a_shard_linked_to_a_missing_target_is_refused(tmp_path):
@@ -60,3 +76,50 @@ def test_training_sources_that_share_a_shard_are_refused(tmp_path, prefixes):
     # disjoint prefixes, and a shared one whose weight is 0 (never read), are fine
     train_loader(tmp_path, train_prefixes=["train_slim", "train_star"], train_weights=[0.5, 0.5])
     train_loader(tmp_path, train_prefixes=prefixes, train_weights=[1.0, 0.0])
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs, no clean-up and no final manifest write."""
+
+
+@pytest.mark.parametrize("prefix", ["train_slim", "validation"])
+def test_shards_of_a_killed_preparation_are_refused_until_it_is_rerun(tmp_path, monkeypatch, prefix):
+    """A preparation killed mid-input (the OOM killer, a lost node) leaves that input's first shards and, before
+    its first periodic manifest write, no manifest at all: training read the cut-short stream as data."""
+    src, out = corpus(tmp_path / "src"), tmp_path / "out"
+
+    def killed_mid_input(jobs, *args):
+        writer = prepare_mod.ShardWriter(out, f"{prefix}_000001", 200, np.dtype(np.uint16))
+        writer.add(np.ones(450, dtype=np.uint16))  # two full shards of the second input written, then killed
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(prepare_mod, "_run_jobs", killed_mid_input)
+        with pytest.raises(Killed):
+            prepare(src, out, prefix)
+    assert sorted(p.name for p in out.glob("*.bin")) == [f"{prefix}_000001_0000000000.bin",
+                                                         f"{prefix}_000001_0000000001.bin"]
+    build = (lambda: train_loader(out)) if prefix == "train_slim" else (
+        lambda: build_val_loader(data_cfg(), data_path=str(out), seq_len=SEQ_LEN, local_batch_size=2, dp_rank=0,
+                                 dp_world_size=1, vocab_size=32000))
+    with pytest.raises(UserError, match=rf"2 shard\(s\) in .*{prefix}_000001_0000000000.bin.* are not recorded in "
+                                        rf"{prefix}_manifest.json: .*run the same prepare command again"):
+        build()
+    manifest = prepare(src, out, prefix)  # the re-run finishes the job; its shards are all recorded
+    assert manifest["totals"]["inputs"] == 2
+    build()
+
+
+def test_a_failed_first_run_does_not_lock_its_settings(tmp_path):
+    """The manifest of a run that finished no input records settings nothing was made with: a re-run with other
+    settings (after fixing the input) is not refused as 'shards made with another chunk_size'."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    (src / "bad.jsonl").write_text("not json\n")
+    with pytest.raises(UserError, match="not valid JSON"):
+        prepare(src, out)
+    assert (out / "train_slim_manifest.json").is_file()
+    (src / "bad.jsonl").write_text(json.dumps({"text": "now fixed " * 50}) + "\n")
+    assert prepare(src, out, chunk_size=300)["chunk_size"] == 300
+    with pytest.raises(UserError, match="another chunk_size"):  # once shards exist, their settings hold
+        prepare(src, out, chunk_size=200)

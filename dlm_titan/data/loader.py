@@ -32,6 +32,7 @@ from torchdata.stateful_dataloader.stateful_dataloader import _StatefulSinglePro
 
 from dlm_titan.errors import UserError
 
+from .identity import check_preparation_complete
 from .mixture import SourceMixture
 from .permutation import IndexPermutation, hash_key
 from .tokenizer import check_shard_manifests, check_tokenizer_fits
@@ -385,6 +386,7 @@ def build_train_loader(data_cfg: Any, *, data_path: str, seq_len: int, local_bat
     check_tokenizer_fits(data_cfg, vocab_size)
     used = used_sources(data_cfg)
     check_shard_manifests(data_cfg, data_path, vocab_size, [p for p, _ in used])
+    check_preparation_complete(data_path, [p for p, _ in used])
     sources = [WindowSet(data_path, p, seq_len + 1, vocab_size) for p, _ in used]
     check_disjoint_sources(sources)
     dataset = TrainBatches(sources, [w for _, w in used], seed, global_batch_size, local_batch_size,
@@ -406,6 +408,7 @@ def build_val_loader(data_cfg: Any, *, data_path: str, seq_len: int, local_batch
     validation set, so evaluation noise can be keyed by it. Iterating again starts a new pass.
     """
     _check_layout(seq_len, local_batch_size, local_batch_size * dp_world_size, dp_rank, dp_world_size)
+    check_preparation_complete(data_path, [data_cfg.val_prefix])
     source = WindowSet(data_path, data_cfg.val_prefix, seq_len + 1, vocab_size)
     if dp_rank == 0:  # one rank reads the set (a bad id stops it; torchrun then ends the others)
         source.check_all_ids()

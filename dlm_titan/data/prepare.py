@@ -200,6 +200,8 @@ def _load_manifest(path: Path, settings: dict) -> dict:
     except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
         raise UserError(f"{path} is not a valid manifest ({e}); delete it and the shards beside it, or choose a "
                         "new --destination_path") from None
+    if not manifest.get("inputs"):  # nothing was made with the recorded settings (a first run that failed)
+        return {**settings, "inputs": {}}
     for key, value in settings.items():
         if manifest.get(key) != value:
             raise UserError(f"{path.parent} already holds shards made with another {key} ({manifest.get(key)} "
@@ -279,6 +281,9 @@ def prepare_split(source_path: str, tokenizer_path: str, destination_path: str, 
         for stream, rel in enumerate(selected)
         if not _is_done(manifest["inputs"].get(rel), destination)
     ]
+    # On disk before any shard: training refuses the shards of a stream it does not record, so shards left by a
+    # run killed before its first periodic manifest write (SIGKILL, the OOM killer, a lost node) are not read as data.
+    _write_manifest(manifest_path, manifest)
     bar = tqdm(unit="tok", unit_scale=True, desc=f"{prefix} ({len(jobs)}/{len(selected)} files to do)",
                disable=False if show_progress else None if show_progress is None else True)
     _run_jobs(jobs, num_workers, bar, manifest, manifest_path)
