@@ -10,13 +10,16 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 
 from dlm_titan.data import build_train_loader, build_val_loader, prepare_split
 from dlm_titan.data import prepare as prepare_mod
 from dlm_titan.data.shards import ShardError, list_shards, write_shard
+from dlm_titan.data.tokenizer import embedded_tokenizer_path
 from dlm_titan.errors import UserError
 
 SEQ_LEN = 15
+EMBEDDED = embedded_tokenizer_path()
 
 
 def shard(folder: Path, name: str, n: int = 64) -> None:
@@ -123,3 +126,39 @@ def test_a_failed_first_run_does_not_lock_its_settings(tmp_path):
     assert prepare(src, out, chunk_size=300)["chunk_size"] == 300
     with pytest.raises(UserError, match="another chunk_size"):  # once shards exist, their settings hold
         prepare(src, out, chunk_size=200)
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer(tmp_path_factory) -> str:
+    """A 300-piece SentencePiece model, not the embedded one (same kind of file, other ids)."""
+    folder = tmp_path_factory.mktemp("tok")
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 9))) for _ in range(300)]
+    lines = [" ".join(rng.choice(words, size=12)) for _ in range(600)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(folder / "tiny"), vocab_size=300,
+                                   model_type="bpe", minloglevel=2)
+    return str(folder / "tiny.model")
+
+
+def test_sources_prepared_with_different_tokenizers_are_refused(tmp_path, other_tokenizer):
+    """With no data.tokenizer_path, a training source or the validation set prepared with another tokenizer (of
+    ids within the model's vocabulary) trained or validated on ids that mean other text, without a word; the
+    validation set was not compared even with a configured data.tokenizer_path."""
+    src, out = corpus(tmp_path / "src"), tmp_path / "out"
+    prepare(src, out, "train_slim")
+    prepare_split(str(src), other_tokenizer, str(out), "train", chunk_size=200, corpus=prepare_mod.general_corpus(),
+                  prefix="train_star", show_progress=False)
+    with pytest.raises(UserError, match=r"train_star_manifest.json .* tokenizer tiny.model .*those of "
+                                        r"train_slim_manifest.json with tokenizer.model .*one tokenizer"):
+        train_loader(out, train_prefixes=["train_slim", "train_star"], train_weights=[0.5, 0.5])
+    train_loader(out)  # one source alone is consistent
+
+    prepare_split(str(src), other_tokenizer, str(out), "validation", chunk_size=200,
+                  corpus=prepare_mod.general_corpus(), prefix="validation", show_progress=False)
+    for tokenizer_path in ("", EMBEDDED):
+        with pytest.raises(UserError, match="validation_manifest.json .* tokenizer tiny.model"):
+            build_val_loader(data_cfg(tokenizer_path=tokenizer_path), data_path=str(out), seq_len=SEQ_LEN,
+                             local_batch_size=2, dp_rank=0, dp_world_size=1, vocab_size=32000)
+    # the validation set of the training sources' tokenizer is accepted
+    build_val_loader(data_cfg(train_prefixes=["train_star"]), data_path=str(out), seq_len=SEQ_LEN,
+                     local_batch_size=2, dp_rank=0, dp_world_size=1, vocab_size=32000)

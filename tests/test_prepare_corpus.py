@@ -180,7 +180,8 @@ def test_vocab_above_65535_writes_and_reads_int32_shards(tmp_path: Path):
     want = np.concatenate([np.append(row, 70000) for row in ids])  # each document: its words, then EOS
     assert read_stream(tmp_path / "out", "train_slim_000000", code=4).tolist() == want.tolist()
 
-    cfg = SimpleNamespace(val_prefix="train_slim", num_workers=0)
+    cfg = SimpleNamespace(val_prefix="train_slim", train_prefixes=["train_slim"], train_weights=[1.0],
+                          tokenizer_path="", num_workers=0)
     loader = build_val_loader(cfg, data_path=str(tmp_path / "out"), seq_len=9, local_batch_size=1, dp_rank=0,
                               dp_world_size=1, vocab_size=70001)
     rows = [row for batch in loader for row in batch["input"].tolist()]

@@ -408,6 +408,9 @@ def build_val_loader(data_cfg: Any, *, data_path: str, seq_len: int, local_batch
     validation set, so evaluation noise can be keyed by it. Iterating again starts a new pass.
     """
     _check_layout(seq_len, local_batch_size, local_batch_size * dp_world_size, dp_rank, dp_world_size)
+    if vocab_size is not None:  # the validation set's tokenizer must be the training sources' (and the configured one)
+        prefixes = [data_cfg.val_prefix, *(p for p, _ in used_sources(data_cfg))]
+        check_shard_manifests(data_cfg, data_path, vocab_size, prefixes)
     check_preparation_complete(data_path, [data_cfg.val_prefix])
     source = WindowSet(data_path, data_cfg.val_prefix, seq_len + 1, vocab_size)
     if dp_rank == 0:  # one rank reads the set (a bad id stops it; torchrun then ends the others)

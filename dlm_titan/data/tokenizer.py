@@ -259,13 +259,22 @@ def _selected_manifests(data_path: str, prefixes: list[str]) -> list[tuple[Path,
 
 def check_shard_manifests(data_cfg: Any, data_path: str, vocab_size: int, prefixes: list[str]) -> None:
     """UserError if a preparation manifest of shards that ``prefixes`` select records a tokenizer with more tokens
-    than the model, or one other than ``data.tokenizer_path`` when that is set. Checked at start, where the
+    than the model, or one other than ``data.tokenizer_path`` when that is set, or if two of them record different
+    tokenizers (the same id would stand for different text in different sources). Checked at start, where the
     shards' own id check (each shard's first read) could come hours into a run; shards without a manifest rely on
     that check alone."""
     configured = data_cfg.tokenizer_path
     sha = file_sha256(resolve_tokenizer_path(configured)) if configured else None
+    first: tuple[Path, dict] | None = None  # the first manifest that records a tokenizer hash
     for path, recorded in _selected_manifests(data_path, prefixes):
         made = f"the shards of {path.name} in {data_path} were made with tokenizer {recorded.get('file')}"
+        if recorded.get("sha256") is not None:
+            if first is not None and recorded["sha256"] != first[1]["sha256"]:
+                raise UserError(f"{made} (sha256 {str(recorded['sha256'])[:12]}...), those of {first[0].name} with "
+                                f"{first[1].get('file')} (sha256 {str(first[1]['sha256'])[:12]}...): the same token id "
+                                "would mean different text; prepare every source and the validation set with one "
+                                "tokenizer")
+            first = first or (path, recorded)
         tokens = recorded.get("vocab_size")
         if isinstance(tokens, int) and tokens > vocab_size:
             raise UserError(f"{made} of {tokens} tokens, more than model.vocab_size={vocab_size}; raise "
