@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -162,3 +166,43 @@ def test_sources_prepared_with_different_tokenizers_are_refused(tmp_path, other_
     # the validation set of the training sources' tokenizer is accepted
     build_val_loader(data_cfg(train_prefixes=["train_star"]), data_path=str(out), seq_len=SEQ_LEN,
                      local_batch_size=2, dp_rank=0, dp_world_size=1, vocab_size=32000)
+
+
+def _children(pid: int) -> list[int]:
+    """Child process ids of ``pid`` (Linux /proc; its main thread made the pool's processes)."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_workers_end_with_a_killed_preparation(tmp_path):
+    """Workers of a preparation killed with SIGKILL went on tokenizing into the folder (shards nothing records),
+    then waited forever for work: processes that lived, holding their memory, until someone killed them."""
+    src = corpus(tmp_path / "src", files=6, docs=3000)
+    out = tmp_path / "out"
+    code = ("import sys; from dlm_titan.data import general_corpus, prepare_split; "
+            f"prepare_split({str(src)!r}, '', {str(out)!r}, 'train', chunk_size=200, num_workers=2, "
+            "corpus=general_corpus(), prefix='train_slim', show_progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (out.is_dir() and any(out.glob("*.bin"))) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the workers are tokenizing
+        workers = _children(proc.pid)
+        assert workers and proc.poll() is None, "the preparation ended before it could be killed"
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        alive = [w for w in workers if Path(f"/proc/{w}").exists()]
+        assert not alive, f"worker processes {alive} outlived the killed preparation"
+    finally:
+        for w in workers:  # the processes this test started, by id
+            try:
+                os.kill(w, signal.SIGKILL)
+            except OSError:
+                pass

@@ -15,12 +15,14 @@ recorded only once all its shards are written, and an input that fails leaves no
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import math
 import multiprocessing as mp
 import os
 import re
+import signal
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -171,11 +173,25 @@ def _tokenize_input(job: InputJob, tok: Tokenizer, writer: ShardWriter,
 # on one thread (in a single process, SentencePiece uses every core).
 _COUNTERS: tuple | None = None
 _THREADS = -1
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _init_worker(counters: tuple) -> None:
+def _init_worker(counters: tuple, parent: int) -> None:
     global _COUNTERS, _THREADS
     _COUNTERS, _THREADS = counters, 1
+    _die_with_parent(parent)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ends this worker when the preparing process ``parent`` dies (SIGKILL, the OOM killer). An orphaned worker
+    would go on writing shards that nothing records, then wait forever for work; Linux only (elsewhere a no-op)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the prctl
+        os._exit(1)
 
 
 def _add_progress(docs: int, tokens: int) -> None:
@@ -361,7 +377,7 @@ def _run_parallel(jobs: list[InputJob], num_workers: int, bar: tqdm,
     ctx = mp.get_context("spawn")
     counters = (ctx.Value("q", 0), ctx.Value("q", 0))
     pool = ProcessPoolExecutor(min(num_workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
-                               initargs=(counters,))
+                               initargs=(counters, os.getpid()))
     recorded = 0
 
     def record(relpath: str, entry: dict) -> None:
