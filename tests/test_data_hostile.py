@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -206,3 +207,12 @@ def test_workers_end_with_a_killed_preparation(tmp_path):
                 os.kill(w, signal.SIGKILL)
             except OSError:
                 pass
+
+
+@pytest.mark.parametrize("prefix", ["train_*", "tr*", "train_?lim", "train_[s]lim"])
+def test_a_prefix_with_a_wildcard_is_one_line(tmp_path, prefix):
+    """``train_*`` became the pattern ``train_**.bin``, a ValueError traceback from pathlib; ``?`` and ``[`` were
+    silently read as wildcards of a prefix the docs call literal."""
+    shard(tmp_path, "train_slim_0.bin")
+    with pytest.raises(UserError, match=re.escape(f"data prefix {prefix!r} holds a wildcard; a prefix is the literal beginning")):
+        train_loader(tmp_path, train_prefixes=[prefix])

@@ -15,6 +15,7 @@ header stays honest and no padding tokens enter training; TinyLlama's reader han
 
 from __future__ import annotations
 
+import glob
 import os
 import struct
 from dataclasses import dataclass
@@ -151,6 +152,9 @@ def list_shards(folder: str | os.PathLike, prefix: str) -> list[str]:
     """Sorted ``{folder}/{prefix}*.bin`` (SMDM's glob); UserError naming prefix and folder if none, ShardError
     for a symbolic link whose target is gone."""
     folder = Path(folder)
+    if glob.has_magic(prefix):  # "train_*" would be the invalid pattern "train_**.bin" (a pathlib traceback)
+        raise UserError(f"data prefix {prefix!r} holds a wildcard; a prefix is the literal beginning of the shard "
+                        f"names (train_slim selects train_slim*.bin): drop the {''.join(c for c in '*?[' if c in prefix)}")
     if not folder.is_dir():
         raise UserError(f"data folder {folder} does not exist; set data.path to a folder of .bin shards "
                         "(or \"\" for the embedded corpus)")
