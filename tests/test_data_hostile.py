@@ -178,9 +178,11 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
-def test_workers_end_with_a_killed_preparation(tmp_path):
+def test_workers_leave_ctrl_c_to_the_preparation_and_end_with_it(tmp_path):
     """Workers of a preparation killed with SIGKILL went on tokenizing into the folder (shards nothing records),
-    then waited forever for work: processes that lived, holding their memory, until someone killed them."""
+    then waited forever for work: processes that lived, holding their memory, until someone killed them. And
+    Ctrl-C, which reaches every process of the group, raised in workers still importing: their tracebacks
+    around the preparation's one line."""
     src = corpus(tmp_path / "src", files=6, docs=3000)
     out = tmp_path / "out"
     code = ("import sys; from dlm_titan.data import general_corpus, prepare_split; "
@@ -194,6 +196,10 @@ def test_workers_end_with_a_killed_preparation(tmp_path):
             time.sleep(0.05)  # the workers are tokenizing
         workers = _children(proc.pid)
         assert workers and proc.poll() is None, "the preparation ended before it could be killed"
+        for w in workers:  # SigIgn: the mask of ignored signals, SIGINT (2) is bit 1
+            ignored = next(line for line in Path(f"/proc/{w}/status").read_text().splitlines()
+                           if line.startswith("SigIgn:"))
+            assert int(ignored.split()[1], 16) & (1 << (signal.SIGINT - 1)), f"process {w} would raise on Ctrl-C"
         proc.kill()
         proc.wait()
         deadline = time.monotonic() + 20
@@ -216,3 +222,29 @@ def test_a_prefix_with_a_wildcard_is_one_line(tmp_path, prefix):
     shard(tmp_path, "train_slim_0.bin")
     with pytest.raises(UserError, match=re.escape(f"data prefix {prefix!r} holds a wildcard; a prefix is the literal beginning")):
         train_loader(tmp_path, train_prefixes=[prefix])
+
+
+def test_ctrl_c_during_prepare_is_one_line_and_the_rerun_finishes(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during a preparation ended in a KeyboardInterrupt traceback; the finished inputs were kept and the
+    unfinished removed, but nothing said so or how to go on."""
+    from scripts import prepare_corpus
+
+    src, out = corpus(tmp_path / "src", files=3), tmp_path / "out"
+    argv = ["--source_path", str(src), "--tokenizer_path", "", "--destination_path", str(out), "--prefix",
+            "train_slim", "--num_workers", "1", "--chunk_size", "200"]
+    original = prepare_mod.process_input
+
+    def ctrl_c_in_the_second_input(job, progress):
+        if job.stream == 1:
+            raise KeyboardInterrupt
+        return original(job, progress)
+
+    with monkeypatch.context() as m:
+        m.setattr(prepare_mod, "process_input", ctrl_c_in_the_second_input)
+        assert prepare_corpus.main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: interrupted;") and "run the same command again" in err[0]
+    assert {p.name.split("_")[2] for p in out.glob("*.bin")} == {"000000"}  # the finished input only
+    train_loader(out)  # what is there is recorded
+    assert prepare_corpus.main(argv) == 0
+    assert {p.name.split("_")[2] for p in out.glob("*.bin")} == {"000000", "000001", "000002"}

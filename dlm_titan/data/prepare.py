@@ -23,10 +23,12 @@ import multiprocessing as mp
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -387,7 +389,9 @@ def _run_parallel(jobs: list[InputJob], num_workers: int, bar: tqdm,
 
     finished = False
     try:
-        _collect([pool.submit(_run_job, job) for job in jobs], bar, counters, record)
+        with _ctrl_c_ignored():  # the workers start here (on submit) and inherit it
+            futures = [pool.submit(_run_job, job) for job in jobs]
+        _collect(futures, bar, counters, record)
         finished = True
     except BrokenProcessPool:
         raise UserError(f"a worker process died (killed from outside, most likely by the out-of-memory killer) with "
@@ -398,6 +402,22 @@ def _run_parallel(jobs: list[InputJob], num_workers: int, bar: tqdm,
             pool.shutdown(wait=True)
         else:  # an error or Ctrl-C: stop the workers before the caller removes the streams they were writing
             _stop_workers(pool)
+
+
+@contextmanager
+def _ctrl_c_ignored() -> Iterator[None]:
+    """SIGINT ignored while worker processes start, so that they run with it ignored, their start-up imports
+    included: Ctrl-C reaches the whole process group, and it is the parent's to handle (it stops the workers and
+    removes what they wrote); a worker's own KeyboardInterrupt would only add its traceback. Ctrl-C pressed during
+    the few milliseconds of starting them is lost. Outside the main thread, signals can not be changed: no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _collect(pending: list[Future], bar: tqdm, counters: tuple, on_done: Callable[[str, dict], None]) -> None:
