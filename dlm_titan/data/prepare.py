@@ -213,7 +213,7 @@ def _load_manifest(path: Path, settings: dict) -> dict:
         return {**settings, "inputs": {}}
     try:
         manifest = json.loads(path.read_text())
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("inputs", {}), dict):
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("inputs"), dict):
             raise ValueError("not a JSON object with an object of inputs")
     except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
         raise UserError(f"{path} is not a valid manifest ({e}); delete it and the shards beside it, or choose a "
