@@ -17,7 +17,12 @@ from typing import Any
 import torch
 
 from dlm_titan.errors import UserError
-from dlm_titan.interop.hf_format import from_hf_state, is_dlm_titan_hf_config, shape_from_hf_config
+from dlm_titan.interop.hf_format import (
+    check_no_unexpected,
+    from_hf_state,
+    is_dlm_titan_hf_config,
+    shape_from_hf_config,
+)
 from dlm_titan.interop.llama import is_llama_config, llama_shape, read_llama
 from dlm_titan.interop.safetensors_io import read_weights
 from dlm_titan.interop.smdm import is_litgpt_file, read_litgpt
@@ -101,10 +106,12 @@ def read_interop(path: str | Path, flavor: str | None = None) -> tuple[dict[str,
         cfg, state = read_llama(path)
     else:
         cfg = shape_from_hf_config(_config(path))
+        hf = read_weights(path)
         try:
-            state = from_hf_state(read_weights(path), cfg)
+            state = from_hf_state(hf, cfg)
         except KeyError as e:
             raise UserError(f"{path}: the weights lack {e.args[0]!r}; re-export the model") from None
+        check_no_unexpected(hf, cfg, path)
     check_shapes(cfg, state, path)
     return cfg, state
 

@@ -8,9 +8,12 @@ shape (``flavor``, ``step``, ``tokens_seen``, ``final_loss``; attributes of the 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from dlm_titan.errors import UserError
 
 MODEL_TYPE = "dlm_titan"
 TEMPLATES = ("configuration_dlm_titan.py", "modeling_dlm_titan.py", "diffusion_rule.py")
@@ -66,6 +69,29 @@ def from_hf_state(hf: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str,
         parts = [hf[f"model.layers.{i}.self_attn.{name}.weight"] for name in _QKV]
         out[f"layers.{i}.attention.wqkv.weight"] = torch.cat(parts)
     return out
+
+
+def unexpected_hf_names(hf: dict[str, torch.Tensor], cfg: dict[str, Any]) -> list[str]:
+    """The names in ``hf`` that no parameter of a model of shape ``cfg`` reads, sorted: layers beyond
+    ``n_layers``, biases, anything :func:`from_hf_state` would drop. RoPE's ``rotary_emb.inv_freq`` buffers, which
+    older transformers saved and which hold no parameter, are not counted."""
+    expected = set(_TOP.values())
+    for i in range(int(cfg["n_layers"])):
+        expected.update(f"model.layers.{i}.{name}" for name in _BLOCK.values())
+        expected.update(f"model.layers.{i}.self_attn.{name}.weight" for name in _QKV)
+    return sorted(k for k in hf if k not in expected and not k.endswith("rotary_emb.inv_freq"))
+
+
+def check_no_unexpected(hf: dict[str, torch.Tensor], cfg: dict[str, Any], where: Path) -> None:
+    """UserError naming the first tensor of a Hugging Face folder that no parameter of the model its config.json
+    describes reads: such weights would be dropped without a word (a config.json edited to fewer layers, biases
+    the model has none of), leaving another model than the folder holds."""
+    extra = unexpected_hf_names(hf, cfg)
+    if extra:
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise UserError(f"{where}: the weights hold {extra[0]}{more}, which the model its config.json describes "
+                        f"(num_hidden_layers = {cfg['n_layers']}, no biases) has no parameter for; restore the "
+                        "config.json that came with these weights (dlm_titan implements no bias terms)")
 
 
 def hf_config(cfg: dict[str, Any], dtype: str, info: dict[str, Any], special: dict[str, int]) -> dict[str, Any]:

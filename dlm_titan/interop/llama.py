@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from dlm_titan.errors import UserError
-from dlm_titan.interop.hf_format import from_hf_state
+from dlm_titan.interop.hf_format import check_no_unexpected, from_hf_state
 from dlm_titan.interop.mask_row import with_mask_row
 from dlm_titan.interop.safetensors_io import read_weights
 
@@ -83,4 +83,5 @@ def read_llama(folder: Path, max_seq_len: int | None = None) -> tuple[dict[str, 
         state = from_hf_state(hf, shape)
     except KeyError as e:
         raise UserError(f"{folder}: the weights lack {e.args[0]!r}") from None
+    check_no_unexpected(hf, shape, folder)
     return shape, with_mask_row(state)

@@ -1,0 +1,79 @@
+"""Hostile-user review of the interop paths: what a user can do wrong with a model folder or an export must end
+in one line ``error: ...`` and exit 2, never in other weights than the folder holds nor in a user's files lost.
+
+- A config.json edited to fewer layers than the weights hold (dlm_titan's export or a Llama folder), or a Llama
+  folder with bias tensors whose config.json says it has none, is refused: the extra tensors were dropped without
+  a word and a different model was loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from harness import user_error_line
+
+from dlm_titan.interop.hf_export import write_hf_folder
+from dlm_titan.models import ModelArgs, build_transencoder, model_config
+from scripts.export_checkpoint import main as export_main
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 256
+
+
+def tiny_export(out, layers: int = 2) -> None:
+    """A dlm_titan export folder of a tiny random model (no tokenizer)."""
+    model = build_transencoder(ModelArgs(layers, 4, 64, 96, vocab_size=VOCAB), 64, "math", "cpu")
+    model.to_empty(device="cpu")
+    model.init_weights(0)
+    write_hf_folder(model.state_dict(), model_config(model, "tiny"), out, "float32", {"step": 3}, tokenizer_path=None)
+
+
+def save_llama(folder, **overrides) -> None:
+    """A tiny random LlamaForCausalLM written by transformers."""
+    shape = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**shape, **overrides})).save_pretrained(folder)
+
+
+def edit_config(folder, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+@pytest.mark.parametrize("source", ["export", "llama"])
+def test_config_with_fewer_layers_than_the_weights_is_refused(tmp_path, capsys, source):
+    folder = tmp_path / "model"
+    tiny_export(folder) if source == "export" else save_llama(folder)
+    edit_config(folder, num_hidden_layers=1)
+    line = user_error_line(capsys, export_main, [str(folder), "--out", str(tmp_path / "out")])
+    assert "model.layers.1." in line and "num_hidden_layers = 1" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_llama_bias_tensors_behind_a_config_without_biases_are_refused(tmp_path, capsys):
+    folder = tmp_path / "llama"
+    save_llama(folder, attention_bias=True)
+    edit_config(folder, attention_bias=False)
+    line = user_error_line(capsys, export_main, [str(folder), "--out", str(tmp_path / "out")])
+    assert "_proj.bias" in line and "bias" in line.split(";")[-1], line
+
+
+def test_llama_rotary_inv_freq_buffers_are_no_extra_weights(tmp_path):
+    """Older transformers saved ``rotary_emb.inv_freq`` buffers with the weights: they hold no parameter."""
+    from safetensors.torch import load_file, save_file
+
+    from dlm_titan.interop.formats import read_interop
+
+    folder = tmp_path / "llama"
+    save_llama(folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg, _ = read_interop(folder)
+    assert cfg["n_layers"] == 2
