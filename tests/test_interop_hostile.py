@@ -4,6 +4,8 @@ in one line ``error: ...`` and exit 2, never in other weights than the folder ho
 - A config.json edited to fewer layers than the weights hold (dlm_titan's export or a Llama folder), or a Llama
   folder with bias tensors whose config.json says it has none, is refused: the extra tensors were dropped without
   a word and a different model was loaded.
+- A config.json edited to lack a shape field or to hold text or null where a number belongs is one line naming
+  the file, not a KeyError, ValueError or TypeError traceback.
 """
 
 from __future__ import annotations
@@ -77,3 +79,18 @@ def test_llama_rotary_inv_freq_buffers_are_no_extra_weights(tmp_path):
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     cfg, _ = read_interop(folder)
     assert cfg["n_layers"] == 2
+
+
+@pytest.mark.parametrize("source", ["export", "llama"])
+@pytest.mark.parametrize("edit", ["missing", "text", "null"])
+def test_config_field_missing_or_no_number_is_one_line_exit_2(tmp_path, capsys, source, edit):
+    folder = tmp_path / "model"
+    tiny_export(folder) if source == "export" else save_llama(folder)
+    config = json.loads((folder / "config.json").read_text())
+    if edit == "missing":
+        del config["hidden_size"]
+    else:
+        config["hidden_size"] = "sixty-four" if edit == "text" else None
+    (folder / "config.json").write_text(json.dumps(config))
+    line = user_error_line(capsys, export_main, [str(folder), "--out", str(tmp_path / "out")])
+    assert "config.json" in line and ("hidden_size" in line if edit == "missing" else "not a number" in line), line

@@ -82,7 +82,7 @@ def config_shape(path: Path) -> dict[str, Any] | None:
     config = _config(path)
     kind = _config_kind(path, config)
     if kind == "hf":
-        return shape_from_hf_config(config)
+        return shape_from_hf_config(config, path / "config.json")
     if kind == "llama":
         return llama_shape(config, path / "config.json")
     return None
@@ -105,7 +105,7 @@ def read_interop(path: str | Path, flavor: str | None = None) -> tuple[dict[str,
     elif kind == "llama":
         cfg, state = read_llama(path)
     else:
-        cfg = shape_from_hf_config(_config(path))
+        cfg = shape_from_hf_config(_config(path), path / "config.json")
         hf = read_weights(path)
         try:
             state = from_hf_state(hf, cfg)

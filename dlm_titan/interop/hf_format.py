@@ -131,8 +131,20 @@ def is_dlm_titan_hf_config(config: dict[str, Any]) -> bool:
     return config.get("model_type") == MODEL_TYPE
 
 
-def shape_from_hf_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The dlm_titan shape (and step, dtype, flavor) recorded in one of our config.json files."""
+def shape_from_hf_config(config: dict[str, Any], where: Path) -> dict[str, Any]:
+    """The dlm_titan shape (and step, dtype, flavor) recorded in one of our config.json files (``where``);
+    UserError naming a field that is missing or no number (a hand-edited file), not a KeyError or ValueError."""
+    try:
+        return _shape_from_hf_config(config)
+    except KeyError as e:
+        raise UserError(f"{where} lacks {e.args[0]!r}; restore the config.json the export wrote "
+                        "(or export the model again)") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where} holds a value that is not a number ({e}); restore the config.json the export "
+                        "wrote (or export the model again)") from None
+
+
+def _shape_from_hf_config(config: dict[str, Any]) -> dict[str, Any]:
     causal = bool(config.get("causal", False))
     vocab = int(config["vocab_size"]) - (0 if causal else 1)  # the head's outputs: every input id but the mask
     return {

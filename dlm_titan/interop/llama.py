@@ -66,6 +66,8 @@ def llama_shape(config: dict[str, Any], where: Path, max_seq_len: int | None = N
         }
     except KeyError as e:
         raise UserError(f"{where}: config.json lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:  # a hand-edited field: null or text where a number belongs
+        raise UserError(f"{where} holds a value that is not a number ({e}); restore the model's own config.json") from None
     if int(config.get("head_dim") or dim // heads) != dim // heads:
         raise UserError(f"{where}: head_dim {config['head_dim']} differs from hidden_size / num_attention_heads "
                         f"({dim // heads}); not supported")
