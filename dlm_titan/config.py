@@ -293,7 +293,7 @@ def load_config(argv: list[str] | None = None) -> JobConfig:
     _check_cli_keys(argv)
     defaults = JobConfig()
     config_file = _peek_config_file(argv)
-    if config_file:
+    if config_file is not None:
         defaults = _merge_toml(defaults, _read_toml(config_file))
         defaults.job.config_file = config_file
     config = tyro.cli(JobConfig, default=defaults, args=argv, use_underscores=True)
@@ -302,14 +302,25 @@ def load_config(argv: list[str] | None = None) -> JobConfig:
 
 
 def _peek_config_file(argv: list[str]) -> str | None:
+    """The TOML path of the last --job.config_file (tyro, which records it, also keeps the last of a repeated flag).
+
+    An empty path is refused rather than read as "no file": ``--job.config_file "$CFG"`` with CFG unset would
+    otherwise train the defaults (1000 steps of 256 x 2048) without a word.
+    """
+    path = None
     for i, arg in enumerate(argv):
         if arg == "--job.config_file":
-            if i + 1 >= len(argv):
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                 raise UserError("--job.config_file needs a path, e.g. --job.config_file train_configs/debug.toml")
-            return argv[i + 1]
-        if arg.startswith("--job.config_file="):
-            return arg.split("=", 1)[1]
-    return None
+            path = argv[i + 1]
+        elif arg.startswith("--job.config_file="):
+            path = arg.split("=", 1)[1]
+        else:
+            continue
+        if not path.strip():
+            raise UserError("--job.config_file is empty (an unset shell variable?); give a TOML file, e.g. "
+                            "--job.config_file train_configs/debug.toml, or leave the option out for the defaults")
+    return path
 
 
 def _read_toml(path: str) -> dict:

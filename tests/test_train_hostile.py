@@ -1,0 +1,36 @@
+"""Hostile input to the training entry points (run_train.sh, dlm_titan.train, the config): each mistake ends in one
+line ``error: ...`` naming the problem and the fix, with exit code 2, instead of a traceback, tyro's boxed message
+or a run that silently does something else."""
+
+import pytest
+
+from dlm_titan.config import load_config
+from dlm_titan.errors import UserError
+
+
+def refused(argv: list[str]) -> str:
+    with pytest.raises(UserError) as raised:
+        load_config(argv)
+    return str(raised.value)
+
+
+@pytest.mark.parametrize("argv", [["--job.config_file", ""], ["--job.config_file="], ["--job.config_file", "  "]])
+def test_empty_config_file_is_refused_not_read_as_no_file(argv, tmp_path):
+    """``--job.config_file "$CFG"`` with CFG unset trained the defaults (1000 steps of 256 x 2048) silently."""
+    message = refused([*argv, "--job.dump_folder", str(tmp_path)])
+    assert message.startswith("--job.config_file is empty"), message
+
+
+def test_config_file_followed_by_another_option_needs_a_path(tmp_path):
+    message = refused(["--job.config_file", "--training.steps", "3", "--job.dump_folder", str(tmp_path)])
+    assert message.startswith("--job.config_file needs a path"), message
+
+
+def test_repeated_config_file_reads_the_last_one_as_recorded(tmp_path):
+    """tyro records the last --job.config_file; the TOML read must be that one too, not the first."""
+    first, last = tmp_path / "first.toml", tmp_path / "last.toml"
+    first.write_text("[training]\nsteps = 11\n")
+    last.write_text("[training]\nsteps = 22\n")
+    cfg = load_config(["--job.config_file", str(first), "--job.config_file", str(last),
+                       "--job.dump_folder", str(tmp_path / "out")])
+    assert cfg.job.config_file == str(last) and cfg.training.steps == 22
