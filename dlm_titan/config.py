@@ -341,20 +341,31 @@ def _read_toml(path: str) -> dict:
         raise UserError(f"config file {path} is not valid TOML: {e}") from None
 
 
+def _bool_flags() -> set[str]:
+    """The on-switches of the boolean options (--section.key); each also has --section.no_key."""
+    return {f"--{section}.{key}" for section, cls in typing.get_type_hints(JobConfig).items()
+            for key, hint in typing.get_type_hints(cls).items() if hint is bool}
+
+
 def _all_flags() -> set[str]:
     """Every flag tyro accepts (underscore spelling), with --section.no_flag for booleans."""
     flags = {"--help", "-h"}
     for section, cls in typing.get_type_hints(JobConfig).items():
-        for key, hint in typing.get_type_hints(cls).items():
+        for key in typing.get_type_hints(cls):
             flags.add(f"--{section}.{key}")
-            if hint is bool:
-                flags.add(f"--{section}.no_{key}")
+    for flag in _bool_flags():
+        section, key = flag.split(".", 1)
+        flags.add(f"{section}.no_{key}")
     return flags
 
 
+# Words a user may write after a boolean switch, expecting them to set it (tyro's switches take no value).
+_BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+
+
 def _check_cli_keys(argv: list[str]) -> None:
-    known = _all_flags()
-    for arg in argv:
+    known, switches = _all_flags(), _bool_flags()
+    for i, arg in enumerate(argv):
         if not arg.startswith("--"):
             continue
         flag = arg.split("=", 1)[0]
@@ -362,6 +373,11 @@ def _check_cli_keys(argv: list[str]) -> None:
             close = difflib.get_close_matches(flag, sorted(known), n=1)
             hint = f"; did you mean {close[0]}?" if close else "; see --help for the options"
             raise UserError(f"unknown option {flag}{hint}")
+        # "--compile.enable false" would meet tyro's boxed "Unrecognized options: false": name the two switches.
+        value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
+        if flag in switches and value is not None and ("=" in arg or value.lower() in _BOOL_WORDS):
+            section, key = flag.split(".", 1)
+            raise UserError(f"{flag} takes no value: write {flag} to turn it on, {section}.no_{key} to turn it off")
 
 
 def _merge_toml(config: JobConfig, toml: dict) -> JobConfig:
