@@ -3,8 +3,9 @@ line ``error: ...`` naming the problem and the fix, with exit code 2, instead of
 or a run that silently does something else."""
 
 import pytest
+import tomllib
 
-from dlm_titan.config import load_config
+from dlm_titan.config import load_config, to_toml
 from dlm_titan.errors import UserError
 
 
@@ -51,3 +52,16 @@ def test_boolean_switches_still_work(tmp_path):
     cfg = load_config(["--compile.enable", "--job.no_print_config", "--training.steps", "1",
                        "--job.dump_folder", str(tmp_path)])
     assert cfg.compile.enable and not cfg.job.print_config and cfg.training.steps == 1
+
+
+def test_saved_config_with_control_characters_reads_back(tmp_path):
+    """A newline in job.description made the saved config.toml invalid TOML: not a valid --job.config_file, and
+    readers of the dump folder (checkpoint_folder_of) fell back to defaults."""
+    description = 'line one\nline "two"\ttab \\ back\x01\x7f é'
+    cfg = load_config(["--job.description", description, "--checkpoint.folder", "ckpt",
+                       "--job.dump_folder", str(tmp_path / "out")])
+    saved = tmp_path / "config.toml"
+    saved.write_text(to_toml(cfg))
+    assert tomllib.loads(saved.read_text())["job"]["description"] == description
+    again = load_config(["--job.config_file", str(saved)])
+    assert again.job.description == description and again.checkpoint.folder == "ckpt"
