@@ -20,13 +20,18 @@ tokenizer (SMDM's, Llama-2's), a folder without tokenizer files none (with a war
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 from pathlib import Path
 
 from dlm_titan.checkpoint.export import DTYPES, read_model_weights
 from dlm_titan.errors import UserError, report
 from dlm_titan.interop.formats import interop_kind, read_interop
-from dlm_titan.interop.hf_export import write_hf_folder
+from dlm_titan.interop.hf_export import CONFIG_FILE, write_hf_folder
+from dlm_titan.interop.hf_format import TEMPLATES, is_dlm_titan_hf_config
+from dlm_titan.interop.hf_tokenizer import TOKENIZER_FILES
+from dlm_titan.interop.safetensors_io import INDEX, SINGLE
 from scripts.cli import HelpFormatter
 
 try:
@@ -35,6 +40,9 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+_EXPORT_NAMES = {CONFIG_FILE, SINGLE, INDEX, "README.md", *TEMPLATES, *TOKENIZER_FILES}
+"""What an export writes into its folder (besides shards); an earlier export's folder holds nothing else."""
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
 def dump_folder_of(source: Path) -> Path | None:
@@ -73,6 +81,32 @@ def check_destination(out: Path, source: Path) -> None:
     if (out / "config.toml").is_file() or (out / ".metadata").is_file():
         raise UserError(f"--out {out} is a dlm_titan dump or checkpoint folder; export into a folder of its own "
                         "(default: {dump_folder}/export-step-N)")
+    foreign = foreign_content(out)
+    if foreign is not None:
+        raise UserError(f"--out {out} is no dlm_titan export folder (it holds {foreign}); exporting there would "
+                        "overwrite or remove its config.json, README.md, weights and tokenizer files: export into a "
+                        "new or empty folder, or into an earlier export's")
+
+
+def foreign_content(out: Path) -> str | None:
+    """What in an existing destination an earlier dlm_titan export did not write (None: nothing), e.g. another
+    model's folder or a folder of the user's own files. Hidden entries (a git clone's ``.git``) and the
+    temporary files of an export that was killed are an export folder's too."""
+    if not out.is_dir():
+        return None
+    config = out / CONFIG_FILE
+    if config.is_file():
+        try:
+            content = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            content = None
+        if not (isinstance(content, dict) and (is_dlm_titan_hf_config(content) or content.get("format") == "dlm_titan")):
+            return f"a {CONFIG_FILE} that no dlm_titan export wrote"
+    for entry in sorted(out.iterdir()):
+        name = entry.name.removesuffix(".tmp")
+        if not (entry.name.startswith(".") or name in _EXPORT_NAMES or _SHARD.fullmatch(name)):
+            return f"{entry.name}, which no export writes"
+    return None
 
 
 def export(source: Path, out: Path | None, dtype: str, flavor: str | None, tokenizer_path: str | None) -> tuple[dict, Path]:

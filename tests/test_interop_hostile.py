@@ -6,6 +6,10 @@ in one line ``error: ...`` and exit 2, never in other weights than the folder ho
   a word and a different model was loaded.
 - A config.json edited to lack a shape field or to hold text or null where a number belongs is one line naming
   the file, not a KeyError, ValueError or TypeError traceback.
+- ``export_checkpoint --out`` into a folder that is no earlier export (another model's folder, a folder of the
+  user's own files) is refused before anything there is touched: the export removed its config.json and
+  tokenizer files and overwrote its README.md. An earlier export's folder, also one whose export was killed
+  half-way (no config.json yet, a temporary file left), is still replaced.
 """
 
 from __future__ import annotations
@@ -94,3 +98,35 @@ def test_config_field_missing_or_no_number_is_one_line_exit_2(tmp_path, capsys, 
     (folder / "config.json").write_text(json.dumps(config))
     line = user_error_line(capsys, export_main, [str(folder), "--out", str(tmp_path / "out")])
     assert "config.json" in line and ("hidden_size" in line if edit == "missing" else "not a number" in line), line
+
+
+@pytest.mark.parametrize("content", ["llama folder", "own files"])
+def test_export_into_a_folder_that_is_no_export_touches_nothing(tmp_path, capsys, content):
+    source, out = tmp_path / "source", tmp_path / "out"
+    tiny_export(source)
+    if content == "llama folder":
+        save_llama(out)
+    else:
+        out.mkdir()
+        (out / "README.md").write_text("my notes\n")
+        (out / "tokenizer.json").write_text("{}\n")
+        (out / "results.csv").write_text("1,2\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    line = user_error_line(capsys, export_main, [str(source), "--out", str(out)])
+    assert "is no dlm_titan export folder" in line, line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_export_replaces_an_earlier_export_also_one_killed_half_way(tmp_path, capsys):
+    from dlm_titan.checkpoint.export import load_model
+
+    source, out = tmp_path / "source", tmp_path / "out"
+    tiny_export(source)
+    tiny_export(out, layers=1)
+    assert export_main([str(source), "--out", str(out), "--dtype", "float32"]) == 0
+    assert load_model(out, attn_backend="math").args.n_layers == 2
+    (out / "config.json").unlink()  # as an export killed after taking the earlier one out of service
+    (out / "model.safetensors.tmp").write_bytes(b"partial")
+    (out / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    assert export_main([str(source), "--out", str(out), "--dtype", "float32"]) == 0
+    assert load_model(out, attn_backend="math").args.n_layers == 2
