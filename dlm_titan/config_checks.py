@@ -178,6 +178,9 @@ def _physical_memory() -> int | None:
 
 def _check_dump_folder(folder: str) -> None:
     """The dump folder must be a folder this process can create or write into (checked without writing)."""
+    if not folder.strip():  # Path("") is the working directory: the run would write its files all over it
+        raise UserError("--job.dump_folder is empty (an unset shell variable?); give a folder for the run's "
+                        "outputs, e.g. --job.dump_folder ./outputs/run1")
     path = Path(folder).absolute()
     if path.exists() and not path.is_dir():
         raise UserError(f"--job.dump_folder {folder} is a file, not a folder; choose another --job.dump_folder")

@@ -65,3 +65,10 @@ def test_saved_config_with_control_characters_reads_back(tmp_path):
     assert tomllib.loads(saved.read_text())["job"]["description"] == description
     again = load_config(["--job.config_file", str(saved)])
     assert again.job.description == description and again.checkpoint.folder == "ckpt"
+
+
+@pytest.mark.parametrize("folder", ["", "   "])
+def test_empty_dump_folder_is_refused(folder):
+    """Path("") is the working directory: the run wrote run.lock, config.toml, checkpoint/ and tb/ into it."""
+    assert refused(["--job.dump_folder", folder]).startswith("--job.dump_folder is empty")
+
