@@ -181,6 +181,15 @@ def _check_dump_folder(folder: str) -> None:
     if not folder.strip():  # Path("") is the working directory: the run would write its files all over it
         raise UserError("--job.dump_folder is empty (an unset shell variable?); give a folder for the run's "
                         "outputs, e.g. --job.dump_folder ./outputs/run1")
+    try:
+        _check_dump_folder_path(folder)
+    except OSError as e:  # a name too long, a symlink loop, ...: stat itself fails
+        raise UserError(f"--job.dump_folder {folder} cannot be used ({e.strerror}); choose another "
+                        "--job.dump_folder") from None
+
+
+def _check_dump_folder_path(folder: str) -> None:
+    """The checks of _check_dump_folder on the path itself; stat errors propagate as OSError."""
     path = Path(folder).absolute()
     if path.exists() and not path.is_dir():
         raise UserError(f"--job.dump_folder {folder} is a file, not a folder; choose another --job.dump_folder")

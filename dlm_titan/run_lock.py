@@ -96,6 +96,9 @@ def _make_folder(folder: Path) -> None:
     except PermissionError:
         raise UserError(f"job.dump_folder {folder} cannot be created (permission denied): choose a writable "
                         "--job.dump_folder") from None
+    except OSError as e:  # a read-only filesystem, a symlink loop, a folder of /proc, ...
+        raise UserError(f"job.dump_folder {folder} cannot be created ({e.strerror}): choose another "
+                        "--job.dump_folder") from None
 
 
 def _open_lock_file(path: Path) -> int:
@@ -106,6 +109,9 @@ def _open_lock_file(path: Path) -> int:
     except PermissionError:
         raise UserError(f"job.dump_folder {path.parent} is not writable (permission denied on {path.name}): "
                         "choose a writable --job.dump_folder") from None
+    except OSError as e:  # e.g. an existing dump folder on a read-only filesystem (EROFS)
+        raise UserError(f"job.dump_folder {path.parent} is not writable ({e.strerror} on {path.name}): choose "
+                        "a writable --job.dump_folder") from None
 
 
 def _read_holder(fd: int) -> dict[str, Any]:

@@ -2,9 +2,14 @@
 line ``error: ...`` naming the problem and the fix, with exit code 2, instead of a traceback, tyro's boxed message
 or a run that silently does something else."""
 
+import errno
+import os
+from pathlib import Path
+
 import pytest
 import tomllib
 
+from dlm_titan import run_lock
 from dlm_titan.config import load_config, to_toml
 from dlm_titan.errors import UserError
 
@@ -72,3 +77,31 @@ def test_empty_dump_folder_is_refused(folder):
     """Path("") is the working directory: the run wrote run.lock, config.toml, checkpoint/ and tb/ into it."""
     assert refused(["--job.dump_folder", folder]).startswith("--job.dump_folder is empty")
 
+
+def test_dump_folder_name_too_long_is_one_line(tmp_path):
+    folder = str(tmp_path / ("x" * 300))
+    message = refused(["--job.dump_folder", folder])
+    assert message.startswith(f"--job.dump_folder {folder} cannot be used (File name too long)"), message
+
+
+def test_dump_folder_in_a_symlink_loop_is_one_line(tmp_path):
+    """stat of a symlink loop says "missing", so the config check passes it; the lock's mkdir then failed."""
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    load_config(["--job.dump_folder", str(loop / "run")])  # passes the check: the loop is not seen as a file
+    with pytest.raises(UserError, match=r"cannot be created \(Too many levels of symbolic links\)"):
+        run_lock.RunLock(loop / "run").acquire()
+
+
+def test_dump_folder_on_a_read_only_filesystem_is_one_line(tmp_path, monkeypatch):
+    """EROFS (not a PermissionError) from creating the folder or its lock file was a traceback."""
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(UserError, match=r"cannot be created \(Read-only file system\)"):
+        run_lock.RunLock(tmp_path / "new").acquire()
+    monkeypatch.undo()
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(UserError, match=r"is not writable \(Read-only file system on run.lock\)"):
+        run_lock.RunLock(tmp_path).acquire()
