@@ -13,6 +13,16 @@ NGPU=${NGPU:-1}
 NNODES=${NNODES:-1}
 CONFIG_FILE=${CONFIG_FILE:-train_configs/debug.toml}
 PYTHON=${PYTHON:-python}
+# Counts of processes and nodes: anything else failed in bash arithmetic ("abc: unbound variable") or, for 0, in a
+# ZeroDivisionError traceback of the config check.
+check_count() {
+    if [[ ! "$2" =~ ^[1-9][0-9]*$ ]]; then
+        echo "error: $1=$2 must be a positive integer (the number of $3), e.g. $1=1" >&2
+        exit 2
+    fi
+}
+check_count NGPU "$NGPU" "processes on this node"
+check_count NNODES "$NNODES" nodes
 
 args=("$@")
 # An explicit --job.config_file on the command line wins over CONFIG_FILE.

@@ -4,6 +4,7 @@ or a run that silently does something else."""
 
 import errno
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import tomllib
 from dlm_titan import run_lock
 from dlm_titan.config import load_config, to_toml
 from dlm_titan.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def refused(argv: list[str]) -> str:
@@ -105,3 +108,15 @@ def test_dump_folder_on_a_read_only_filesystem_is_one_line(tmp_path, monkeypatch
     monkeypatch.setattr(os, "open", read_only)
     with pytest.raises(UserError, match=r"is not writable \(Read-only file system on run.lock\)"):
         run_lock.RunLock(tmp_path).acquire()
+
+
+@pytest.mark.parametrize("var, value", [("NGPU", "0"), ("NGPU", "abc"), ("NGPU", "-2"), ("NGPU", "2x"),
+                                        ("NNODES", "0"), ("NNODES", "two")])
+def test_run_train_sh_refuses_a_bad_process_count(var, value):
+    """NGPU=0 was a ZeroDivisionError traceback of the config check; NGPU=abc a bash 'unbound variable'."""
+    env = {**os.environ, var: value}
+    result = subprocess.run(["./run_train.sh", "--training.steps", "1"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [f"error: {var}={value} must be a positive integer (the number of "
+                                          f"{'processes on this node' if var == 'NGPU' else 'nodes'}), e.g. {var}=1"]
