@@ -10,6 +10,8 @@ in one line ``error: ...`` and exit 2, never in other weights than the folder ho
   user's own files) is refused before anything there is touched: the export removed its config.json and
   tokenizer files and overwrote its README.md. An earlier export's folder, also one whose export was killed
   half-way (no config.json yet, a temporary file left), is still replaced.
+- A float16 export of weights beyond float16's range is refused before anything is written: the cast saved inf
+  without a word (the folder then computed NaN).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import pytest
 import torch
 from harness import user_error_line
+from safetensors.torch import load_file, save_file
 
 from dlm_titan.interop.hf_export import write_hf_folder
 from dlm_titan.models import ModelArgs, build_transencoder, model_config
@@ -72,8 +75,6 @@ def test_llama_bias_tensors_behind_a_config_without_biases_are_refused(tmp_path,
 
 def test_llama_rotary_inv_freq_buffers_are_no_extra_weights(tmp_path):
     """Older transformers saved ``rotary_emb.inv_freq`` buffers with the weights: they hold no parameter."""
-    from safetensors.torch import load_file, save_file
-
     from dlm_titan.interop.formats import read_interop
 
     folder = tmp_path / "llama"
@@ -130,3 +131,17 @@ def test_export_replaces_an_earlier_export_also_one_killed_half_way(tmp_path, ca
     (out / ".gitattributes").write_text("*.safetensors filter=lfs\n")
     assert export_main([str(source), "--out", str(out), "--dtype", "float32"]) == 0
     assert load_model(out, attn_backend="math").args.n_layers == 2
+
+
+def test_float16_export_of_weights_beyond_its_range_is_refused(tmp_path, capsys):
+    source, out = tmp_path / "source", tmp_path / "out"
+    tiny_export(source)
+    weights = load_file(str(source / "model.safetensors"))
+    weights["lm_head.weight"][0, 0] = 1e6
+    save_file(weights, str(source / "model.safetensors"), metadata={"format": "pt"})
+    tiny_export(out, layers=1)  # an earlier export there stays as it was
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    line = user_error_line(capsys, export_main, [str(source), "--out", str(out), "--dtype", "float16"])
+    assert "lm_head.weight" in line and "float16" in line and "bfloat16 or float32" in line, line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert export_main([str(source), "--out", str(out), "--dtype", "bfloat16"]) == 0

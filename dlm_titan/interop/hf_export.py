@@ -52,10 +52,12 @@ def write_hf_folder(state: dict[str, torch.Tensor], cfg: dict[str, Any], out_dir
     if dtype not in DTYPES:
         raise UserError(f"export dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     files, special, problem = _tokenizer(tokenizer_path, cfg, tokenizer_required)
+    source = to_hf_state(state, cfg)
+    tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in source.items()}
+    _check_finite(source, tensors, dtype)
     out = _open_destination(Path(out_dir))
     if problem:
         print(f"warning: the export in {out} has no tokenizer: {problem}", file=sys.stderr)
-    tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in to_hf_state(state, cfg).items()}
     write_weights(tensors, out, max_shard_bytes)
     for name in TEMPLATES:
         shutil.copyfile(_TEMPLATE_DIR / name, out / name)
@@ -69,6 +71,21 @@ def write_hf_folder(state: dict[str, torch.Tensor], cfg: dict[str, Any], out_dir
     config = hf_config(cfg, dtype, info, special or {})
     atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     return out
+
+
+def _check_finite(source: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], dtype: str) -> None:
+    """UserError, before anything is written, for weights that would be saved holding NaN or inf: a value beyond
+    the range of ``dtype`` (float16's largest is 65504), which the cast turns into inf without a word, or weights
+    that already hold them (a diverged model)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            original = source[name].detach()
+            if bool(torch.isfinite(original).all()):
+                raise UserError(f"{name} holds {original.abs().max().item():.4g}, beyond the largest {dtype} value "
+                                f"({torch.finfo(t.dtype).max:.4g}): a {dtype} export would hold inf there; export "
+                                "in bfloat16 or float32 (--dtype, checkpoint.export_dtype)")
+            raise UserError(f"the weights hold NaN or inf (first: {name}); the model diverged: export an earlier "
+                            "checkpoint")
 
 
 def _open_destination(out: Path) -> Path:
