@@ -4,6 +4,7 @@ or a run that silently does something else."""
 
 import errno
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import tomllib
 from dlm_titan import run_lock
 from dlm_titan.config import load_config, to_toml
 from dlm_titan.errors import UserError
+from dlm_titan.models import get_model_args
+from dlm_titan.train import resolve_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,3 +123,15 @@ def test_run_train_sh_refuses_a_bad_process_count(var, value):
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == [f"error: {var}={value} must be a positive integer (the number of "
                                           f"{'processes on this node' if var == 'NGPU' else 'nodes'}), e.g. {var}=1"]
+
+
+def test_flops_budget_below_one_step_names_the_least_budget(tmp_path):
+    """The message named no number: the user had to work out 6 N B L to fix the budget."""
+    tiny = ["--training.seq_len", "32", "--training.global_batch_size", "2", "--training.local_batch_size", "2",
+            "--job.dump_folder", str(tmp_path)]
+    args = get_model_args("6M", 32000)
+    with pytest.raises(UserError) as raised:
+        resolve_steps(load_config(["--training.flops_budget", "1e9", *tiny]), args)
+    least = re.search(r"\((\d+) FLOPs\); raise --training.flops_budget to at least that", str(raised.value))
+    assert least, raised.value
+    assert resolve_steps(load_config(["--training.flops_budget", least[1], *tiny]), args) == 1
