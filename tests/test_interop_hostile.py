@@ -12,6 +12,8 @@ in one line ``error: ...`` and exit 2, never in other weights than the folder ho
   half-way (no config.json yet, a temporary file left), is still replaced.
 - A float16 export of weights beyond float16's range is refused before anything is written: the cast saved inf
   without a word (the folder then computed NaN).
+- Weights holding NaN or inf in a Hugging Face folder (or an older export) are refused where they are read (the
+  export script, ``load_model``, ``checkpoint.initial_load_path``), as a DCP checkpoint's already were.
 """
 
 from __future__ import annotations
@@ -145,3 +147,19 @@ def test_float16_export_of_weights_beyond_its_range_is_refused(tmp_path, capsys)
     assert "lm_head.weight" in line and "float16" in line and "bfloat16 or float32" in line, line
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert export_main([str(source), "--out", str(out), "--dtype", "bfloat16"]) == 0
+
+
+@pytest.mark.parametrize("source", ["export", "llama"])
+def test_folder_weights_holding_inf_are_refused(tmp_path, capsys, source):
+    from dlm_titan.checkpoint.export import load_model
+    from dlm_titan.errors import UserError
+
+    folder = tmp_path / "model"
+    tiny_export(folder) if source == "export" else save_llama(folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["model.norm.weight"][3] = float("inf")
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    line = user_error_line(capsys, export_main, [str(folder), "--out", str(tmp_path / "out")])
+    assert "NaN or inf" in line and "norm.weight" in line, line
+    with pytest.raises(UserError, match="NaN or inf"):
+        load_model(folder, attn_backend="math")

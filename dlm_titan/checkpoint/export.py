@@ -118,9 +118,9 @@ def read_model_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torc
         raise UserError(f"no such checkpoint or export: {path}")
     interop = read_interop(path)  # Hugging Face folders (dlm_titan's export, Llama) and SMDM/lit-gpt files
     if interop is not None:
-        return interop
+        return _finite(path, *interop)
     if is_export_folder(path):
-        return _read_export(path)
+        return _finite(path, *_read_export(path))
     if is_dcp_folder(path):
         return _read_dcp_model(path)
     step_dir = find_checkpoint(path)
@@ -130,6 +130,16 @@ def read_model_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torc
         return read_model_weights(path / EXPORT_FOLDER)
     raise UserError(f"{path} holds no complete checkpoint (step-N with its marker) and no export "
                     f"({WEIGHTS_FILE} + {CONFIG_FILE}); pass a dump folder, a step-N folder or an export folder")
+
+
+def _finite(path: Path, cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[dict[str, Any],
+                                                                                      dict[str, torch.Tensor]]:
+    """(cfg, state), refused in one line when the weights hold NaN or inf, as a checkpoint's are: a model that
+    would only compute NaN (or start a run from them through ``checkpoint.initial_load_path``)."""
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise UserError(f"the weights in {path} hold NaN or inf (first: {bad}); use another model or checkpoint")
+    return cfg, state
 
 
 def _read_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
