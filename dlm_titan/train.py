@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from dlm_kernels import masked_linear_cross_entropy
+from dlm_kernels import fused_supported, masked_linear_cross_entropy
 
 from dlm_titan import distributed as dist_utils
 from dlm_titan.ar_validation import NextTokenValidator
@@ -109,6 +109,7 @@ class Trainer:
         self.model.init_weights(seed=training.seed)
         # The loss the model's forward computes: the masked cross-entropy, through a tap that also keeps the
         # per-sequence losses of logged steps (for the loss by t).
+        check_loss_impl(self.cfg.diffusion.loss_impl, self.device)
         self.loss_tap = SequenceLossTap(partial(masked_linear_cross_entropy, impl=self.cfg.diffusion.loss_impl))
         self.loss_fn = self.loss_tap
         self.model.train()
@@ -267,6 +268,14 @@ def write_config(cfg: JobConfig) -> None:
     dump_folder = Path(cfg.job.dump_folder)
     dump_folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(dump_folder / "config.toml", to_toml(cfg))
+
+
+def check_loss_impl(impl: str, device: torch.device) -> None:
+    """Refuses diffusion.loss_impl = "fused" where its Triton kernel cannot run, at start rather than as the kernel's
+    ValueError traceback in the first step."""
+    if impl == "fused" and not fused_supported(device):
+        raise UserError(f'diffusion.loss_impl = "fused" cannot run on {device.type} (it needs triton and a CUDA GPU); '
+                        "use --diffusion.loss_impl auto or torch")
 
 
 def keeps_gradients(form: str, cudagraphs: bool, micro_batches: int) -> bool:

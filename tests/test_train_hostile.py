@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import tomllib
+import torch
+from dlm_kernels import fused_supported
 
-from dlm_titan import run_lock
+from dlm_titan import run_lock, train
 from dlm_titan.config import load_config, to_toml
 from dlm_titan.errors import UserError
 from dlm_titan.models import get_model_args
@@ -135,3 +137,17 @@ def test_flops_budget_below_one_step_names_the_least_budget(tmp_path):
     least = re.search(r"\((\d+) FLOPs\); raise --training.flops_budget to at least that", str(raised.value))
     assert least, raised.value
     assert resolve_steps(load_config(["--training.flops_budget", least[1], *tiny]), args) == 1
+
+
+TINY_RUN = ["--training.steps", "1", "--training.seq_len", "32", "--training.global_batch_size", "2",
+            "--training.local_batch_size", "2", "--data.num_workers", "0", "--job.no_print_config",
+            "--metrics.no_enable_tensorboard"]
+
+
+@pytest.mark.skipif(fused_supported(torch.device("cpu")), reason="TRITON_INTERPRET=1 runs the fused loss on a CPU")
+def test_fused_loss_on_cpu_is_one_line_at_start(tmp_path, capsys):
+    """The kernel's ValueError came as a traceback (exit 1) from the first step's forward."""
+    code = train.main([*TINY_RUN, "--diffusion.loss_impl", "fused", "--job.dump_folder", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ['error: diffusion.loss_impl = "fused" cannot run on cpu (it needs triton and a CUDA '
+                                 'GPU); use --diffusion.loss_impl auto or torch'], err
