@@ -25,7 +25,9 @@ import re
 import sys
 from pathlib import Path
 
+from dlm_titan.checkpoint.eval_tokenizer import load_checked_tokenizer, recorded_tokenizer_hashes
 from dlm_titan.checkpoint.export import DTYPES, read_model_weights
+from dlm_titan.data.tokenizer import embedded_tokenizer_path
 from dlm_titan.errors import UserError, report
 from dlm_titan.interop.formats import interop_kind, read_interop
 from dlm_titan.interop.hf_export import CONFIG_FILE, write_hf_folder
@@ -109,6 +111,23 @@ def foreign_content(out: Path) -> str | None:
     return None
 
 
+def training_tokenizer(source: Path, tokenizer: str | None, vocab_size: int, explicit: bool) -> str | None:
+    """``tokenizer`` when the checkpoint ``source`` records no tokenizer or this one (the sha256 its training shards'
+    manifests record): a tokenizer of the right size but other ids would be shipped without a word, e.g. the
+    embedded default of a run whose config.toml names no data.tokenizer_path. Another one is a UserError when
+    ``explicit`` (--tokenizer_path), else None (no tokenizer files) with a warning naming the fix."""
+    if tokenizer is None or not recorded_tokenizer_hashes(source):
+        return tokenizer
+    try:
+        load_checked_tokenizer(str(source), tokenizer or str(embedded_tokenizer_path() or ""), vocab_size)
+    except UserError as e:
+        if explicit:
+            raise
+        print(f"warning: the export has no tokenizer: {e}", file=sys.stderr)
+        return None
+    return tokenizer
+
+
 def export(source: Path, out: Path | None, dtype: str, flavor: str | None, tokenizer_path: str | None) -> tuple[dict, Path]:
     """Reads ``source`` and writes the folder; returns (model config, destination)."""
     if flavor and interop_kind(source) != "litgpt":
@@ -119,6 +138,7 @@ def export(source: Path, out: Path | None, dtype: str, flavor: str | None, token
     out = out or default_destination(source, step)
     check_destination(out, source)
     tokenizer = default_tokenizer(source) if tokenizer_path is None else tokenizer_path
+    tokenizer = training_tokenizer(source, tokenizer, int(cfg["vocab_size"]), explicit=tokenizer_path is not None)
     info = {"flavor": cfg.get("flavor"), "step": step, "tokens_seen": cfg.get("tokens_seen") or None}
     write_hf_folder(state, cfg, out, dtype, info, tokenizer, tokenizer_required=tokenizer_path is not None)
     return cfg, out

@@ -14,6 +14,9 @@ in one line ``error: ...`` and exit 2, never in other weights than the folder ho
   without a word (the folder then computed NaN).
 - Weights holding NaN or inf in a Hugging Face folder (or an older export) are refused where they are read (the
   export script, ``load_model``, ``checkpoint.initial_load_path``), as a DCP checkpoint's already were.
+- The export of a checkpoint whose training shards record their tokenizer ships no other tokenizer: the run's
+  config.toml naming none, the embedded default (same vocabulary size, other ids) was shipped without a word; it
+  is now left out with a warning, and one passed with --tokenizer_path is refused in one line.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import os
 
 import pytest
 import torch
-from harness import user_error_line
+from harness import run_trainer, tiny_run_args, user_error_line
 from safetensors.torch import load_file, save_file
 
 from dlm_titan.interop.hf_export import write_hf_folder
@@ -163,3 +166,38 @@ def test_folder_weights_holding_inf_are_refused(tmp_path, capsys, source):
     assert "NaN or inf" in line and "norm.weight" in line, line
     with pytest.raises(UserError, match="NaN or inf"):
         load_model(folder, attn_backend="math")
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory):
+    """(step folder of a 2-step run of vocabulary 32000, the embedded tokenizer's, on shards of a small BPE
+    tokenizer; that tokenizer.json). The run's config.toml names no data.tokenizer_path."""
+    from dlm_titan.data import prepare_split
+    from tests.test_eval_tokenizer_identity import TEXTS, build_tokenizer
+
+    root = tmp_path_factory.mktemp("hostile_tok")
+    tokenizer = build_tokenizer(root)
+    (root / "src").mkdir()
+    (root / "src" / "a.txt").write_text("\n".join(TEXTS * 150))
+    prepare_split(str(root / "src"), str(tokenizer), str(root / "data"), "train", prefix="train_slim")
+    run_trainer(tiny_run_args(root / "data", root / "out", 32000, 2, 2, 2, 0, "--checkpoint.enable",
+                              "--checkpoint.interval", "2"))
+    return root / "out" / "checkpoint" / "step-2", tokenizer
+
+
+def test_checkpoint_export_ships_no_tokenizer_but_the_training_one(bpe_run, tmp_path, capsys):
+    from dlm_titan.data.tokenizer import embedded_tokenizer_path
+
+    step, tokenizer = bpe_run
+    out = tmp_path / "export"
+    capsys.readouterr()
+    assert export_main([str(step), "--out", str(out), "--dtype", "float32"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the export has no tokenizer" in err and "--tokenizer_path" in err, err
+    assert (out / "config.json").is_file() and not (out / "tokenizer.json").exists()
+    if embedded_tokenizer_path() is not None:
+        line = user_error_line(capsys, export_main, [str(step), "--out", str(out), "--tokenizer_path", ""])
+        assert "another tokenizer" in line, line
+    assert export_main([str(step), "--out", str(out), "--tokenizer_path", str(tokenizer)]) == 0
+    shipped = json.loads((out / "tokenizer.json").read_text())
+    assert "</s>" in shipped["model"]["vocab"] and len(shipped["model"]["vocab"]) < 1000
