@@ -27,6 +27,7 @@ from dlm_titan.ar_validation import NextTokenValidator
 from dlm_titan.autoregressive import next_token_micro_batch
 from dlm_titan.checkpoint import CheckpointManager
 from dlm_titan.checkpoint.write_errors import STORAGE_FULL_ERRNOS
+from dlm_titan.checkpoint_layout import checkpoint_folder_of, newest_complete
 from dlm_titan.config import JobConfig, load_config, to_toml
 from dlm_titan.data import build_train_loader, resolve_data_path, resolve_vocab_size, used_sources
 from dlm_titan.data.loader import micro_batches_per_step
@@ -67,6 +68,7 @@ class Trainer:
         training = cfg.training
         self.micro_batches = micro_batches_per_step(training.global_batch_size, training.local_batch_size, world_size)
         self.dump_folder = Path(cfg.job.dump_folder)
+        check_unresumed_checkpoints(cfg)  # before anything is written there (config.toml, tb, an export)
         self.log = print if self.rank == 0 else (lambda *a, **k: None)
         torch.manual_seed(training.seed)
         dist_utils.set_determinism(training.deterministic, cfg.model, self.device)  # before anything touches cuBLAS
@@ -270,6 +272,32 @@ def write_config(cfg: JobConfig) -> None:
     atomic_write_text(dump_folder / "config.toml", to_toml(cfg))
 
 
+def check_unresumed_checkpoints(cfg: JobConfig) -> None:
+    """Refuses a run that would start afresh beside complete checkpoints of its dump folder that it cannot resume.
+
+    With checkpoint.enable off, or a checkpoint.folder other than the one the dump folder's config.toml records, the
+    run trained from step 0 without a word: its TensorBoard events mixed into the earlier run's, its config.toml
+    replaced the earlier one (hiding where the checkpoints are) and its export replaced the earlier export.
+
+    Raises:
+        UserError: naming the checkpoints and the flag that resumes them.
+    """
+    dump = Path(cfg.job.dump_folder)
+    previous = checkpoint_folder_of(dump)
+    this = dump / cfg.checkpoint.folder if cfg.checkpoint.enable else None
+    if previous == this:
+        return
+    newest = newest_complete(previous, warn=False)
+    if newest is None:
+        return
+    if this is None:
+        raise UserError(f"{dump} holds checkpoints (newest {newest}) that this run, with checkpoint.enable off, would "
+                        "not resume: add --checkpoint.enable to resume them, or choose another --job.dump_folder")
+    folder = previous.relative_to(dump) if previous.is_relative_to(dump) else previous
+    raise UserError(f"{dump} holds checkpoints in {previous} (newest {newest.name}) but this run saves to {this}: "
+                    f"resume them with --checkpoint.folder {folder}, or choose another --job.dump_folder")
+
+
 def check_loss_impl(impl: str, device: torch.device) -> None:
     """Refuses diffusion.loss_impl = "fused" where its Triton kernel cannot run, at start rather than as the kernel's
     ValueError traceback in the first step."""
@@ -408,7 +436,7 @@ def check_config(cfg: JobConfig, world_size: int) -> int:
         for path in list_shards(data_path, prefix):
             check_leading_ids(read_header(path), cfg.model.vocab_size)
     with hold_dump_folder(cfg.job.dump_folder, rank=0):  # another trainer on this folder: refused now, not later
-        pass
+        check_unresumed_checkpoints(cfg)
     return 0
 
 

@@ -151,3 +151,41 @@ def test_fused_loss_on_cpu_is_one_line_at_start(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == ['error: diffusion.loss_impl = "fused" cannot run on cpu (it needs triton and a CUDA '
                                  'GPU); use --diffusion.loss_impl auto or torch'], err
+
+
+def fake_checkpoint(dump: Path, folder: str = "checkpoint", step: int = 2) -> Path:
+    """A step folder that reads as complete (its marker and DCP metadata exist), and the run's saved config."""
+    step_dir = dump / folder / f"step-{step}"
+    step_dir.mkdir(parents=True)
+    (step_dir / "complete.json").write_text("{}")
+    (step_dir / ".metadata").write_text("")
+    (dump / "config.toml").write_text(f'[checkpoint]\nenable = true\nfolder = "{folder}"\n')
+    return step_dir
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--checkpoint.no_enable"], "with checkpoint.enable off, would not resume: add --checkpoint.enable"),
+    (["--checkpoint.enable", "--checkpoint.folder", "other"], "resume them with --checkpoint.folder ckpt,"),
+])
+@pytest.mark.parametrize("check_only", [False, True])
+def test_a_run_that_would_not_resume_the_dump_folders_checkpoints_is_refused(flags, message, check_only, tmp_path,
+                                                                             capsys, monkeypatch):
+    """Without --checkpoint.enable (or with another checkpoint.folder) a rerun trained from step 0 beside the
+    checkpoints without a word, replacing the dump folder's config.toml, export and TensorBoard history."""
+    dump = tmp_path / "out"
+    fake_checkpoint(dump, "ckpt")
+    saved = (dump / "config.toml").read_text()
+    if check_only:  # run_train.sh's check before torchrun
+        monkeypatch.setenv("DLM_TITAN_CHECK_ONLY", "1")
+    code = train.main([*TINY_RUN, *flags, "--job.dump_folder", str(dump)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert (dump / "config.toml").read_text() == saved and not (dump / "other").exists()
+
+
+def test_a_dump_folder_without_complete_checkpoints_still_trains_without_them(tmp_path, capsys):
+    dump = tmp_path / "out"
+    step_dir = fake_checkpoint(dump)
+    (step_dir / "complete.json").unlink()  # an interrupted save: nothing to resume
+    assert train.main([*TINY_RUN, "--checkpoint.no_enable", "--job.dump_folder", str(dump)]) == 0
+    assert "step: 1" in capsys.readouterr().out
