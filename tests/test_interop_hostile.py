@@ -17,6 +17,9 @@ in one line ``error: ...`` and exit 2, never in other weights than the folder ho
 - The export of a checkpoint whose training shards record their tokenizer ships no other tokenizer: the run's
   config.toml naming none, the embedded default (same vocabulary size, other ids) was shipped without a word; it
   is now left out with a warning, and one passed with --tokenizer_path is refused in one line.
+- An export of the older kind (``"format": "dlm_titan"``) whose config.json is edited (fewer layers, another
+  vocabulary, a field removed) is one line: the export script dropped layers or wrote a folder of the wrong
+  shape without a word, and ``load_model`` raised a RuntimeError or KeyError traceback.
 """
 
 from __future__ import annotations
@@ -201,3 +204,24 @@ def test_checkpoint_export_ships_no_tokenizer_but_the_training_one(bpe_run, tmp_
     assert export_main([str(step), "--out", str(out), "--tokenizer_path", str(tokenizer)]) == 0
     shipped = json.loads((out / "tokenizer.json").read_text())
     assert "</s>" in shipped["model"]["vocab"] and len(shipped["model"]["vocab"]) < 1000
+
+
+@pytest.mark.parametrize("edit", [{"n_layers": 1}, {"vocab_size": VOCAB + 44}, {"dim": None}])
+def test_edited_config_of_an_older_export_is_one_line_exit_2(tmp_path, capsys, edit):
+    from dlm_titan.checkpoint.export import load_model, write_export
+    from dlm_titan.errors import UserError
+
+    model = build_transencoder(ModelArgs(2, 4, 64, 96, vocab_size=VOCAB), 64, "math", "cpu")
+    model.to_empty(device="cpu")
+    model.init_weights(0)
+    folder = tmp_path / "old"
+    write_export(model.state_dict(), model_config(model, "tiny"), folder, "float32", step=3)
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in edit.items():
+        config.pop(key) if value is None else config.update({key: value})
+    (folder / "config.json").write_text(json.dumps(config))
+    line = user_error_line(capsys, export_main, [str(folder), "--out", str(tmp_path / "out")])
+    assert "config" in line, line
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(UserError):
+        load_model(folder, attn_backend="math")

@@ -30,7 +30,7 @@ from dlm_titan.checkpoint_layout import (
 )
 from dlm_titan.errors import UserError
 from dlm_titan.fileio import atomic_write, atomic_write_text
-from dlm_titan.interop.formats import read_interop
+from dlm_titan.interop.formats import check_shapes, read_interop
 from dlm_titan.interop.hf_export import write_hf_folder
 from dlm_titan.models import TransEncoder, build_model_from_config, model_config
 from dlm_titan.models.attention import rope_cache
@@ -151,6 +151,13 @@ def _read_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         state = load_file(str(path / WEIGHTS_FILE))
     except (OSError, ValueError, SafetensorError) as e:  # JSONDecodeError is a ValueError
         raise UserError(f"cannot read the export in {path} ({e}); re-export it") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path / CONFIG_FILE} holds no JSON object; re-export the model")
+    try:  # its config.json is the model's whole description: a hand edit must not reshape the weights silently
+        check_shapes(cfg, state, path)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path / CONFIG_FILE} does not describe a model ({type(e).__name__}: {e}); restore the "
+                        "config.json the export wrote, or re-export the model") from None
     return cfg, state
 
 

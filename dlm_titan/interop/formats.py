@@ -117,7 +117,8 @@ def read_interop(path: str | Path, flavor: str | None = None) -> tuple[dict[str,
 
 
 def check_shapes(cfg: dict[str, Any], state: dict[str, torch.Tensor], where: Path) -> None:
-    """UserError naming the first parameter whose shape differs from a model of shape ``cfg``."""
+    """UserError naming the first parameter whose shape differs from a model of shape ``cfg``, or a tensor that
+    no parameter of that model reads."""
     from dlm_titan.models import build_model_from_config
 
     expected = build_model_from_config(cfg, "cpu", attn_backend="math").state_dict()
@@ -127,3 +128,8 @@ def check_shapes(cfg: dict[str, Any], state: dict[str, torch.Tensor], where: Pat
             have = "missing" if got is None else f"shape {tuple(got.shape)}"
             raise UserError(f"{where}: parameter {name} is {have}, expected {tuple(t.shape)} for the model its "
                             "config describes")
+    extra = sorted(set(state) - set(expected))
+    if extra:  # weights the model would drop (e.g. layers beyond a config edited to fewer)
+        raise UserError(f"{where}: the weights hold {extra[0]}" + (f" and {len(extra) - 1} more" if len(extra) > 1
+                        else "") + ", which the model its config describes has no parameter for; restore the "
+                        "config that came with these weights")
