@@ -48,6 +48,8 @@ from dlm_titan.run_lock import hold_dump_folder
 from dlm_titan.transfers import to_device
 from dlm_titan.validation import SequenceLossTap, build_validator
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command ended by Ctrl-C
+
 
 class Trainer:
     """Builds the model, optimizer, schedule, loader, metrics and checkpointing from a JobConfig, then trains."""
@@ -442,7 +444,8 @@ def check_config(cfg: JobConfig, world_size: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input (or a full disk) prints one line and returns 2; a run ended by non-finite steps
-    (training.on_nonfinite) prints one line and returns 1; bugs raise with their traceback."""
+    (training.on_nonfinite) prints one line and returns 1; Ctrl-C prints one line and returns 130; bugs raise with
+    their traceback."""
     try:
         cfg = load_config(argv)
         if os.environ.get("DLM_TITAN_CHECK_ONLY"):
@@ -453,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
             Trainer(cfg, host_group).train()
     except UserError as e:
         return report(e)
+    except KeyboardInterrupt:  # Ctrl-C: no save (SIGTERM and SIGUSR1 save first); one line instead of a traceback
+        print("error: interrupted; complete checkpoints already saved are intact (a save cut short is skipped on "
+              "resume): rerun the same command to resume; SIGTERM or SIGUSR1 instead saves before stopping",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     except NonFiniteStop as e:  # the run diverged: not bad input, but no traceback either; state as it says
         print(f"error: {e}", file=sys.stderr)
         return 1

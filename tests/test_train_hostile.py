@@ -189,3 +189,21 @@ def test_a_dump_folder_without_complete_checkpoints_still_trains_without_them(tm
     (step_dir / "complete.json").unlink()  # an interrupted save: nothing to resume
     assert train.main([*TINY_RUN, "--checkpoint.no_enable", "--job.dump_folder", str(dump)]) == 0
     assert "step: 1" in capsys.readouterr().out
+
+
+def test_ctrl_c_is_one_line_and_keeps_the_saved_checkpoints(tmp_path, capsys, monkeypatch):
+    """Ctrl-C printed a KeyboardInterrupt traceback (exit 1), under torchrun once per rank."""
+    step = train.Trainer.train_step
+
+    def interrupted_at_step_2(self, n):
+        if n == 2:
+            raise KeyboardInterrupt
+        return step(self, n)
+
+    monkeypatch.setattr(train.Trainer, "train_step", interrupted_at_step_2)
+    dump = tmp_path / "out"
+    code = train.main([*TINY_RUN, "--training.steps", "3", "--checkpoint.enable", "--checkpoint.interval", "1",
+                       "--job.dump_folder", str(dump)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and len(err) == 1 and err[0].startswith("error: interrupted; complete checkpoints"), err
+    assert (dump / "checkpoint" / "step-1" / "complete.json").is_file()
