@@ -195,7 +195,7 @@ class Checkpoint:
     folder: str = "checkpoint"
     """Checkpoint folder inside dump_folder; each save is step-N."""
     interval: int = 500
-    """Save every this many steps (and at the end)."""
+    """Save every this many steps (and at the end); 0 = only at the end."""
     keep_latest_k: int = 0
     """Keep only the newest k checkpoints; 0 keeps all."""
     async_mode: Literal["disabled", "async", "async_with_pinned_mem"] = "disabled"

@@ -59,6 +59,7 @@ _RANGES = (
      ">= 1 or -1 (all ranks the other degree leaves)"),
     ("parallelism.ddp_bucket_cap_mb", lambda v: v >= 1, ">= 1"),
     ("checkpoint.write_threads", lambda v: v >= 1, ">= 1"),
+    ("checkpoint.interval", lambda v: v >= 0, ">= 0 (0 saves only at the end)"),
     ("checkpoint.keep_latest_k", lambda v: v >= 0, ">= 0 (0 keeps all)"),
     ("checkpoint.load_step", lambda v: v >= -1, ">= 0, or -1 for the newest complete checkpoint"),
     ("metrics.log_freq", lambda v: v >= 1, ">= 1"),

@@ -207,3 +207,10 @@ def test_ctrl_c_is_one_line_and_keeps_the_saved_checkpoints(tmp_path, capsys, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 130 and len(err) == 1 and err[0].startswith("error: interrupted; complete checkpoints"), err
     assert (dump / "checkpoint" / "step-1" / "complete.json").is_file()
+
+
+def test_negative_checkpoint_interval_is_refused(tmp_path):
+    """A negative interval passed and saved only at the end, as 0 does, without a word."""
+    assert refused(["--checkpoint.interval", "-5", "--job.dump_folder", str(tmp_path)]) == \
+        "--checkpoint.interval must be >= 0 (0 saves only at the end), got -5"
+    assert load_config(["--checkpoint.interval", "0", "--job.dump_folder", str(tmp_path)]).checkpoint.interval == 0
