@@ -27,6 +27,7 @@ from pathlib import Path
 
 from dlm_titan.checkpoint.eval_tokenizer import load_checked_tokenizer, recorded_tokenizer_hashes
 from dlm_titan.checkpoint.export import DTYPES, read_model_weights
+from dlm_titan.checkpoint.write_errors import STORAGE_FULL_ERRNOS
 from dlm_titan.data.tokenizer import embedded_tokenizer_path
 from dlm_titan.errors import UserError, report
 from dlm_titan.interop.formats import interop_kind, read_interop
@@ -160,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg, out = export(args.source, args.out, args.dtype, args.flavor, args.tokenizer_path)
     except UserError as e:
         return report(e)
+    except OSError as e:  # a full, read-only or failing disk under the destination: its cause, not a traceback
+        if e.errno not in STORAGE_FULL_ERRNOS:
+            raise
+        return report(UserError(f"writing the export failed: {e.strerror} ({e.filename}); the source is intact and "
+                                "the destination holds no config.json, so it loads as no model: free space (or fix "
+                                "the filesystem) and rerun the same command"))
     print(f"exported step {cfg.get('step', 0)} of {args.source} ({cfg.get('flavor') or 'custom shape'}, "
           f"{args.dtype}) to {out}")
     return 0

@@ -20,6 +20,8 @@ in one line ``error: ...`` and exit 2, never in other weights than the folder ho
 - An export of the older kind (``"format": "dlm_titan"``) whose config.json is edited (fewer layers, another
   vocabulary, a field removed) is one line: the export script dropped layers or wrote a folder of the wrong
   shape without a word, and ``load_model`` raised a RuntimeError or KeyError traceback.
+- A full disk while the export writes its weights is one line naming the cause (safetensors reports it as a
+  SafetensorError, which no storage-error handler recognised: a traceback, for the trainer's final export too).
 """
 
 from __future__ import annotations
@@ -225,3 +227,24 @@ def test_edited_config_of_an_older_export_is_one_line_exit_2(tmp_path, capsys, e
     assert not (tmp_path / "out").exists()
     with pytest.raises(UserError):
         load_model(folder, attn_backend="math")
+
+
+def test_full_disk_during_the_export_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    source, out = tmp_path / "source", tmp_path / "out"
+    tiny_export(source)
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+
+    def full_disk(*args, **kwargs):  # what safetensors raised on a 300 kB tmpfs that filled up
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    capsys.readouterr()
+    assert export_main([str(source), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # the warning that the source has no tokenizer, the error
+    assert [line for line in err if not line.startswith("warning: ")] == err[-1:], err
+    assert err[-1].startswith("error: ") and "No space left on device" in err[-1] and "rerun" in err[-1], err
+    assert not (out / "config.json").exists() and not list(out.glob("*.tmp"))
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before

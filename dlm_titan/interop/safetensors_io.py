@@ -5,6 +5,8 @@ file and records the total size)."""
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -34,11 +36,26 @@ def plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[s
     return shards
 
 
+def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' ``save_file``, its failure to write (a full disk, a read-only folder) raised as the OSError it
+    is: safetensors reports it as a ``SafetensorError`` naming the errno in text, which no handler of storage
+    errors (the trainer's, the export script's) recognises, so a full disk ended in a traceback."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as e:
+        found = re.search(r"os error (\d+)", str(e))
+        if found is None:
+            raise
+        code = int(found[1])
+        raise OSError(code, os.strerror(code), str(path)) from e
+
+
 def write_weights(tensors: dict[str, torch.Tensor], out: Path, max_bytes: int = MAX_SHARD_BYTES) -> list[str]:
     """Writes the tensors (one file, or shards + index when they exceed ``max_bytes``); removes weight files of an
     earlier export in ``out`` that this one does not write. Returns the file names written."""
-    from safetensors.torch import save_file
-
     shards = plan_shards(tensors, max_bytes)
     names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                                                for i in range(len(shards))]
@@ -47,7 +64,7 @@ def write_weights(tensors: dict[str, torch.Tensor], out: Path, max_bytes: int = 
             stale.unlink()
     for file, keys in zip(names, shards, strict=True):
         part = {k: tensors[k].contiguous() for k in keys}
-        atomic_write(out / file, lambda p, part=part: save_file(part, str(p), metadata={"format": "pt"}))
+        atomic_write(out / file, lambda p, part=part: _save_file(part, p))
     if len(names) > 1:
         index = {"metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())},
                  "weight_map": {k: file for file, keys in zip(names, shards, strict=True) for k in keys}}
