@@ -22,6 +22,8 @@ in one line ``error: ...`` and exit 2, never in other weights than the folder ho
   shape without a word, and ``load_model`` raised a RuntimeError or KeyError traceback.
 - A full disk while the export writes its weights is one line naming the cause (safetensors reports it as a
   SafetensorError, which no storage-error handler recognised: a traceback, for the trainer's final export too).
+- A lit-gpt state dict holding tensors SMDM's models have none of (norm or attention biases of another lit-gpt
+  model of an SMDM flavor's width) is refused: they were dropped without a word.
 """
 
 from __future__ import annotations
@@ -248,3 +250,14 @@ def test_full_disk_during_the_export_is_one_line_exit_2(tmp_path, capsys, monkey
     assert err[-1].startswith("error: ") and "No space left on device" in err[-1] and "rerun" in err[-1], err
     assert not (out / "config.json").exists() and not list(out.glob("*.tmp"))
     assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+
+
+def test_litgpt_file_with_tensors_smdm_has_none_of_is_refused(tmp_path, capsys):
+    from tests.test_interop_smdm import litgpt_state
+
+    state = litgpt_state()
+    state["transformer.h.0.norm_1.bias"] = torch.zeros(state["transformer.h.0.norm_1.weight"].shape)
+    save_file(state, str(tmp_path / "layernorm.safetensors"))
+    line = user_error_line(capsys, export_main, [str(tmp_path / "layernorm.safetensors"), "--out", str(tmp_path / "o")])
+    assert "transformer.h.0.norm_1.bias" in line and "no SMDM checkpoint" in line, line
+    assert not (tmp_path / "o").exists()

@@ -138,4 +138,16 @@ def read_litgpt(path: Path, flavor: str | None = None, max_seq_len: int = 2048) 
             raise UserError(f"{path}: transformer.h.{i}.attn.attn.weight has shape {tuple(w.shape)}, expected "
                             f"{(3 * args.dim, args.dim)} for {name}")
         out[f"layers.{i}.attention.wqkv.weight"] = litgpt_qkv_to_ours(w, args.n_heads, args.n_heads)
+    _check_no_unexpected(state, args.n_layers, path)
     return cfg, out
+
+
+def _check_no_unexpected(state: dict[str, torch.Tensor], n_layers: int, path: Path) -> None:
+    """UserError naming a tensor that no dlm_titan parameter reads (biases, LayerNorm biases of another lit-gpt
+    model of the same width): dropping it would load another model than the file holds, without a word."""
+    used = {*_TOP, *(f"transformer.h.{i}.{key}" for i in range(n_layers) for key in (*_BLOCK, "attn.attn.weight"))}
+    extra = sorted(set(state) - used)
+    if extra:
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise UserError(f"{path} holds {extra[0]}{more}, which SMDM's models (RMSNorm, SwiGLU, no biases) have no "
+                        "parameter for: it is no SMDM checkpoint; dlm_titan reads SMDM's lit-gpt models only")
