@@ -128,13 +128,14 @@ def apply_float8(model: nn.Module, float8_cfg, device_type: str, min_dim: int = 
     """
     if not float8_cfg.enable:
         return 0
+    # The device first: on a CPU, installing torchao (the other message's fix) would only lead to this one.
+    if device_type != "cuda" or torch.cuda.get_device_capability() < (8, 9):
+        raise UserError("float8.enable needs a CUDA GPU with float8 matmuls (compute capability >= 8.9: H100, L40S, "
+                        "RTX 4090); disable it with --float8.no_enable")
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError:
         raise UserError('float8.enable needs torchao: pip install ".[float8]" (or torchao>=0.10)') from None
-    if device_type != "cuda" or torch.cuda.get_device_capability() < (8, 9):
-        raise UserError("float8.enable needs a CUDA GPU with float8 matmuls (compute capability >= 8.9: H100, L40S, "
-                        "RTX 4090); disable it with --float8.no_enable")
     config = Float8LinearConfig.from_recipe_name(float8_cfg.recipe)
     convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: _float8_worth_it(m, fqn, min_dim))
     return sum(type(m).__name__ == "Float8Linear" for m in model.modules())

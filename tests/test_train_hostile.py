@@ -6,6 +6,7 @@ import errno
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,10 @@ import torch
 from dlm_kernels import fused_supported
 
 from dlm_titan import run_lock, train
-from dlm_titan.config import load_config, to_toml
+from dlm_titan.config import Float8, load_config, to_toml
 from dlm_titan.errors import UserError
 from dlm_titan.models import get_model_args
+from dlm_titan.parallelize import apply_float8
 from dlm_titan.train import resolve_steps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,3 +216,12 @@ def test_negative_checkpoint_interval_is_refused(tmp_path):
     assert refused(["--checkpoint.interval", "-5", "--job.dump_folder", str(tmp_path)]) == \
         "--checkpoint.interval must be >= 0 (0 saves only at the end), got -5"
     assert load_config(["--checkpoint.interval", "0", "--job.dump_folder", str(tmp_path)]).checkpoint.interval == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's message")
+def test_float8_on_a_cpu_says_it_needs_a_gpu_not_torchao(monkeypatch):
+    """On a CPU without torchao the message said to install torchao, whose install only led to "needs a CUDA GPU"."""
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as if not installed, whatever this machine has
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(UserError, match=r"^float8.enable needs a CUDA GPU .*--float8.no_enable$"):
+        apply_float8(model, Float8(enable=True), "cpu")
