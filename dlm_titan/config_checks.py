@@ -136,6 +136,7 @@ def check_config(config: JobConfig) -> None:
                         "random lengths (each would record new graphs): add --compile.no_cudagraphs")
     _check_memory(t, config.model.vocab_size)
     _check_dump_folder(config.job.dump_folder)
+    _check_output_folders(config)
 
 
 # What a run allocates at start whatever its flavor, as lower bounds: per sequence position the RoPE table (cos and
@@ -201,3 +202,28 @@ def _check_dump_folder_path(folder: str) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"--job.dump_folder {folder} is not writable ({existing} is read-only for this user); "
                         "choose another --job.dump_folder")
+
+
+def _output_folders(config: JobConfig) -> list[tuple[str, str]]:
+    """(option, folder) of each folder inside the dump folder that this run writes into."""
+    wanted = [
+        ("checkpoint.folder", config.checkpoint.folder, config.checkpoint.enable),
+        ("metrics.save_tb_folder", config.metrics.save_tb_folder, config.metrics.enable_tensorboard),
+        ("profiling.save_traces_folder", config.profiling.save_traces_folder, config.profiling.enable_profiling),
+        ("profiling.save_memory_snapshot_folder", config.profiling.save_memory_snapshot_folder,
+         config.profiling.enable_memory_snapshot),
+    ]
+    return [(key, folder) for key, folder, used in wanted if used]
+
+
+def _check_output_folders(config: JobConfig) -> None:
+    """A file in the place of an output folder: refused at start, not a NotADirectoryError traceback when the
+    first trace is written (or TensorBoard silently off after a warning)."""
+    for key, folder in _output_folders(config):
+        path = Path(config.job.dump_folder) / folder
+        try:
+            is_file = path.exists() and not path.is_dir()
+        except OSError:  # reported by the folder's own writer, as before
+            continue
+        if is_file:
+            raise UserError(f"--{key}: {path} is a file, not a folder; move it away or choose another --{key}")

@@ -225,3 +225,18 @@ def test_float8_on_a_cpu_says_it_needs_a_gpu_not_torchao(monkeypatch):
     model = torch.nn.Linear(2, 2)
     with pytest.raises(UserError, match=r"^float8.enable needs a CUDA GPU .*--float8.no_enable$"):
         apply_float8(model, Float8(enable=True), "cpu")
+
+
+@pytest.mark.parametrize("key, feature", [("profiling.save_traces_folder", "profiling.enable_profiling"),
+                                          ("metrics.save_tb_folder", "metrics.enable_tensorboard"),
+                                          ("checkpoint.folder", "checkpoint.enable")])
+def test_a_file_in_the_place_of_an_output_folder_is_refused_at_start(key, feature, tmp_path):
+    """The profiler's trace folder as a file was a NotADirectoryError traceback at the first trace; TensorBoard's
+    turned TensorBoard off after a warning."""
+    (tmp_path / "taken").write_text("keep")
+    section, switch = feature.split(".")
+    message = refused([f"--{feature}", f"--{key}", "taken", "--job.dump_folder", str(tmp_path)])
+    assert message == f"--{key}: {tmp_path / 'taken'} is a file, not a folder; move it away or choose another --{key}"
+    assert (tmp_path / "taken").read_text() == "keep"
+    # the feature off: its folder is not checked
+    load_config([f"--{section}.no_{switch}", f"--{key}", "taken", "--job.dump_folder", str(tmp_path)])
