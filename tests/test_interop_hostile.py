@@ -24,6 +24,8 @@ in one line ``error: ...`` and exit 2, never in other weights than the folder ho
   SafetensorError, which no storage-error handler recognised: a traceback, for the trainer's final export too).
 - A lit-gpt state dict holding tensors SMDM's models have none of (norm or attention biases of another lit-gpt
   model of an SMDM flavor's width) is refused: they were dropped without a word.
+- A sharded folder whose shards disagree with its index (shards of two saves mixed) is refused: a tensor held by
+  two shards took the values of whichever was read last, without a word.
 """
 
 from __future__ import annotations
@@ -46,12 +48,13 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 256
 
 
-def tiny_export(out, layers: int = 2) -> None:
-    """A dlm_titan export folder of a tiny random model (no tokenizer)."""
+def tiny_export(out, layers: int = 2, **kw) -> None:
+    """A dlm_titan export folder of a tiny random model (no tokenizer); ``kw`` as :func:`write_hf_folder`'s."""
     model = build_transencoder(ModelArgs(layers, 4, 64, 96, vocab_size=VOCAB), 64, "math", "cpu")
     model.to_empty(device="cpu")
     model.init_weights(0)
-    write_hf_folder(model.state_dict(), model_config(model, "tiny"), out, "float32", {"step": 3}, tokenizer_path=None)
+    write_hf_folder(model.state_dict(), model_config(model, "tiny"), out, "float32", {"step": 3}, tokenizer_path=None,
+                    **kw)
 
 
 def save_llama(folder, **overrides) -> None:
@@ -261,3 +264,17 @@ def test_litgpt_file_with_tensors_smdm_has_none_of_is_refused(tmp_path, capsys):
     line = user_error_line(capsys, export_main, [str(tmp_path / "layernorm.safetensors"), "--out", str(tmp_path / "o")])
     assert "transformer.h.0.norm_1.bias" in line and "no SMDM checkpoint" in line, line
     assert not (tmp_path / "o").exists()
+
+
+def test_shards_of_two_saves_mixed_are_refused(tmp_path, capsys):
+    folder = tmp_path / "sharded"
+    tiny_export(folder, max_shard_bytes=60_000)
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    first, last = sorted(set(weight_map.values()))[0], sorted(set(weight_map.values()))[-1]
+    moved = next(name for name, file in weight_map.items() if file == first)
+    stale = load_file(str(folder / last))
+    stale[moved] = torch.zeros_like(load_file(str(folder / first))[moved])  # an older save's copy of the tensor
+    save_file(stale, str(folder / last), metadata={"format": "pt"})
+    line = user_error_line(capsys, export_main, [str(folder), "--out", str(tmp_path / "out")])
+    assert moved in line and last in line and "different saves" in line, line
+

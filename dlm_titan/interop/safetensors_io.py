@@ -76,9 +76,9 @@ def has_weights(folder: Path) -> bool:
     return (folder / SINGLE).is_file() or (folder / INDEX).is_file()
 
 
-def _shard_files(folder: Path) -> list[str]:
-    """The shard files the folder's index maps tensors to; UserError naming the index (and a missing shard) when
-    it is not the JSON object with a ``weight_map`` of file names that transformers writes."""
+def _weight_map(folder: Path) -> dict[str, str]:
+    """The folder's index: tensor name -> shard file; UserError naming the index (and a missing shard) when it is
+    not the JSON object with a ``weight_map`` of file names that transformers writes."""
     index = folder / INDEX
     fix = "re-export or re-download the model (or delete the index of a model saved in one model.safetensors)"
     try:
@@ -95,22 +95,41 @@ def _shard_files(folder: Path) -> list[str]:
         raise UserError(f"{index} names shard {missing[0]}, which is not in {folder}"
                         f"{f' ({len(missing)} shards missing)' if len(missing) > 1 else ''}; copy every shard the "
                         f"index names into the folder, or {fix}")
-    return files
+    return weight_map
+
+
+def _check_shard(folder: Path, file: str, names: set[str], weight_map: dict[str, str]) -> None:
+    """UserError where shard ``file`` (holding tensors ``names``) disagrees with the index: a tensor the index maps
+    elsewhere (or nowhere), or one it maps here that the shard lacks. Shards of two saves mixed in one folder (a
+    re-download that stopped half-way, files copied over another model's) would otherwise give the tensors of
+    whichever shard was read last, without a word."""
+    stray = sorted(n for n in names if weight_map.get(n) != file)
+    lacking = sorted(n for n, f in weight_map.items() if f == file and n not in names)
+    if stray or lacking:
+        what = (f"holds {stray[0]}, which the index maps to {weight_map.get(stray[0]) or 'no shard'}" if stray
+                else f"lacks {lacking[0]}, which the index maps to it")
+        raise UserError(f"shard {file} in {folder} {what}: the shards and {INDEX} come from different saves; "
+                        "re-export or re-download the whole model")
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a folder's ``model.safetensors`` or of the shards its index names (CPU)."""
+    """All tensors of a folder's ``model.safetensors`` or of the shards its index names (CPU), each shard checked
+    to hold exactly the tensors the index maps to it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not has_weights(folder):
         raise UserError(f"{folder} has no {SINGLE} (nor {INDEX}): only safetensors weights are read; save the model "
                         "with transformers' save_pretrained (safe_serialization, its default)")
-    files = _shard_files(folder) if (folder / INDEX).is_file() else [SINGLE]
+    weight_map = _weight_map(folder) if (folder / INDEX).is_file() else None
+    files = [SINGLE] if weight_map is None else sorted(set(weight_map.values()))
     state: dict[str, torch.Tensor] = {}
-    try:
-        for file in files:
-            state.update(load_file(str(folder / file)))
-    except (OSError, ValueError, SafetensorError) as e:
-        raise UserError(f"cannot read the weights in {folder} ({e}); re-export or re-download them") from None
+    for file in files:
+        try:
+            shard = load_file(str(folder / file))
+        except (OSError, ValueError, SafetensorError) as e:
+            raise UserError(f"cannot read the weights in {folder} ({e}); re-export or re-download them") from None
+        if weight_map is not None:
+            _check_shard(folder, file, set(shard), weight_map)
+        state.update(shard)
     return state
