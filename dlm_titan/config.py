@@ -330,7 +330,7 @@ def _read_toml(path: str) -> dict:
     if not file.is_file():
         raise UserError(f"config file not found: {path} (see train_configs/ for examples)")
     try:
-        text = file.read_bytes().decode("utf-8")
+        text = file.read_bytes().decode("utf-8-sig")  # -sig: a byte-order mark (Windows editors) is not TOML
         return tomllib.loads(text)
     except OSError as e:
         raise UserError(f"cannot read config file {path} ({e.strerror}); check its permissions") from None

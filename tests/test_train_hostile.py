@@ -240,3 +240,10 @@ def test_a_file_in_the_place_of_an_output_folder_is_refused_at_start(key, featur
     assert (tmp_path / "taken").read_text() == "keep"
     # the feature off: its folder is not checked
     load_config([f"--{section}.no_{switch}", f"--{key}", "taken", "--job.dump_folder", str(tmp_path)])
+
+
+def test_a_config_file_with_a_byte_order_mark_loads(tmp_path):
+    """A UTF-8 BOM (Windows editors write one) was "not valid TOML: Invalid statement (at line 1, column 1)"."""
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf[training]\nsteps = 7\n")
+    assert load_config(["--job.config_file", str(path), "--job.dump_folder", str(tmp_path / "out")]).training.steps == 7
