@@ -255,6 +255,28 @@ def test_full_disk_during_the_export_is_one_line_exit_2(tmp_path, capsys, monkey
     assert {p.name: p.read_bytes() for p in source.iterdir()} == before
 
 
+def test_full_disk_at_the_trainers_final_export_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from dlm_titan.train import main as train_main
+    from tests.harness import write_random_shards
+
+    (tmp_path / "data").mkdir()
+    data = write_random_shards(tmp_path / "data", VOCAB)
+
+    def full_disk(*args, **kwargs):  # DCP saves the checkpoint; only the export's safetensors write fails
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    args = tiny_run_args(data, tmp_path / "run", VOCAB, 1, 2, 2, 0, "--checkpoint.enable", "--checkpoint.interval", "1")
+    capsys.readouterr()
+    assert train_main(args) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("warning: ")]
+    assert len(err) == 1 and err[0].startswith("error: No space left on device"), err
+    assert (tmp_path / "run" / "checkpoint" / "step-1" / "complete.json").is_file()
+
+
 def test_litgpt_file_with_tensors_smdm_has_none_of_is_refused(tmp_path, capsys):
     from tests.test_interop_smdm import litgpt_state
 
