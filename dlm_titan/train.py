@@ -243,8 +243,10 @@ class Trainer:
         if stop or self.checkpointer.save_due(self.step, last):
             self.nonfinite.resolve_deferred()  # a deferred "raise" verdict first: no checkpoint holds a bad update
         if not self.nonfinite.diverged:  # a diverged run saves nothing: its newest checkpoint is its last good one
-            self.checkpointer.step_end(self.step, self.tokens_seen, last=last, stop=stop,
-                                       last_loss=self.metrics.last_loss)
+            # An early stop saves only with checkpointing on: without it (a non-finite step under on_nonfinite =
+            # "stop") step_end wrote a step-N the run had not asked for, while the error line said nothing was saved.
+            self.checkpointer.step_end(self.step, self.tokens_seen, last=last,
+                                       stop=stop and self.cfg.checkpoint.enable, last_loss=self.metrics.last_loss)
         if signalled:
             self.log(f"checkpoint: stopping at step {self.step} on signal {signal.Signals(signalled).name}; rerun the "
                      "same command to resume", flush=True)

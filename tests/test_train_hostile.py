@@ -247,3 +247,16 @@ def test_a_config_file_with_a_byte_order_mark_loads(tmp_path):
     path = tmp_path / "bom.toml"
     path.write_bytes(b"\xef\xbb\xbf[training]\nsteps = 7\n")
     assert load_config(["--job.config_file", str(path), "--job.dump_folder", str(tmp_path / "out")]).training.steps == 7
+
+
+def test_a_nonfinite_stop_without_checkpointing_saves_nothing(tmp_path, capsys):
+    """on_nonfinite = "stop" with checkpoint.enable off wrote checkpoint/step-N anyway, and the error line said
+    "nothing saved"; the stray checkpoint then made a rerun without checkpoints refuse the folder."""
+    dump = tmp_path / "out"
+    diverging = ["--optimizer.lr", "1e30", "--lr_scheduler.warmup_steps", "0", "--lr_scheduler.min_lr", "0",
+                 "--training.max_norm", "0", "--training.on_nonfinite", "stop"]
+    code = train.main([*TINY_RUN, *diverging, "--training.steps", "4", "--checkpoint.no_enable",
+                       "--job.dump_folder", str(dump)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("error: stopped at step") and "nothing saved" in err[-1], err
+    assert not (dump / "checkpoint").exists()
