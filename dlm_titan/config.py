@@ -375,9 +375,11 @@ def _check_cli_keys(argv: list[str]) -> None:
             raise UserError(f"unknown option {flag}{hint}")
         # "--compile.enable false" would meet tyro's boxed "Unrecognized options: false": name the two switches.
         value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
-        if flag in switches and value is not None and ("=" in arg or value.lower() in _BOOL_WORDS):
-            section, key = flag.split(".", 1)
-            raise UserError(f"{flag} takes no value: write {flag} to turn it on, {section}.no_{key} to turn it off")
+        switch = flag.replace(".no_", ".", 1)  # the on-form of --section.no_key
+        if switch in switches and value is not None and ("=" in arg or value.lower() in _BOOL_WORDS):
+            section, key = switch.split(".", 1)
+            raise UserError(f"{flag} takes no value: write {switch} to turn it on, {section}.no_{key} to turn it "
+                            "off")
 
 
 def _merge_toml(config: JobConfig, toml: dict) -> JobConfig:
