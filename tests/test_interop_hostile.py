@@ -26,6 +26,9 @@ in one line ``error: ...`` and exit 2, never in other weights than the folder ho
   model of an SMDM flavor's width) is refused: they were dropped without a word.
 - A sharded folder whose shards disagree with its index (shards of two saves mixed) is refused: a tensor held by
   two shards took the values of whichever was read last, without a word.
+- A checkpoint whose marker's model config is edited (fewer layers, a field removed or no number) is refused
+  where its weights are read alone (export script, ``load_model``): DCP loads only the tensors asked for, so the
+  export had fewer layers without a word; the others were KeyError/ValueError tracebacks.
 """
 
 from __future__ import annotations
@@ -300,3 +303,26 @@ def test_shards_of_two_saves_mixed_are_refused(tmp_path, capsys):
     line = user_error_line(capsys, export_main, [str(folder), "--out", str(tmp_path / "out")])
     assert moved in line and last in line and "different saves" in line, line
 
+
+
+@pytest.mark.parametrize("edit", ["fewer layers", "no model", "no number"])
+def test_edited_checkpoint_marker_is_one_line_exit_2(tmp_path, capsys, edit):
+    from dlm_titan.checkpoint_layout import MARKER
+    from tests.harness import write_random_shards
+
+    (tmp_path / "data").mkdir()
+    data = write_random_shards(tmp_path / "data", VOCAB)
+    run_trainer(tiny_run_args(data, tmp_path / "run", VOCAB, 1, 2, 2, 0, "--checkpoint.enable",
+                              "--checkpoint.interval", "1"))
+    step = tmp_path / "run" / "checkpoint" / "step-1"
+    marker = json.loads((step / MARKER).read_text())
+    if edit == "fewer layers":
+        marker["model"]["n_layers"] -= 1
+    elif edit == "no model":
+        del marker["model"]
+    else:
+        marker["model"]["dim"] = "wide"
+    (step / MARKER).write_text(json.dumps(marker))
+    line = user_error_line(capsys, export_main, [str(step), "--out", str(tmp_path / "out")])
+    assert "is damaged" in line and MARKER in line, line
+    assert not (tmp_path / "out").exists()

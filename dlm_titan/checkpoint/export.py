@@ -20,6 +20,7 @@ from torch import nn
 
 from dlm_titan.checkpoint.state import TRAIN_STATE, first_nonfinite, from_json_tensor
 from dlm_titan.checkpoint_layout import (
+    MARKER,
     damaged,
     find_checkpoint,
     is_dcp_folder,
@@ -169,10 +170,15 @@ def _read_dcp_model(step_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Ten
     marker = read_marker(step_dir)  # raises UserError for an incomplete or damaged checkpoint
     verify_checksums(step_dir, marker)
     metadata = read_dcp_metadata(step_dir)
-    cfg = marker["model"]
-    model = build_model_from_config(cfg, "cpu", attn_backend="math")
+    cfg = marker.get("model")
+    try:
+        model = build_model_from_config(cfg, "cpu", attn_backend="math")
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(damaged(step_dir, f"its {MARKER} records no model config a model can be built from "
+                                          f"({type(e).__name__}: {e})")) from None
     model.to_empty(device="cpu")
     state = {k: v for k, v in model.state_dict().items()}
+    _check_saved_shapes(step_dir, state, metadata)
     size = getattr(metadata.state_dict_metadata.get(TRAIN_STATE), "size", None)  # None: no training state saved
     blobs = {} if size is None else {TRAIN_STATE: torch.empty(size, dtype=torch.uint8)}
     with single_process_dcp():
@@ -183,6 +189,21 @@ def _read_dcp_model(step_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Ten
     tokens = from_json_tensor(blobs[TRAIN_STATE]).get("tokens_seen") if blobs else None
     return {**cfg, "dtype": "float32", "step": int(marker["step"]),
             **({} if tokens is None else {"tokens_seen": int(tokens)})}, state
+
+
+def _check_saved_shapes(step_dir: Path, state: dict[str, torch.Tensor], metadata: Any) -> None:
+    """UserError where the model the marker describes is not the one the checkpoint holds (a hand-edited marker):
+    DCP loads only the tensors asked for, so a marker edited to fewer layers gave a smaller model without a word,
+    and other shapes a DCP traceback."""
+    saved = {k.removeprefix("model."): tuple(v.size) for k, v in metadata.state_dict_metadata.items()
+             if k.startswith("model.") and hasattr(v, "size")}
+    ours = {k: tuple(v.shape) for k, v in state.items()}
+    differ = sorted(k for k in saved.keys() | ours.keys() if saved.get(k) != ours.get(k))
+    if differ:
+        k = differ[0]
+        raise UserError(damaged(step_dir, f"its {MARKER} describes a model whose {k} is "
+                                          f"{ours.get(k) or 'absent'}, but the checkpoint holds "
+                                          f"{saved.get(k) or 'no such tensor'}"))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
