@@ -524,14 +524,19 @@ def test_nonfinite_verdict_precedes_the_save(tmp_path, deferred):
 
 
 @pytest.mark.slow
-def test_initial_load_path_loads_weights_only(resumed, tmp_path):
-    trainer = Trainer(config(tmp_path / "out", "--checkpoint.enable", "--checkpoint.initial_load_path",
-                             str(resumed["dump"] / "checkpoint" / "step-6")))
+def test_initial_load_path_loads_weights_only(resumed, tmp_path, capsys):
+    initial = str(resumed["dump"] / "checkpoint" / "step-6")
+    trainer = Trainer(config(tmp_path / "out", "--checkpoint.enable", "--checkpoint.initial_load_path", initial))
     assert trainer.step == 0 and trainer.tokens_seen == 0 and not trainer.optimizer.state
     assert trainer.lr_scheduler.last_epoch == 0
-    reference = load_model(resumed["dump"] / "checkpoint" / "step-6")
+    reference = load_model(initial)
     for (name, p), q in zip(trainer.model.named_parameters(), reference.parameters()):
         assert torch.equal(p.detach().cpu(), q), name
+    assert "initial_load_path" not in capsys.readouterr().out
+    # A folder with checkpoints resumes from its newest one and says that initial_load_path is not used.
+    resuming = Trainer(config(resumed["dump"], "--checkpoint.enable", "--checkpoint.initial_load_path", initial))
+    assert resuming.step == STEPS
+    assert f"checkpoint.initial_load_path ({initial}) applies only to a run without checkpoints" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])

@@ -148,6 +148,9 @@ class CheckpointManager:
         if self.cfg.enable:
             step_dir = resume_folder(self.folder, self.cfg.load_step, warn=self.rank == 0)
             if step_dir is not None:
+                if self.cfg.initial_load_path:  # it seeds fresh runs only; say so rather than drop it silently
+                    self._log(f"resuming from {step_dir}: checkpoint.initial_load_path ({self.cfg.initial_load_path}) "
+                              "applies only to a run without checkpoints and is not loaded")
                 step, tokens, self.last_loss = loader.load_full(step_dir)
                 self._last_saved = step
                 self.tokens_seen = tokens  # what a rerun that trains no step exports
