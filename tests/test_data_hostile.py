@@ -248,3 +248,19 @@ def test_ctrl_c_during_prepare_is_one_line_and_the_rerun_finishes(tmp_path, monk
     train_loader(out)  # what is there is recorded
     assert prepare_corpus.main(argv) == 0
     assert {p.name.split("_")[2] for p in out.glob("*.bin")} == {"000000", "000001", "000002"}
+
+
+@pytest.mark.parametrize("val_prefix, shared", [("validation", 0), ("train_slim", 2)])
+def test_validation_on_training_shards_is_warned_about(tmp_path, capsys, val_prefix, shared):
+    rng = np.random.default_rng(0)
+    for name in ("train_slim_0000000000.bin", "train_slim_0000000001.bin", "validation_0000000000.bin"):
+        write_shard(tmp_path / name, rng.integers(0, 1000, 64, dtype=np.uint16))
+    build_val_loader(data_cfg(val_prefix=val_prefix), data_path=str(tmp_path), seq_len=SEQ_LEN, local_batch_size=1,
+                     dp_rank=0, dp_world_size=1)
+    err = capsys.readouterr().err
+    if shared:
+        assert f"warning: {shared} of the {shared} validation shards (data.val_prefix 'train_slim') are also " \
+               f"training shards, e.g. {tmp_path / 'train_slim_0000000000.bin'}: the validation loss measures " \
+               "training data; prepare a separate validation split" in err
+    else:
+        assert "warning" not in err

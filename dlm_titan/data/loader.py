@@ -18,6 +18,7 @@ repositioning that state starts no worker process: the workers start at the firs
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 import zlib
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from dlm_titan.errors import UserError
 from .identity import check_preparation_complete
 from .mixture import SourceMixture
 from .permutation import IndexPermutation, hash_key
+from .shards import list_shards
 from .tokenizer import check_shard_manifests, check_tokenizer_fits
 from .windows import WindowSet
 
@@ -399,6 +401,23 @@ def build_train_loader(data_cfg: Any, *, data_path: str, seq_len: int, local_bat
     return TrainLoader(dataset, int(data_cfg.num_workers), layout)
 
 
+def _warn_if_trained_on(source: WindowSet, data_cfg: Any, data_path: str) -> None:
+    """A warning when validation shards are also training shards (``val_prefix = "train_slim"``, or an empty
+    training prefix, which selects every shard): the validation loss then measures text the model trains on. Not
+    an error: a smoke test may validate on its training data on purpose."""
+    trained = set()
+    for prefix, _ in used_sources(data_cfg):
+        try:
+            trained.update(str(p) for p in list_shards(data_path, prefix))
+        except UserError:  # no training shards here (a validation-only folder): nothing shared
+            continue
+    shared = sorted(str(info.path) for info in source.infos if str(info.path) in trained)
+    if shared:
+        print(f"warning: {len(shared)} of the {len(source.infos)} validation shards (data.val_prefix "
+              f"{data_cfg.val_prefix!r}) are also training shards, e.g. {shared[0]}: the validation loss measures "
+              "training data; prepare a separate validation split", file=sys.stderr, flush=True)
+
+
 def build_val_loader(data_cfg: Any, *, data_path: str, seq_len: int, local_batch_size: int, dp_rank: int,
                      dp_world_size: int, vocab_size: int | None = None) -> PackedLoader:
     """One finite pass over the validation windows (``data.val_prefix``), in file order, split across ranks.
@@ -415,6 +434,7 @@ def build_val_loader(data_cfg: Any, *, data_path: str, seq_len: int, local_batch
     source = WindowSet(data_path, data_cfg.val_prefix, seq_len + 1, vocab_size)
     if dp_rank == 0:  # one rank reads the set (a bad id stops it; torchrun then ends the others)
         source.check_all_ids()
+        _warn_if_trained_on(source, data_cfg, data_path)
     dataset = ValBatches(source, local_batch_size, dp_rank, dp_world_size)
     if len(dataset) == 0:
         raise UserError(f"validation set {data_cfg.val_prefix}*.bin in {data_path} has {source.num_windows} "
