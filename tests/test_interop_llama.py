@@ -63,8 +63,11 @@ def test_parameters_equal_under_the_mapping(tmp_path):
             assert torch.equal(state[f"layers.{i}.{ours}.weight"], src[p + theirs + ".weight"])
 
 
-def test_one_layer_last_position_logits_equal_transformers(tmp_path):
+@pytest.mark.parametrize("hidden_act", ["silu", "swish"])  # transformers' two names of the same function
+def test_one_layer_last_position_logits_equal_transformers(tmp_path, hidden_act):
     hf = save_llama(tmp_path, layers=1)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_act": hidden_act}))
     model = load_model(tmp_path, attn_backend="math")
     assert not model.causal and model.args.kv_heads == KV_HEADS
     tokens = torch.randint(0, VOCAB, (3, 13))

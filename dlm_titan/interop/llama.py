@@ -52,7 +52,7 @@ def llama_shape(config: dict[str, Any], where: Path, max_seq_len: int | None = N
     for key in ("attention_bias", "mlp_bias"):
         if config.get(key):
             raise UserError(f"{where}: {key} = true is not supported (dlm_titan's layers have no biases)")
-    if config.get("hidden_act", "silu") != "silu":
+    if config.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers' two names of x * sigmoid(x)
         raise UserError(f"{where}: hidden_act {config['hidden_act']!r} is not supported (SwiGLU uses silu)")
     try:
         dim, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
