@@ -30,8 +30,12 @@ def steps_from_budget(flops: float, non_embedding_params: int, global_batch_size
     below 2^53 and float ``//`` floors the true quotient, so whole-token lengths give the integer result: e.g. 170M
     at 1e19 with 256 x 2048 gives exactly 18,710.
     """
-    tokens_per_step = global_batch_size * mean_seq_len(seq_len, ssl_ratio)
-    return int(flops // (6 * non_embedding_params * tokens_per_step))
+    return int(flops // step_flops(non_embedding_params, global_batch_size, seq_len, ssl_ratio))
+
+
+def step_flops(non_embedding_params: int, global_batch_size: int, seq_len: int, ssl_ratio: float = 0.0) -> float:
+    """SMDM's compute of one step, 6 N B L (L the mean sequence length): the least budget that trains a step."""
+    return 6 * non_embedding_params * global_batch_size * mean_seq_len(seq_len, ssl_ratio)
 
 
 def smdm_warmup_steps(steps: int) -> int:

@@ -35,7 +35,7 @@ from dlm_titan.data.shards import check_leading_ids, list_shards, read_header
 from dlm_titan.diffusion import MaskedBatch, forward_process, sample_noise, ssl_length
 from dlm_titan.errors import UserError, report
 from dlm_titan.fileio import atomic_write_text
-from dlm_titan.flops import mean_seq_len, steps_from_budget
+from dlm_titan.flops import step_flops, steps_from_budget
 from dlm_titan.interop.init_shape import InitialShape, build_training_model, run_flavor
 from dlm_titan.metrics import TrainMetrics
 from dlm_titan.models import get_model_args, model_config
@@ -359,9 +359,9 @@ def resolve_steps(cfg: JobConfig, model_args) -> int:
         return training.steps
     steps = steps_from_budget(training.flops_budget, model_args.non_embedding_params(), training.global_batch_size,
                               training.seq_len, cfg.diffusion.ssl_ratio)
-    if steps < 1:  # name the least budget that trains, SMDM's 6 N B L of one step
-        one_step = (6 * model_args.non_embedding_params() * training.global_batch_size
-                    * mean_seq_len(training.seq_len, cfg.diffusion.ssl_ratio))
+    if steps < 1:  # name the least budget that trains
+        one_step = step_flops(model_args.non_embedding_params(), training.global_batch_size, training.seq_len,
+                              cfg.diffusion.ssl_ratio)
         raise UserError(f"training.flops_budget = {training.flops_budget:.3g} is less than one step of this model and "
                         f"batch ({math.ceil(one_step)} FLOPs); raise --training.flops_budget to at least that, or "
                         "set it to 0 and use --training.steps")

@@ -36,7 +36,7 @@ def dataset_identity(data_path: str | os.PathLike, prefixes: list[str]) -> dict[
 def _manifests(folder: Path, prefixes: list[str]) -> dict[str, Any]:
     """Tokenizer hash and totals of each readable manifest ``{split}_{corpus}_manifest.json`` of these shards."""
     found = {}
-    for path, manifest in _selected_manifests(folder, prefixes):
+    for path, manifest in selected_manifests(folder, prefixes):
         tokenizer = manifest.get("tokenizer") or {}
         if isinstance(tokenizer, dict):
             found[path.name] = {"tokenizer_sha256": tokenizer.get("sha256"), "totals": manifest.get("totals")}
@@ -49,7 +49,7 @@ def check_preparation_complete(data_path: str | os.PathLike, prefixes: list[str]
     (killed, so it could not clean up) or is still running, and its stream may be cut short."""
     folder = Path(data_path)
     names = {Path(p).name for prefix in prefixes for p in list_shards(folder, prefix)}
-    for path, manifest in _selected_manifests(folder, prefixes):
+    for path, manifest in selected_manifests(folder, prefixes):
         inputs = manifest.get("inputs")
         if not isinstance(inputs, dict):
             continue
@@ -62,10 +62,10 @@ def check_preparation_complete(data_path: str | os.PathLike, prefixes: list[str]
                             "again (it redoes only the unfinished inputs), or delete those shards")
 
 
-def _selected_manifests(folder: Path, prefixes: list[str]) -> list[tuple[Path, dict[str, Any]]]:
+def selected_manifests(folder: str | os.PathLike, prefixes: list[str]) -> list[tuple[Path, dict[str, Any]]]:
     """(path, content) of each readable manifest ``{stem}_manifest.json`` of the shards that ``prefixes`` select."""
     found = []
-    for path in sorted(folder.glob("*_manifest.json")):
+    for path in sorted(Path(folder).glob("*_manifest.json")):
         stem = path.name[: -len("_manifest.json")]
         if not any(stem.startswith(p) or p.startswith(stem + "_") for p in prefixes):
             continue

@@ -32,6 +32,8 @@ import sentencepiece as spm
 
 from dlm_titan.errors import UserError
 
+from .identity import selected_manifests
+
 SPECIAL_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 CONVENTIONAL = {
     "eos_token": ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>"),
@@ -240,21 +242,11 @@ def check_tokenizer_fits(data_cfg: Any, vocab_size: int) -> None:
         load_tokenizer(data_cfg.tokenizer_path, max_vocab_size=vocab_size)
 
 
-def _selected_manifests(data_path: str, prefixes: list[str]) -> list[tuple[Path, dict]]:
-    """(path, recorded tokenizer) of each readable manifest in ``data_path`` (``{prefix}_manifest.json``, beside
-    its shards ``{prefix}_*.bin``) whose shards ``prefixes`` select; unreadable ones are only bookkeeping."""
-    found = []
-    for path in sorted(Path(data_path).glob("*_manifest.json")):
-        stem = path.name[: -len("_manifest.json")]
-        if not any(stem.startswith(p) or p.startswith(stem + "_") for p in prefixes):
-            continue  # another preparation sharing the folder: not read by this run
-        try:
-            recorded = json.loads(path.read_text()).get("tokenizer")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(recorded, dict):
-            found.append((path, recorded))
-    return found
+def _recorded_tokenizers(data_path: str, prefixes: list[str]) -> list[tuple[Path, dict]]:
+    """(path, recorded tokenizer) of each readable manifest whose shards ``prefixes`` select (see
+    :func:`dlm_titan.data.identity.selected_manifests`) and that records one."""
+    return [(path, manifest["tokenizer"]) for path, manifest in selected_manifests(data_path, prefixes)
+            if isinstance(manifest.get("tokenizer"), dict)]
 
 
 def check_shard_manifests(data_cfg: Any, data_path: str, vocab_size: int, prefixes: list[str]) -> None:
@@ -266,7 +258,7 @@ def check_shard_manifests(data_cfg: Any, data_path: str, vocab_size: int, prefix
     configured = data_cfg.tokenizer_path
     sha = file_sha256(resolve_tokenizer_path(configured)) if configured else None
     first: tuple[Path, dict] | None = None  # the first manifest that records a tokenizer hash
-    for path, recorded in _selected_manifests(data_path, prefixes):
+    for path, recorded in _recorded_tokenizers(data_path, prefixes):
         made = f"the shards of {path.name} in {data_path} were made with tokenizer {recorded.get('file')}"
         if recorded.get("sha256") is not None:
             if first is not None and recorded["sha256"] != first[1]["sha256"]:
@@ -298,7 +290,7 @@ def resolve_vocab_size(configured: int, data_cfg: Any, data_path: str = "") -> i
         return configured
     if data_cfg.tokenizer_path or _uses_embedded_tokenizer(data_cfg):
         return load_tokenizer(data_cfg.tokenizer_path).vocab_size
-    recorded = [r.get("vocab_size") for _, r in _selected_manifests(data_path or data_cfg.path,
+    recorded = [r.get("vocab_size") for _, r in _recorded_tokenizers(data_path or data_cfg.path,
                                                                      list(data_cfg.train_prefixes))]
     return max((v for v in recorded if isinstance(v, int)), default=DEFAULT_VOCAB_SIZE)
 
