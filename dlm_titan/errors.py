@@ -20,3 +20,13 @@ def report(error: UserError) -> int:
     """Prints ``error: <message>`` on stderr (the entry points' one line) and returns the exit code, 2."""
     print(f"error: {error}", file=sys.stderr)
     return EXIT_USER_ERROR
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command ended by Ctrl-C
+
+
+def report_interrupted(state: str) -> int:
+    """Ctrl-C's one line, ``error: interrupted; <state>`` (what is kept and how to go on) instead of a
+    KeyboardInterrupt traceback; returns the exit code, 130."""
+    print(f"error: interrupted; {state}", file=sys.stderr)
+    return EXIT_INTERRUPTED

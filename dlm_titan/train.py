@@ -33,7 +33,7 @@ from dlm_titan.data import build_train_loader, resolve_data_path, resolve_vocab_
 from dlm_titan.data.loader import micro_batches_per_step
 from dlm_titan.data.shards import check_leading_ids, list_shards, read_header
 from dlm_titan.diffusion import MaskedBatch, forward_process, sample_noise, ssl_length
-from dlm_titan.errors import UserError, report
+from dlm_titan.errors import UserError, report, report_interrupted
 from dlm_titan.fileio import atomic_write_text
 from dlm_titan.flops import step_flops, steps_from_budget
 from dlm_titan.interop.init_shape import InitialShape, build_training_model, run_flavor
@@ -47,8 +47,6 @@ from dlm_titan.profiling import Profiler
 from dlm_titan.run_lock import hold_dump_folder
 from dlm_titan.transfers import to_device
 from dlm_titan.validation import SequenceLossTap, build_validator
-
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command ended by Ctrl-C
 
 
 class Trainer:
@@ -459,10 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         return report(e)
     except KeyboardInterrupt:  # Ctrl-C: no save (SIGTERM and SIGUSR1 save first); one line instead of a traceback
-        print("error: interrupted; complete checkpoints already saved are intact (a save cut short is skipped on "
-              "resume): rerun the same command to resume; SIGTERM or SIGUSR1 instead saves before stopping",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return report_interrupted("complete checkpoints already saved are intact (a save cut short is skipped on "
+                                  "resume): rerun the same command to resume; SIGTERM or SIGUSR1 instead saves "
+                                  "before stopping")
     except NonFiniteStop as e:  # the run diverged: not bad input, but no traceback either; state as it says
         print(f"error: {e}", file=sys.stderr)
         return 1

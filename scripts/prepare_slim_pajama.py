@@ -18,9 +18,7 @@ import argparse
 import os
 import sys
 
-from dlm_titan.errors import UserError, report
-
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command ended by Ctrl-C
+from dlm_titan.errors import UserError, report, report_interrupted
 
 
 def add_common_args(parser: argparse.ArgumentParser, default_split: str,
@@ -50,10 +48,9 @@ def run(args: argparse.Namespace, corpus, skip_github: bool = False, prefix: str
     except UserError as e:
         return report(e)
     except KeyboardInterrupt:  # Ctrl-C: the engine has recorded the finished inputs and removed the unfinished ones
-        print(f"error: interrupted; the inputs finished so far are recorded in {args.destination_path} and the "
-              "unfinished ones removed: run the same command again to finish (it skips the finished inputs)",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return report_interrupted(f"the inputs finished so far are recorded in {args.destination_path} and the "
+                                  "unfinished ones removed: run the same command again to finish (it skips the "
+                                  "finished inputs)")
     t = manifest["totals"]
     # Name the output by what its files start with: prepare_corpus's --prefix (e.g. "validation"), not the --split
     # it left at its default "train".
