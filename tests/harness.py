@@ -122,3 +122,16 @@ def torchrun_failure(output: str, log_dir: Path) -> str:
     for err in sorted(log_dir.glob("*/attempt_*/*/stderr.log")):
         parts.append(f"--- {err.relative_to(log_dir)} ---\n{err.read_text(errors='replace')[-1500:]}")
     return "\n".join(parts)
+
+
+def train_tiny_sentencepiece(folder: Path) -> str:
+    """A 300-piece SentencePiece BPE model trained on random words (with BOS/EOS, as lit-gpt's Llama one), not
+    the embedded tokenizer: the same kind of file with other ids. Returns its path."""
+    import sentencepiece as spm
+
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 9))) for _ in range(400)]
+    lines = [" ".join(rng.choice(words, size=12)) for _ in range(800)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(folder / "tiny"),
+                                   vocab_size=300, model_type="bpe", minloglevel=2)
+    return str(folder / "tiny.model")

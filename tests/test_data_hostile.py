@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import sentencepiece as spm
+from harness import train_tiny_sentencepiece
 
 from dlm_titan.data import build_train_loader, build_val_loader, prepare_split
 from dlm_titan.data import prepare as prepare_mod
@@ -135,14 +135,8 @@ def test_a_failed_first_run_does_not_lock_its_settings(tmp_path):
 
 @pytest.fixture(scope="module")
 def other_tokenizer(tmp_path_factory) -> str:
-    """A 300-piece SentencePiece model, not the embedded one (same kind of file, other ids)."""
-    folder = tmp_path_factory.mktemp("tok")
-    rng = np.random.default_rng(0)
-    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 9))) for _ in range(300)]
-    lines = [" ".join(rng.choice(words, size=12)) for _ in range(600)]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(folder / "tiny"), vocab_size=300,
-                                   model_type="bpe", minloglevel=2)
-    return str(folder / "tiny.model")
+    """Not the embedded tokenizer: the same kind of file, other ids."""
+    return train_tiny_sentencepiece(tmp_path_factory.mktemp("tok"))
 
 
 def test_sources_prepared_with_different_tokenizers_are_refused(tmp_path, other_tokenizer):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import zstandard
+from harness import train_tiny_sentencepiece
 
 from dlm_titan.data import (
     STARCODER,
@@ -36,14 +37,7 @@ CHUNK = 100
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory) -> str:
-    """A 300-piece SentencePiece model trained on random words (with BOS/EOS, as lit-gpt's Llama one)."""
-    folder = tmp_path_factory.mktemp("tok")
-    rng = np.random.default_rng(0)
-    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 9))) for _ in range(400)]
-    lines = [" ".join(rng.choice(words, size=12)) for _ in range(800)]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(folder / "tiny"),
-                                   vocab_size=300, model_type="bpe", minloglevel=2)
-    return str(folder / "tiny.model")
+    return train_tiny_sentencepiece(tmp_path_factory.mktemp("tok"))
 
 
 def random_docs(seed: int, n: int) -> list[str]:
