@@ -182,8 +182,9 @@ def gen_options(tokenizer, context: str, kwargs: dict, max_length: int) -> tuple
     """(prompt ids, stop strings, options) of a generate_until request: ``max_gen_toks`` (default 256; or lm-eval's
     aliases ``max_new_tokens``, ``max_tokens``, ``max_completion_tokens``) new tokens
     within ``max_length``, the prompt cut on the left to fit; the task's ``temperature`` (0 = greedy) unless
-    ``do_sample`` is false, and 1 when ``do_sample`` is true without one (Hugging Face's and vLLM's default), else
-    greedy; ``top_k`` (0 = all; used by AR sampling). An empty prompt becomes EOS."""
+    ``do_sample`` is false, so a temperature without ``do_sample`` samples as lm-eval's Hugging Face model does
+    (lm-eval >= 0.4.10), and 1 when ``do_sample`` is true without one (Hugging Face's default), else greedy;
+    ``top_k`` (0 = all; used by AR sampling). An empty prompt becomes EOS."""
     until = kwargs.get("until") or []
     until = [until] if isinstance(until, str) else list(until)
     # lm-eval's aliases of max_gen_toks, first given wins (lm_eval.models.utils.normalize_gen_kwargs)
@@ -194,7 +195,7 @@ def gen_options(tokenizer, context: str, kwargs: dict, max_length: int) -> tuple
         temperature = 0.0
     elif given_temperature is not None:
         temperature = float(given_temperature)
-    else:  # a task that asks to sample without a temperature samples at 1, as lm-eval's HF and vLLM models do
+    else:  # do_sample alone samples at transformers' default 1, where lm-eval's HF model stops with its error
         temperature = 1.0 if do_sample else 0.0
     ctx = tokenizer.encode(context, bos=False, eos=False) or [tokenizer.eos_id]
     ctx = ctx[max(0, len(ctx) + length - max_length):]
