@@ -117,10 +117,11 @@ def training_tokenizer(source: Path, tokenizer: str | None, vocab_size: int, exp
     manifests record): a tokenizer of the right size but other ids would be shipped without a word, e.g. the
     embedded default of a run whose config.toml names no data.tokenizer_path. Another one is a UserError when
     ``explicit`` (--tokenizer_path), else None (no tokenizer files) with a warning naming the fix."""
-    if tokenizer is None or not recorded_tokenizer_hashes(source):
+    if tokenizer is None or not (recorded := recorded_tokenizer_hashes(source)):
         return tokenizer
     try:
-        load_checked_tokenizer(str(source), tokenizer or str(embedded_tokenizer_path() or ""), vocab_size)
+        load_checked_tokenizer(str(source), tokenizer or str(embedded_tokenizer_path() or ""), vocab_size,
+                               recorded=recorded)
     except UserError as e:
         if explicit:
             raise

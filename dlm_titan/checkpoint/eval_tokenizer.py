@@ -25,7 +25,7 @@ from dlm_titan.errors import UserError
 
 
 def load_checked_tokenizer(checkpoint: str, tokenizer_path: str, vocab_size: int,
-                           how: str = "--tokenizer_path PATH") -> Tokenizer:
+                           how: str = "--tokenizer_path PATH", recorded: set[str] | None = None) -> Tokenizer:
     """``tokenizer_path`` ("" = the tokenizer an export folder carries, else the embedded tokenizer), checked to
     fit ``vocab_size`` and to be the tokenizer the training run of ``checkpoint`` recorded, if it recorded one.
 
@@ -34,6 +34,8 @@ def load_checked_tokenizer(checkpoint: str, tokenizer_path: str, vocab_size: int
         tokenizer_path: the tokenizer to use, as ``--tokenizer_path``.
         vocab_size: the model's vocabulary.
         how: how the user passes a tokenizer (named in the fix).
+        recorded: ``recorded_tokenizer_hashes(checkpoint)`` when the caller has read them already, so the
+            checkpoint's marker is read once; None reads them here.
 
     Raises:
         UserError: one line naming both tokenizers and the fix, when they differ.
@@ -41,7 +43,8 @@ def load_checked_tokenizer(checkpoint: str, tokenizer_path: str, vocab_size: int
     if not tokenizer_path and (bundled := bundled_tokenizer(checkpoint)):  # an export's own: converted from the run's
         return load_tokenizer(bundled, max_vocab_size=vocab_size)
     tok = load_tokenizer(tokenizer_path, max_vocab_size=vocab_size)
-    recorded = recorded_tokenizer_hashes(checkpoint)
+    if recorded is None:
+        recorded = recorded_tokenizer_hashes(checkpoint)
     if not recorded or _is_converted_copy(Path(tok.path)):
         return tok
     sha = file_sha256(tok.path)  # what tokenizer_fingerprint records, without loading the tokenizer again
