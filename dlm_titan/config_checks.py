@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import typing
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -107,6 +108,48 @@ def _check_ranges(config: JobConfig) -> None:
             raise UserError(f"--{key} must be {rule}, got {value!r}")
 
 
+# float32's largest finite and smallest normal values: AdamW updates every parameter in float32 (the Triton kernel
+# takes lr, betas and eps as float32 arguments; PyTorch's AdamW casts its scalars to the parameters' dtype), so a
+# Python float beyond these overflows (a RuntimeError traceback, or inf), rounds to 0 (no update, or 0/0 = nan for
+# eps), or a beta rounds to 1.0 (the moment never moves).
+_FP32_MAX = 3.4028234663852886e38
+_FP32_TINY = 1.1754943508222875e-38
+
+
+def _as_fp32(value: float) -> float:
+    """``value`` rounded to float32 (inf past float32's range)."""
+    return struct.unpack("f", struct.pack("f", value))[0] if abs(value) <= _FP32_MAX else math.copysign(math.inf, value)
+
+
+def _check_fp32_optimizer(config: JobConfig) -> None:
+    """AdamW's scalars must survive float32: lr, the first step size ``lr / (1 - beta1)``, the decay factor
+    ``1 - lr * weight_decay``, eps, betas below 1 and a clipping max_norm not rounded to 0. Runs after the range
+    rows, so every value here is finite and in range."""
+    opt, max_norm = config.optimizer, config.training.max_norm
+    beta1 = opt.betas[0]
+    step_size = opt.lr / (1.0 - beta1)
+    if step_size > _FP32_MAX:
+        raise UserError(f"--optimizer.lr {opt.lr!r} overflows float32 in AdamW's first update (lr / (1 - betas[0]) = "
+                        f"{step_size:.3g} > {_FP32_MAX:.4g}); use --optimizer.lr at most "
+                        f"{_FP32_MAX * (1.0 - beta1):.3g} (SMDM uses 2e-4)")
+    if opt.lr < _FP32_TINY:
+        raise UserError(f"--optimizer.lr {opt.lr!r} is below float32's smallest normal value {_FP32_TINY:.4g} (AdamW's "
+                        "float32 update would be zero); use a larger --optimizer.lr (SMDM uses 2e-4)")
+    if opt.lr * opt.weight_decay > _FP32_MAX:
+        raise UserError(f"--optimizer.weight_decay {opt.weight_decay!r} with --optimizer.lr {opt.lr!r} overflows "
+                        f"float32 in AdamW's decay factor 1 - lr * weight_decay; use a --optimizer.weight_decay of at "
+                        f"most {_FP32_MAX / opt.lr:.3g} (SMDM uses 0.1)")
+    if not _FP32_TINY <= opt.eps <= _FP32_MAX:
+        raise UserError(f"--optimizer.eps must be representable in float32 (in [{_FP32_TINY:.4g}, {_FP32_MAX:.4g}]: "
+                        f"smaller rounds to 0 and divides 0 by 0), got {opt.eps!r}; SMDM uses 1e-8")
+    if any(_as_fp32(b) >= 1.0 for b in opt.betas):
+        raise UserError(f"--optimizer.betas {tuple(opt.betas)!r} round to 1.0 in float32 (the moment would never "
+                        f"move); use betas of at most {_as_fp32(1.0 - 2.0**-24):.8f} (SMDM uses 0.9 0.95)")
+    if 0 < max_norm < _FP32_TINY:
+        raise UserError(f"--training.max_norm {max_norm!r} rounds to 0 in float32 (every gradient would be clipped to "
+                        "zero); use a larger --training.max_norm, or 0 to turn clipping off")
+
+
 def check_config(config: JobConfig) -> None:
     """Refuses a config whose values tyro and the TOML reader let through but the run cannot use.
 
@@ -126,6 +169,7 @@ def check_config(config: JobConfig) -> None:
             f"{len(config.data.train_weights)}: give one weight per prefix"
         )
     _check_ranges(config)
+    _check_fp32_optimizer(config)
     if t.steps < 1 and t.flops_budget <= 0:
         raise UserError("--training.steps must be >= 1 (or set --training.flops_budget)")
     if config.lr_scheduler.decay_type != "constant" and config.lr_scheduler.min_lr > config.optimizer.lr:

@@ -1,0 +1,47 @@
+"""Bad input to the trainer's config path that ended in a traceback or left files behind: each is refused with one
+line (exit 2) before anything is written, or leaves no trace of the refused start."""
+
+import pytest
+import torch
+
+from dlm_titan.config import load_config
+from dlm_titan.errors import UserError
+
+
+def refused(argv: list[str]) -> str:
+    with pytest.raises(UserError) as raised:
+        load_config(argv)
+    return str(raised.value)
+
+
+@pytest.mark.parametrize("argv, start", [
+    (["--optimizer.lr", "3.5e37"], "--optimizer.lr 3.5e+37 overflows float32 in AdamW's first update"),
+    (["--optimizer.lr", "4e38"], "--optimizer.lr 4e+38 overflows float32"),
+    (["--optimizer.lr", "1e-50"], "--optimizer.lr 1e-50 is below float32's smallest normal value"),
+    (["--optimizer.eps", "1e-50"], "--optimizer.eps must be representable in float32"),
+    (["--optimizer.eps", "1e39"], "--optimizer.eps must be representable in float32"),
+    (["--optimizer.lr", "1", "--lr_scheduler.min_lr", "0", "--optimizer.weight_decay", "1e300"],
+     "--optimizer.weight_decay 1e+300 with --optimizer.lr 1.0 overflows float32"),
+    (["--optimizer.betas", "0.99999999", "0.95"], "--optimizer.betas (0.99999999, 0.95) round to 1.0 in float32"),
+    (["--training.max_norm", "1e-300"], "--training.max_norm 1e-300 rounds to 0 in float32"),
+])
+def test_optimizer_values_beyond_float32_are_refused(argv, start, tmp_path):
+    """lr 3.5e37 is finite in Python but its first AdamW step size lr / (1 - beta1) is not in float32: PyTorch's
+    AdamW raised "value cannot be converted to type float without overflow" from the first step (a traceback);
+    eps, betas and max_norm that round to 0 or 1 in float32 trained without learning or into nan."""
+    message = refused([*argv, "--job.dump_folder", str(tmp_path / "out")])
+    assert message.startswith(start), message
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_largest_accepted_lr_takes_a_float32_adamw_step():
+    """The bound is the real one: the largest lr accepted steps PyTorch's AdamW; 3.5e37 did not."""
+    cfg = load_config(["--optimizer.lr", "3.4e37", "--optimizer.betas", "0.9", "0.95"])
+    param = torch.nn.Parameter(torch.ones(4))
+    param.grad = torch.ones(4)
+    torch.optim.AdamW([param], lr=cfg.optimizer.lr, betas=cfg.optimizer.betas, foreach=True).step()
+    assert torch.isfinite(param).all()
+    too_large = torch.nn.Parameter(torch.ones(4))
+    too_large.grad = torch.ones(4)
+    with pytest.raises(RuntimeError, match="overflow"):
+        torch.optim.AdamW([too_large], lr=3.5e37, betas=cfg.optimizer.betas, foreach=True).step()
