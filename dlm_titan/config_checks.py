@@ -1,14 +1,15 @@
 """Validation of a resolved run config: what :func:`dlm_titan.config.load_config` refuses beyond types.
 
 tyro (CLI) and the TOML reader check each value's type and choices; this module checks the values
-themselves: numeric ranges (one table, ``_RANGES``), finiteness of every float, start-up memory bounds, the
-dump folder, and rules that tie fields together. Each failure is a :class:`~dlm_titan.errors.UserError`
-naming the option. It imports nothing from dlm_titan at run time except the error type (the config classes
+themselves: numeric ranges (one table, ``_RANGES``), finiteness of every float, float32 bounds of AdamW's
+scalars, UTF-8 of every string, start-up memory bounds, the dump folder, and rules that tie fields together.
+Each failure is a :class:`~dlm_titan.errors.UserError` naming the option. It imports nothing from dlm_titan at run time except the error type (the config classes
 only for type hints), so config.py can call it without an import cycle.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import struct
@@ -98,6 +99,27 @@ def _check_finite(config: JobConfig) -> None:
             raise UserError(f"--{key} must be finite (not inf or nan), got {value!r}")
 
 
+def _check_utf8(config: JobConfig) -> None:
+    """Command-line bytes that are not UTF-8 reach Python as lone surrogates (sys.argv's surrogateescape): such a
+    path or name cannot be written into the run's config.toml (TOML is UTF-8), which was a UnicodeEncodeError
+    traceback after the dump folder was made. TOML values are UTF-8 already; this catches the CLI's."""
+    for section in dataclasses.fields(config):
+        for key, value in dataclasses.asdict(getattr(config, section.name)).items():
+            for text in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(text, str) and not _is_utf8(text):
+                    shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                    raise UserError(f"--{section.name}.{key} {shown} is not UTF-8 (the run records its config as "
+                                    "UTF-8 TOML); rename it to a UTF-8 name, or give a symlink with one")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_ranges(config: JobConfig) -> None:
     _check_finite(config)
     for key, ok, rule, *applies in _RANGES:
@@ -162,6 +184,7 @@ def check_config(config: JobConfig) -> None:
         UserError: the first value out of range, non-finite, too large for this machine's memory, or at odds
             with another field; or a dump folder this process cannot create or write into.
     """
+    _check_utf8(config)  # first: messages below print these strings
     t = config.training
     if len(config.data.train_prefixes) != len(config.data.train_weights):
         raise UserError(

@@ -1,11 +1,19 @@
 """Bad input to the trainer's config path that ended in a traceback or left files behind: each is refused with one
 line (exit 2) before anything is written, or leaves no trace of the refused start."""
 
+import os
+
 import pytest
 import torch
+from harness import user_error_line
 
+from dlm_titan import train
 from dlm_titan.config import load_config
 from dlm_titan.errors import UserError
+
+TINY_RUN = ["--training.steps", "1", "--training.seq_len", "32", "--training.global_batch_size", "2",
+            "--training.local_batch_size", "2", "--data.num_workers", "0", "--job.no_print_config",
+            "--metrics.no_enable_tensorboard"]
 
 
 def refused(argv: list[str]) -> str:
@@ -45,3 +53,18 @@ def test_the_largest_accepted_lr_takes_a_float32_adamw_step():
     too_large.grad = torch.ones(4)
     with pytest.raises(RuntimeError, match="overflow"):
         torch.optim.AdamW([too_large], lr=3.5e37, betas=cfg.optimizer.betas, foreach=True).step()
+
+
+@pytest.mark.parametrize("key", ["--job.dump_folder", "--data.path", "--data.train_prefixes"])
+def test_a_command_line_value_that_is_not_utf8_is_one_line_before_anything_is_written(key, tmp_path, capsys):
+    """Bytes that are not UTF-8 reach sys.argv as lone surrogates; writing them into config.toml was a
+    UnicodeEncodeError traceback, after the dump folder and its run.lock had been made."""
+    name = os.fsdecode(b"\xffrun")  # as Python decodes such bytes from the command line
+    value = name if key == "--data.train_prefixes" else str(tmp_path / name)
+    argv = [*TINY_RUN, "--job.dump_folder", str(tmp_path / "out"), key, value]  # the last dump folder wins
+    line = user_error_line(capsys, train.main, argv)
+    shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    assert "\\xffrun" in shown
+    assert line == (f"error: {key} {shown} is not UTF-8 (the run records its config as UTF-8 TOML); rename it to a "
+                    "UTF-8 name, or give a symlink with one")
+    assert list(tmp_path.iterdir()) == []
