@@ -378,6 +378,7 @@ def _run_parallel(jobs: list[InputJob], num_workers: int, bar: tqdm,
     # dies (SIGKILL by the OOM killer) fails its futures with BrokenProcessPool, where Pool would wait forever.
     ctx = mp.get_context("spawn")
     counters = (ctx.Value("q", 0), ctx.Value("q", 0))
+    others = set(mp.active_children())  # children this process had before the pool's: not the pool's to stop
     pool = ProcessPoolExecutor(min(num_workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
                                initargs=(counters, os.getpid()))
     recorded = 0
@@ -401,7 +402,7 @@ def _run_parallel(jobs: list[InputJob], num_workers: int, bar: tqdm,
         if finished:
             pool.shutdown(wait=True)
         else:  # an error or Ctrl-C: stop the workers before the caller removes the streams they were writing
-            _stop_workers(pool)
+            _stop_workers(pool, others)
 
 
 @contextmanager
@@ -442,10 +443,12 @@ def _collect(pending: list[Future], bar: tqdm, counters: tuple, on_done: Callabl
         bar.set_postfix(docs=counters[0].value, refresh=False)
 
 
-def _stop_workers(pool: ProcessPoolExecutor) -> None:
+def _stop_workers(pool: ProcessPoolExecutor, others: set[mp.process.BaseProcess]) -> None:
     """Cancels the queued jobs and terminates and joins the worker processes (Pool.terminate's job; the
-    executor's own shutdown would wait for the running jobs to finish)."""
-    processes = list((pool._processes or {}).values())  # shutdown() drops the executor's reference to them
+    executor's own shutdown would wait for the running jobs to finish, and it names its processes only in private
+    attributes). The workers are this process's live children that ``others`` (taken before the pool started)
+    does not hold: the executor starts them with ``mp_context.Process``, which ``active_children`` lists."""
+    processes = [p for p in mp.active_children() if p not in others]
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         if process.is_alive():
