@@ -14,7 +14,7 @@ import math
 import os
 import struct
 import typing
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 
 from dlm_titan.errors import UserError
@@ -203,6 +203,7 @@ def check_config(config: JobConfig) -> None:
                         "random lengths (each would record new graphs): add --compile.no_cudagraphs")
     _check_memory(t, config.model.vocab_size)
     _check_dump_folder(config.job.dump_folder)
+    _check_checkpoint_folder(config)
     _check_output_folders(config)
 
 
@@ -281,6 +282,20 @@ def _output_folders(config: JobConfig) -> list[tuple[str, str]]:
          config.profiling.enable_memory_snapshot),
     ]
     return [(key, folder) for key, folder, used in wanted if used]
+
+
+def _check_checkpoint_folder(config: JobConfig) -> None:
+    """checkpoint.folder must stay inside the dump folder, whose run.lock is what keeps a second trainer from
+    saving over this run's checkpoints: an absolute path or one climbing out with ``..`` escaped it. Symlinks
+    inside the dump folder are the user's to place and are followed."""
+    folder = config.checkpoint.folder
+    if not config.checkpoint.enable:
+        return
+    # any "..": a lexical check cannot tell where "a/.." leads when a is a symlink, and no layout needs one
+    if PurePath(folder).is_absolute() or ".." in PurePath(folder).parts:
+        raise UserError(f"--checkpoint.folder {folder} lies outside --job.dump_folder {config.job.dump_folder}, whose "
+                        "run.lock guards the checkpoints; give a folder inside it (e.g. --checkpoint.folder "
+                        "checkpoint), and to save elsewhere choose a --job.dump_folder there")
 
 
 def _check_output_folders(config: JobConfig) -> None:

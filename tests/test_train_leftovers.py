@@ -68,3 +68,20 @@ def test_a_command_line_value_that_is_not_utf8_is_one_line_before_anything_is_wr
     assert line == (f"error: {key} {shown} is not UTF-8 (the run records its config as UTF-8 TOML); rename it to a "
                     "UTF-8 name, or give a symlink with one")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("folder", ["..", "../x", "a/../../x", "ckpt/../../x", "/abs/ckpt"])
+def test_a_checkpoint_folder_outside_the_dump_folder_is_refused(folder, tmp_path, capsys):
+    """checkpoint.folder "..", "../x" or an absolute path saved outside the dump folder, where its run.lock does not
+    keep a second trainer (another dump folder, the same checkpoint folder) from saving over this run's steps."""
+    dump = tmp_path / "runs" / "a"
+    line = user_error_line(capsys, train.main, [*TINY_RUN, "--checkpoint.enable", "--checkpoint.folder", folder,
+                                                "--job.dump_folder", str(dump)])
+    assert line == (f"error: --checkpoint.folder {folder} lies outside --job.dump_folder {dump}, whose run.lock guards "
+                    "the checkpoints; give a folder inside it (e.g. --checkpoint.folder checkpoint), and to save "
+                    "elsewhere choose a --job.dump_folder there")
+    assert list(tmp_path.iterdir()) == []
+    # unused without checkpointing, and a folder inside the dump folder is as before
+    load_config(["--checkpoint.no_enable", "--checkpoint.folder", folder, "--job.dump_folder", str(dump)])
+    assert load_config(["--checkpoint.enable", "--checkpoint.folder", "ckpt/step_dirs",
+                        "--job.dump_folder", str(dump)]).checkpoint.folder == "ckpt/step_dirs"
