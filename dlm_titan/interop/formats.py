@@ -108,10 +108,10 @@ def read_interop(path: str | Path, flavor: str | None = None) -> tuple[dict[str,
         cfg = shape_from_hf_config(_config(path), path / "config.json")
         hf = read_weights(path)
         try:
-            state = from_hf_state(hf, cfg)
+            state, unread = from_hf_state(hf, cfg)
         except KeyError as e:
             raise UserError(f"{path}: the weights lack {e.args[0]!r}; re-export the model") from None
-        check_no_unexpected(hf, cfg, path)
+        check_no_unexpected(unread, cfg, path)
     check_shapes(cfg, state, path)
     return cfg, state
 

@@ -60,36 +60,35 @@ def to_hf_state(state: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str
     return out
 
 
-def from_hf_state(hf: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """HF names -> dlm_titan names (q, k, v fused); KeyError names a missing HF parameter."""
-    out = {ours: hf[name] for ours, name in _TOP.items()}
+def from_hf_state(hf: dict[str, torch.Tensor], cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """HF names -> dlm_titan names (q, k, v fused) for a model of shape ``cfg``, and the names in ``hf`` that no
+    parameter read, sorted (layers beyond ``n_layers``, biases: weights that would be dropped; see
+    :func:`check_no_unexpected`). RoPE's ``rotary_emb.inv_freq`` buffers, which older transformers saved and which
+    hold no parameter, are not reported. KeyError names a missing HF parameter."""
+    read: set[str] = set()
+
+    def take(name: str) -> torch.Tensor:
+        read.add(name)
+        return hf[name]
+
+    out = {ours: take(name) for ours, name in _TOP.items()}
     for i in range(int(cfg["n_layers"])):
         for ours, name in _BLOCK.items():
-            out[f"layers.{i}.{ours}"] = hf[f"model.layers.{i}.{name}"]
-        parts = [hf[f"model.layers.{i}.self_attn.{name}.weight"] for name in _QKV]
+            out[f"layers.{i}.{ours}"] = take(f"model.layers.{i}.{name}")
+        parts = [take(f"model.layers.{i}.self_attn.{name}.weight") for name in _QKV]
         out[f"layers.{i}.attention.wqkv.weight"] = torch.cat(parts)
-    return out
+    unread = sorted(k for k in hf if k not in read and not k.endswith("rotary_emb.inv_freq"))
+    return out, unread
 
 
-def unexpected_hf_names(hf: dict[str, torch.Tensor], cfg: dict[str, Any]) -> list[str]:
-    """The names in ``hf`` that no parameter of a model of shape ``cfg`` reads, sorted: layers beyond
-    ``n_layers``, biases, anything :func:`from_hf_state` would drop. RoPE's ``rotary_emb.inv_freq`` buffers, which
-    older transformers saved and which hold no parameter, are not counted."""
-    expected = set(_TOP.values())
-    for i in range(int(cfg["n_layers"])):
-        expected.update(f"model.layers.{i}.{name}" for name in _BLOCK.values())
-        expected.update(f"model.layers.{i}.self_attn.{name}.weight" for name in _QKV)
-    return sorted(k for k in hf if k not in expected and not k.endswith("rotary_emb.inv_freq"))
-
-
-def check_no_unexpected(hf: dict[str, torch.Tensor], cfg: dict[str, Any], where: Path) -> None:
+def check_no_unexpected(unread: list[str], cfg: dict[str, Any], where: Path) -> None:
     """UserError naming the first tensor of a Hugging Face folder that no parameter of the model its config.json
-    describes reads: such weights would be dropped without a word (a config.json edited to fewer layers, biases
-    the model has none of), leaving another model than the folder holds."""
-    extra = unexpected_hf_names(hf, cfg)
-    if extra:
-        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
-        raise UserError(f"{where}: the weights hold {extra[0]}{more}, which the model its config.json describes "
+    describes reads (``unread`` from :func:`from_hf_state`): such weights would be dropped without a word (a
+    config.json edited to fewer layers, biases the model has none of), leaving another model than the folder
+    holds."""
+    if unread:
+        more = f" and {len(unread) - 1} more" if len(unread) > 1 else ""
+        raise UserError(f"{where}: the weights hold {unread[0]}{more}, which the model its config.json describes "
                         f"(num_hidden_layers = {cfg['n_layers']}, no biases) has no parameter for; restore the "
                         "config.json that came with these weights (dlm_titan implements no bias terms)")
 

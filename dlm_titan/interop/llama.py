@@ -82,8 +82,8 @@ def read_llama(folder: Path, max_seq_len: int | None = None) -> tuple[dict[str, 
     if "lm_head.weight" not in hf and config.get("tie_word_embeddings") and "model.embed_tokens.weight" in hf:
         hf["lm_head.weight"] = hf["model.embed_tokens.weight"].clone()  # untied: the head trains on its own
     try:
-        state = from_hf_state(hf, shape)
+        state, unread = from_hf_state(hf, shape)
     except KeyError as e:
         raise UserError(f"{folder}: the weights lack {e.args[0]!r}") from None
-    check_no_unexpected(hf, shape, folder)
+    check_no_unexpected(unread, shape, folder)
     return shape, with_mask_row(state)
