@@ -9,7 +9,8 @@
     README.md                    model card
 
 ``AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True)`` then gives dlm_titan's logits; the
-autoregressive baseline's folder (``causal``) also loads as ``AutoModelForCausalLM``, with ``generate()``.
+autoregressive baseline's folder (``causal``) loads as ``AutoModelForCausalLM`` instead, with ``generate()``
+(``AutoModelForMaskedLM`` refuses it: its labels are not shifted).
 """
 
 from __future__ import annotations

@@ -175,6 +175,10 @@ class DlmTitanForMaskedLM(DlmTitanPreTrainedModel):
 
     def __init__(self, config: DlmTitanConfig):
         super().__init__(config)
+        # A causal model here would give next-token logits under a masked-LM head whose labels are not shifted:
+        # a loss that means nothing, without a word.
+        if config.causal:
+            raise ValueError("this is an autoregressive model (causal = true): load it with AutoModelForCausalLM")
         self.model = DlmTitanModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.output_vocab_size, bias=False)
         self.post_init()
