@@ -1,8 +1,9 @@
 """Plot a run's curves from its TensorBoard event files into one PNG.
 
 Four panels: training and validation loss (validation with +-1 standard error bars); validation loss by noise
-level t at each evaluation (the MDM-specific view: how hard each masking rate is, and how that changes);
-throughput (tokens/s per device, MFU on the right axis when known); learning rate and gradient norm.
+level t at each evaluation (the MDM-specific view: how hard each masking rate is, and how that changes; left empty,
+with a note, for a run of the autoregressive baseline, whose loss is the next-token NLL); throughput (tokens/s per
+device, MFU on the right axis when known); learning rate and gradient norm.
 
     python -m scripts.plot_run outputs/debug                      # writes outputs/debug/curves.png
     python -m scripts.plot_run outputs/debug/tb --out run.png --title "6M debug"
@@ -17,6 +18,11 @@ import sys
 from pathlib import Path
 
 from scripts.cli import HelpFormatter
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 Series = dict[str, list[tuple[int, float]]]
 
@@ -44,6 +50,20 @@ def read_scalars(folder: Path) -> Series:
     return out
 
 
+def run_objective(folder: Path, series: Series) -> str:
+    """"ar" or "mdm": the run's ``training.objective`` from the config.toml of its dump folder (the event folder's
+    parent, or the folder itself), else "ar" when validation logged an exact perplexity (``validation/ppl``; MDM
+    logs ``validation/ppl_bound``)."""
+    for config in (folder.parent / "config.toml", folder / "config.toml"):
+        try:
+            objective = tomllib.loads(config.read_text(encoding="utf-8")).get("training", {}).get("objective")
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            continue
+        if objective in ("mdm", "ar"):
+            return objective
+    return "ar" if "validation/ppl" in series else "mdm"
+
+
 def _xy(series: Series, tag: str) -> tuple[list[int], list[float]]:
     points = series.get(tag, [])
     return [s for s, _ in points], [v for _, v in points]
@@ -59,16 +79,16 @@ def _t_buckets(series: Series, prefix: str) -> list[tuple[float, str]]:
     return sorted(out)
 
 
-def plot(series: Series, out: Path, title: str = "") -> None:
-    """Writes the four-panel PNG of ``series`` to ``out``."""
+def plot(series: Series, out: Path, title: str = "", objective: str = "mdm") -> None:
+    """Writes the four-panel PNG of ``series`` (a run of ``objective``, "mdm" or "ar") to ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), dpi=110)
-    _plot_loss(axes[0, 0], series)
-    _plot_loss_by_t(axes[0, 1], series)
+    _plot_loss(axes[0, 0], series, objective)
+    _plot_loss_by_t(axes[0, 1], series, objective)
     _plot_throughput(axes[1, 0], series)
     _plot_optim(axes[1, 1], series)
     if title:
@@ -79,20 +99,25 @@ def plot(series: Series, out: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def _plot_loss(ax, series: Series) -> None:
+def _plot_loss(ax, series: Series, objective: str) -> None:
     ax.plot(*_xy(series, "loss/train"), label="train", color="tab:blue", lw=1.2)
     steps, loss = _xy(series, "validation/loss")
     if steps:
         err = dict(series.get("validation/stderr", []))
         ax.errorbar(steps, loss, yerr=[err.get(s, 0.0) for s in steps], fmt="o-", color="tab:red", ms=4,
                     capsize=3, label="validation (+-1 s.e.)")
-    ax.set(title="MDM loss (ELBO bound, nats/token)", xlabel="step", ylabel="loss")
+    name = "AR loss (next-token NLL, nats/token)" if objective == "ar" else "MDM loss (ELBO bound, nats/token)"
+    ax.set(title=name, xlabel="step", ylabel="loss")
     ax.grid(alpha=0.3)
     ax.legend()
 
 
-def _plot_loss_by_t(ax, series: Series) -> None:
+def _plot_loss_by_t(ax, series: Series, objective: str) -> None:
     from matplotlib import colormaps
+
+    if objective == "ar":  # no noise level: every token is predicted from the ones before it
+        ax.set(title="loss by noise level t: none (autoregressive run)", xticks=[], yticks=[])
+        return
 
     buckets = _t_buckets(series, "loss_by_t/validation_t")
     name = "validation"
@@ -151,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     series = read_scalars(folder)
     out = args.out or (folder.parent if folder.name == "tb" else folder) / "curves.png"
-    plot(series, out, args.title)
+    plot(series, out, args.title, run_objective(folder, series))
     print(f"wrote {out}")
     return 0
 

@@ -35,3 +35,41 @@ def test_ar_export_is_refused_as_a_masked_lm(tmp_path):
         transformers.AutoModelForMaskedLM.from_pretrained(tmp_path, trust_remote_code=True)
     assert type(transformers.AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)).__name__ == (
         "DlmTitanForCausalLM")
+
+
+def plotted_titles(monkeypatch, run, argv: list[str]) -> list[str]:
+    """The panel titles ``scripts.plot_run`` draws for ``run`` (the figure caught as it is closed)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from scripts import plot_run
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    assert plot_run.main([str(run), *argv]) == 0
+    return [ax.get_title() for ax in figures[0].axes if ax.get_title()]
+
+
+@pytest.mark.parametrize("how", ["config", "validation tag"])
+def test_plot_of_an_ar_run_does_not_call_its_loss_an_elbo(tmp_path, monkeypatch, how):
+    """scripts.plot_run titled an AR run's next-token NLL "MDM loss (ELBO bound)" and drew an empty, unexplained
+    loss-by-t panel. The objective comes from the dump folder's config.toml, else from the AR validation tag."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(tmp_path / "tb"))
+    for step in (1, 2):
+        writer.add_scalar("loss/train", 10.0 - step, step)
+        if how == "validation tag":
+            writer.add_scalar("validation/loss", 9.5, step)
+            writer.add_scalar("validation/ppl", 13359.7, step)
+    writer.close()
+    if how == "config":
+        (tmp_path / "config.toml").write_text('[training]\nobjective = "ar"\n')
+    titles = plotted_titles(monkeypatch, tmp_path, ["--out", str(tmp_path / "c.png")])
+    assert titles[0] == "AR loss (next-token NLL, nats/token)"
+    assert "autoregressive run" in titles[1]
+    assert not any("ELBO" in t for t in titles)
+    if how == "config":  # a diffusion run's plot is unchanged
+        (tmp_path / "config.toml").write_text('[training]\nobjective = "mdm"\n')
+        assert plotted_titles(monkeypatch, tmp_path, [])[0] == "MDM loss (ELBO bound, nats/token)"
