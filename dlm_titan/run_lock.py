@@ -9,6 +9,10 @@ Where it works: local filesystems and NFS with working lock support (NFSv4, or N
 locks are granted by the server and so exclude processes on other nodes too. Where the filesystem refuses locks
 (some FUSE mounts, NFS mounted with ``nolock``, Lustre without ``flock``), the run goes on with a warning: there
 a second trainer on the same folder is not refused. On NFS mounted ``local_lock=all`` locks are node-local.
+
+A start refused after the lock was taken (bad input found while the Trainer is built) leaves no trace of itself:
+the lock file and the folders the lock created are removed again if they are otherwise empty. Because a lock
+file may thus disappear, a lock taken on a file that is no longer at its path is dropped and taken again.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ class RunLock:
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / LOCK_FILE
         self._fd: int | None = None
+        self._created_file = False  # whether acquire created the lock file, and which folders (deepest first)
+        self._created_folders: list[Path] = []
 
     def acquire(self) -> None:
         """Takes the lock or raises :class:`UserError` naming the run that holds it.
@@ -47,37 +53,63 @@ class RunLock:
         Creates the folder (and the lock file) if needed; writes nothing else. A lock file whose holder has
         ended is taken over with a warning.
         """
-        _make_folder(self.path.parent)
-        fd = _open_lock_file(self.path)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = _describe(_read_holder(fd))
-            os.close(fd)
-            if e.errno in (errno.EACCES, errno.EAGAIN):
-                raise UserError(f"{self.path.parent} is in use by another trainer ({holder}): stop that run or "
-                                f"choose another --job.dump_folder") from None
-            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                print(f"warning: the filesystem of {self.path.parent} does not support file locks ({e.strerror}): "
-                      "a second trainer on this dump folder would not be refused", file=sys.stderr)
-                return
-            raise
-        previous = _read_holder(fd)
-        if previous:
-            print(f"warning: {self.path} was left by a run that has ended ({_describe(previous)}); taking it over",
-                  file=sys.stderr)
-        _write_holder(fd)
-        self._fd = fd
+        for _ in range(_ATTEMPTS):
+            self._created_folders += [f for f in _make_folder(self.path.parent) if f not in self._created_folders]
+            opened = _open_lock_file(self.path)
+            if opened is None:  # the folder was removed under us by a refused start tidying up: make it again
+                continue
+            fd, created = opened
+            self._created_file = self._created_file or created
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = _describe(_read_holder(fd))
+                os.close(fd)
+                if e.errno in (errno.EACCES, errno.EAGAIN):
+                    raise UserError(f"{self.path.parent} is in use by another trainer ({holder}): stop that run or "
+                                    f"choose another --job.dump_folder") from None
+                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    print(f"warning: the filesystem of {self.path.parent} does not support file locks "
+                          f"({e.strerror}): a second trainer on this dump folder would not be refused", file=sys.stderr)
+                    return
+                raise
+            if not _is_at(fd, self.path):  # unlinked by a refused start between our open and lock: a stale file
+                os.close(fd)
+                continue
+            previous = _read_holder(fd)
+            if previous:
+                print(f"warning: {self.path} was left by a run that has ended ({_describe(previous)}); taking it over",
+                      file=sys.stderr)
+            _write_holder(fd)
+            self._fd = fd
+            return
+        raise UserError(f"{self.path} kept disappearing while this run tried to lock it ({_ATTEMPTS} tries): is "
+                        "another process removing the dump folder? Rerun, or choose another --job.dump_folder")
 
-    def release(self) -> None:
-        """Empties the lock file and drops the lock (idempotent). A crash skips this: the kernel drops it then."""
+    def release(self, tidy: bool = False) -> None:
+        """Empties the lock file and drops the lock (idempotent). A crash skips this: the kernel drops it then.
+
+        Args:
+            tidy: also remove what :meth:`acquire` created, for a start that was refused: the lock file (unlinked
+                while still locked, see acquire's check), then each folder it made, deepest first, while empty.
+        """
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
         try:
-            os.ftruncate(fd, 0)
+            if tidy and self._created_file:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+            else:
+                os.ftruncate(fd, 0)
         finally:
             os.close(fd)  # closing the descriptor drops the POSIX lock
+        if tidy:
+            for folder in self._created_folders:
+                try:
+                    folder.rmdir()  # only an empty folder: whatever else is there stays, and so do its parents
+                except OSError:
+                    break
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -87,7 +119,17 @@ class RunLock:
         self.release()
 
 
-def _make_folder(folder: Path) -> None:
+_ATTEMPTS = 10  # tries to lock a file that is still at its path (see acquire)
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Creates ``folder`` and its missing parents; returns those it found missing, deepest first."""
+    missing = []
+    with contextlib.suppress(OSError):  # a stat that fails: mkdir below names the problem
+        for path in (folder, *folder.parents):
+            if path.exists():
+                break
+            missing.append(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -99,11 +141,18 @@ def _make_folder(folder: Path) -> None:
     except OSError as e:  # a read-only filesystem, a symlink loop, a folder of /proc, ...
         raise UserError(f"job.dump_folder {folder} cannot be created ({e.strerror}): choose another "
                         "--job.dump_folder") from None
+    return missing
 
 
-def _open_lock_file(path: Path) -> int:
+def _open_lock_file(path: Path) -> tuple[int, bool] | None:
+    """(descriptor, whether this call created the file) of the lock file; None if its folder is gone."""
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            return os.open(path, os.O_RDWR), False
+    except FileNotFoundError:  # the folder was removed after _make_folder, or the file between the two opens
+        return None
     except IsADirectoryError:
         raise UserError(f"{path} is a directory: remove it so the run can lock its dump folder") from None
     except PermissionError:
@@ -112,6 +161,15 @@ def _open_lock_file(path: Path) -> int:
     except OSError as e:  # e.g. an existing dump folder on a read-only filesystem (EROFS)
         raise UserError(f"job.dump_folder {path.parent} is not writable ({e.strerror} on {path.name}): choose "
                         "a writable --job.dump_folder") from None
+
+
+def _is_at(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is still the file at ``path`` (not unlinked or replaced since it was opened)."""
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _read_holder(fd: int) -> dict[str, Any]:
@@ -139,12 +197,15 @@ def _describe(holder: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def hold_dump_folder(folder: str | Path, rank: int, group: Any = None) -> Iterator[None]:
+def hold_dump_folder(folder: str | Path, rank: int, group: Any = None, *, leave_no_trace: bool = False
+                     ) -> Iterator[None]:
     """Holds the dump folder's lock for the body: rank 0 takes it, every rank learns the outcome.
 
     Collective when ``group`` (a gloo group of all ranks) is given: if rank 0 is refused, every rank raises the
     same :class:`UserError`, so under torchrun all ranks exit 2 together instead of waiting on rank 0. The lock
-    is released however the body ends.
+    is released however the body ends; a body that raises :class:`UserError` (a refused start) also removes the
+    lock file and the folders the lock created, if otherwise empty (:meth:`RunLock.release`), as does any body
+    with ``leave_no_trace`` (a check that only tests the folder).
     """
     lock = RunLock(folder)
     error = None
@@ -163,5 +224,8 @@ def hold_dump_folder(folder: str | Path, rank: int, group: Any = None) -> Iterat
         raise UserError(error)
     try:
         yield
+    except UserError:  # a refused start: leave no trace of it (what else the run wrote stays)
+        lock.release(tidy=True)
+        raise
     finally:
-        lock.release()
+        lock.release(tidy=leave_no_trace)  # a no-op after the release above

@@ -79,7 +79,6 @@ class Trainer:
         data_path = resolve_data_path(cfg.data)
         self.data_loader = train_loader(cfg, data_path, self.rank, world_size)
         self.autocast = _autocast(training.dtype, self.device, fsdp=self.dims.sharded)
-        self.metrics = TrainMetrics(cfg, self.model_args, self.rank, world_size, self.device)
         self.validator = run_validator(cfg, self.model, data_path, self.rank, world_size, self.device, self.autocast)
         self.step = 0
         self.tokens_seen = 0
@@ -90,6 +89,9 @@ class Trainer:
             self.log(line)
         self.log(self.parallel_plan.describe())
         self._build_checkpointing()
+        # after every refusal of a bad start (validation data, the resume): TensorBoard's folder and events are made
+        # here, and a refused start must leave none in a dump folder it made
+        self.metrics = TrainMetrics(cfg, self.model_args, self.rank, world_size, self.device)
         if self.rank == 0:  # after the load: a resume refused (another model, seq_len, ...) keeps the saved one
             write_config(cfg)
         self.keep_grads = keeps_gradients(self.dims.form, self.parallel_plan.cudagraphs, self.micro_batches)
@@ -437,7 +439,8 @@ def check_config(cfg: JobConfig, world_size: int) -> int:
     for prefix, _ in used_sources(cfg.data):  # a header whose dtype code is wrong: found here, not mid-run on a rank
         for path in list_shards(data_path, prefix):
             check_leading_ids(read_header(path), cfg.model.vocab_size)
-    with hold_dump_folder(cfg.job.dump_folder, rank=0):  # another trainer on this folder: refused now, not later
+    # another trainer on this folder: refused now, not later; the check leaves no folder or lock file behind
+    with hold_dump_folder(cfg.job.dump_folder, rank=0, leave_no_trace=True):
         check_unresumed_checkpoints(cfg)
     return 0
 

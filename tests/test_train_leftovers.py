@@ -7,7 +7,7 @@ import pytest
 import torch
 from harness import user_error_line
 
-from dlm_titan import train
+from dlm_titan import run_lock, train
 from dlm_titan.config import load_config
 from dlm_titan.errors import UserError
 
@@ -70,11 +70,12 @@ def test_a_command_line_value_that_is_not_utf8_is_one_line_before_anything_is_wr
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("folder", ["..", "../x", "a/../../x", "ckpt/../../x", "/abs/ckpt"])
+@pytest.mark.parametrize("folder", ["..", "../x", "a/../../x", "ckpt/../../x", "ABSOLUTE"])
 def test_a_checkpoint_folder_outside_the_dump_folder_is_refused(folder, tmp_path, capsys):
     """checkpoint.folder "..", "../x" or an absolute path saved outside the dump folder, where its run.lock does not
     keep a second trainer (another dump folder, the same checkpoint folder) from saving over this run's steps."""
     dump = tmp_path / "runs" / "a"
+    folder = str(tmp_path / "ckpt") if folder == "ABSOLUTE" else folder  # inside tmp_path should the check fail
     line = user_error_line(capsys, train.main, [*TINY_RUN, "--checkpoint.enable", "--checkpoint.folder", folder,
                                                 "--job.dump_folder", str(dump)])
     assert line == (f"error: --checkpoint.folder {folder} lies outside --job.dump_folder {dump}, whose run.lock guards "
@@ -85,3 +86,53 @@ def test_a_checkpoint_folder_outside_the_dump_folder_is_refused(folder, tmp_path
     load_config(["--checkpoint.no_enable", "--checkpoint.folder", folder, "--job.dump_folder", str(dump)])
     assert load_config(["--checkpoint.enable", "--checkpoint.folder", "ckpt/step_dirs",
                         "--job.dump_folder", str(dump)]).checkpoint.folder == "ckpt/step_dirs"
+
+
+def test_a_start_refused_after_the_lock_leaves_no_trace_of_itself(tmp_path, capsys):
+    """Bad input found while the Trainer is built (here validation shards that do not exist) left the dump folder
+    it had made, holding run.lock (and, with TensorBoard on, tb/ with an event file)."""
+    bad = [*TINY_RUN, "--metrics.enable_tensorboard", "--validation.enable", "--data.val_prefix", "no_such_prefix"]
+    line = user_error_line(capsys, train.main, [*bad, "--job.dump_folder", str(tmp_path / "runs" / "new")])
+    assert "no shard matches prefix 'no_such_prefix'" in line, line
+    assert list(tmp_path.iterdir()) == []  # the dump folder and the parent it made are gone
+    # what existed before stays: an empty dump folder, and another folder's lock file with its holder record
+    (tmp_path / "empty").mkdir()
+    user_error_line(capsys, train.main, [*bad, "--job.dump_folder", str(tmp_path / "empty")])
+    assert list((tmp_path / "empty").iterdir()) == []
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / run_lock.LOCK_FILE).write_text("{}\n")
+    user_error_line(capsys, train.main, [*bad, "--job.dump_folder", str(tmp_path / "old")])
+    assert [p.name for p in (tmp_path / "old").iterdir()] == [run_lock.LOCK_FILE]
+
+
+def test_the_check_before_torchrun_leaves_no_trace(tmp_path, monkeypatch):
+    """run_train.sh's check (DLM_TITAN_CHECK_ONLY) made the dump folder and its run.lock: a start then refused
+    under torchrun found a lock file it had not made, and left both."""
+    monkeypatch.setenv("DLM_TITAN_CHECK_ONLY", "1")
+    assert train.main([*TINY_RUN, "--job.dump_folder", str(tmp_path / "out")]) == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_lock_file_unlinked_before_it_is_locked_is_not_held(tmp_path, monkeypatch):
+    """A refused start unlinks its lock file while holding it: a run that had opened that file and locks it after
+    must not count as holding the folder (a third run would lock a new run.lock beside it)."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    lockf = run_lock.fcntl.lockf
+    calls = []
+
+    def unlinked_first(fd, op):
+        calls.append(fd)
+        if len(calls) == 1:
+            (folder / run_lock.LOCK_FILE).unlink()  # what a refused start's release(tidy=True) does
+        return lockf(fd, op)
+
+    monkeypatch.setattr(run_lock.fcntl, "lockf", unlinked_first)
+    lock = run_lock.RunLock(folder)
+    lock.acquire()
+    try:
+        assert len(calls) == 2  # the stale file dropped, a new one locked
+        held, there = os.fstat(lock._fd), os.stat(folder / run_lock.LOCK_FILE)
+        assert (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
+    finally:
+        lock.release()
