@@ -73,3 +73,24 @@ def test_plot_of_an_ar_run_does_not_call_its_loss_an_elbo(tmp_path, monkeypatch,
     if how == "config":  # a diffusion run's plot is unchanged
         (tmp_path / "config.toml").write_text('[training]\nobjective = "mdm"\n')
         assert plotted_titles(monkeypatch, tmp_path, [])[0] == "MDM loss (ELBO bound, nats/token)"
+
+
+@pytest.mark.slow
+def test_ar_run_logs_no_diffusion_tags(tmp_path):
+    """An AR run wrote diffusion/masked_fraction = 1.0 at every logged step, a diffusion metric that means nothing
+    for next-token prediction; it logs neither that nor loss_by_t now (an MDM run still logs both)."""
+    from harness import run_trainer, tiny_run_args, write_random_shards
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (tmp_path / "shards").mkdir()
+    data = write_random_shards(tmp_path / "shards", 512)
+    tags = {}
+    for objective in ("ar", "mdm"):
+        dump = tmp_path / objective
+        run_trainer(tiny_run_args(data, dump, 512, 2, 4, 4, 0, "--metrics.enable_tensorboard",
+                                  "--training.objective", objective))
+        events = EventAccumulator(str(dump / "tb"))
+        events.Reload()
+        tags[objective] = set(events.Tags()["scalars"])
+    assert "loss/train" in tags["ar"] and not any(t.startswith(("diffusion/", "loss_by_t/")) for t in tags["ar"])
+    assert "diffusion/masked_fraction" in tags["mdm"]

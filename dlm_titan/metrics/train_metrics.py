@@ -58,6 +58,8 @@ class TrainMetrics:
                                     enable_wandb=cfg.metrics.enable_wandb, wandb_config=dataclasses.asdict(cfg))
         self.rank, self.world_size, self.device = rank, world_size, device
         self.loss_by_t = LossByTimeBins(device)
+        # The autoregressive baseline predicts every token: no masked fraction (1.0 under a diffusion tag)
+        self.diffusion = cfg.training.objective == "mdm"
         self.flops_per_token = model_flops_per_token(model_args, cfg.training.seq_len)
         # Read a logged step's metrics one step later, behind queued work (see start_log). On the CPU, work runs
         # as it is issued: nothing to hide the wait behind, and the throughput window would miss that step.
@@ -142,7 +144,7 @@ class TrainMetrics:
             **rates,
             "mfu": mfu(rates["tokens_per_s_per_device"], self.flops_per_token, device_name(self.device)),
             "tokens_seen": float(pending.tokens_seen),
-            "masked_fraction": masked / pending.tokens,
+            **({"masked_fraction": masked / pending.tokens} if self.diffusion else {}),
             **pending.memory,
             **bucket_means(values["t_buckets"]),
         })
