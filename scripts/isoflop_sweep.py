@@ -319,6 +319,11 @@ def compare_and_report(results: list[dict], warnings: list[str], output_dir: Pat
                                                         f"isoflop_{objective}.png")
         runs[objective] = [(r["budget"], r["non_embedding_params"], r["loss"]) for r in mine
                            if r["complete"] and r["loss"] is not None]
+    unfinished = [o for o in OBJECTIVES if not runs[o]]
+    if unfinished:  # the plan has both objectives: what is missing is finished runs, not an --objective
+        raise UserError(f"cannot compare MDM and AR yet: no {' or '.join(unfinished)} run of {output_dir} has "
+                        "finished; train them (rerunning the sweep's command skips finished runs) or wait for the "
+                        "launched ones, then rerun with --collect_only")
     cmp = compare_objectives(runs, args.reference_loss, replicates=args.bootstrap)
     report["comparison"] = comparison_to_dict(cmp)
     for note in cmp.notes:

@@ -4,6 +4,7 @@ isoFLOP comparisons collected before both objectives finished."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -94,3 +95,25 @@ def test_ar_run_logs_no_diffusion_tags(tmp_path):
         tags[objective] = set(events.Tags()["scalars"])
     assert "loss/train" in tags["ar"] and not any(t.startswith(("diffusion/", "loss_by_t/")) for t in tags["ar"])
     assert "diffusion/masked_fraction" in tags["mdm"]
+
+
+def test_collecting_a_comparison_before_the_ar_runs_finish_says_so(tmp_path, capsys):
+    """A --objective mdm,ar sweep collected while only its MDM runs had finished ended in 'run the sweep with
+    --objective mdm,ar', which it had been. The line now says that no AR run has finished and how to go on."""
+    from harness import user_error_line
+    from test_scaling import write_events
+
+    from dlm_titan.scaling import TRAIN_LOSS_TAG, VALIDATION_LOSS_TAG
+    from scripts import isoflop_sweep
+
+    out = tmp_path / "sweep"
+    plan = ["--objective", "mdm,ar", "--budgets", "1e17,3e17", "--flavors", "6M,19M,34M", "--launcher", "run_train",
+            "--output_dir", str(out), "--no_plot"]
+    assert isoflop_sweep.main(plan) == 0
+    for row in json.loads((out / "plan.json").read_text())["runs"]:
+        if row["objective"] == "mdm":
+            loss = 5.0 + (row["non_embedding_params"] / 19e6 - 1) ** 2
+            write_events(out / row["run_dir"] / "tb", {TRAIN_LOSS_TAG: [(row["steps"], loss)],
+                                                       VALIDATION_LOSS_TAG: [(row["steps"], loss)]})
+    line = user_error_line(capsys, isoflop_sweep.main, ["--output_dir", str(out), "--collect_only", "--no_plot"])
+    assert "no ar run" in line and "--collect_only" in line and "run the sweep with --objective" not in line
