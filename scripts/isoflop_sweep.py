@@ -70,8 +70,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         p.add_argument(f"--{name}", *([f"--{name.replace('_', '-')}"] if "_" in name else []), dest=name, **kwargs)
 
     add("budgets", type=_floats, help="comma-separated training FLOPs, e.g. 1e18,3e18")
-    add("objective", type=_objectives, default=["mdm"],
-        help="comma-separated objectives: mdm, ar (SMDM's autoregressive baseline) or mdm,ar to compare them")
+    add("objective", type=_objectives, default=None,
+        help="comma-separated objectives: mdm, ar (SMDM's autoregressive baseline) or mdm,ar to compare them; "
+             "unset: mdm, or with --collect_only the plan's")
     add("reference_loss", type=float, default=None,
         help="loss at which --objective mdm,ar compares compute (default: MDM's frontier at the largest budget)")
     add("bootstrap", type=int, default=1000, help="bootstrap replicates for the compute multiplier's interval")
@@ -93,6 +94,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args = p.parse_args(own)
     if not args.collect_only and (not args.budgets or not args.flavors):
         p.error("--budgets and --flavors are required (except with --collect_only)")
+    if args.objective is None and not args.collect_only:
+        args.objective = ["mdm"]
     return args, train_args
 
 
@@ -173,6 +176,16 @@ def read_plan(output_dir: Path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"{path} not found: run the sweep (without --collect_only) first, or fix --output_dir")
     return json.loads(path.read_text())["runs"]
+
+
+def check_planned_objectives(rows: list[dict], objectives: list[str] | None, output_dir: Path) -> None:
+    """UserError when --objective, given with --collect_only, names other objectives than the plan's runs have:
+    the fit follows the plan, so the option would be ignored (no comparison where one was asked for)."""
+    planned = sorted({r.get("objective", "mdm") for r in rows}, key=OBJECTIVES.index)
+    if objectives is not None and sorted(objectives, key=OBJECTIVES.index) != planned:
+        raise UserError(f"--objective {','.join(objectives)} but the plan in {output_dir} has runs of "
+                        f"{','.join(planned)} only, which --collect_only fits: drop --objective, or plan and train "
+                        f"the sweep with it (without --collect_only)")
 
 
 def train_locally(rows: list[dict], output_dir: Path, ngpu: int, rerun: bool) -> None:
@@ -344,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.collect_only:
             rows = read_plan(output_dir)
+            check_planned_objectives(rows, args.objective, output_dir)
         else:
             from dlm_titan.scaling import format_plan, plan_sweep
 

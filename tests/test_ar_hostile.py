@@ -117,3 +117,23 @@ def test_collecting_a_comparison_before_the_ar_runs_finish_says_so(tmp_path, cap
                                                        VALIDATION_LOSS_TAG: [(row["steps"], loss)]})
     line = user_error_line(capsys, isoflop_sweep.main, ["--output_dir", str(out), "--collect_only", "--no_plot"])
     assert "no ar run" in line and "--collect_only" in line and "run the sweep with --objective" not in line
+
+
+def test_collect_only_refuses_an_objective_the_plan_lacks(tmp_path, capsys):
+    """--collect_only fits the runs of plan.json; an --objective beside it was ignored without a word, so asking an
+    MDM-only sweep for the MDM-vs-AR comparison printed MDM's fits and no comparison (exit 0). The plan's own
+    objectives, or none given, still collect."""
+    from harness import user_error_line
+
+    from scripts import isoflop_sweep
+
+    out = tmp_path / "sweep"
+    assert isoflop_sweep.main(["--budgets", "1e17", "--flavors", "6M,19M", "--launcher", "run_train",
+                               "--output_dir", str(out)]) == 0
+    collect = ["--output_dir", str(out), "--collect_only", "--no_plot"]
+    for objective in ("mdm,ar", "ar"):
+        line = user_error_line(capsys, isoflop_sweep.main, [*collect, "--objective", objective])
+        assert f"--objective {objective} but the plan" in line and "mdm only" in line
+    for given in ([], ["--objective", "mdm"]):
+        assert isoflop_sweep.main([*collect, *given]) == 0
+        assert (out / "isoflop_fits.json").is_file()
