@@ -136,6 +136,9 @@ def sample_tokens(model: torch.nn.Module, prompt_ids: list[list[int]], args: arg
     if getattr(model, "causal", False):
         if args.cfg_scale > 0:
             raise UserError("--cfg_scale needs a masked diffusion model; this checkpoint is autoregressive: drop it")
+        if args.top_k and args.temperature == 0:  # greedy decoding takes the argmax: top-k would change nothing
+            raise UserError(f"--top_k {args.top_k} samples, but --temperature 0 (the default) decodes greedily: "
+                            "add --temperature (e.g. 1.0), or drop --top_k")
         cfg = ARSamplerConfig(max_new_tokens=args.length, temperature=args.temperature, top_k=args.top_k,
                               kv_cache=not args.no_kv_cache, stop_at_eos=not args.no_stop_at_eos, seed=args.seed)
         return generate_batch(model, prompt_ids, cfg, eos_id=tok.eos_id, vocab_limit=tok.vocab_size, device=device)

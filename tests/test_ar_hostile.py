@@ -137,3 +137,23 @@ def test_collect_only_refuses_an_objective_the_plan_lacks(tmp_path, capsys):
     for given in ([], ["--objective", "mdm"]):
         assert isoflop_sweep.main([*collect, *given]) == 0
         assert (out / "isoflop_fits.json").is_file()
+
+
+def test_generate_refuses_top_k_with_greedy_decoding(tmp_path, capsys):
+    """`scripts.generate --top_k 50` on an AR checkpoint without --temperature decoded greedily (temperature 0, the
+    default), top-k ignored without a word; it is now one line naming both options. With a temperature it samples."""
+    from harness import user_error_line
+
+    from dlm_titan.checkpoint.export import model_config, write_export
+    from dlm_titan.models import TransEncoder
+    from scripts import generate
+
+    model = TransEncoder(ModelArgs(n_layers=1, n_heads=2, dim=32, ffn_dim=64, vocab_size=32000), max_seq_len=16,
+                         causal=True)
+    model.init_weights(3)
+    write_export(model.state_dict(), model_config(model, "tiny"), tmp_path / "export", "float32", step=0)
+    argv = ["--checkpoint", str(tmp_path / "export"), "--device", "cpu", "--prompt", "And God said", "--length", "4"]
+    line = user_error_line(capsys, generate.main, [*argv, "--top_k", "50"])
+    assert "--top_k 50" in line and "--temperature" in line
+    assert generate.main([*argv, "--top_k", "50", "--temperature", "1.0"]) == 0
+    assert generate.main(argv) == 0  # greedy without --top_k
