@@ -157,3 +157,22 @@ def test_generate_refuses_top_k_with_greedy_decoding(tmp_path, capsys):
     assert "--top_k 50" in line and "--temperature" in line
     assert generate.main([*argv, "--top_k", "50", "--temperature", "1.0"]) == 0
     assert generate.main(argv) == 0  # greedy without --top_k
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_lm_eval_max_length_1_is_refused_up_front(causal):
+    """model_args max_length=1 left generate_until no room for a prompt: on an AR checkpoint the error blamed
+    'prompt (0) + max_new_tokens (1)' and the model's max_seq_len, on a diffusion one it was a RuntimeError
+    traceback (an empty prompt tensor). It is refused as the scorer is built, naming max_length."""
+    from dlm_titan.data import load_tokenizer
+    from dlm_titan.errors import UserError
+    from dlm_titan.lm_eval.ar_scorer import make_scorer
+    from dlm_titan.lm_eval.scorer import ScorerConfig
+
+    model = build_transencoder(ModelArgs(1, 2, 32, 64, vocab_size=32000), 16, "math", "cpu", causal=causal)
+    model.to_empty(device="cpu")
+    model.init_weights(2)
+    with pytest.raises(UserError, match="max_length=1 leaves no room.*max_length=2 or more"):
+        make_scorer(model.eval(), load_tokenizer(""), ScorerConfig(max_length=1, mc_samples=2))
+    scorer = make_scorer(model.eval(), load_tokenizer(""), ScorerConfig(max_length=2, mc_samples=2))
+    assert len(scorer.generate_until([("The sky", {"max_gen_toks": 3})])) == 1

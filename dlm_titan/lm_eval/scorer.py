@@ -87,6 +87,9 @@ def checked_max_length(cfg: ScorerConfig, model: torch.nn.Module) -> int:
     if cfg.max_length > model.max_seq_len:
         raise UserError(f"model_args max_length={cfg.max_length} exceeds the model's max_seq_len {model.max_seq_len}; "
                         f"pass max_length={model.max_seq_len} or less (0 = the model's)")
+    if cfg.max_length == 1:  # generation would have no room for its prompt, rolling windows none for a context
+        raise UserError("model_args max_length=1 leaves no room for a context token beside a scored or generated "
+                        "one; pass max_length=2 or more (0 = the model's)")
     return cfg.max_length or model.max_seq_len
 
 
