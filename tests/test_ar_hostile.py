@@ -176,3 +176,20 @@ def test_lm_eval_max_length_1_is_refused_up_front(causal):
         make_scorer(model.eval(), load_tokenizer(""), ScorerConfig(max_length=1, mc_samples=2))
     scorer = make_scorer(model.eval(), load_tokenizer(""), ScorerConfig(max_length=2, mc_samples=2))
     assert len(scorer.generate_until([("The sky", {"max_gen_toks": 3})])) == 1
+
+
+def test_lm_eval_model_args_repeating_its_flags_are_one_line():
+    """``--model_args pretrained=P,device=cpu`` (as Hugging Face users write it) met lm-eval's own --device, which
+    it always passes: a TypeError traceback ('got multiple values for keyword argument'). One line now, before the
+    model loads."""
+    pytest.importorskip("lm_eval")
+    from dlm_titan.errors import UserError
+    from dlm_titan.lm_eval.model import DLMTitanLM
+
+    with pytest.raises(UserError, match="model_args device repeats lm-eval's own --device: pass it as"):
+        DLMTitanLM.create_from_arg_obj({"pretrained": "nowhere", "device": "cpu"}, {"device": "cuda", "batch_size": 1})
+    with pytest.raises(UserError, match="batch_size, device repeat lm-eval's own --batch_size, --device"):
+        DLMTitanLM.create_from_arg_obj({"pretrained": "nowhere", "device": "cpu", "batch_size": 4},
+                                       {"device": "cuda", "batch_size": 1, "max_batch_size": None})
+    with pytest.raises(UserError, match="nowhere"):  # no repeat: the model's own checks run
+        DLMTitanLM.create_from_arg_obj({"pretrained": "nowhere"}, {"device": "cpu", "max_batch_size": None})

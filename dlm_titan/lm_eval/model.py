@@ -121,6 +121,19 @@ class DLMTitanLM(LM):
                                      how="tokenizer_path=PATH in --model_args")
         self.scorer = make_scorer(model, tok, cfg)  # exact for an autoregressive checkpoint
 
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> DLMTitanLM:
+        """lm-eval's constructor call, with model_args that repeat one of its own flags (``device=`` beside the
+        ``--device`` it always passes, ``batch_size=``) refused in one line: lm-eval passes both, a TypeError."""
+        flags = {k for k, v in (additional_config or {}).items() if v is not None}
+        both = sorted(flags & set(arg_dict))
+        if both:
+            many = len(both) > 1
+            raise UserError(f"model_args {', '.join(both)} {'repeat' if many else 'repeats'} lm-eval's own "
+                            f"{', '.join('--' + k for k in both)}: pass {'them' if many else 'it'} as lm-eval's "
+                            f"flag{'s' if many else ''}, not in --model_args")
+        return super().create_from_arg_obj(arg_dict, additional_config)
+
     @property
     def device(self) -> torch.device:
         return self._device
