@@ -364,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.global_batch_size % args.local_batch_size:
                 raise UserError(f"--global_batch_size {args.global_batch_size} is not a multiple of "
                                 f"--local_batch_size {args.local_batch_size}")
+            if args.ssl_ratio > 0 and "mdm" not in args.objective:  # AR runs never crop: it would do nothing
+                raise UserError(f"--ssl_ratio {args.ssl_ratio} applies to MDM runs only, and --objective "
+                                f"{','.join(args.objective)} plans none: drop --ssl_ratio, or add mdm to --objective")
             base = base_config(args, train_args)
             plans = plan_sweep(args.budgets, args.flavors, global_batch_size=args.global_batch_size,
                                seq_len=args.seq_len, ssl_ratio=args.ssl_ratio,

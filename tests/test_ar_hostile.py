@@ -193,3 +193,16 @@ def test_lm_eval_model_args_repeating_its_flags_are_one_line():
                                        {"device": "cuda", "batch_size": 1, "max_batch_size": None})
     with pytest.raises(UserError, match="nowhere"):  # no repeat: the model's own checks run
         DLMTitanLM.create_from_arg_obj({"pretrained": "nowhere"}, {"device": "cpu", "max_batch_size": None})
+
+
+def test_sweep_of_ar_alone_refuses_ssl_ratio(capsys):
+    """AR runs never use --ssl_ratio; a sweep of AR alone with it planned and trained without a word of the option
+    doing nothing. With MDM in the sweep it applies to the MDM runs, as documented."""
+    from harness import user_error_line
+
+    from scripts import isoflop_sweep
+
+    plan = ["--budgets", "1e18", "--flavors", "19M", "--ssl_ratio", "0.01", "--dry_run"]
+    line = user_error_line(capsys, isoflop_sweep.main, [*plan, "--objective", "ar"])
+    assert "--ssl_ratio 0.01 applies to MDM runs only" in line and "--objective ar" in line
+    assert isoflop_sweep.main([*plan, "--objective", "mdm,ar"]) == 0
