@@ -3,8 +3,9 @@
 tyro (CLI) and the TOML reader check each value's type and choices; this module checks the values
 themselves: numeric ranges (one table, ``_RANGES``), finiteness of every float, float32 bounds of AdamW's
 scalars, UTF-8 of every string, start-up memory bounds, the dump folder, and rules that tie fields together.
-Each failure is a :class:`~dlm_titan.errors.UserError` naming the option. It imports nothing from dlm_titan at run time except the error type (the config classes
-only for type hints), so config.py can call it without an import cycle.
+Each failure is a :class:`~dlm_titan.errors.UserError` naming the option. It imports nothing from dlm_titan at
+run time except the error type (the config classes only for type hints), so config.py can call it without an
+import cycle.
 """
 
 from __future__ import annotations
