@@ -36,6 +36,14 @@ if [[ -n "${DLM_TITAN_CHECK_ONLY:-}" ]]; then
     WORLD_SIZE=$((NGPU * NNODES)) exec "$PYTHON" -m dlm_titan.train "${args[@]}"
 fi
 
+# Several nodes meet at node 0's address: without one each node's torchrun made its own rendezvous on localhost (port
+# 0, a new one per node) and waited there for the others until its join timeout, 10 minutes, without a word.
+if [[ "$NNODES" != 1 && ( -z "${RDZV_ENDPOINT:-}" || "${RDZV_ENDPOINT}" == *:0 ) ]]; then
+    echo "error: NNODES=$NNODES needs RDZV_ENDPOINT=<node 0's host>:<free port> (the same on every node), e.g." \
+         "RDZV_ENDPOINT=node0:29500; got '${RDZV_ENDPOINT:-(unset)}'" >&2
+    exit 2
+fi
+
 if [[ "$NGPU" == 1 && "$NNODES" == 1 ]]; then
     # One process needs no launcher; running it directly keeps its exit code (2 = bad input).
     exec "$PYTHON" -m dlm_titan.train "${args[@]}"
