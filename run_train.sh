@@ -59,7 +59,9 @@ fi
 # Only rank 0 prints, so lines keep the `step: N  loss: ...` form that scripts parse (no torchrun prefixes).
 # torchrun forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT by default; SIGUSR1 (the trainer's other "save and stop",
 # common on Slurm) only when asked. SHUTDOWN_TIMEOUT: seconds the trainers get to save before SIGKILL.
-exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$NGPU" \
+# dlm_titan.launch is torchrun ending with the trainers' exit code 2 (bad input) or 130 (Ctrl-C) without its
+# traceback, which buried their one error line.
+exec "$PYTHON" -m dlm_titan.launch --nnodes "$NNODES" --nproc_per_node "$NGPU" \
     --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "${SHUTDOWN_TIMEOUT:-120}" \
     --rdzv_backend c10d --rdzv_endpoint "${RDZV_ENDPOINT:-localhost:0}" --rdzv_id "${RDZV_ID:-dlm_titan}" \
     -m dlm_titan.train "${args[@]}"

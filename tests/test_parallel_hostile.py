@@ -8,11 +8,20 @@ multiprocess ones start 2 gloo ranks of the real trainer on a 6M model over rand
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+from harness import tiny_run_args, write_random_shards
+
+from dlm_titan.data.shards import write_shard
+
 REPO = Path(__file__).resolve().parents[1]
+VOCAB = 256
 
 _FAKE_PYTHON = """#!/usr/bin/env bash
 echo "$*" >> "$CALLS"
@@ -46,3 +55,74 @@ def test_several_nodes_without_a_rendezvous_endpoint_are_refused(tmp_path):
     assert result.returncode == 0 and len(calls) == 1
     result, calls = launch(tmp_path, NNODES="2", RDZV_ENDPOINT="node0:29500")
     assert result.returncode == 0 and "--rdzv_endpoint node0:29500" in calls[-1]
+
+
+# ------------------------------------------------------------------ torchrun's ending (dlm_titan.launch)
+
+
+def _child_failed(*codes: int) -> Exception:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    return ChildFailedError("dlm_titan.train", {rank: ProcessFailure(rank, 100 + rank, code, "<N/A>")
+                                                for rank, code in enumerate(codes)})
+
+
+@pytest.mark.parametrize("codes,expect", [((2, -15), 2), ((1, 2), 2), ((130, 130), 130), ((-15, 130), 130)])
+def test_launcher_ends_with_the_trainers_one_line_codes(monkeypatch, codes, expect):
+    """A trainer that printed its one line (exit 2: bad input, 130: Ctrl-C) decides the launcher's exit code,
+    whatever the other ranks (stopped by the agent, or failing in a collective with it) exited with."""
+    import torch.distributed.run
+
+    from dlm_titan import launch
+
+    def fail(argv):
+        raise _child_failed(*codes)
+
+    monkeypatch.setattr(torch.distributed.run, "main", fail)
+    assert launch.main(["--nproc_per_node", "2"]) == expect
+
+
+def test_launcher_keeps_torchrun_ending_for_anything_else(monkeypatch):
+    """A bug's exit 1, a killed rank, SIGTERM (saved and stopped: torchrun's documented ending) are torchrun's own."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from dlm_titan import launch
+
+    for error in (_child_failed(1, -9), SignalException("got signal: 15", signal.SIGTERM)):
+        monkeypatch.setattr(torch.distributed.run, "main", lambda argv, error=error: (_ for _ in ()).throw(error))
+        with pytest.raises((ChildFailedError, SignalException)):
+            launch.main([])
+    monkeypatch.setattr(torch.distributed.run, "main",
+                        lambda argv: (_ for _ in ()).throw(SignalException("got signal: 2", signal.SIGINT)))
+    assert launch.main([]) == 130
+    seen = []
+    monkeypatch.setattr(torch.distributed.run, "main", seen.append)
+    assert launch.main(["--nnodes", "1"]) == 0 and seen == [["--nnodes", "1"]]
+
+
+@pytest.mark.multiprocess
+def test_bad_input_seen_by_rank_0_only_is_one_line_and_exit_2(tmp_path):
+    """A validation shard with an id outside the vocabulary: rank 0 alone reads the whole set at start (the launch
+    pre-check does not), and exits 2 with its line while rank 1 waits in a collective. torchrun then exited 1 with
+    its ChildFailedError traceback after the line."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_random_shards(data, VOCAB)
+    tokens = np.random.default_rng(1).integers(0, VOCAB, size=4096).astype(np.uint16)
+    tokens[100] = VOCAB + 7
+    write_shard(data / "valid_x_0000000000.bin", tokens)
+    dump = tmp_path / "dump"
+    (tmp_path / "empty.toml").write_text("")
+    argv = tiny_run_args(data, dump, VOCAB, 4, 4, 1, 0, "--validation.enable", "--data.val_prefix", "valid_x")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NGPU": "2", "PYTHON": sys.executable}
+    env.pop("WORLD_SIZE", None)
+    result = subprocess.run(["bash", str(REPO / "run_train.sh"), "--job.config_file", str(tmp_path / "empty.toml"),
+                             *argv], env=env, capture_output=True, text=True, timeout=300)
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out[-3000:]
+    assert "Traceback" not in out and "ChildFailedError" not in out, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"holds token id {VOCAB + 7}" in errors[0], out[-3000:]
+    assert not dump.exists()  # the refused start left nothing behind

@@ -192,7 +192,7 @@ def test_run_train_multi_gpu_checks_then_torchrun_with_quoted_args(tmp_path):
     assert [header for header, _ in calls] == ["check=1 ws=4 pre=", "check= ws= pre="]
     check_args, torchrun_args = calls[0][1], calls[1][1]
     assert check_args == ["-m", "dlm_titan.train", "--job.config_file", "train_configs/debug.toml", *args]
-    assert torchrun_args[:2] == ["-m", "torch.distributed.run"]
+    assert torchrun_args[:2] == ["-m", "dlm_titan.launch"]  # torchrun, ending with the trainers' exit codes
     assert torchrun_args[torchrun_args.index("--nproc_per_node") + 1] == "4"
     assert torchrun_args[-len(args) - 4:] == check_args[-len(args) - 4:]
 
