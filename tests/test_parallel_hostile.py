@@ -19,6 +19,7 @@ import pytest
 from harness import tiny_run_args, write_random_shards
 
 from dlm_titan.data.shards import write_shard
+from dlm_titan.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 256
@@ -126,3 +127,20 @@ def test_bad_input_seen_by_rank_0_only_is_one_line_and_exit_2(tmp_path):
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and f"holds token id {VOCAB + 7}" in errors[0], out[-3000:]
     assert not dump.exists()  # the refused start left nothing behind
+
+
+# ------------------------------------------------------------------ another world size on resume
+
+
+def test_batch_layout_error_names_the_rank_counts_that_fit():
+    """A checkpoint of global batch 8 x local 2 resumed on 3 ranks: the error's only fix was another
+    global_batch_size, which the resume then refuses (the loader state keeps it); the rank counts that fit were
+    left for the user to work out."""
+    from dlm_titan.data.loader import micro_batches_per_step
+
+    with pytest.raises(UserError, match=r"or run 1, 2 or 4 data-parallel ranks \(a resume must keep"):
+        micro_batches_per_step(8, 2, 3)
+    with pytest.raises(UserError) as refused:  # no rank count fits 6 sequences in micro-batches of 4
+        micro_batches_per_step(6, 4, 2)
+    assert "data-parallel ranks (" not in str(refused.value)
+    assert micro_batches_per_step(8, 2, 4) == 1

@@ -333,8 +333,21 @@ def micro_batches_per_step(global_batch_size: int, local_batch_size: int, dp_wor
         fix = max(per_step, global_batch_size // per_step * per_step)
         raise UserError(f"training.global_batch_size={global_batch_size} must be a multiple of local_batch_size x "
                         f"data-parallel ranks = {local_batch_size} x {dp_world_size} = {per_step}; set "
-                        f"training.global_batch_size to {fix} (or change local_batch_size)")
+                        f"training.global_batch_size to {fix} (or change local_batch_size)"
+                        + _rank_counts_that_fit(global_batch_size, local_batch_size))
     return global_batch_size // per_step
+
+
+def _rank_counts_that_fit(global_batch_size: int, local_batch_size: int) -> str:
+    """The end of the batch-layout error naming the rank counts this global and local batch fit (a resume must
+    keep the checkpoint's global_batch_size, so setting it as the error's first fix suggests was refused there,
+    while another rank count resumes); empty when none fits."""
+    if local_batch_size < 1 or global_batch_size % local_batch_size:
+        return ""
+    per_rank = global_batch_size // local_batch_size
+    counts = [str(n) for n in range(1, per_rank + 1) if per_rank % n == 0][-6:]  # the largest few
+    listed = counts[0] if len(counts) == 1 else f"{', '.join(counts[:-1])} or {counts[-1]}"
+    return f", or run {listed} data-parallel ranks (a resume must keep the checkpoint's global_batch_size)"
 
 
 def _check_layout(seq_len: int, local_batch_size: int, global_batch_size: int, dp_rank: int,
