@@ -118,10 +118,21 @@ def resolve_parallel_dims(parallelism_cfg, world_size: int, rank: int) -> Parall
     if replicate * shard != world_size:
         raise UserError(
             f"data_parallel_replicate_degree ({replicate}) x data_parallel_shard_degree ({shard}) = "
-            f"{replicate * shard} must equal the world size ({world_size}); set --parallelism.data_parallel_shard_degree "
-            "-1 to infer it"
+            f"{replicate * shard} must equal the world size ({world_size}); {_degree_fix(replicate, shard, world_size)}"
         )
     return ParallelDims(replicate=replicate, shard=shard, world_size=world_size, rank=rank)
+
+
+def _degree_fix(replicate: int, shard: int, world_size: int) -> str:
+    """The fix for degrees whose product is not the world size: infer the one whose -1 keeps the other valid (and
+    plain replication plain). "Set the shard degree to -1" was said whatever the degrees: for replicate 4 x shard 1
+    on 2 ranks that was refused next (4 does not divide 2), and for DDP's shard 1 it turned the run into HSDP."""
+    if shard == 1 or (world_size % shard == 0 and world_size % replicate):
+        return "set --parallelism.data_parallel_replicate_degree -1 to infer it"
+    if world_size % replicate == 0:
+        return "set --parallelism.data_parallel_shard_degree -1 to infer it"
+    return (f"set --parallelism.data_parallel_shard_degree -1 and a data_parallel_replicate_degree that divides "
+            f"{world_size}")
 
 
 def build_mesh(dims: ParallelDims, device: torch.device) -> DeviceMesh | None:

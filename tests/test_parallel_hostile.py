@@ -144,3 +144,28 @@ def test_batch_layout_error_names_the_rank_counts_that_fit():
         micro_batches_per_step(6, 4, 2)
     assert "data-parallel ranks (" not in str(refused.value)
     assert micro_batches_per_step(8, 2, 4) == 1
+
+
+# ------------------------------------------------------------------ degrees that do not multiply to the world size
+
+
+@pytest.mark.parametrize("replicate,shard,world", [(4, 1, 2), (2, 1, 4), (3, 2, 4), (1, 3, 4), (2, 4, 4), (2, 2, 8)])
+def test_degree_fix_named_resolves_and_keeps_plain_replication(replicate, shard, world):
+    """The error always said "set the shard degree to -1": replicate 4 x shard 1 (DDP) on 2 ranks was then refused
+    (4 does not divide 2), and replicate 2 x shard 1 on 4 ranks became HSDP 2 x 2 instead of DDP over 4. The degree
+    the message names, set to -1, must resolve, and DDP's shard 1 stay DDP."""
+    from types import SimpleNamespace
+
+    from dlm_titan.distributed import resolve_parallel_dims
+
+    def degrees(r: int, s: int) -> SimpleNamespace:
+        return SimpleNamespace(data_parallel_replicate_degree=r, data_parallel_shard_degree=s)
+
+    with pytest.raises(UserError, match="must equal the world size") as refused:
+        resolve_parallel_dims(degrees(replicate, shard), world, 0)
+    named = "replicate" if "data_parallel_replicate_degree -1" in str(refused.value) else "shard"
+    fixed = degrees(-1, shard) if named == "replicate" else degrees(replicate, -1)
+    dims = resolve_parallel_dims(fixed, world, 0)
+    assert dims.replicate * dims.shard == world
+    if shard == 1:
+        assert dims.form == "ddp"
