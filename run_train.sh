@@ -56,6 +56,12 @@ if [[ "${DLM_TITAN_PRECHECKED:-0}" != 1 ]]; then
     DLM_TITAN_CHECK_ONLY=1 WORLD_SIZE=$((NGPU * NNODES)) "$PYTHON" -m dlm_titan.train "${args[@]}"
 fi
 
+# One node meets at a rendezvous of its own on a free port whatever RDZV_ENDPOINT says (it is for NNODES > 1): a run
+# given a fixed one (an export left from a multi-node run) while another job used it with the same RDZV_ID joined
+# that job's closed rendezvous and waited, without a word, until that job ended.
+endpoint=localhost:0
+if [[ "$NNODES" != 1 ]]; then endpoint=$RDZV_ENDPOINT; fi
+
 # Only rank 0 prints, so lines keep the `step: N  loss: ...` form that scripts parse (no torchrun prefixes).
 # torchrun forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT by default; SIGUSR1 (the trainer's other "save and stop",
 # common on Slurm) only when asked. SHUTDOWN_TIMEOUT: seconds the trainers get to save before SIGKILL.
@@ -63,5 +69,5 @@ fi
 # traceback, which buried their one error line.
 exec "$PYTHON" -m dlm_titan.launch --nnodes "$NNODES" --nproc_per_node "$NGPU" \
     --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "${SHUTDOWN_TIMEOUT:-120}" \
-    --rdzv_backend c10d --rdzv_endpoint "${RDZV_ENDPOINT:-localhost:0}" --rdzv_id "${RDZV_ID:-dlm_titan}" \
+    --rdzv_backend c10d --rdzv_endpoint "$endpoint" --rdzv_id "${RDZV_ID:-dlm_titan}" \
     -m dlm_titan.train "${args[@]}"

@@ -169,3 +169,13 @@ def test_degree_fix_named_resolves_and_keeps_plain_replication(replicate, shard,
     assert dims.replicate * dims.shard == world
     if shard == 1:
         assert dims.form == "ddp"
+
+
+def test_one_node_meets_at_its_own_rendezvous_whatever_rdzv_endpoint_says(tmp_path):
+    """NGPU=2 with RDZV_ENDPOINT=localhost:<port> left set (from a multi-node run) while another job used that
+    endpoint with the same RDZV_ID: the run joined that job's closed rendezvous and waited, without a word, until
+    the other job ended (then a TCPStore crash). One node needs no shared endpoint: a free port of its own."""
+    result, calls = launch(tmp_path, NGPU="2", RDZV_ENDPOINT="localhost:29500")
+    assert result.returncode == 0 and "--rdzv_endpoint localhost:0 " in calls[-1], calls
+    result, calls = launch(tmp_path, NGPU="2", NNODES="2", RDZV_ENDPOINT="node0:29500")
+    assert result.returncode == 0 and "--rdzv_endpoint node0:29500 " in calls[-1], calls
