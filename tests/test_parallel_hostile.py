@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import tiny_run_args, write_random_shards
+from harness import run_trainer, tiny_run_args, write_random_shards
 
 from dlm_titan.data.shards import write_shard
 from dlm_titan.errors import UserError
@@ -179,3 +179,28 @@ def test_one_node_meets_at_its_own_rendezvous_whatever_rdzv_endpoint_says(tmp_pa
     assert result.returncode == 0 and "--rdzv_endpoint localhost:0 " in calls[-1], calls
     result, calls = launch(tmp_path, NGPU="2", NNODES="2", RDZV_ENDPOINT="node0:29500")
     assert result.returncode == 0 and "--rdzv_endpoint node0:29500 " in calls[-1], calls
+
+
+def test_resume_under_another_layout_warns_that_validation_reads_other_windows(tmp_path, capfd):
+    """validation.steps counts micro-batches per rank: resumed with another local_batch_size (or world size) the
+    validation read another number of windows, and its losses jumped at the resume without a word while the
+    training losses continued exactly. A warning names both counts and the validation.steps that keeps them."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_random_shards(data, VOCAB)
+    write_shard(data / "valid_x_0000000000.bin", np.random.default_rng(2).integers(0, VOCAB, 4096).astype(np.uint16))
+    dump = tmp_path / "dump"
+
+    def args(local_batch: int, val_steps: int, *extra: str) -> list[str]:
+        return tiny_run_args(data, dump, VOCAB, 4, 4, local_batch, 0, "--checkpoint.enable", "--validation.enable",
+                             "--data.val_prefix", "valid_x", "--validation.steps", str(val_steps),
+                             "--validation.freq", "100", "--validation.mc_samples", "1", *extra)
+
+    run_trainer(args(2, 2), stop_after=2)  # saves step 2: 2 micro-batches of 2 on 1 rank = 4 windows
+    capfd.readouterr()
+    run_trainer(args(1, 2, "--checkpoint.load_step", "2"), stop_after=2)  # 2 of 1: 2 windows
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "validation now reads" in line]
+    assert len(warnings) == 1 and "reads 2 windows" in warnings[0] and "read 4 (2 x 1 ranks)" in warnings[0]
+    assert "--validation.steps 4 covers the same windows" in warnings[0]
+    run_trainer(args(1, 4, "--checkpoint.load_step", "2"), stop_after=2)  # the fix it names: no warning
+    assert "validation now reads" not in capfd.readouterr().err

@@ -99,6 +99,8 @@ class CheckpointManager:
         self._writer: ThreadPoolExecutor | None = None
         self._reserved = False
         self._last_saved = -1
+        self.resumed_layout: dict[str, Any] | None = None
+        """The data-loader layout the resumed checkpoint was saved with (None: no resume)."""
         self.record_checksums = True
         """CRC-32 of every file in the marker (scripts.bench_checkpoint --checksum turns it off to time its cost)."""
         self.save_stats: list[dict[str, float]] = []
@@ -152,6 +154,7 @@ class CheckpointManager:
                     self._log(f"resuming from {step_dir}: checkpoint.initial_load_path ({self.cfg.initial_load_path}) "
                               "applies only to a run without checkpoints and is not loaded")
                 step, tokens, self.last_loss = loader.load_full(step_dir)
+                self.resumed_layout = loader.saved_layout
                 self._last_saved = step
                 self.tokens_seen = tokens  # what a rerun that trains no step exports
                 return step, tokens

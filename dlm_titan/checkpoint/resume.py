@@ -163,6 +163,8 @@ class CheckpointLoader:
         self.data_identity = data_identity
         self.ranks = ranks
         self.log = log
+        self.saved_layout: dict[str, Any] | None = None
+        """The resumed checkpoint's loader layout (batch sizes, ranks), once load_full has read it."""
 
     def load_full(self, step_dir: Path) -> tuple[int, int, float | None]:
         """Restores model, optimizer, lr scheduler and data loader from ``step_dir`` after checking that it is
@@ -268,6 +270,7 @@ class CheckpointLoader:
         blob = {"dataloader": {key.split(".", 1)[1]: torch.empty(sizes[key], dtype=torch.uint8)}}
         self._dcp_load(blob, step_dir)
         saved = from_json_tensor(next(iter(blob["dataloader"].values())))
+        self.saved_layout = saved.get("layout")
         layout = getattr(self.data_loader, "layout", None)
         if same_world and (layout is None or json.loads(json.dumps(layout)) == saved.get("layout")):
             self.data_loader.load_state_dict(saved)
