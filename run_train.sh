@@ -53,7 +53,8 @@ fi
 # with DLM_TITAN_PRECHECKED=1, set by scripts/slurm_train.sh, which checks once for all nodes: the nodes' checks,
 # run at the same time, would race for the dump folder's lock, and a node refused ends the whole job.
 if [[ "${DLM_TITAN_PRECHECKED:-0}" != 1 ]]; then
-    DLM_TITAN_CHECK_ONLY=1 WORLD_SIZE=$((NGPU * NNODES)) "$PYTHON" -m dlm_titan.train "${args[@]}"
+    # LOCAL_WORLD_SIZE: the processes this node starts, checked against its GPUs
+    DLM_TITAN_CHECK_ONLY=1 WORLD_SIZE=$((NGPU * NNODES)) LOCAL_WORLD_SIZE=$NGPU "$PYTHON" -m dlm_titan.train "${args[@]}"
 fi
 
 # One node meets at a rendezvous of its own on a free port whatever RDZV_ENDPOINT says (it is for NNODES > 1): a run

@@ -69,6 +69,17 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
+def check_local_devices(processes: int) -> None:
+    """Refuses more processes on this node than it has GPUs (none to check without CUDA: CPU ranks share the host).
+
+    run_train.sh's check before torchrun calls it with NGPU: each process past the GPUs otherwise printed its own
+    "local rank N has no GPU" line once started, beside the others it stopped.
+    """
+    if torch.cuda.is_available() and processes > torch.cuda.device_count():
+        raise UserError(f"NGPU={processes} processes on this node, but it has {torch.cuda.device_count()} GPUs; set "
+                        f"NGPU (torchrun --nproc_per_node) to at most {torch.cuda.device_count()}")
+
+
 def set_determinism(enabled: bool, model_cfg, device: torch.device) -> None:
     """Deterministic kernels, so that two runs of one config and layout give bitwise-equal losses.
 

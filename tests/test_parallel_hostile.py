@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 VOCAB = 256
 
 _FAKE_PYTHON = """#!/usr/bin/env bash
-echo "$*" >> "$CALLS"
+echo "lws=${LOCAL_WORLD_SIZE:-} $*" >> "$CALLS"
 """
 
 
@@ -204,3 +204,34 @@ def test_resume_under_another_layout_warns_that_validation_reads_other_windows(t
     assert "--validation.steps 4 covers the same windows" in warnings[0]
     run_trainer(args(1, 4, "--checkpoint.load_step", "2"), stop_after=2)  # the fix it names: no warning
     assert "validation now reads" not in capfd.readouterr().err
+
+
+# ------------------------------------------------------------------ more processes than GPUs
+
+
+def test_more_processes_than_gpus_is_one_line_before_any_starts(tmp_path, monkeypatch, capsys):
+    """NGPU=2 on a one-GPU node: the second process, once started, printed "local rank 1 has no GPU" while torchrun
+    stopped the first (one line per missing GPU on a bigger node). run_train.sh's check now gets the process count
+    and refuses it in one line before torchrun starts anything."""
+    import torch
+
+    from dlm_titan.train import main
+
+    result, calls = launch(tmp_path, NGPU="2")
+    assert calls[0].startswith("lws=2 ") and "DLM_TITAN" not in calls[1] and calls[1].startswith("lws= ")
+    data = tmp_path / "data"
+    data.mkdir()
+    write_random_shards(data, VOCAB)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("DLM_TITAN_CHECK_ONLY", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    argv = tiny_run_args(data, tmp_path / "dump", VOCAB, 2, 4, 1, 0)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: NGPU=2 processes on this node, but it has 1 GPUs; set NGPU (torchrun --nproc_per_node) "
+                   "to at most 1"]
+    assert not (tmp_path / "dump").exists()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert main(argv) == 0
