@@ -29,6 +29,8 @@ in one line ``error: ...`` and exit 2, never in other weights than the folder ho
 - A checkpoint whose marker's model config is edited (fewer layers, a field removed or no number) is refused
   where its weights are read alone (export script, ``load_model``): DCP loads only the tensors asked for, so the
   export had fewer layers without a word; the others were KeyError/ValueError tracebacks.
+- An export of one SMDM flavor as ``checkpoint.initial_load_path`` of a run whose ``model.flavor`` is another is
+  refused before anything is built, naming both: the run trained the export's flavor without a word.
 """
 
 from __future__ import annotations
@@ -41,8 +43,12 @@ import torch
 from harness import run_trainer, tiny_run_args, user_error_line
 from safetensors.torch import load_file, save_file
 
+from dlm_titan.config import load_config
 from dlm_titan.interop.hf_export import write_hf_folder
+from dlm_titan.interop.init_shape import InitialShape, build_training_model
 from dlm_titan.models import ModelArgs, build_transencoder, model_config
+from dlm_titan.models.flavors import get_model_args
+from dlm_titan.train import main as train_main
 from scripts.export_checkpoint import main as export_main
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -326,3 +332,28 @@ def test_edited_checkpoint_marker_is_one_line_exit_2(tmp_path, capsys, edit):
     line = user_error_line(capsys, export_main, [str(step), "--out", str(tmp_path / "out")])
     assert "is damaged" in line and MARKER in line, line
     assert not (tmp_path / "out").exists()
+
+
+def test_export_of_another_flavor_as_initial_load_path_is_refused(tmp_path, capsys):
+    """The export records its flavor (6M): beside --model.flavor 19M it is refused naming both and the flag that
+    fixes it; beside 6M (or a 1B export beside 1028M) it shapes the model as before, without a message."""
+    from harness import write_random_shards
+
+    (tmp_path / "data").mkdir()
+    data = write_random_shards(tmp_path / "data", VOCAB, files=1)
+    model = build_transencoder(get_model_args("6M", VOCAB), 32, "math", "meta")
+    state = {k: torch.zeros(v.shape) for k, v in model.state_dict().items()}
+    write_hf_folder(state, model_config(model, "6M"), tmp_path / "exp", "float32", {"flavor": "6M"},
+                    tokenizer_path=None)
+    argv = tiny_run_args(data, tmp_path / "run", VOCAB, 1, 2, 1, 0, "--model.flavor", "19M",
+                         "--checkpoint.initial_load_path", str(tmp_path / "exp"))
+    line = user_error_line(capsys, train_main, argv)
+    assert line == (f"error: checkpoint.initial_load_path {tmp_path / 'exp'} holds a 6M model but model.flavor is 19M; "
+                    "set --model.flavor 6M to start from its weights, or leave checkpoint.initial_load_path out to "
+                    "train a fresh 19M"), line
+    assert not (tmp_path / "run" / "checkpoint").exists()
+    cfg = load_config(["--model.vocab_size", str(VOCAB), "--checkpoint.initial_load_path", str(tmp_path / "exp")])
+    assert build_training_model(cfg, 32, torch.device("meta")).args.n_layers == 6
+    assert capsys.readouterr().out == ""
+    big = {**model_config(build_transencoder(get_model_args("1B", VOCAB), 32, "math", "meta"), "1B")}
+    InitialShape("folder", big).check_flavor("1028M")  # an alias names the same flavor

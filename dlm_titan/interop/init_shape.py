@@ -5,7 +5,9 @@ rope_theta and width come from the folder's config.json, so ``model.flavor`` is 
 checkpoints of such a run (its second stage in another dump folder): their marker records the shape, and a shape
 that is not the one of the flavor it names (or that names none) is taken as a folder's is. The vocabulary must
 still be the run's ``model.vocab_size`` (the data were tokenized for it). SMDM/lit-gpt files and checkpoints of
-SMDM flavors keep ``model.flavor``, checked against the weights when they load.
+SMDM flavors keep ``model.flavor``, checked against the weights when they load. An export of an SMDM flavor gives
+the shape too, and must be ``model.flavor``'s: another flavor's is refused before the model is built (it used to
+train the folder's flavor in place of the configured one without a word).
 """
 
 from __future__ import annotations
@@ -62,6 +64,15 @@ class InitialShape:
             return model_flavor
         return str(self.shape.get("flavor") or "") if _is_flavor_shape(self.shape) else ""
 
+    def check_flavor(self, model_flavor: str) -> None:
+        """UserError when the folder holds another SMDM flavor's model than ``model_flavor`` (a folder of no flavor,
+        a Llama one, gives the shape whatever ``model.flavor`` says, as documented)."""
+        theirs = self.flavor(model_flavor) if self.shape is not None else ""
+        if theirs and ALIASES.get(theirs, theirs) != ALIASES.get(model_flavor, model_flavor):
+            raise UserError(f"checkpoint.initial_load_path {self.path} holds a {theirs} model but model.flavor is "
+                            f"{model_flavor}; set --model.flavor {theirs} to start from its weights, or leave "
+                            f"checkpoint.initial_load_path out to train a fresh {model_flavor}")
+
 
 def _shape_of(initial_load_path: str) -> dict[str, Any] | None:
     """The shape recorded for ``initial_load_path`` when it, not model.flavor, decides the model's, else None."""
@@ -109,8 +120,11 @@ def run_flavor(cfg, initial: InitialShape | None = None) -> str:
 def build_training_model(cfg, max_seq_len: int, device: torch.device, causal: bool = False,
                          initial: InitialShape | None = None) -> TransEncoder:
     """:func:`dlm_titan.models.build_model`, or a model of the initial folder's shape (see the module doc).
-    ``initial``: the run's :class:`InitialShape` where already read."""
-    args = (initial or InitialShape.read(cfg.checkpoint.initial_load_path)).model_args(cfg.model.vocab_size)
+    ``initial``: the run's :class:`InitialShape` where already read. UserError when the folder holds another SMDM
+    flavor than ``model.flavor``."""
+    initial = initial or InitialShape.read(cfg.checkpoint.initial_load_path)
+    initial.check_flavor(cfg.model.flavor)
+    args = initial.model_args(cfg.model.vocab_size)
     if args is None:
         return build_model(cfg.model, max_seq_len, device, causal)
     return build_transencoder(args, max_seq_len, cfg.model.attn_backend, device, causal)
