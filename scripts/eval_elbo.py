@@ -156,20 +156,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def read_pairs(args: argparse.Namespace, model: torch.nn.Module, seq_len: int,
-               context: int) -> list[tuple[list[int], list[int]]]:
-    """(context, window) pairs of ``--text_file`` or ``--shards``: windows of ``seq_len`` tokens, each after
-    ``context`` (0 or 1) tokens of the stream (see :func:`with_context`; shard windows carry their own)."""
+def read_text(path: str) -> str:
+    """The text of ``--text_file``; UserError when it cannot be read or holds no text (only the EOS appended to
+    the document would be scored, and its NLL printed as the file's)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read --text_file {path}: {e}") from None
+    if not text.strip():
+        raise UserError(f"--text_file {path} holds no text ({'only whitespace' if text else 'it is empty'}); "
+                        "give a file with the text to score")
+    return text
+
+
+def read_pairs(args: argparse.Namespace, model: torch.nn.Module, seq_len: int, context: int,
+               text: str) -> list[tuple[list[int], list[int]]]:
+    """(context, window) pairs of ``text`` (``--text_file``'s) or ``--shards``: windows of ``seq_len`` tokens, each
+    after ``context`` (0 or 1) tokens of the stream (see :func:`with_context`; shard windows carry their own)."""
     if not args.text_file:
         windows = shard_windows(args.shards, args.prefix, seq_len + context, args.max_windows, model.args.vocab_size,
                                 args.tokenizer_path)
         return [(w[:context], w[context:]) for w in windows]
     tok = load_tokenizer_for(model, args.tokenizer_path, args.checkpoint)
-    try:
-        with open(args.text_file, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read --text_file {args.text_file}: {e}") from None
     return with_context(text_windows(tok.encode(text, bos=False, eos=True), seq_len), tok.eos_id, context)
 
 
@@ -182,6 +191,7 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     if args.max_windows < 0:
         raise UserError(f"--max_windows must be >= 0 (0 = all), got {args.max_windows}")
+    text = read_text(args.text_file) if args.text_file else ""  # before the model: a bad file costs no load
     model = load_for_inference(args.checkpoint, args.device, args.dtype)
     causal = bool(getattr(model, "causal", False))  # the autoregressive baseline: its likelihood is exact
     if causal and args.left_to_right:
@@ -192,7 +202,7 @@ def run(args: argparse.Namespace) -> dict:
     seq_len = args.seq_len or model.max_seq_len
     if not 1 <= seq_len <= model.max_seq_len:
         raise UserError(f"--seq_len {seq_len} must be in 1..{model.max_seq_len} (the model's max_seq_len)")
-    pairs = read_pairs(args, model, seq_len, context=1 if causal else 0)
+    pairs = read_pairs(args, model, seq_len, 1 if causal else 0, text)
     n_tokens = sum(len(w) for _, w in pairs)
     if args.left_to_right and n_tokens > args.left_to_right_max_tokens:
         raise UserError(f"--left_to_right on {n_tokens} tokens runs {n_tokens} sequences; use it on short texts or "

@@ -80,6 +80,9 @@ def test_eval_elbo_scores_an_ar_checkpoint_exactly(ar_export, tmp_path, capsys):
     # --mc_samples does not apply to an exact likelihood: any value gives the same result
     assert eval_elbo.main([*base, "--text_file", str(text), "--mc_samples", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["nll"] == pytest.approx(r["nll"], rel=1e-12)
+    text.write_text("\n \n")  # no text: the exact likelihood of the lone EOS was printed as the file's
+    assert eval_elbo.main([*base, "--text_file", str(text)]) == 2
+    assert capsys.readouterr().err.strip().endswith("holds no text (only whitespace); give a file with the text to score")
 
 
 def test_generate_samples_an_ar_checkpoint(ar_export, capsys):

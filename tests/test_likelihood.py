@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from dlm_kernels import masked_linear_cross_entropy
+from harness import user_error_line
 
 from dlm_titan.diffusion import Noise, forward_process, sample_noise
 from dlm_titan.likelihood import (
@@ -414,3 +415,17 @@ def test_eval_elbo_cli_text_and_shards(export_dir, tmp_path, capsys):
                       "shards and --prefix the start of their names (e.g. val)"
     assert eval_elbo.main([*base, "--text_file", str(text), "--mc_samples", "1"]) == 2
     assert capsys.readouterr().err.strip() == "error: --mc_samples must be at least 2 (for a standard error), got 1"
+
+
+@pytest.mark.parametrize("content", ["", " \n\t\n"])
+def test_eval_elbo_of_a_file_without_text_is_one_line(export_dir, tmp_path, capsys, content):
+    """An empty (or whitespace-only) --text_file is refused: it scored the lone EOS appended to the document and
+    printed that as the file's NLL."""
+    from scripts import eval_elbo
+
+    text = tmp_path / "empty.txt"
+    text.write_text(content)
+    line = user_error_line(capsys, eval_elbo.main, ["--checkpoint", str(export_dir), "--device", "cpu",
+                                                    "--text_file", str(text)])
+    why = "only whitespace" if content else "it is empty"
+    assert line == f"error: --text_file {text} holds no text ({why}); give a file with the text to score"
