@@ -44,7 +44,7 @@ class RunLock:
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / LOCK_FILE
         self._fd: int | None = None
-        self._created_file = False  # whether acquire created the lock file, and which folders (deepest first)
+        self._created_file = False  # whether acquire created the lock file it holds, and which folders (deepest first)
         self._created_folders: list[Path] = []
 
     def acquire(self) -> None:
@@ -58,8 +58,7 @@ class RunLock:
             opened = _open_lock_file(self.path)
             if opened is None:  # the folder was removed under us by a refused start tidying up: make it again
                 continue
-            fd, created = opened
-            self._created_file = self._created_file or created
+            fd, self._created_file = opened  # this attempt's file: an earlier attempt's is gone
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -222,10 +221,11 @@ def hold_dump_folder(folder: str | Path, rank: int, group: Any = None, *, leave_
         error = box[0]
     if error is not None:
         raise UserError(error)
+    refused = False
     try:
         yield
     except UserError:  # a refused start: leave no trace of it (what else the run wrote stays)
-        lock.release(tidy=True)
+        refused = True
         raise
     finally:
-        lock.release(tidy=leave_no_trace)  # a no-op after the release above
+        lock.release(tidy=refused or leave_no_trace)

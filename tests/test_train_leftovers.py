@@ -136,3 +136,24 @@ def test_a_lock_file_unlinked_before_it_is_locked_is_not_held(tmp_path, monkeypa
         assert (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
     finally:
         lock.release()
+
+
+def test_a_refused_start_keeps_a_lock_file_another_run_made(tmp_path, monkeypatch):
+    """A lock taken on its second try holds a file that another run made: the refused start's tidying must leave it.
+    Whether acquire had created the lock file stuck from the first try, so the tidying unlinked the other run's
+    file (and its holder record)."""
+    folder = tmp_path / "out"
+    lockf = run_lock.fcntl.lockf
+    calls = []
+
+    def replaced_first(fd, op):
+        calls.append(fd)
+        if len(calls) == 1:  # the file this run made is replaced by one another run made and has left
+            (folder / run_lock.LOCK_FILE).unlink()
+            (folder / run_lock.LOCK_FILE).write_text('{"pid": 1, "host": "other"}\n')
+        return lockf(fd, op)
+
+    monkeypatch.setattr(run_lock.fcntl, "lockf", replaced_first)
+    with pytest.raises(UserError, match="refused"), run_lock.hold_dump_folder(folder, rank=0):
+        raise UserError("refused")
+    assert len(calls) == 2 and [p.name for p in folder.iterdir()] == [run_lock.LOCK_FILE]
