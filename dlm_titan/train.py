@@ -46,7 +46,7 @@ from dlm_titan.preemption import StopSignals
 from dlm_titan.profiling import Profiler
 from dlm_titan.run_lock import hold_dump_folder
 from dlm_titan.transfers import to_device
-from dlm_titan.validation import SequenceLossTap, build_validator
+from dlm_titan.validation import SequenceLossTap, build_validator, coverage_change
 
 
 class Trainer:
@@ -132,8 +132,8 @@ class Trainer:
         self.step, self.tokens_seen = self.checkpointer.load()  # resume, or initial_load_path weights
         for note in self.lr_scheduler.resume_notes:  # this run's hyper-parameters that differ from the checkpoint's
             self.log(note)
-        change = validation_coverage_change(self.cfg, self.validator, self.checkpointer.resumed_layout, self.step)
-        if change and self.rank == 0:
+        if self.rank == 0 and (change := coverage_change(self.cfg, self.validator, self.checkpointer.resumed_layout,
+                                                         self.step)):
             print_warning(change)
 
     def train_step(self, step: int) -> dict[str, Any]:
@@ -303,49 +303,6 @@ def check_unresumed_checkpoints(cfg: JobConfig) -> None:
     folder = previous.relative_to(dump) if previous.is_relative_to(dump) else previous
     raise UserError(f"{dump} holds checkpoints in {previous} (newest {newest.name}) but this run saves to {this}: "
                     f"resume them with --checkpoint.folder {folder}, or choose another --job.dump_folder")
-
-
-def validation_coverage_change(cfg: JobConfig, validator, saved_layout: dict[str, Any] | None, step: int) -> str | None:
-    """The warning for a resume whose validation covers other windows than the checkpoint's run did, else None.
-
-    Validation reads validation.steps micro-batches per rank (or every whole round of local_batch_size x ranks):
-    under another world size or local_batch_size it reads another number of windows, so its losses after the
-    resume are no longer comparable with those before, while the training losses continue exactly.
-    """
-    if validator is None or not saved_layout:
-        return None
-    dataset = validator.loader.dataset  # ValBatches: the windows, this run's local batch and ranks
-    windows = dataset.source.num_windows
-
-    def covered(steps: int, local_batch: int, ranks: int) -> int:
-        rounds = windows // (local_batch * ranks)
-        return (min(steps, rounds) if steps > 0 else rounds) * local_batch * ranks
-
-    # validation.steps of the run that saved: its config.toml, which a run writes once it has resumed
-    before = covered(saved_validation_steps(Path(cfg.job.dump_folder), cfg.validation.steps),
-                     int(saved_layout["local_batch_size"]), int(saved_layout["dp_world_size"]))
-    per_round = dataset.b * dataset.W
-    now = covered(cfg.validation.steps, dataset.b, dataset.W)
-    if before == now:
-        return None
-    keep = (f"--validation.steps {before // per_round} covers the same windows"
-            if before % per_round == 0 and before // per_round <= windows // per_round else
-            f"no validation.steps covers the same {before} with local_batch_size x ranks = {per_round}")
-    return (f"validation now reads {now} windows per evaluation (validation.steps x local_batch_size x ranks), the "
-            f"run that saved step {step} read {before} ({saved_layout['local_batch_size']} x "
-            f"{saved_layout['dp_world_size']} ranks): validation losses before and after this resume are not "
-            f"comparable; {keep}")
-
-
-def saved_validation_steps(dump_folder: Path, default: int) -> int:
-    """validation.steps in the dump folder's config.toml (the run that wrote it), else ``default``."""
-    import tomllib
-
-    try:
-        steps = tomllib.loads((dump_folder / "config.toml").read_text()).get("validation", {}).get("steps", default)
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return default
-    return steps if isinstance(steps, int) else default
 
 
 def check_loss_impl(impl: str, device: torch.device) -> None:

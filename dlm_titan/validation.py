@@ -25,6 +25,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -187,3 +188,56 @@ def build_validator(cfg: Any, model: torch.nn.Module, data_path: str, dp_rank: i
     steps = v.steps if v.steps > 0 and v.steps < len(loader) else -1
     return Validator(model, loader, steps=steps, mc_samples=v.mc_samples, seed=v.seed, seq_len=cfg.training.seq_len,
                      eps=cfg.diffusion.eps, mask_id=cfg.model.vocab_size, device=device, autocast=autocast)
+
+
+def coverage_change(cfg: Any, validator: Any, saved_layout: dict[str, Any] | None, step: int) -> str | None:
+    """The warning for a resume whose evaluations read another number of windows than the saving run's did, else
+    None (also when that run did not validate: there is nothing to compare with).
+
+    ``validation.steps`` counts micro-batches per rank (-1: every whole round of local_batch_size x ranks), so under
+    another world size or local_batch_size an evaluation reads other windows: its losses after the resume do not
+    compare with those before, while the training losses continue exactly.
+
+    Args:
+        cfg: this run's config; its dump folder's config.toml, not yet rewritten, is the saving run's.
+        validator: this run's Validator or NextTokenValidator (None: validation off).
+        saved_layout: the resumed checkpoint's loader layout (None: no resume).
+        step: the resumed step, named in the warning.
+    """
+    if validator is None or not saved_layout:
+        return None
+    saved = _recorded_validation(Path(cfg.job.dump_folder))
+    if saved.get("enable") is False:
+        return None
+    saved_steps = saved.get("steps")
+    saved_steps = saved_steps if isinstance(saved_steps, int) else cfg.validation.steps
+    dataset = validator.loader.dataset  # ValBatches: the windows, this run's local batch (b) and ranks (W)
+    windows, per_round = dataset.source.num_windows, dataset.b * dataset.W
+    local_batch, ranks = saved_layout["local_batch_size"], saved_layout["dp_world_size"]
+    before = _windows_read(windows, saved_steps, int(local_batch) * int(ranks))
+    now = _windows_read(windows, cfg.validation.steps, per_round)
+    if before == now:
+        return None
+    keep = (f"--validation.steps {before // per_round} covers the same windows" if before % per_round == 0 else
+            f"no validation.steps covers the same {before} with local_batch_size x ranks = {per_round}")
+    return (f"validation now reads {now} windows per evaluation (validation.steps x local_batch_size x ranks), the "
+            f"run that saved step {step} read {before} ({local_batch} x {ranks} ranks): validation losses before and "
+            f"after this resume are not comparable; {keep}")
+
+
+def _windows_read(windows: int, steps: int, per_round: int) -> int:
+    """Windows one evaluation reads: ``steps`` rounds of ``per_round`` (local_batch_size x ranks), -1 = all whole
+    rounds, as ValBatches and ``validation.steps`` split them."""
+    rounds = windows // per_round
+    return (min(steps, rounds) if steps > 0 else rounds) * per_round
+
+
+def _recorded_validation(dump_folder: Path) -> dict[str, Any]:
+    """The ``[validation]`` table of the dump folder's config.toml, or {} if there is none (or it is unreadable)."""
+    import tomllib
+
+    try:
+        table = tomllib.loads((dump_folder / "config.toml").read_text()).get("validation", {})
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return {}
+    return table if isinstance(table, dict) else {}

@@ -206,6 +206,24 @@ def test_resume_under_another_layout_warns_that_validation_reads_other_windows(t
     assert "validation now reads" not in capfd.readouterr().err
 
 
+def test_resume_of_a_run_without_validation_does_not_warn_of_other_windows(tmp_path, capfd):
+    """A checkpoint saved with validation off, resumed with it on under another local_batch_size: no earlier
+    validation loss to compare with, yet the resume warned that validation "now reads" other windows than the
+    saving run, which read none."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_random_shards(data, VOCAB)
+    write_shard(data / "valid_x_0000000000.bin", np.random.default_rng(2).integers(0, VOCAB, 4096).astype(np.uint16))
+    dump = tmp_path / "dump"
+    run_trainer(tiny_run_args(data, dump, VOCAB, 4, 4, 2, 0, "--checkpoint.enable"), stop_after=2)
+    capfd.readouterr()
+    run_trainer(tiny_run_args(data, dump, VOCAB, 4, 4, 1, 0, "--checkpoint.enable", "--validation.enable",
+                              "--data.val_prefix", "valid_x", "--validation.steps", "2", "--validation.freq", "100",
+                              "--validation.mc_samples", "1"), stop_after=3)
+    out, err = capfd.readouterr()
+    assert "checkpoint: resumed from" in out and "validation now reads" not in err
+
+
 # ------------------------------------------------------------------ more processes than GPUs
 
 
