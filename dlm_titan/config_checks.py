@@ -285,15 +285,21 @@ def _output_folders(config: JobConfig) -> list[tuple[str, str]]:
     return [(key, folder) for key, folder, used in wanted if used]
 
 
+def checkpoint_folder_inside(folder: str | PurePath, dump_folder: str | PurePath) -> bool:
+    """Whether checkpoint.folder ``folder`` lies inside ``dump_folder``: a relative path without ``..``, or an
+    absolute one under the dump folder. Any ``..`` is outside: a lexical check cannot tell where "a/.." leads when
+    a is a symlink, and no layout needs one. Symlinks inside the dump folder are the user's to place."""
+    path = PurePath(folder)
+    if ".." in path.parts:
+        return False
+    return not path.is_absolute() or PurePath(os.path.abspath(path)).is_relative_to(os.path.abspath(dump_folder))
+
+
 def _check_checkpoint_folder(config: JobConfig) -> None:
     """checkpoint.folder must stay inside the dump folder, whose run.lock is what keeps a second trainer from
-    saving over this run's checkpoints: an absolute path or one climbing out with ``..`` escaped it. Symlinks
-    inside the dump folder are the user's to place and are followed."""
+    saving over this run's checkpoints (:func:`checkpoint_folder_inside`)."""
     folder = config.checkpoint.folder
-    if not config.checkpoint.enable:
-        return
-    # any "..": a lexical check cannot tell where "a/.." leads when a is a symlink, and no layout needs one
-    if PurePath(folder).is_absolute() or ".." in PurePath(folder).parts:
+    if config.checkpoint.enable and not checkpoint_folder_inside(folder, config.job.dump_folder):
         raise UserError(f"--checkpoint.folder {folder} lies outside --job.dump_folder {config.job.dump_folder}, whose "
                         "run.lock guards the checkpoints; give a folder inside it (e.g. --checkpoint.folder "
                         "checkpoint), and to save elsewhere choose a --job.dump_folder there")

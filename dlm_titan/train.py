@@ -29,6 +29,7 @@ from dlm_titan.checkpoint import CheckpointManager
 from dlm_titan.checkpoint.write_errors import STORAGE_FULL_ERRNOS
 from dlm_titan.checkpoint_layout import checkpoint_folder_of, newest_complete, print_warning
 from dlm_titan.config import JobConfig, load_config, to_toml
+from dlm_titan.config_checks import checkpoint_folder_inside
 from dlm_titan.data import build_train_loader, resolve_data_path, resolve_vocab_size, used_sources
 from dlm_titan.data.loader import micro_batches_per_step
 from dlm_titan.data.shards import check_leading_ids, list_shards, read_header
@@ -301,6 +302,10 @@ def check_unresumed_checkpoints(cfg: JobConfig) -> None:
         raise UserError(f"{dump} holds checkpoints (newest {newest}) that this run, with checkpoint.enable off, would "
                         "not resume: add --checkpoint.enable to resume them, or choose another --job.dump_folder")
     folder = previous.relative_to(dump) if previous.is_relative_to(dump) else previous
+    if not checkpoint_folder_inside(folder, dump):  # recorded before checkpoint.folder had to stay inside
+        raise UserError(f"{dump} holds checkpoints in {previous} (newest {newest.name}), outside the dump folder, "
+                        f"where no run saves now: move that folder into {dump} and resume with --checkpoint.folder "
+                        "set to its place there (e.g. checkpoint), or choose another --job.dump_folder")
     raise UserError(f"{dump} holds checkpoints in {previous} (newest {newest.name}) but this run saves to {this}: "
                     f"resume them with --checkpoint.folder {folder}, or choose another --job.dump_folder")
 

@@ -88,6 +88,35 @@ def test_a_checkpoint_folder_outside_the_dump_folder_is_refused(folder, tmp_path
                         "--job.dump_folder", str(dump)]).checkpoint.folder == "ckpt/step_dirs"
 
 
+def test_an_absolute_checkpoint_folder_inside_the_dump_folder_is_accepted(tmp_path, monkeypatch):
+    """An absolute checkpoint.folder under the dump folder (as a relative dump folder resolves it) was refused as
+    lying outside it."""
+    monkeypatch.chdir(tmp_path)
+    inside = str(tmp_path / "runs" / "a" / "ckpt")
+    for dump in ("runs/a", str(tmp_path / "runs" / "a")):
+        argv = ["--checkpoint.enable", "--checkpoint.folder", inside, "--job.dump_folder", dump]
+        assert load_config(argv).checkpoint.folder == inside
+    assert refused(["--checkpoint.enable", "--checkpoint.folder", str(tmp_path / "runs" / "ab"),
+                    "--job.dump_folder", "runs/a"]).startswith("--checkpoint.folder")
+
+
+@pytest.mark.parametrize("recorded", ["../ckpt", "ABSOLUTE"])
+def test_checkpoints_recorded_outside_the_dump_folder_name_a_fix_that_is_accepted(recorded, tmp_path, capsys):
+    """A dump folder whose config.toml records a checkpoint folder outside it (saved before that was refused): the
+    rerun's error said to resume with that --checkpoint.folder, which the config check refuses."""
+    dump = tmp_path / "runs" / "a"
+    recorded = str(tmp_path / "ckpt") if recorded == "ABSOLUTE" else recorded
+    step_dir = dump / recorded / "step-2"
+    step_dir.mkdir(parents=True)
+    dump.mkdir(parents=True, exist_ok=True)
+    (step_dir / "complete.json").write_text("{}")
+    (step_dir / ".metadata").write_text("")
+    (dump / "config.toml").write_text(f'[checkpoint]\nenable = true\nfolder = "{recorded}"\n')
+    line = user_error_line(capsys, train.main, [*TINY_RUN, "--checkpoint.enable", "--job.dump_folder", str(dump)])
+    assert "outside the dump folder" in line and f"move that folder into {dump} and resume with" in line, line
+    assert f"--checkpoint.folder {recorded}" not in line
+
+
 def test_a_start_refused_after_the_lock_leaves_no_trace_of_itself(tmp_path, capsys):
     """Bad input found while the Trainer is built (here validation shards that do not exist) left the dump folder
     it had made, holding run.lock (and, with TensorBoard on, tb/ with an event file)."""
