@@ -75,9 +75,9 @@ def check_local_devices(processes: int) -> None:
     run_train.sh's check before torchrun calls it with NGPU: each process past the GPUs otherwise printed its own
     "local rank N has no GPU" line once started, beside the others it stopped.
     """
-    if torch.cuda.is_available() and processes > torch.cuda.device_count():
-        raise UserError(f"NGPU={processes} processes on this node, but it has {torch.cuda.device_count()} GPUs; set "
-                        f"NGPU (torchrun --nproc_per_node) to at most {torch.cuda.device_count()}")
+    if torch.cuda.is_available() and processes > (gpus := torch.cuda.device_count()):
+        raise UserError(f"NGPU={processes} processes on this node, but it sees {gpus} GPU{'s' * (gpus != 1)} "
+                        f"(CUDA_VISIBLE_DEVICES included); set NGPU (torchrun --nproc_per_node) to at most {gpus}")
 
 
 def set_determinism(enabled: bool, model_cfg, device: torch.device) -> None:

@@ -248,8 +248,8 @@ def test_more_processes_than_gpus_is_one_line_before_any_starts(tmp_path, monkey
     argv = tiny_run_args(data, tmp_path / "dump", VOCAB, 2, 4, 1, 0)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: NGPU=2 processes on this node, but it has 1 GPUs; set NGPU (torchrun --nproc_per_node) "
-                   "to at most 1"]
+    assert err == ["error: NGPU=2 processes on this node, but it sees 1 GPU (CUDA_VISIBLE_DEVICES included); set "
+                   "NGPU (torchrun --nproc_per_node) to at most 1"]
     assert not (tmp_path / "dump").exists()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert main(argv) == 0
