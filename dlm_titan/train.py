@@ -437,7 +437,8 @@ def train_loader(cfg: JobConfig, data_path: str, rank: int, world_size: int):
 def check_config(cfg: JobConfig, world_size: int) -> int:
     """Validates what can be checked without building the model (run_train.sh runs it once before torchrun, so
     that bad input ends in one line and exit 2 rather than in every rank's error and torchrun's traceback): the
-    flavor, parallel degrees, batch layout, the data folder, its shards' headers and the tokenizer."""
+    processes per node against its GPUs, the flavor, parallel degrees, batch layout, the data folder, its shards'
+    headers and the tokenizer, and the dump folder (another trainer's lock, checkpoints this run would not resume)."""
     # run_train.sh's check on the node it starts the processes on passes their count (NGPU) as LOCAL_WORLD_SIZE
     dist_utils.check_local_devices(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     cfg.model.vocab_size = resolve_vocab_size(cfg.model.vocab_size, cfg.data)
