@@ -90,13 +90,15 @@ class RunLock:
 
         Args:
             tidy: also remove what :meth:`acquire` created, for a start that was refused: the lock file (unlinked
-                while still locked, see acquire's check), then each folder it made, deepest first, while empty.
+                while still locked, see acquire's check, and only while it is the file at its path), then each
+                folder it made, deepest first, while empty.
         """
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
         try:
-            if tidy and self._created_file:
+            # our file only, not one put in its place (by a run on another node where locks are node-local)
+            if tidy and self._created_file and _is_at(fd, self.path):
                 with contextlib.suppress(OSError):
                     self.path.unlink()
             else:

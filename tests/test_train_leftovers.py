@@ -186,3 +186,14 @@ def test_a_refused_start_keeps_a_lock_file_another_run_made(tmp_path, monkeypatc
     with pytest.raises(UserError, match="refused"), run_lock.hold_dump_folder(folder, rank=0):
         raise UserError("refused")
     assert len(calls) == 2 and [p.name for p in folder.iterdir()] == [run_lock.LOCK_FILE]
+
+
+def test_a_refused_start_keeps_a_lock_file_put_in_place_of_its_own(tmp_path):
+    """Where locks are node-local (NFS local_lock=all) another node's run can replace run.lock while this one holds
+    its own: the refused start's tidying unlinked whatever file was at the path, that run's included."""
+    folder = tmp_path / "out"
+    with pytest.raises(UserError, match="refused"), run_lock.hold_dump_folder(folder, rank=0):
+        (folder / run_lock.LOCK_FILE).unlink()
+        (folder / run_lock.LOCK_FILE).write_text('{"pid": 1, "host": "other"}\n')
+        raise UserError("refused")
+    assert (folder / run_lock.LOCK_FILE).read_text() == '{"pid": 1, "host": "other"}\n'
