@@ -23,7 +23,9 @@ set -euo pipefail
 REPO=${DLM_TITAN_ROOT:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")/.." && pwd)}}
 [[ -x "$REPO/run_train.sh" ]] || { echo "error: $REPO/run_train.sh not found; submit from the repository root or set DLM_TITAN_ROOT" >&2; exit 2; }
 
-HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# sed reads the whole list: `head -n 1` exits after one line, and a scontrol still writing then dies of SIGPIPE,
+# which pipefail and set -e turn into the end of the job (exit 141).
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 export NNODES=$SLURM_NNODES
 export NGPU=${NGPU:-${SLURM_GPUS_ON_NODE:-8}}
 export RDZV_ENDPOINT=${RDZV_ENDPOINT:-$HEAD_NODE:29500}

@@ -172,7 +172,9 @@ def _launch(tmp_path: Path, script: str, args: list[str], **env: str) -> tuple[i
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     python = _executable(bin_dir / "fake_python", _FAKE_PYTHON)
-    _executable(bin_dir / "scontrol", "#!/usr/bin/env bash\nfor i in $(seq $SLURM_NNODES); do echo node$i; done\n")
+    # scontrol: the first name, then the others a moment later (a reader that stops after one line kills it by SIGPIPE)
+    _executable(bin_dir / "scontrol", "#!/usr/bin/env bash\necho node1; sleep 0.2\n"
+                                      "for i in $(seq 2 $SLURM_NNODES); do echo node$i; done\n")
     # srun: one task per node, run one after the other.
     _executable(bin_dir / "srun", '#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
                                   'for i in $(seq $SLURM_NNODES); do "$@" || exit $?; done\n')
