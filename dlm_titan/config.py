@@ -56,10 +56,11 @@ class Model:
 @dataclass
 class Diffusion:
     eps: float = 1e-3
-    """Mask probability floor: p = (1 - eps) * t + eps. Not used by training.objective = "ar"."""
+    """Mask probability floor: p = (1 - eps) * t + eps. An AR run (training.objective = "ar") refuses another
+    value: it draws no noise."""
     t_sampling: Literal["uniform", "stratified"] = "uniform"
-    """How t is drawn per sequence: i.i.d. uniform (SMDM) or stratified over the global batch. Not used by
-    training.objective = "ar"."""
+    """How t is drawn per sequence: i.i.d. uniform (SMDM) or stratified over the global batch. An AR run
+    (training.objective = "ar") refuses "stratified": it draws no noise."""
     ssl_ratio: float = 0.0
     """Stochastic sequence length: probability that a micro-batch is cropped to a random length (SMDM uses
     0.01). Breaks layout invariance by design. On a GPU each new length costs ~0.2-0.3 s when first met (new

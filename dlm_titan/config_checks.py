@@ -202,10 +202,23 @@ def check_config(config: JobConfig) -> None:
     if config.compile.enable and config.compile.cudagraphs and config.diffusion.ssl_ratio > 0:
         raise UserError("--compile.cudagraphs needs fixed shapes, but --diffusion.ssl_ratio > 0 crops batches to "
                         "random lengths (each would record new graphs): add --compile.no_cudagraphs")
+    _check_ar_noise_options(config)
     _check_memory(t, config.model.vocab_size)
     _check_dump_folder(config.job.dump_folder)
     _check_checkpoint_folder(config)
     _check_output_folders(config)
+
+
+def _check_ar_noise_options(config: JobConfig) -> None:
+    """An AR run draws no masking noise: diffusion.eps or t_sampling off their defaults would do nothing without a
+    word. (ssl_ratio crops AR batches and loss_impl picks the kernel: both apply and stay accepted.)"""
+    if config.training.objective != "ar":
+        return
+    d, defaults = config.diffusion, type(config.diffusion)()
+    unused = [f"--diffusion.{k} {getattr(d, k)}" for k in ("eps", "t_sampling") if getattr(d, k) != getattr(defaults, k)]
+    if unused:
+        raise UserError(f"--training.objective ar draws no masking noise, so {' and '.join(unused)} would do "
+                        f"nothing; remove {'them' if len(unused) > 1 else 'it'}, or train --training.objective mdm")
 
 
 # What a run allocates at start whatever its flavor, as lower bounds: per sequence position the RoPE table (cos and

@@ -18,7 +18,8 @@ parabola of loss in log10 N per budget and power laws N_opt(C), L_opt(C), and wr
 and ``isoflop.png`` (needs matplotlib: ``pip install ".[plot]"``).
 
 ``--objective mdm,ar`` sweeps SMDM's autoregressive baseline beside MDM (same flavors, budgets and steps; AR runs
-are named ``ar-<budget>-<flavor>`` and never use ssl_ratio, so with it their steps are fewer than MDM's), fits each objective's isoFLOP curves
+are named ``ar-<budget>-<flavor>`` and never use ssl_ratio, so with it their steps are fewer than MDM's; overrides of
+diffusion.eps / t_sampling after ``--`` apply to the MDM runs only), fits each objective's isoFLOP curves
 (``isoflop_mdm.png``, ``isoflop_ar.png``) and compares them (:mod:`dlm_titan.scaling_compare`): both loss
 frontiers against compute and the compute multiplier C_mdm / C_ar at equal loss with a bootstrap interval, in
 ``isoflop_fits.json`` and ``isoflop_compare.png``.
@@ -125,7 +126,11 @@ def base_config(args: argparse.Namespace, train_args: list[str]):
         flag = arg.split("=", 1)[0]
         if flag in OWNED:
             raise UserError(f"{flag} is set by the sweep; use the sweep option {OWNED[flag]} instead")
-    return load_config(([] if args.config_file is None else ["--job.config_file", args.config_file]) + train_args)
+    # An AR-only sweep checks its overrides as AR runs (diffusion.eps / t_sampling are refused there); with MDM in
+    # the sweep they apply to the MDM runs, and run_config gives the AR runs the defaults.
+    objective = ["--training.objective", "ar"] if args.objective == ["ar"] else []
+    return load_config(([] if args.config_file is None else ["--job.config_file", args.config_file]) + train_args
+                       + objective)
 
 
 def run_config(base, plan, dump_folder: Path, local_batch_size: int):
@@ -142,6 +147,9 @@ def run_config(base, plan, dump_folder: Path, local_batch_size: int):
     cfg.training.local_batch_size = local_batch_size
     cfg.training.seq_len = plan.seq_len
     cfg.diffusion.ssl_ratio = plan.ssl_ratio
+    if plan.objective == "ar":  # it draws no masking noise, and the trainer refuses these off their defaults
+        defaults = type(cfg.diffusion)()
+        cfg.diffusion.eps, cfg.diffusion.t_sampling = defaults.eps, defaults.t_sampling
     # Random lengths would record new CUDA graphs at every new length (the trainer refuses the pair).
     cfg.compile.cudagraphs = cfg.compile.cudagraphs and plan.ssl_ratio == 0
     cfg.validation.enable = True

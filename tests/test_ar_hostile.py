@@ -1,6 +1,7 @@
 """The autoregressive objective (``training.objective = "ar"``) used the wrong way round, as a user would: its
 Hugging Face export loaded with the masked-LM class, its runs plotted and logged with diffusion-only views, and
-isoFLOP comparisons collected before both objectives finished."""
+isoFLOP comparisons collected before both objectives finished, its config given diffusion options that draw noise
+it never draws."""
 
 from __future__ import annotations
 
@@ -206,3 +207,37 @@ def test_sweep_of_ar_alone_refuses_ssl_ratio(capsys):
     line = user_error_line(capsys, isoflop_sweep.main, [*plan, "--objective", "ar"])
     assert "--ssl_ratio 0.01 applies to MDM runs only" in line and "--objective ar" in line
     assert isoflop_sweep.main([*plan, "--objective", "mdm,ar"]) == 0
+
+
+@pytest.mark.parametrize("flags", [["--diffusion.eps", "0.01"], ["--diffusion.t_sampling", "stratified"]])
+def test_ar_run_refuses_noise_options(flags):
+    """An AR run draws no masking noise: diffusion.eps or t_sampling off their defaults were ignored without a word.
+    ssl_ratio (crops AR batches) and loss_impl (the kernel) apply and stay accepted; MDM takes all four."""
+    from dlm_titan.config import load_config
+    from dlm_titan.errors import UserError
+
+    with pytest.raises(UserError) as refused:  # at load, before any folder is made (the trainer prints it, exit 2)
+        load_config(["--training.objective", "ar", *flags])
+    assert str(refused.value) == (f"--training.objective ar draws no masking noise, so {' '.join(flags)} would do "
+                                  "nothing; remove it, or train --training.objective mdm")
+    applies = ["--diffusion.ssl_ratio", "0.01", "--diffusion.loss_impl", "torch"]
+    assert load_config(["--training.objective", "ar", *applies]).diffusion.ssl_ratio == 0.01
+    assert load_config(["--training.objective", "mdm", *flags, *applies]).training.objective == "mdm"
+
+
+def test_sweep_gives_noise_options_to_its_mdm_runs_only(tmp_path, capsys):
+    """A sweep of both objectives with --diffusion.eps after -- writes it into the MDM runs' configs and the
+    default into the AR runs' (which would refuse it); a sweep of AR alone refuses it in one line."""
+    from harness import user_error_line
+
+    from dlm_titan.config import load_config
+    from scripts import isoflop_sweep
+
+    plan = ["--budgets", "1e18", "--flavors", "19M", "--launcher", "run_train", "--output_dir", str(tmp_path)]
+    assert isoflop_sweep.main([*plan, "--objective", "mdm,ar", "--", "--diffusion.eps", "0.01"]) == 0
+    configs = tmp_path / "configs"
+    assert load_config(["--job.config_file", str(configs / "1e18-19M.toml")]).diffusion.eps == 0.01
+    assert load_config(["--job.config_file", str(configs / "ar-1e18-19M.toml")]).diffusion.eps == 1e-3
+    line = user_error_line(capsys, isoflop_sweep.main, [*plan, "--objective", "ar", "--dry_run", "--",
+                                                        "--diffusion.t_sampling", "stratified"])
+    assert "--training.objective ar draws no masking noise" in line, line
