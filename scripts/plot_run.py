@@ -51,10 +51,11 @@ def read_scalars(folder: Path) -> Series:
 
 
 def run_objective(folder: Path, series: Series) -> str:
-    """"ar" or "mdm": the run's ``training.objective`` from the config.toml of its dump folder (the event folder's
-    parent, or the folder itself), else "ar" when validation logged an exact perplexity (``validation/ppl``; MDM
+    """"ar" or "mdm": the run's ``training.objective`` from the config.toml of its dump folder (the event folder
+    itself, else its parent: a dump folder inside another run's holds its events itself only when
+    metrics.save_tb_folder is "."), else "ar" when validation logged an exact perplexity (``validation/ppl``; MDM
     logs ``validation/ppl_bound``)."""
-    for config in (folder.parent / "config.toml", folder / "config.toml"):
+    for config in (folder / "config.toml", folder.parent / "config.toml"):
         try:
             objective = tomllib.loads(config.read_text(encoding="utf-8")).get("training", {}).get("objective")
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):

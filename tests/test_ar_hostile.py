@@ -77,6 +77,20 @@ def test_plot_of_an_ar_run_does_not_call_its_loss_an_elbo(tmp_path, monkeypatch,
         assert plotted_titles(monkeypatch, tmp_path, [])[0] == "MDM loss (ELBO bound, nats/token)"
 
 
+def test_plot_reads_the_objective_of_the_run_it_plots(tmp_path, monkeypatch):
+    """An AR run whose events sit in its own dump folder (metrics.save_tb_folder = ".") inside another run's dump
+    folder (./outputs, the default) took the outer run's objective from the outer config.toml."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "ar"
+    writer = SummaryWriter(log_dir=str(run))
+    writer.add_scalar("loss/train", 9.0, 1)
+    writer.close()
+    (tmp_path / "config.toml").write_text('[training]\nobjective = "mdm"\n')
+    (run / "config.toml").write_text('[training]\nobjective = "ar"\n')
+    assert plotted_titles(monkeypatch, run, [])[0] == "AR loss (next-token NLL, nats/token)"
+
+
 @pytest.mark.slow
 def test_ar_run_logs_no_diffusion_tags(tmp_path):
     """An AR run wrote diffusion/masked_fraction = 1.0 at every logged step, a diffusion metric that means nothing
