@@ -204,9 +204,9 @@ def hold_dump_folder(folder: str | Path, rank: int, group: Any = None, *, leave_
 
     Collective when ``group`` (a gloo group of all ranks) is given: if rank 0 is refused, every rank raises the
     same :class:`UserError`, so under torchrun all ranks exit 2 together instead of waiting on rank 0. The lock
-    is released however the body ends; a body that raises :class:`UserError` (a refused start) also removes the
-    lock file and the folders the lock created, if otherwise empty (:meth:`RunLock.release`), as does any body
-    with ``leave_no_trace`` (a check that only tests the folder).
+    is released however the body ends; a body that raises :class:`UserError` (bad input: a refused start, or a
+    run stopped by it) also removes the lock file and the folders the lock created, if otherwise empty
+    (:meth:`RunLock.release`), as does any body with ``leave_no_trace`` (a check that only tests the folder).
     """
     lock = RunLock(folder)
     error = None
@@ -226,7 +226,7 @@ def hold_dump_folder(folder: str | Path, rank: int, group: Any = None, *, leave_
     refused = False
     try:
         yield
-    except UserError:  # a refused start: leave no trace of it (what else the run wrote stays)
+    except UserError:  # bad input: a refused start leaves no trace (what else a run wrote stays)
         refused = True
         raise
     finally:
