@@ -61,6 +61,15 @@ def test_several_nodes_without_a_rendezvous_endpoint_are_refused(tmp_path):
 # ------------------------------------------------------------------ torchrun's ending (dlm_titan.launch)
 
 
+def _raising(error: BaseException):
+    """A stand-in for torchrun's main that ends with ``error``."""
+
+    def torchrun(argv: list[str]) -> None:
+        raise error
+
+    return torchrun
+
+
 def _child_failed(*codes: int) -> Exception:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
@@ -76,10 +85,7 @@ def test_launcher_ends_with_the_trainers_one_line_codes(monkeypatch, codes, expe
 
     from dlm_titan import launch
 
-    def fail(argv):
-        raise _child_failed(*codes)
-
-    monkeypatch.setattr(torch.distributed.run, "main", fail)
+    monkeypatch.setattr(torch.distributed.run, "main", _raising(_child_failed(*codes)))
     assert launch.main(["--nproc_per_node", "2"]) == expect
 
 
@@ -92,11 +98,10 @@ def test_launcher_keeps_torchrun_ending_for_anything_else(monkeypatch):
     from dlm_titan import launch
 
     for error in (_child_failed(1, -9), SignalException("got signal: 15", signal.SIGTERM)):
-        monkeypatch.setattr(torch.distributed.run, "main", lambda argv, error=error: (_ for _ in ()).throw(error))
+        monkeypatch.setattr(torch.distributed.run, "main", _raising(error))
         with pytest.raises((ChildFailedError, SignalException)):
             launch.main([])
-    monkeypatch.setattr(torch.distributed.run, "main",
-                        lambda argv: (_ for _ in ()).throw(SignalException("got signal: 2", signal.SIGINT)))
+    monkeypatch.setattr(torch.distributed.run, "main", _raising(SignalException("got signal: 2", signal.SIGINT)))
     assert launch.main([]) == 130
     seen = []
     monkeypatch.setattr(torch.distributed.run, "main", seen.append)
