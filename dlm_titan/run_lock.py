@@ -150,9 +150,9 @@ def _open_lock_file(path: Path) -> tuple[int, bool] | None:
     try:
         try:
             return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
-        except FileExistsError:
-            return os.open(path, os.O_RDWR), False
-    except FileNotFoundError:  # the folder was removed after _make_folder, or the file between the two opens
+        except FileExistsError:  # O_EXCL does not follow a symlink: O_CREAT makes a dangling one's target
+            return os.open(path, os.O_RDWR | os.O_CREAT, 0o644), False
+    except FileNotFoundError:  # the folder was removed after _make_folder
         return None
     except IsADirectoryError:
         raise UserError(f"{path} is a directory: remove it so the run can lock its dump folder") from None

@@ -197,3 +197,15 @@ def test_a_refused_start_keeps_a_lock_file_put_in_place_of_its_own(tmp_path):
         (folder / run_lock.LOCK_FILE).write_text('{"pid": 1, "host": "other"}\n')
         raise UserError("refused")
     assert (folder / run_lock.LOCK_FILE).read_text() == '{"pid": 1, "host": "other"}\n'
+
+
+def test_a_lock_file_that_is_a_dangling_symlink_is_locked_through_it(tmp_path):
+    """run.lock as a symlink to a file not yet there was locked through it (its target made); the exclusive create
+    that tells whether a run made the lock file refused the symlink, and the lock "kept disappearing" 10 times."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / run_lock.LOCK_FILE).symlink_to(tmp_path / "target")
+    with pytest.raises(UserError, match="refused"), run_lock.hold_dump_folder(folder, rank=0):
+        assert (tmp_path / "target").is_file()
+        raise UserError("refused")
+    assert (folder / run_lock.LOCK_FILE).is_symlink()  # not this run's to remove
