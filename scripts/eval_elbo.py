@@ -48,12 +48,13 @@ def text_windows(tokens: list[int], seq_len: int) -> list[list[int]]:
 
 
 def shard_windows(folder: str, prefix: str, seq_len: int, max_windows: int, vocab_size: int,
-                  tokenizer_path: str) -> list[list[int]]:
-    """The first ``max_windows`` windows of ``seq_len`` tokens of shards ``{folder}/{prefix}*.bin``
+                  tokenizer_path: str, context: int = 0) -> list[list[int]]:
+    """The first ``max_windows`` windows of ``seq_len + context`` tokens of shards ``{folder}/{prefix}*.bin``
     (``folder = "embedded"``: the embedded corpus, prepared once with the tokenizer)."""
     import numpy as np
 
     from dlm_titan.data.embedded import prepare_embedded
+    from dlm_titan.data.shards import list_shards, read_header
     from dlm_titan.data.windows import WindowSet
 
     if folder == "embedded":
@@ -61,9 +62,15 @@ def shard_windows(folder: str, prefix: str, seq_len: int, max_windows: int, voca
     if not any(Path(folder).glob(f"{prefix}*.bin")):  # the loader's own message speaks of training's data.path
         raise UserError(f"no shard {prefix}*.bin in --shards {folder}: pass the folder of prepared .bin shards "
                         "and --prefix the start of their names (e.g. val)")
-    windows = WindowSet(folder, prefix, seq_len, vocab_size)
+    window = seq_len + context
+    longest = max(read_header(p).chunk_size for p in list_shards(folder, prefix))
+    if longest < window:  # the window set's own message names training's seq_len
+        of = f"--seq_len {seq_len} + 1 context token" if context else f"--seq_len {seq_len}"
+        raise UserError(f"no shard {prefix}*.bin in --shards {folder} holds a window of {of} (longest shard: "
+                        f"{longest} tokens); pass --seq_len {longest - context} or less")
+    windows = WindowSet(folder, prefix, window, vocab_size)
     count = min(max_windows, windows.num_windows) if max_windows > 0 else windows.num_windows
-    out = np.zeros((count, seq_len), dtype=np.int64)
+    out = np.zeros((count, window), dtype=np.int64)
     windows.read(np.arange(count, dtype=np.int64), out)
     return out.tolist()
 
@@ -175,8 +182,8 @@ def read_pairs(args: argparse.Namespace, model: torch.nn.Module, seq_len: int, c
     """(context, window) pairs of ``text`` (``--text_file``'s) or ``--shards``: windows of ``seq_len`` tokens, each
     after ``context`` (0 or 1) tokens of the stream (see :func:`with_context`; shard windows carry their own)."""
     if not args.text_file:
-        windows = shard_windows(args.shards, args.prefix, seq_len + context, args.max_windows, model.args.vocab_size,
-                                args.tokenizer_path)
+        windows = shard_windows(args.shards, args.prefix, seq_len, args.max_windows, model.args.vocab_size,
+                                args.tokenizer_path, context)
         return [(w[:context], w[context:]) for w in windows]
     tok = load_tokenizer_for(model, args.tokenizer_path, args.checkpoint)
     return with_context(text_windows(tok.encode(text, bos=False, eos=True), seq_len), tok.eos_id, context)

@@ -83,6 +83,11 @@ def test_eval_elbo_scores_an_ar_checkpoint_exactly(ar_export, tmp_path, capsys):
     text.write_text("\n \n")  # no text: the exact likelihood of the lone EOS was printed as the file's
     assert eval_elbo.main([*base, "--text_file", str(text)]) == 2
     assert capsys.readouterr().err.strip().endswith("holds no text (only whitespace); give a file with the text to score")
+    # a window needs seq_len + 1 tokens (its context first): an 8-token shard holds none of --seq_len 8
+    write_shard(shards / "short_0000000000.bin", tokens[:8])
+    assert eval_elbo.main([*base, "--shards", str(shards), "--prefix", "short"]) == 2
+    assert capsys.readouterr().err.strip().endswith("holds a window of --seq_len 8 + 1 context token (longest shard: "
+                                                    "8 tokens); pass --seq_len 7 or less")
 
 
 def test_generate_samples_an_ar_checkpoint(ar_export, capsys):

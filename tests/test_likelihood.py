@@ -429,3 +429,18 @@ def test_eval_elbo_of_a_file_without_text_is_one_line(export_dir, tmp_path, caps
                                                     "--text_file", str(text)])
     why = "only whitespace" if content else "it is empty"
     assert line == f"error: --text_file {text} holds no text ({why}); give a file with the text to score"
+
+
+def test_eval_elbo_of_shards_shorter_than_a_window_names_its_seq_len(export_dir, tmp_path, capsys):
+    """Shards shorter than one window: the line names eval_elbo's --seq_len and the largest that fits; it was the
+    training loader's 'seq_len + 1 = 8 tokens ... lower training.seq_len', wrong on both counts here."""
+    from dlm_titan.data import write_shard
+    from scripts import eval_elbo
+
+    write_shard(tmp_path / "val_0000000000.bin", np.arange(100, 105, dtype=np.uint16))
+    line = user_error_line(capsys, eval_elbo.main, ["--checkpoint", str(export_dir), "--device", "cpu", "--seq_len",
+                                                    "8", "--shards", str(tmp_path), "--prefix", "val"])
+    assert line == (f"error: no shard val*.bin in --shards {tmp_path} holds a window of --seq_len 8 (longest shard: "
+                    "5 tokens); pass --seq_len 5 or less")
+    assert eval_elbo.main(["--checkpoint", str(export_dir), "--device", "cpu", "--seq_len", "5", "--shards",
+                           str(tmp_path), "--prefix", "val", "--mc_samples", "2", "--json"]) == 0
