@@ -208,6 +208,11 @@ def test_lm_eval_model_args_repeating_its_flags_are_one_line():
                                        {"device": "cuda", "batch_size": 1, "max_batch_size": None})
     with pytest.raises(UserError, match="nowhere"):  # no repeat: the model's own checks run
         DLMTitanLM.create_from_arg_obj({"pretrained": "nowhere"}, {"device": "cpu", "max_batch_size": None})
+    # model_args as a string (lm-eval's Python API) took lm-eval's other path: the TypeError traceback
+    with pytest.raises(UserError, match="model_args device repeats lm-eval's own --device"):
+        DLMTitanLM.create_from_arg_string("pretrained=nowhere,device=cpu", {"device": "cuda", "batch_size": 1})
+    with pytest.raises(UserError, match="nowhere"):
+        DLMTitanLM.create_from_arg_string("pretrained=nowhere", {"device": "cpu", "batch_size": None})
 
 
 def test_sweep_of_ar_alone_refuses_ssl_ratio(capsys):

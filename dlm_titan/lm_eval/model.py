@@ -134,6 +134,14 @@ class DLMTitanLM(LM):
                             f"flag{'s' if many else ''}, not in --model_args")
         return super().create_from_arg_obj(arg_dict, additional_config)
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> DLMTitanLM:
+        """The same, for model_args given as a string (``simple_evaluate(model_args="pretrained=P,...")``), whose
+        lm-eval path does not go through :meth:`create_from_arg_obj`."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
     @property
     def device(self) -> torch.device:
         return self._device
