@@ -178,9 +178,12 @@ def test_two_processes_give_the_one_process_answers(setup, one_process):
     ("mc_samples=many", "model_args mc_samples='many' must be an integer"),
     ("greedy=maybe", "model_args greedy='maybe' must be true or false"),
     ("compile=sometimes", "model_args compile='sometimes' must be auto, true or false"),
-    ("cfg_scale=inf", "eps must be in [0, 1); cfg_scale (finite)"),
-    ("cfg_scale=nan", "eps must be in [0, 1); cfg_scale (finite)"),
-    ("seed=-1", "seed must be >= 0, got -1"),
+    ("cfg_scale=inf", "model_args cfg_scale=inf must be a finite number >= 0 (0 = off)"),
+    ("cfg_scale=nan", "model_args cfg_scale=nan must be a finite number >= 0 (0 = off)"),
+    ("seed=-1", "model_args seed=-1 must be >= 0"),
+    # each bad value is named alone (the line named mc_samples, batch_size and rolling_context for any of them)
+    ("mc_samples=0", "model_args mc_samples=0 must be at least 1"),
+    ("gen_steps=-1", "model_args gen_steps=-1 must be >= 0 (0 = one step per generated token)"),
 ])
 def test_bad_model_args_are_user_errors(setup, model_args, message):
     """Checked before the model loads (so the path need not exist); lm-eval parses model_args as this string is

@@ -69,16 +69,23 @@ class ScorerConfig:
     gen_steps: int = 0
 
     def check(self) -> None:
-        """UserError naming the bad option; "chain_rule" becomes "left_to_right"."""
+        """UserError naming the bad option, its value and the values it takes; "chain_rule" becomes
+        "left_to_right"."""
         if self.nll_type not in NLL_TYPES:
             raise UserError(f"nll_type {self.nll_type!r} is not one of {', '.join(NLL_TYPES)}")
         self.nll_type = NLL_TYPES[self.nll_type]
-        if min(self.mc_samples, self.batch_size, self.rolling_context) < 1:
-            raise UserError("mc_samples, batch_size and rolling_context must be at least 1")
-        if not 0.0 <= self.eps < 1.0 or not 0 <= self.cfg_scale < math.inf or min(self.max_length, self.gen_steps) < 0:
-            raise UserError("eps must be in [0, 1); cfg_scale (finite), max_length and gen_steps must be >= 0")
-        if self.seed < 0:
-            raise UserError(f"seed must be >= 0, got {self.seed}")
+        rules = (("mc_samples", self.mc_samples >= 1, "at least 1"),
+                 ("rolling_context", self.rolling_context >= 1, "at least 1"),
+                 ("eps", 0.0 <= self.eps < 1.0, "in [0, 1)"),
+                 ("cfg_scale", 0.0 <= self.cfg_scale < math.inf, "a finite number >= 0 (0 = off)"),
+                 ("max_length", self.max_length >= 0, ">= 0 (0 = the model's max_seq_len)"),
+                 ("gen_steps", self.gen_steps >= 0, ">= 0 (0 = one step per generated token)"),
+                 ("seed", self.seed >= 0, ">= 0"))
+        for name, ok, rule in rules:
+            if not ok:
+                raise UserError(f"model_args {name}={getattr(self, name)} must be {rule}")
+        if self.batch_size < 1:  # lm-eval's own flag, not a model_args entry
+            raise UserError(f"--batch_size {self.batch_size} must be at least 1")
 
 
 def checked_max_length(cfg: ScorerConfig, model: torch.nn.Module) -> int:
