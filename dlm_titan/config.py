@@ -111,11 +111,12 @@ class Training:
     seed: int = 3407
     """Seed for init, data order and diffusion noise."""
     mixed_precision_param: Literal["bfloat16", "float32"] = "bfloat16"
-    """FSDP parameter dtype during compute (GPU)."""
+    """FSDP parameter dtype during compute (GPU); float32 whatever this says when dtype is "float32"."""
     mixed_precision_reduce: Literal["float32", "bfloat16"] = "float32"
     """FSDP gradient reduce-scatter dtype."""
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
-    """Compute dtype: "auto" = bf16 autocast on GPU, float32 on CPU."""
+    """Compute dtype: "auto" = bf16 autocast on GPU (FSDP: mixed_precision_param), float32 on CPU; "float32"
+    computes in float32 under every data-parallel form (FSDP gathers float32 parameters)."""
     gc_freq: int = 50
     """Run Python's garbage collector every this many steps (automatic GC is disabled: it stalls steps)."""
     on_nonfinite: Literal["skip", "stop", "raise"] = "raise"

@@ -146,12 +146,28 @@ def fsdp_groups(model: nn.Module) -> list[nn.Module | list[nn.Module]]:
     return [model.tok_embeddings, *model.layers.values(), [model.norm, model.output]]
 
 
+def fsdp_mixed_precision(training_cfg, device_type: str):
+    """FSDP's mixed-precision policy: on GPU, parameters gathered in training.mixed_precision_param and gradients
+    reduced in training.mixed_precision_reduce; float32 both on CPU.
+
+    training.dtype = "float32" asks for float32 compute, and under FSDP the gathered parameters' dtype is the
+    compute dtype (no autocast runs there): they stay float32 whatever mixed_precision_param says. Gathered in the
+    default bf16, such a run computed in bf16 under FSDP while one GPU or DDP computed in float32.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if device_type != "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    param = "float32" if training_cfg.dtype == "float32" else training_cfg.mixed_precision_param
+    return MixedPrecisionPolicy(param_dtype=_DTYPES[param], reduce_dtype=_DTYPES[training_cfg.mixed_precision_reduce])
+
+
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, training_cfg, reshard_after_forward: str, device_type: str) -> bool:
     """Shards the embedding, each block, the final norm + head (one group) and the root with FSDP2.
 
     A 2-D (dp_replicate, dp_shard) mesh gives HSDP (the trainer uses :func:`apply_ddp` when the shard dimension
     is 1). Mixed precision (bf16 compute parameters, fp32
-    gradient reduction) applies on GPU only. Gradients are reduced as plain sums (divide factor 1, SUM
+    gradient reduction; see :func:`fsdp_mixed_precision`) applies on GPU only. Gradients are reduced as plain sums (divide factor 1, SUM
     collectives): the trainer already divides the loss by the global token count of the step.
 
     Args:
@@ -165,13 +181,9 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, training_cfg, reshard_after_f
         whether micro-batches may accumulate without gradient sync (see :func:`set_gradient_sync`): only when
         gathered parameters are kept ("never").
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    on_gpu = device_type == "cuda"
-    mp = MixedPrecisionPolicy(
-        param_dtype=_DTYPES[training_cfg.mixed_precision_param] if on_gpu else torch.float32,
-        reduce_dtype=_DTYPES[training_cfg.mixed_precision_reduce] if on_gpu else torch.float32,
-    )
+    mp = fsdp_mixed_precision(training_cfg, device_type)
     groups = fsdp_groups(model)
     for i, group in enumerate(groups):
         last_two = i >= len(groups) - 2

@@ -1,0 +1,47 @@
+"""Compositions of the model's and the parallel layer's settings that gave other numbers without a word: the compute
+dtype under FSDP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dlm_titan.config import load_config
+from dlm_titan.models import build_model
+from dlm_titan.parallelize import apply_fsdp
+
+
+@pytest.mark.parametrize(
+    "flags,param_dtype",
+    [
+        (["--training.dtype", "float32"], torch.float32),
+        (["--training.dtype", "float32", "--training.mixed_precision_param", "bfloat16"], torch.float32),
+        (["--training.dtype", "auto"], torch.bfloat16),
+        (["--training.dtype", "bfloat16"], torch.bfloat16),
+        (["--training.mixed_precision_param", "float32"], torch.float32),
+    ],
+)
+def test_fsdp_gathers_parameters_in_the_compute_dtype(monkeypatch, flags, param_dtype):
+    """Under FSDP no autocast runs: the gathered parameters' dtype is the compute dtype. A float32 run gathered
+    them in mixed_precision_param's default bf16, so it computed in bf16 on several GPUs and in fp32 on one (or
+    under DDP). Every FSDP group (a stand-in for fully_shard records the policies) gets the same policy; gradients
+    are still reduced in mixed_precision_reduce."""
+    from torch.distributed import fsdp
+
+    policies = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kwargs: policies.append(kwargs["mp_policy"]))
+    cfg = load_config(["--model.flavor", "6M", *flags])
+    model = build_model(cfg.model, 32, torch.device("meta"))
+    apply_fsdp(model, None, cfg.training, "never", device_type="cuda")
+    assert len(policies) == len(model.layers) + 3  # embedding, blocks, norm + head, root
+    assert {(p.param_dtype, p.reduce_dtype) for p in policies} == {(param_dtype, torch.float32)}
+
+
+def test_fsdp_on_cpu_computes_in_float32(monkeypatch):
+    from torch.distributed import fsdp
+
+    policies = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kwargs: policies.append(kwargs["mp_policy"]))
+    cfg = load_config(["--model.flavor", "6M", "--training.mixed_precision_reduce", "bfloat16"])
+    apply_fsdp(build_model(cfg.model, 32, torch.device("meta")), None, cfg.training, "never", device_type="cpu")
+    assert {(p.param_dtype, p.reduce_dtype) for p in policies} == {(torch.float32, torch.float32)}
