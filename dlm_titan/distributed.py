@@ -86,7 +86,8 @@ def set_determinism(enabled: bool, model_cfg, device: torch.device) -> None:
     Noise and data are already keyed by (seed, step, global sample index), so what remains is the kernels:
     deterministic algorithms everywhere, a fixed cuBLAS workspace, no cuDNN autotuning, Inductor without
     on-device benchmarking, and the flash attention backend instead of cuDNN (torch's cuDNN attention backward
-    has no deterministic mode). Changes ``model_cfg.attn_backend`` from "auto"/"cudnn" to "flash" on CUDA.
+    has no deterministic mode). Changes ``model_cfg.attn_backend`` from "auto"/"cudnn" to "flash" on CUDA; a model
+    built afterwards with "flash_attn" calls flash-attn's deterministic backward (models.attention reads the switch).
     """
     if not enabled:
         return

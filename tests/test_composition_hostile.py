@@ -1,13 +1,17 @@
 """Compositions of the model's and the parallel layer's settings that gave other numbers without a word: the compute
-dtype under FSDP."""
+dtype under FSDP, and flash-attn under training.deterministic."""
 
 from __future__ import annotations
+
+import sys
+import types
 
 import pytest
 import torch
 
 from dlm_titan.config import load_config
 from dlm_titan.models import build_model
+from dlm_titan.models.attention import Attention, rope_cache
 from dlm_titan.parallelize import apply_fsdp
 
 
@@ -45,3 +49,26 @@ def test_fsdp_on_cpu_computes_in_float32(monkeypatch):
     cfg = load_config(["--model.flavor", "6M", "--training.mixed_precision_reduce", "bfloat16"])
     apply_fsdp(build_model(cfg.model, 32, torch.device("meta")), None, cfg.training, "never", device_type="cpu")
     assert {(p.param_dtype, p.reduce_dtype) for p in policies} == {(torch.float32, torch.float32)}
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_flash_attn_backward_is_deterministic_under_training_deterministic(monkeypatch, deterministic):
+    """flash-attn's backward accumulates with atomics unless called with deterministic=True: a run with
+    training.deterministic and model.attn_backend = "flash_attn" was not bitwise repeatable (the other backends
+    follow torch's switch). A stand-in package records the call (on CPU: the layer's GPU path, run directly)."""
+    calls = []
+
+    def flash_attn_func(q, k, v, **kwargs):
+        calls.append(kwargs)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=kwargs["causal"]).transpose(1, 2)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        attn = Attention(32, 2, backend="flash_attn", causal=True)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    attn(torch.randn(1, 4, 32), rope_cache(4, 16, 10000.0))
+    assert calls == [{"causal": True, "deterministic": deterministic}]

@@ -71,6 +71,9 @@ class Attention(nn.Module):
         self.head_dim = dim // n_heads
         self.backend = backend
         self.causal = causal
+        # flash-attn's backward accumulates with atomics unless asked for its deterministic kernel: taken from
+        # torch's switch (training.deterministic sets it before the model is built), read once here, not per call.
+        self.deterministic = torch.are_deterministic_algorithms_enabled()
         self.wqkv = nn.Linear(dim, (n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
 
@@ -93,7 +96,8 @@ class Attention(nn.Module):
         if self.backend == "flash_attn" and not fp32_on_cuda:
             from flash_attn import flash_attn_func
 
-            out = flash_attn_func(q, k, v, causal=self.causal)  # takes fewer key/value heads as they are
+            # takes fewer key/value heads as they are
+            out = flash_attn_func(q, k, v, causal=self.causal, deterministic=self.deterministic)
         else:
             if self.n_kv_heads != self.n_heads:  # each key/value head serves its group of query heads
                 k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2) for t in (k, v))
