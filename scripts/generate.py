@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_model_args(parser)
     parser.add_argument("--prompt", action="append", default=None,
                         help='prompt text; repeat for a batch ("" = a new document)')
-    parser.add_argument("--prompts_file", default="", help="a file with one prompt per line (added to --prompt)")
+    parser.add_argument("--prompts_file", default="", help="a UTF-8 file with one prompt per line (added to --prompt)")
     parser.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
     parser.add_argument("--length", type=int, default=128, help="tokens to generate after the prompt")
     parser.add_argument("--steps", type=int, default=None,
@@ -114,14 +114,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def read_prompts_file(path: str) -> list[str]:
+    """The non-blank lines of ``--prompts_file`` (UTF-8; a byte-order mark is not part of the first prompt,
+    Windows line ends are not part of any); UserError when it cannot be read or is not UTF-8."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+    except OSError as e:
+        raise UserError(f"cannot read --prompts_file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompts_file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as "
+                        "UTF-8") from None
+
+
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        try:
-            with open(args.prompts_file, encoding="utf-8") as f:
-                prompts += [line.rstrip("\n") for line in f if line.strip()]
-        except OSError as e:
-            raise UserError(f"cannot read --prompts_file {args.prompts_file}: {e.strerror}") from None
+        prompts += read_prompts_file(args.prompts_file)
     if not prompts:
         raise UserError('no prompt given; pass --prompt "text" (repeatable) or --prompts_file FILE')
     if args.num_samples < 1:

@@ -1,0 +1,47 @@
+"""Hostile input to scripts.generate: prompt files, devices, options that do not apply to the checkpoint, output
+that cannot be written and Ctrl-C. The model is a tiny random TransEncoder standing in for a loaded checkpoint."""
+
+import pytest
+from harness import user_error_line
+
+from dlm_titan.data import load_tokenizer
+from dlm_titan.models import ModelArgs, TransEncoder
+from scripts import generate as cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny(causal: bool = False) -> TransEncoder:
+    """A 1-layer model over the embedded tokenizer's vocabulary, 32 positions."""
+    model = TransEncoder(ModelArgs(n_layers=1, n_heads=2, dim=16, ffn_dim=32, vocab_size=32000), max_seq_len=32,
+                         causal=causal)
+    model.init_weights(0)
+    return model.eval()
+
+
+@pytest.fixture
+def sampled(monkeypatch) -> list[list[list[int]]]:
+    """The prompt ids of every sampler call of ``cli.main`` (a tiny MDM stands in for the checkpoint)."""
+    calls: list[list[list[int]]] = []
+    monkeypatch.setattr(cli, "load_for_inference", lambda *a: tiny())
+    monkeypatch.setattr(cli, "generate", lambda model, prompts, cfg, **kw: calls.append(prompts) or [[] for _ in prompts])
+    return calls
+
+
+def test_prompts_file_not_utf8_is_one_line(tmp_path, capsys, sampled):
+    """A Latin-1 or UTF-16 prompts file ended in a UnicodeDecodeError traceback."""
+    for name, data in (("latin1.txt", "café au lait\n".encode("latin-1")), ("utf16.txt", "hi\n".encode("utf-16"))):
+        (tmp_path / name).write_bytes(data)
+        line = user_error_line(capsys, cli.main, ["--checkpoint", "unused", "--prompts_file", str(tmp_path / name)])
+        assert line.startswith(f"error: --prompts_file {tmp_path / name} is not UTF-8 text") and "UTF-8" in line
+    assert sampled == []
+
+
+def test_prompts_file_byte_order_mark_is_not_part_of_the_prompt(tmp_path, sampled):
+    """A UTF-8 file saved with a byte-order mark (Windows editors) gave its first prompt a leading U+FEFF, which the
+    tokenizer encoded as extra tokens before the text; Windows line ends are not part of the prompts either."""
+    tok = load_tokenizer("")
+    (tmp_path / "bom.txt").write_bytes("\ufeffAnd God said\r\nIn the beginning\r\n".encode())
+    assert cli.main(["--checkpoint", "unused", "--prompts_file", str(tmp_path / "bom.txt"), "--length", "4"]) == 0
+    assert sampled == [[tok.encode("And God said", bos=False, eos=False),
+                        tok.encode("In the beginning", bos=False, eos=False)]]
