@@ -36,12 +36,23 @@ DEFAULT_STEPS = 64  # forward passes per block unless --steps says otherwise
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" = CUDA when available, else CPU; UserError for a device this machine lacks."""
+    """"auto" = CUDA when available, else CPU; UserError for a name that is no device, a device type other than
+    CPU and CUDA, or a device this machine lacks."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # torch's message lists every device type it knows, most of them unusable here
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UserError(f'--device {device} is not a device this script runs on; use "auto", "cpu", "cuda" or '
+                        '"cuda:N"')
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device} but CUDA is not available here; use --device cpu")
-    return torch.device(device)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device} but this machine has {torch.cuda.device_count()} CUDA device(s); use "
+                        f"--device cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

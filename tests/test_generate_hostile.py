@@ -2,9 +2,11 @@
 that cannot be written and Ctrl-C. The model is a tiny random TransEncoder standing in for a loaded checkpoint."""
 
 import pytest
+import torch
 from harness import user_error_line
 
 from dlm_titan.data import load_tokenizer
+from dlm_titan.errors import UserError
 from dlm_titan.models import ModelArgs, TransEncoder
 from scripts import generate as cli
 
@@ -19,11 +21,22 @@ def tiny(causal: bool = False) -> TransEncoder:
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> dict[str, str]:
+    """Export folders of a tiny MDM and a tiny AR model: {"mdm": path, "ar": path}."""
+    from dlm_titan.checkpoint.export import model_config, write_export
+
+    root = tmp_path_factory.mktemp("exports")
+    for name in ("mdm", "ar"):
+        model = tiny(causal=name == "ar")
+        write_export(model.state_dict(), model_config(model, "tiny"), root / name, "float32", step=0)
+    return {name: str(root / name) for name in ("mdm", "ar")}
+
+
 @pytest.fixture
 def sampled(monkeypatch) -> list[list[list[int]]]:
-    """The prompt ids of every sampler call of ``cli.main`` (a tiny MDM stands in for the checkpoint)."""
+    """The prompt ids of every MDM sampler call of ``cli.main`` (which returns no new tokens)."""
     calls: list[list[list[int]]] = []
-    monkeypatch.setattr(cli, "load_for_inference", lambda *a: tiny())
     monkeypatch.setattr(cli, "generate", lambda model, prompts, cfg, **kw: calls.append(prompts) or [[] for _ in prompts])
     return calls
 
@@ -37,11 +50,29 @@ def test_prompts_file_not_utf8_is_one_line(tmp_path, capsys, sampled):
     assert sampled == []
 
 
-def test_prompts_file_byte_order_mark_is_not_part_of_the_prompt(tmp_path, sampled):
+def test_prompts_file_byte_order_mark_is_not_part_of_the_prompt(tmp_path, exports, sampled):
     """A UTF-8 file saved with a byte-order mark (Windows editors) gave its first prompt a leading U+FEFF, which the
     tokenizer encoded as extra tokens before the text; Windows line ends are not part of the prompts either."""
     tok = load_tokenizer("")
     (tmp_path / "bom.txt").write_bytes("\ufeffAnd God said\r\nIn the beginning\r\n".encode())
-    assert cli.main(["--checkpoint", "unused", "--prompts_file", str(tmp_path / "bom.txt"), "--length", "4"]) == 0
+    assert cli.main(["--checkpoint", exports["mdm"], "--prompts_file", str(tmp_path / "bom.txt"), "--length", "4"]) == 0
     assert sampled == [[tok.encode("And God said", bos=False, eos=False),
                         tok.encode("In the beginning", bos=False, eos=False)]]
+
+
+@pytest.mark.parametrize("device", ["foo", "meta", "cuda:x", "CPU"])
+def test_device_that_is_not_one_is_one_line(capsys, exports, sampled, device):
+    """--device foo was torch's RuntimeError traceback listing twenty device types; --device meta loaded the model
+    and failed in a traceback at the first noise generator."""
+    line = user_error_line(capsys, cli.main, ["--checkpoint", exports["mdm"], "--prompt", "a", "--length", "4", "--device", device])
+    assert line.startswith(f"error: --device {device} is not a device") and '"cuda:N"' in line
+
+
+def test_cuda_index_beyond_the_machine_is_one_line(monkeypatch):
+    """--device cuda:3 on a machine with 2 GPUs: torch's 'invalid device ordinal' at the first tensor moved."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UserError, match=r"has 2 CUDA device\(s\); use --device cuda:0 \.\. cuda:1"):
+        cli.resolve_device("cuda:3")
+    assert cli.resolve_device("cuda:1") == torch.device("cuda:1")
+    assert cli.resolve_device("cpu") == torch.device("cpu")
