@@ -178,7 +178,9 @@ def test_generate_refuses_top_k_with_greedy_decoding(tmp_path, capsys):
 def test_lm_eval_max_length_1_is_refused_up_front(causal):
     """model_args max_length=1 left generate_until no room for a prompt: on an AR checkpoint the error blamed
     'prompt (0) + max_new_tokens (1)' and the model's max_seq_len, on a diffusion one it was a RuntimeError
-    traceback (an empty prompt tensor). It is refused as the scorer is built, naming max_length."""
+    traceback (an empty prompt tensor). It is refused as the scorer is built, naming max_length. So is a
+    rolling_context that leaves a rolling window nothing to score (it was refused at the first perplexity request,
+    as 'rolling context N must be in 1..M', naming no option)."""
     from dlm_titan.data import load_tokenizer
     from dlm_titan.errors import UserError
     from dlm_titan.lm_eval.ar_scorer import make_scorer
@@ -191,6 +193,12 @@ def test_lm_eval_max_length_1_is_refused_up_front(causal):
         make_scorer(model.eval(), load_tokenizer(""), ScorerConfig(max_length=1, mc_samples=2))
     scorer = make_scorer(model.eval(), load_tokenizer(""), ScorerConfig(max_length=2, mc_samples=2))
     assert len(scorer.generate_until([("The sky", {"max_gen_toks": 3})])) == 1
+    # a rolling context that fills the window: refused as the scorer is built, not at the first perplexity request
+    most = 16 if causal else 15
+    with pytest.raises(UserError, match=f"rolling_context={most + 1} leaves no token.*rolling_context={most} or less"):
+        make_scorer(model.eval(), load_tokenizer(""), ScorerConfig(rolling_context=most + 1, mc_samples=2))
+    scorer = make_scorer(model.eval(), load_tokenizer(""), ScorerConfig(rolling_context=most, mc_samples=2))
+    assert len(scorer.loglikelihood_rolling(["In the beginning God created the heaven and the earth."])) == 1
 
 
 def test_lm_eval_model_args_repeating_its_flags_are_one_line():

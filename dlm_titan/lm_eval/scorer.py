@@ -90,14 +90,22 @@ class ScorerConfig:
 
 def checked_max_length(cfg: ScorerConfig, model: torch.nn.Module) -> int:
     """The longest sequence scored: ``cfg.max_length``, 0 = the model's ``max_seq_len``; UserError beyond it (the
-    position table ends there)."""
+    position table ends there), and for a ``rolling_context`` that leaves a rolling window no token to score (found
+    here, not when the first perplexity request comes, maybe hours into a run)."""
     if cfg.max_length > model.max_seq_len:
         raise UserError(f"model_args max_length={cfg.max_length} exceeds the model's max_seq_len {model.max_seq_len}; "
                         f"pass max_length={model.max_seq_len} or less (0 = the model's)")
     if cfg.max_length == 1:  # generation would have no room for its prompt, rolling windows none for a context
         raise UserError("model_args max_length=1 leaves no room for a context token beside a scored or generated "
                         "one; pass max_length=2 or more (0 = the model's)")
-    return cfg.max_length or model.max_seq_len
+    max_length = cfg.max_length or model.max_seq_len
+    # a causal window's input is max_length tokens predicting max_length + 1 - context; a diffusion window's
+    # context and target share max_length
+    most = max_length if getattr(model, "causal", False) else max_length - 1
+    if cfg.rolling_context > most:
+        raise UserError(f"model_args rolling_context={cfg.rolling_context} leaves no token to score in a rolling "
+                        f"window of max_length {max_length}; pass rolling_context={most} or less")
+    return max_length
 
 
 def split_context(context: str, continuation: str) -> tuple[str, str]:
