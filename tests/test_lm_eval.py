@@ -211,3 +211,24 @@ def test_user_errors_inside_lm_eval_are_one_line_and_exit_2(monkeypatch, capsys)
     monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", fail)
     assert main() == 2
     assert capsys.readouterr().err.strip().splitlines() == ["error: model_args mc_samples=0: must be at least 1"]
+
+
+def test_top_k_on_a_diffusion_checkpoint_is_named_as_unused(setup, capsys):
+    """A task's (or --gen_kwargs') top_k changed nothing on a masked diffusion checkpoint, without a word
+    (scripts.generate refuses --top_k there); lm-eval's generation now warns once per call that it is unused."""
+    from types import SimpleNamespace
+
+    from dlm_titan.lm_eval.model import DLMTitanLM
+
+    _, export, _ = setup
+    lm = DLMTitanLM.create_from_arg_obj({"pretrained": str(export)}, {"device": "cpu", "batch_size": 2})
+
+    def generate(**kwargs) -> str:
+        request = SimpleNamespace(args=(GEN_DOCS[0][0], {"until": ["\n"], "max_gen_toks": 2, **kwargs}), doc_id=0)
+        capsys.readouterr()
+        lm.generate_until([request, request], disable_tqdm=True)
+        return capsys.readouterr().err
+
+    err = generate(top_k=50)
+    assert err.count("warning: top_k=50 in the generation kwargs does not apply to a masked diffusion model") == 1
+    assert "top_k" not in generate()

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from dlm_titan.checkpoint.eval_tokenizer import load_checked_tokenizer
 from dlm_titan.checkpoint.export import load_model
+from dlm_titan.checkpoint_layout import print_warning
 from dlm_titan.distributed import init_distributed
 from dlm_titan.errors import UserError
 from dlm_titan.lm_eval.ar_scorer import make_scorer
@@ -120,6 +121,7 @@ class DLMTitanLM(LM):
         tok = load_checked_tokenizer(path, str(tokenizer_path), model.args.vocab_size,
                                      how="tokenizer_path=PATH in --model_args")
         self.scorer = make_scorer(model, tok, cfg)  # exact for an autoregressive checkpoint
+        self._causal = bool(getattr(model, "causal", False))
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> DLMTitanLM:
@@ -168,6 +170,11 @@ class DLMTitanLM(LM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         args = [(r.args[0], r.args[1]) for r in requests]
         doc_ids = [r.doc_id or 0 for r in requests]  # global ids: a sample's noise does not depend on the rank
+        top_k = sorted({kw["top_k"] for _, kw in args if kw.get("top_k")})
+        if top_k and not self._causal and self.rank == 0:  # scripts.generate refuses it; a task's kwargs may hold it
+            print_warning(f"top_k={top_k[0]} in the generation kwargs does not apply to a masked diffusion model "
+                          "(its sampler reveals tokens by confidence): generating without it; drop top_k from "
+                          "--gen_kwargs (or the task's generation_kwargs)")
         with self._bar("generate_until requests", len(args), disable_tqdm) as bar:
             out = self.scorer.generate_until(args, progress=bar.update, doc_ids=doc_ids)
         for a, o in zip(args, out, strict=True):
