@@ -13,8 +13,9 @@ the samples, tokens and seconds.
 
 A checkpoint of the autoregressive baseline (``training.objective = "ar"``; its config records ``causal``) samples
 left to right instead (dlm_titan.ar_sampling): ``--temperature`` (0 = greedy), ``--top_k`` (0 = the whole
-vocabulary), a KV cache unless ``--no_kv_cache``; ``--steps``, ``--block_length`` and ``--algorithm`` do not
-apply to it::
+vocabulary), a KV cache unless ``--no_kv_cache``. Options of the other kind of checkpoint are refused (``--steps``,
+``--block_length``, ``--algorithm`` and ``--cfg_scale`` for an autoregressive one, ``--top_k`` and ``--no_kv_cache``
+for a masked diffusion one), not ignored::
 
     python -m scripts.generate --checkpoint outputs/ar --prompt "In the beginning" --length 64 --temperature 0.8 --top_k 50
 """
@@ -111,8 +112,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None,
                         help=f"forward passes per block (default: {DEFAULT_STEPS}, or the block's length if shorter)")
     parser.add_argument("--block_length", type=int, default=0, help="semi-autoregressive block size (0 = off)")
-    parser.add_argument("--algorithm", default="confidence", choices=ALGORITHMS,
-                        help="confidence: reveal the most confident tokens; stochastic: reveal with prob 1 - s/t")
+    parser.add_argument("--algorithm", default=None, choices=ALGORITHMS,
+                        help="confidence (the default): reveal the most confident tokens; stochastic: reveal with "
+                             "prob 1 - s/t")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="sampling temperature (0 = argmax; Gumbel-max for MDM)")
     parser.add_argument("--top_k", type=int, default=0,
@@ -149,25 +151,40 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return [p for p in prompts for _ in range(args.num_samples)]
 
 
+def refuse_other_kinds_options(args: argparse.Namespace, causal: bool) -> None:
+    """UserError naming the given options that only the other kind of checkpoint reads (they would be ignored
+    without a word): the diffusion sampler's for an autoregressive checkpoint, and the reverse."""
+    if causal:
+        given = {"--steps": args.steps is not None, "--block_length": args.block_length != 0,
+                 "--algorithm": args.algorithm is not None, "--cfg_scale": args.cfg_scale != 0}
+        this, other = "autoregressive (sampled left to right)", "masked diffusion"
+    else:
+        given = {"--top_k": args.top_k != 0, "--no_kv_cache": args.no_kv_cache}
+        this, other = "a masked diffusion model", "autoregressive"
+    names = [name for name, on in given.items() if on]
+    if names:
+        verb, it = ("applies", "it") if len(names) == 1 else ("apply", "them")
+        raise UserError(f"{' and '.join(names)} {verb} only to {other} checkpoints; {args.checkpoint} is {this}: "
+                        f"drop {it}")
+
+
 def sample_tokens(model: torch.nn.Module, prompt_ids: list[list[int]], args: argparse.Namespace, tok) -> list[list[int]]:
     """Continuation ids of every prompt: left to right for an autoregressive checkpoint (its config records
     ``causal``), else SMDM's reverse process."""
     device = next(model.parameters()).device
-    if getattr(model, "causal", False):
-        if args.cfg_scale > 0:
-            raise UserError("--cfg_scale needs a masked diffusion model; this checkpoint is autoregressive: drop it")
+    causal = getattr(model, "causal", False)
+    refuse_other_kinds_options(args, causal)
+    if causal:
         if args.top_k and args.temperature == 0:  # greedy decoding takes the argmax: top-k would change nothing
             raise UserError(f"--top_k {args.top_k} samples, but --temperature 0 (the default) decodes greedily: "
                             "add --temperature (e.g. 1.0), or drop --top_k")
         cfg = ARSamplerConfig(max_new_tokens=args.length, temperature=args.temperature, top_k=args.top_k,
                               kv_cache=not args.no_kv_cache, stop_at_eos=not args.no_stop_at_eos, seed=args.seed)
         return generate_batch(model, prompt_ids, cfg, eos_id=tok.eos_id, vocab_limit=tok.vocab_size, device=device)
-    if args.top_k:
-        raise UserError("--top_k applies to autoregressive checkpoints; this one is a masked diffusion model")
     # The confidence sampler reveals at least one token a step: a short block caps the default number of steps.
     steps = args.steps if args.steps is not None else max(1, min(DEFAULT_STEPS, args.block_length or args.length))
     cfg = SamplerConfig(length=args.length, steps=steps, block_length=args.block_length,
-                        algorithm=args.algorithm, temperature=args.temperature, cfg_scale=args.cfg_scale,
+                        algorithm=args.algorithm or "confidence", temperature=args.temperature, cfg_scale=args.cfg_scale,
                         stop_at_eos=not args.no_stop_at_eos, seed=args.seed)
     cfg.blocks()  # UserError for bad sampler options
     return generate(model, prompt_ids, cfg, mask_id=model.args.mask_id, eos_id=tok.eos_id,

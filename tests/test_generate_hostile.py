@@ -76,3 +76,23 @@ def test_cuda_index_beyond_the_machine_is_one_line(monkeypatch):
         cli.resolve_device("cuda:3")
     assert cli.resolve_device("cuda:1") == torch.device("cuda:1")
     assert cli.resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("kind, extra, named", [
+    ("ar", ["--steps", "4"], "--steps"),
+    ("ar", ["--block_length", "2", "--algorithm", "confidence"], "--block_length and --algorithm"),
+    ("ar", ["--cfg_scale", "-1"], "--cfg_scale"),
+    ("mdm", ["--no_kv_cache"], "--no_kv_cache"),
+    ("mdm", ["--top_k", "5", "--temperature", "1"], "--top_k"),
+])
+def test_options_of_the_other_kind_of_checkpoint_are_refused(capsys, exports, kind, extra, named):
+    """--steps, --block_length and --algorithm on an AR checkpoint, and --no_kv_cache on an MDM one, were ignored
+    without a word (the AR sampler reads none of them: --steps 8 did not make it faster); a negative --cfg_scale
+    slipped past the AR check for > 0."""
+    argv = ["--checkpoint", exports[kind], "--device", "cpu", "--prompt", "a", "--length", "4"]
+    line = user_error_line(capsys, cli.main, [*argv, *extra])
+    assert line.startswith(f"error: {named} appl") and f"{exports[kind]} is" in line and "drop" in line
+    if kind == "mdm":  # the sampler options of the checkpoint's own kind are accepted
+        assert cli.main([*argv, "--steps", "2", "--block_length", "2", "--algorithm", "stochastic"]) == 0
+    else:
+        assert cli.main([*argv, "--temperature", "1", "--top_k", "5", "--no_kv_cache"]) == 0
