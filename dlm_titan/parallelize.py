@@ -8,7 +8,7 @@ these were applied.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -119,12 +119,25 @@ def _float8_worth_it(module: nn.Module, fqn: str, min_dim: int) -> bool:
     return min(dims) >= min_dim and all(d % 16 == 0 for d in dims)
 
 
-def apply_float8(model: nn.Module, float8_cfg, device_type: str, min_dim: int = 1024) -> int:
+def unaligned_tokens(training_cfg, ssl_ratio: float) -> bool:
+    """Whether a micro-batch's token count can be off a multiple of 16: local_batch_size x seq_len, or
+    local_batch_size x any cropped length under ``ssl_ratio`` > 0 (lengths 1..seq_len)."""
+    batch = training_cfg.local_batch_size
+    return bool(batch * training_cfg.seq_len % 16) or (ssl_ratio > 0 and bool(batch % 16))
+
+
+def apply_float8(model: nn.Module, float8_cfg, device_type: str, min_dim: int = 1024,
+                 pad_inner_dim: bool = False) -> int:
     """Converts block linears to torchao float8 training and returns how many were converted.
 
     Skipped: the output head (its loss needs precise logits) and layers with a dim below ``min_dim`` or not a
     multiple of 16, where the scaling casts cost more than the float8 matmul saves (measured on H100: a
     SwiGLU MLP at d=768 ran 0.84x, at d=1792 1.31x). So SMDM models below d=1024 (up to 231M) keep bf16.
+
+    Args:
+        pad_inner_dim: zero-pad the inner dimension of each float8 matmul to a multiple of 16, which
+            ``torch._scaled_mm`` requires; a weight gradient's inner dimension is the micro-batch's token count
+            (:func:`unaligned_tokens`). Off where it is always aligned: the padding copies every operand.
     """
     if not float8_cfg.enable:
         return 0
@@ -137,6 +150,8 @@ def apply_float8(model: nn.Module, float8_cfg, device_type: str, min_dim: int = 
     except ImportError:
         raise UserError('float8.enable needs torchao: pip install ".[float8]" (or torchao>=0.10)') from None
     config = Float8LinearConfig.from_recipe_name(float8_cfg.recipe)
+    if pad_inner_dim:
+        config = replace(config, pad_inner_dim=True)
     convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: _float8_worth_it(m, fqn, min_dim))
     return sum(type(m).__name__ == "Float8Linear" for m in model.modules())
 
@@ -315,7 +330,10 @@ def parallelize_model(model: nn.Module, cfg, mesh: DeviceMesh | None, device: to
                         "--compile.no_cudagraphs")
     apply_ac(model, cfg.activation_checkpoint)
     apply_compile(model, cfg.compile, cudagraphs)
-    float8_linears = apply_float8(model, cfg.float8, device.type)
+    # Without padding, a micro-batch of another token count failed its first float8 backward (mid-run under
+    # diffusion.ssl_ratio, at the first crop to such a length) with _scaled_mm's "divisible by 16" RuntimeError.
+    float8_linears = apply_float8(model, cfg.float8, device.type,
+                                  pad_inner_dim=unaligned_tokens(cfg.training, cfg.diffusion.ssl_ratio))
     reshard = resolve_reshard(cfg.parallelism.fsdp_reshard_after_forward, model.args.total_params())
     data_parallel, without_sync = None, False
     if mesh is not None and mesh.shape[1] == 1:

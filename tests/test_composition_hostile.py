@@ -1,8 +1,9 @@
-"""Compositions of the model's and the parallel layer's settings that gave other numbers without a word: the compute
-dtype under FSDP, and flash-attn under training.deterministic."""
+"""Compositions of the model's and the parallel layer's settings that gave other numbers without a word (the compute
+dtype under FSDP, flash-attn under training.deterministic) or failed mid-run (float8 with unaligned token counts)."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import types
 
@@ -12,7 +13,7 @@ import torch
 from dlm_titan.config import load_config
 from dlm_titan.models import build_model
 from dlm_titan.models.attention import Attention, rope_cache
-from dlm_titan.parallelize import apply_fsdp
+from dlm_titan.parallelize import apply_fsdp, parallelize_model
 
 
 @pytest.mark.parametrize(
@@ -72,3 +73,44 @@ def test_flash_attn_backward_is_deterministic_under_training_deterministic(monke
         torch.use_deterministic_algorithms(before)
     attn(torch.randn(1, 4, 32), rope_cache(4, 16, 10000.0))
     assert calls == [{"causal": True, "deterministic": deterministic}]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Float8LinearConfig:
+    """torchao.float8's config, as far as the trainer reads it."""
+
+    recipe: str = "tensorwise"
+    pad_inner_dim: bool = False
+
+    @staticmethod
+    def from_recipe_name(name: str) -> _Float8LinearConfig:
+        return _Float8LinearConfig(recipe=name)
+
+
+@pytest.mark.parametrize(
+    "flags,padded",
+    [
+        ([], False),  # 8 x 2048 tokens
+        (["--training.local_batch_size", "3", "--training.seq_len", "1000"], True),
+        (["--diffusion.ssl_ratio", "0.01"], True),  # a crop to length L gives 8 L tokens
+        (["--diffusion.ssl_ratio", "0.01", "--training.local_batch_size", "16", "--training.global_batch_size",
+          "256"], False),
+        (["--training.objective", "ar", "--training.local_batch_size", "1", "--training.seq_len", "1000"], True),
+    ],
+)
+def test_float8_pads_matmuls_whose_token_count_can_be_off_a_multiple_of_16(monkeypatch, flags, padded):
+    """torch._scaled_mm needs each matmul's inner dimension a multiple of 16, and a float8 weight gradient's is the
+    micro-batch's token count: with diffusion.ssl_ratio > 0 (SMDM's 0.01) a run failed mid-run at the first crop to
+    such a length (8 x an odd length), and local_batch_size x seq_len off a multiple of 16 failed at step 1, each
+    with _scaled_mm's RuntimeError traceback. torchao pads them when asked; aligned runs are not padded (the
+    padding copies). A stand-in torchao records the config (no float8 GPU here)."""
+    configs = []
+    float8 = types.SimpleNamespace(Float8LinearConfig=_Float8LinearConfig,
+                                   convert_to_float8_training=lambda model, config, module_filter_fn: configs.append(config))
+    monkeypatch.setitem(sys.modules, "torchao", types.SimpleNamespace(float8=float8))
+    monkeypatch.setitem(sys.modules, "torchao.float8", float8)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cfg = load_config(["--model.flavor", "6M", "--float8.enable", *flags])
+    parallelize_model(build_model(cfg.model, cfg.training.seq_len, torch.device("meta")), cfg, None,
+                      torch.device("cuda"))
+    assert configs == [_Float8LinearConfig(recipe="tensorwise", pad_inner_dim=padded)]
