@@ -23,13 +23,14 @@ for a masked diffusion one), not ignored::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import torch
 
 from dlm_titan.ar_sampling import ARSamplerConfig, generate_batch
-from dlm_titan.errors import UserError, report
+from dlm_titan.errors import UserError, report, report_interrupted
 from dlm_titan.sampling import ALGORITHMS, SamplerConfig, generate
 from scripts.cli import HelpFormatter
 
@@ -214,19 +215,49 @@ def run(args: argparse.Namespace) -> tuple[list[str], str]:
             for text, ids, new in zip(texts, prompt_ids, new_ids, strict=True)], stats
 
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a writer whose reader stopped (`... | head`)
+
+
+def write_samples(outputs: list[str]) -> None:
+    """Prints the samples, each ending in one newline, headed by its number when there are several."""
+    for i, text in enumerate(outputs):
+        if len(outputs) > 1:
+            print(f"--- sample {i + 1}/{len(outputs)} ---")
+        print(text if text.endswith("\n") else text + "\n", end="")
+    sys.stdout.flush()
+
+
+def drop_unwritten_stdout() -> None:
+    """Points stdout's file descriptor at /dev/null: the interpreter flushes stdout at exit, and what could not
+    be written would fail again there, adding a second error (or a traceback) after ours."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # no file behind it (io.UnsupportedOperation is both)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         outputs, stats = run(args)
     except UserError as e:
         return report(e)
-    for i, text in enumerate(outputs):
-        if len(outputs) > 1:
-            print(f"--- sample {i + 1}/{len(outputs)} ---")
-        print(text if text.endswith("\n") else text + "\n", end="")
+    except KeyboardInterrupt:
+        return report_interrupted("no sample printed (the samples print once all are generated)")
+    try:
+        write_samples(outputs)
+    except BrokenPipeError:  # the reader took what it wanted and stopped: nothing to report
+        drop_unwritten_stdout()
+        return EXIT_BROKEN_PIPE
+    except OSError as e:  # a full disk, a file over quota, a closed terminal
+        drop_unwritten_stdout()
+        return report(UserError(f"cannot write the samples to stdout ({e.strerror}); free space or redirect the "
+                                "output elsewhere"))
     # After the samples, on a line of its own: where stdout and stderr share a terminal or a file, the line is
     # not wedged into (or glued onto) a sample's text.
-    sys.stdout.flush()
     print(stats, file=sys.stderr, flush=True)
     return 0
 

@@ -1,6 +1,10 @@
 """Hostile input to scripts.generate: prompt files, devices, options that do not apply to the checkpoint, output
 that cannot be written and Ctrl-C. The model is a tiny random TransEncoder standing in for a loaded checkpoint."""
 
+import errno
+import io
+import sys
+
 import pytest
 import torch
 from harness import user_error_line
@@ -96,3 +100,45 @@ def test_options_of_the_other_kind_of_checkpoint_are_refused(capsys, exports, ki
         assert cli.main([*argv, "--steps", "2", "--block_length", "2", "--algorithm", "stochastic"]) == 0
     else:
         assert cli.main([*argv, "--temperature", "1", "--top_k", "5", "--no_kv_cache"]) == 0
+
+
+class FailingStdout(io.StringIO):
+    """A stdout whose writes fail with ``error`` once ``limit`` characters are written."""
+
+    def __init__(self, error: OSError, limit: int = 0):
+        super().__init__()
+        self.error, self.limit = error, limit
+
+    def write(self, text: str) -> int:
+        if self.tell() + len(text) > self.limit:
+            raise self.error
+        return super().write(text)
+
+
+@pytest.mark.parametrize("error, code, line", [
+    (OSError(errno.ENOSPC, "No space left on device"), 2,
+     "error: cannot write the samples to stdout (No space left on device); free space or redirect the output "
+     "elsewhere\n"),
+    (BrokenPipeError(errno.EPIPE, "Broken pipe"), 141, ""),  # `generate ... | head`: the reader has what it wanted
+])
+def test_stdout_that_cannot_be_written(monkeypatch, capsys, exports, error, code, line):
+    """`generate ... > /dev/full` and `generate ... | head -c 10` ended in an OSError / BrokenPipeError traceback
+    from print."""
+    argv = ["--checkpoint", exports["mdm"], "--device", "cpu", "--prompt", "a", "--prompt", "b", "--length", "4"]
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdout", FailingStdout(error, limit=5))
+    assert cli.main(argv) == code
+    assert capsys.readouterr().err == line
+
+
+def test_ctrl_c_while_sampling_is_one_line(monkeypatch, capsys, exports):
+    """Ctrl-C during sampling printed a KeyboardInterrupt traceback."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "generate", interrupted)
+    capsys.readouterr()
+    assert cli.main(["--checkpoint", exports["mdm"], "--device", "cpu", "--prompt", "a", "--length", "4"]) == 130
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "error: interrupted; no sample printed (the samples print once all are generated)\n"
