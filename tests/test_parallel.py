@@ -96,6 +96,15 @@ def test_ddp_2x1_equals_fsdp_1x2(data, tmp_path, fsdp_losses):
     assert_close(read_losses(tmp_path), fsdp_losses)
 
 
+@pytest.mark.multiprocess
+def test_hsdp_2x2_equals_one_process(data, tmp_path, reference):
+    """Replicate 2 x shard 2 over 4 ranks (HSDP: gradients reduce-scattered within each pair, then all-reduced
+    across the pairs), one micro-batch each, with the default reshard policy (gathered parameters kept)."""
+    argv = train_args(data, tmp_path, "--parallelism.data_parallel_replicate_degree", "2")
+    finish(torchrun(1, 4, "localhost:0", argv))
+    assert_close(read_losses(tmp_path), reference)
+
+
 @pytest.mark.parametrize("form", [("1", "-1"), ("-1", "1")], ids=["fsdp", "ddp"])
 @pytest.mark.multiprocess
 def test_triton_adamw_on_two_ranks_equals_one_process(data, tmp_path, reference, form):
