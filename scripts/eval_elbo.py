@@ -41,6 +41,9 @@ from dlm_titan.likelihood import elbo_batch, left_to_right_logprob_batch
 from scripts.cli import HelpFormatter
 from scripts.generate import add_model_args, load_for_inference, load_tokenizer_for
 
+DEFAULT_PREFIX = "validation"  # the validation shards that prepare_slim_pajama writes
+DEFAULT_MAX_WINDOWS = 16
+
 
 def text_windows(tokens: list[int], seq_len: int) -> list[list[int]]:
     """Consecutive windows of ``seq_len`` tokens; the last one holds the remainder."""
@@ -144,8 +147,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text_file", help="a UTF-8 text file, scored as one document")
     source.add_argument("--shards", help='folder of LITPKDS shards, or "embedded" for the embedded corpus')
-    parser.add_argument("--prefix", default="validation", help="shard file prefix (with --shards)")
-    parser.add_argument("--max_windows", type=int, default=16, help="windows read from the shards (0 = all)")
+    # None when not given: with --text_file they would select nothing, and saying so needs to know they were given
+    parser.add_argument("--prefix", help=f"shard file prefix (with --shards; default {DEFAULT_PREFIX})")
+    parser.add_argument("--max_windows", type=int,
+                        help=f"windows read from the shards (with --shards; 0 = all; default {DEFAULT_MAX_WINDOWS})")
     parser.add_argument("--seq_len", type=int, default=0, help="window length (0 = the model's max_seq_len)")
     parser.add_argument("--mc_samples", type=int, default=128, help="Monte-Carlo samples per window")
     parser.add_argument("--batch_size", type=int, default=32, help="sequences per forward pass")
@@ -182,7 +187,9 @@ def read_pairs(args: argparse.Namespace, model: torch.nn.Module, seq_len: int, c
     """(context, window) pairs of ``text`` (``--text_file``'s) or ``--shards``: windows of ``seq_len`` tokens, each
     after ``context`` (0 or 1) tokens of the stream (see :func:`with_context`; shard windows carry their own)."""
     if not args.text_file:
-        windows = shard_windows(args.shards, args.prefix, seq_len, args.max_windows, model.args.vocab_size,
+        prefix = DEFAULT_PREFIX if args.prefix is None else args.prefix
+        max_windows = DEFAULT_MAX_WINDOWS if args.max_windows is None else args.max_windows
+        windows = shard_windows(args.shards, prefix, seq_len, max_windows, model.args.vocab_size,
                                 args.tokenizer_path, context)
         return [(w[:context], w[context:]) for w in windows]
     tok = load_tokenizer_for(model, args.tokenizer_path, args.checkpoint)
@@ -196,8 +203,12 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError(f"--eps must be in [0, 1), got {args.eps}")
     if args.seed < 0:  # the noise generators' keys are non-negative (numpy SeedSequence)
         raise UserError(f"--seed must be >= 0, got {args.seed}")
-    if args.max_windows < 0:
+    if args.max_windows is not None and args.max_windows < 0:
         raise UserError(f"--max_windows must be >= 0 (0 = all), got {args.max_windows}")
+    shard_only = [f"--{name}" for name in ("prefix", "max_windows") if getattr(args, name) is not None]
+    if args.text_file and shard_only:  # ignored, the whole file scored, was the earlier reading
+        raise UserError(f"{' and '.join(shard_only)} select windows of --shards, but --text_file {args.text_file} "
+                        f"is scored whole: drop {' and '.join(shard_only)}, or score shards with --shards")
     text = read_text(args.text_file) if args.text_file else ""  # before the model: a bad file costs no load
     model = load_for_inference(args.checkpoint, args.device, args.dtype)
     causal = bool(getattr(model, "causal", False))  # the autoregressive baseline: its likelihood is exact

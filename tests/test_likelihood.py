@@ -431,6 +431,21 @@ def test_eval_elbo_of_a_file_without_text_is_one_line(export_dir, tmp_path, caps
     assert line == f"error: --text_file {text} holds no text ({why}); give a file with the text to score"
 
 
+@pytest.mark.parametrize("given", [["--max_windows", "3"], ["--prefix", "val"], ["--prefix", "val", "--max_windows", "0"]])
+def test_eval_elbo_text_file_refuses_shard_options(export_dir, tmp_path, capsys, given):
+    """--prefix / --max_windows beside --text_file are one line: the whole file was scored and they were ignored
+    without a word (--max_windows 3 read as "the first 3 windows of my file")."""
+    from scripts import eval_elbo
+
+    text = tmp_path / "t.txt"
+    text.write_text("some words to score")
+    line = user_error_line(capsys, eval_elbo.main, ["--checkpoint", str(export_dir), "--device", "cpu",
+                                                    "--text_file", str(text), *given])
+    names = " and ".join(a for a in given if a.startswith("--"))
+    assert line == (f"error: {names} select windows of --shards, but --text_file {text} is scored whole: drop "
+                    f"{names}, or score shards with --shards")
+
+
 def test_eval_elbo_of_shards_shorter_than_a_window_names_its_seq_len(export_dir, tmp_path, capsys):
     """Shards shorter than one window: the line names eval_elbo's --seq_len and the largest that fits; it was the
     training loader's 'seq_len + 1 = 8 tokens ... lower training.seq_len', wrong on both counts here."""
