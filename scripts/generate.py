@@ -108,7 +108,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt", action="append", default=None,
                         help='prompt text; repeat for a batch ("" = a new document)')
     parser.add_argument("--prompts_file", default="", help="a UTF-8 file with one prompt per line (added to --prompt)")
-    parser.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--num_samples", type=int, default=1,
+                        help="samples per prompt (at --temperature 0 only with --algorithm stochastic: the other "
+                             "samplers draw no noise there)")
     parser.add_argument("--length", type=int, default=128, help="tokens to generate after the prompt")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"forward passes per block (default: {DEFAULT_STEPS}, or the block's length if shorter)")
@@ -169,12 +171,24 @@ def refuse_other_kinds_options(args: argparse.Namespace, causal: bool) -> None:
                         f"drop {it}")
 
 
+def refuse_identical_copies(args: argparse.Namespace, causal: bool) -> None:
+    """UserError for ``--num_samples`` above 1 where sampling draws no noise (greedy decoding of an autoregressive
+    checkpoint, the confidence sampler at temperature 0): every copy of a prompt would be the same text."""
+    if args.num_samples < 2 or args.temperature != 0 or not (causal or args.algorithm in (None, "confidence")):
+        return
+    how = "greedy decoding" if causal else "the confidence sampler at temperature 0"
+    other = "" if causal else " (or --algorithm stochastic)"
+    raise UserError(f"--num_samples {args.num_samples} would print {args.num_samples} identical copies: {how} draws "
+                    f"no noise; add --temperature (e.g. 1.0){other}, or drop --num_samples")
+
+
 def sample_tokens(model: torch.nn.Module, prompt_ids: list[list[int]], args: argparse.Namespace, tok) -> list[list[int]]:
     """Continuation ids of every prompt: left to right for an autoregressive checkpoint (its config records
     ``causal``), else SMDM's reverse process."""
     device = next(model.parameters()).device
     causal = getattr(model, "causal", False)
     refuse_other_kinds_options(args, causal)
+    refuse_identical_copies(args, causal)
     if causal:
         if args.top_k and args.temperature == 0:  # greedy decoding takes the argmax: top-k would change nothing
             raise UserError(f"--top_k {args.top_k} samples, but --temperature 0 (the default) decodes greedily: "

@@ -142,3 +142,18 @@ def test_ctrl_c_while_sampling_is_one_line(monkeypatch, capsys, exports):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == "error: interrupted; no sample printed (the samples print once all are generated)\n"
+
+
+@pytest.mark.parametrize("kind, how", [("mdm", "the confidence sampler at temperature 0"), ("ar", "greedy decoding")])
+def test_num_samples_without_noise_is_refused(capsys, exports, kind, how):
+    """--num_samples 3 at temperature 0 (the default) printed three identical copies of each sample: greedy
+    decoding and the confidence sampler at argmax draw no noise, so the seed + i of each copy changed nothing."""
+    argv = ["--checkpoint", exports[kind], "--device", "cpu", "--prompt", "a", "--length", "4", "--num_samples", "3"]
+    line = user_error_line(capsys, cli.main, argv)
+    assert line.startswith(f"error: --num_samples 3 would print 3 identical copies: {how} draws no noise")
+    assert "--temperature" in line
+    noisy = [["--temperature", "1"]] + ([["--algorithm", "stochastic"]] if kind == "mdm" else [])
+    for options in noisy:  # with noise the copies differ
+        assert cli.main([*argv, *options]) == 0
+        samples = capsys.readouterr().out.split("--- sample ")[1:]
+        assert len(samples) == 3 and len({s.split("\n", 1)[1] for s in samples}) > 1
