@@ -23,9 +23,11 @@ for a masked diffusion one), not ignored::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -111,6 +113,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num_samples", type=int, default=1,
                         help="samples per prompt (at --temperature 0 only with --algorithm stochastic: the other "
                              "samplers draw no noise there)")
+    parser.add_argument("--batch_size", type=int, default=16,
+                        help="samples per forward pass (more run in further batches; the samples do not depend on it)")
     parser.add_argument("--length", type=int, default=128, help="tokens to generate after the prompt")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"forward passes per block (default: {DEFAULT_STEPS}, or the block's length if shorter)")
@@ -193,17 +197,35 @@ def sample_tokens(model: torch.nn.Module, prompt_ids: list[list[int]], args: arg
         if args.top_k and args.temperature == 0:  # greedy decoding takes the argmax: top-k would change nothing
             raise UserError(f"--top_k {args.top_k} samples, but --temperature 0 (the default) decodes greedily: "
                             "add --temperature (e.g. 1.0), or drop --top_k")
-        cfg = ARSamplerConfig(max_new_tokens=args.length, temperature=args.temperature, top_k=args.top_k,
-                              kv_cache=not args.no_kv_cache, stop_at_eos=not args.no_stop_at_eos, seed=args.seed)
-        return generate_batch(model, prompt_ids, cfg, eos_id=tok.eos_id, vocab_limit=tok.vocab_size, device=device)
+        ar_cfg = ARSamplerConfig(max_new_tokens=args.length, temperature=args.temperature, top_k=args.top_k,
+                                 kv_cache=not args.no_kv_cache, stop_at_eos=not args.no_stop_at_eos, seed=args.seed)
+        return in_batches(lambda prompts, cfg: generate_batch(model, prompts, cfg, eos_id=tok.eos_id,
+                                                              vocab_limit=tok.vocab_size, device=device),
+                          prompt_ids, ar_cfg, args.batch_size)
     # The confidence sampler reveals at least one token a step: a short block caps the default number of steps.
     steps = args.steps if args.steps is not None else max(1, min(DEFAULT_STEPS, args.block_length or args.length))
-    cfg = SamplerConfig(length=args.length, steps=steps, block_length=args.block_length,
-                        algorithm=args.algorithm or "confidence", temperature=args.temperature, cfg_scale=args.cfg_scale,
-                        stop_at_eos=not args.no_stop_at_eos, seed=args.seed)
-    cfg.blocks()  # UserError for bad sampler options
-    return generate(model, prompt_ids, cfg, mask_id=model.args.mask_id, eos_id=tok.eos_id,
-                    vocab_limit=tok.vocab_size, device=device)
+    mdm_cfg = SamplerConfig(length=args.length, steps=steps, block_length=args.block_length,
+                            algorithm=args.algorithm or "confidence", temperature=args.temperature,
+                            cfg_scale=args.cfg_scale, stop_at_eos=not args.no_stop_at_eos, seed=args.seed)
+    mdm_cfg.blocks()  # UserError for bad sampler options
+    return in_batches(lambda prompts, cfg: generate(model, prompts, cfg, mask_id=model.args.mask_id,
+                                                    eos_id=tok.eos_id, vocab_limit=tok.vocab_size, device=device),
+                      prompt_ids, mdm_cfg, args.batch_size)
+
+
+SamplerOptions = SamplerConfig | ARSamplerConfig
+
+
+def in_batches(draw: Callable[[list[list[int]], SamplerOptions], list[list[int]]], prompt_ids: list[list[int]],
+               cfg: SamplerOptions, batch_size: int) -> list[list[int]]:
+    """``draw(prompts, cfg)`` over consecutive slices of at most ``batch_size`` prompts (the samplers run each
+    prompt length of a call as one batch: without slices, --num_samples 300 of a 2048-token model asks for 300
+    x 2048 x vocab float32 logits at once). Each slice's seed is moved on by its start, so prompt i still samples
+    with seed + i and the samples do not depend on ``batch_size``."""
+    out: list[list[int]] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        out += draw(prompt_ids[start : start + batch_size], dataclasses.replace(cfg, seed=cfg.seed + start))
+    return out
 
 
 def run(args: argparse.Namespace) -> tuple[list[str], str]:
@@ -211,6 +233,8 @@ def run(args: argparse.Namespace) -> tuple[list[str], str]:
     texts = read_prompts(args)
     if args.length < 1:
         raise UserError(f"--length must be at least 1, got {args.length}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.seed < 0:  # the noise generators' keys are non-negative (numpy SeedSequence)
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     model = load_for_inference(args.checkpoint, args.device, args.dtype)

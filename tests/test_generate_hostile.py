@@ -157,3 +157,25 @@ def test_num_samples_without_noise_is_refused(capsys, exports, kind, how):
         assert cli.main([*argv, *options]) == 0
         samples = capsys.readouterr().out.split("--- sample ")[1:]
         assert len(samples) == 3 and len({s.split("\n", 1)[1] for s in samples}) > 1
+
+
+@pytest.mark.parametrize("kind", ["mdm", "ar"])
+def test_batch_size_bounds_each_forward_and_changes_no_sample(monkeypatch, capsys, exports, kind):
+    """Every copy of every prompt of one length ran as one batch: --num_samples 300 of a 2048-token model asked
+    for 300 x 2048 x 32000 float32 logits in one forward (an out-of-memory traceback on an 80 GB GPU).
+    --batch_size (default 16) bounds the rows of a forward; prompt i still samples with seed + i."""
+    rows: list[int] = []
+    forward = TransEncoder.forward
+    monkeypatch.setattr(TransEncoder, "forward", lambda self, x, *a, **k: rows.append(x.shape[0]) or forward(self, x, *a, **k))
+    argv = ["--checkpoint", exports[kind], "--device", "cpu", "--prompt", "a", "--prompt", "bb cc", "--num_samples",
+            "3", "--temperature", "1", "--length", "4"]
+    if kind == "ar":  # the KV cache runs the layers, not forward: count the rows of the uncached path
+        argv.append("--no_kv_cache")
+    outputs = {}
+    for batch_size in ("2", "16"):
+        rows.clear()
+        assert cli.main([*argv, "--batch_size", batch_size]) == 0
+        outputs[batch_size] = capsys.readouterr().out
+        assert max(rows) == min(int(batch_size), 3)  # 3 copies of a prompt: its one length group
+    assert outputs["2"] == outputs["16"]
+    assert len(set(outputs["2"].split("--- sample ")[1:])) == 6
