@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from dlm_titan.ar_sampling import ARSamplerConfig, generate_batch
@@ -130,7 +131,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="autoregressive checkpoints: recompute the whole prefix each step (same tokens, slower)")
     parser.add_argument("--cfg_scale", type=float, default=0.0, help="unsupervised classifier-free guidance")
     parser.add_argument("--no_stop_at_eos", action="store_true", help="keep generating past end-of-text")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed (prompt i samples with seed + i)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed: sample i draws with key(seed) + i, key spread over 62 bits, so runs of different seeds "
+                             "share no sample")
     return parser.parse_args(argv)
 
 
@@ -198,7 +200,7 @@ def sample_tokens(model: torch.nn.Module, prompt_ids: list[list[int]], args: arg
             raise UserError(f"--top_k {args.top_k} samples, but --temperature 0 (the default) decodes greedily: "
                             "add --temperature (e.g. 1.0), or drop --top_k")
         ar_cfg = ARSamplerConfig(max_new_tokens=args.length, temperature=args.temperature, top_k=args.top_k,
-                                 kv_cache=not args.no_kv_cache, stop_at_eos=not args.no_stop_at_eos, seed=args.seed)
+                                 kv_cache=not args.no_kv_cache, stop_at_eos=not args.no_stop_at_eos, seed=run_key(args.seed))
         return in_batches(lambda prompts, cfg: generate_batch(model, prompts, cfg, eos_id=tok.eos_id,
                                                               vocab_limit=tok.vocab_size, device=device),
                           prompt_ids, ar_cfg, args.batch_size)
@@ -206,7 +208,7 @@ def sample_tokens(model: torch.nn.Module, prompt_ids: list[list[int]], args: arg
     steps = args.steps if args.steps is not None else max(1, min(DEFAULT_STEPS, args.block_length or args.length))
     mdm_cfg = SamplerConfig(length=args.length, steps=steps, block_length=args.block_length,
                             algorithm=args.algorithm or "confidence", temperature=args.temperature,
-                            cfg_scale=args.cfg_scale, stop_at_eos=not args.no_stop_at_eos, seed=args.seed)
+                            cfg_scale=args.cfg_scale, stop_at_eos=not args.no_stop_at_eos, seed=run_key(args.seed))
     mdm_cfg.blocks()  # UserError for bad sampler options
     return in_batches(lambda prompts, cfg: generate(model, prompts, cfg, mask_id=model.args.mask_id,
                                                     eos_id=tok.eos_id, vocab_limit=tok.vocab_size, device=device),
@@ -216,12 +218,19 @@ def sample_tokens(model: torch.nn.Module, prompt_ids: list[list[int]], args: arg
 SamplerOptions = SamplerConfig | ARSamplerConfig
 
 
+def run_key(seed: int) -> int:
+    """The sampler seed of ``--seed seed``: sample i of the run draws with run_key(seed) + i. The samplers key
+    sample i by seed + i, which made ``--seed 1``'s sample i ``--seed 0``'s sample i + 1 (runs of consecutive
+    seeds printed nearly the same samples); spread over 62 bits, runs of different seeds share none."""
+    return int(np.random.SeedSequence([seed]).generate_state(1, dtype=np.uint64)[0] >> 2)
+
+
 def in_batches(draw: Callable[[list[list[int]], SamplerOptions], list[list[int]]], prompt_ids: list[list[int]],
                cfg: SamplerOptions, batch_size: int) -> list[list[int]]:
     """``draw(prompts, cfg)`` over consecutive slices of at most ``batch_size`` prompts (the samplers run each
     prompt length of a call as one batch: without slices, --num_samples 300 of a 2048-token model asks for 300
     x 2048 x vocab float32 logits at once). Each slice's seed is moved on by its start, so prompt i still samples
-    with seed + i and the samples do not depend on ``batch_size``."""
+    with ``cfg.seed`` + i and the samples do not depend on ``batch_size``."""
     out: list[list[int]] = []
     for start in range(0, len(prompt_ids), batch_size):
         out += draw(prompt_ids[start : start + batch_size], dataclasses.replace(cfg, seed=cfg.seed + start))

@@ -179,3 +179,21 @@ def test_batch_size_bounds_each_forward_and_changes_no_sample(monkeypatch, capsy
         assert max(rows) == min(int(batch_size), 3)  # 3 copies of a prompt: its one length group
     assert outputs["2"] == outputs["16"]
     assert len(set(outputs["2"].split("--- sample ")[1:])) == 6
+
+
+@pytest.mark.parametrize("kind", ["mdm", "ar"])
+def test_runs_of_different_seeds_share_no_sample(capsys, exports, kind):
+    """Sample i drew with seed + i: --seed 1 --num_samples 3 printed --seed 0's samples 2 and 3 again as its 1 and
+    2, so runs of consecutive seeds (one per job) were nearly all duplicates. The same seed still repeats its text."""
+    def samples(seed: str) -> list[str]:
+        assert cli.main(["--checkpoint", exports[kind], "--device", "cpu", "--prompt", "a", "--num_samples", "3",
+                         "--temperature", "1", "--length", "6", "--seed", seed]) == 0
+        return capsys.readouterr().out.split("--- sample ")[1:]
+
+    def texts(seed: str) -> set[str]:
+        return {s.split("\n", 1)[1] for s in samples(seed)}
+
+    capsys.readouterr()
+    first = samples("0")
+    assert samples("0") == first and len(texts("0")) == 3
+    assert not texts("0") & texts("1")
