@@ -118,21 +118,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="samples per forward pass (more run in further batches; the samples do not depend on it)")
     parser.add_argument("--length", type=int, default=128, help="tokens to generate after the prompt")
     parser.add_argument("--steps", type=int, default=None,
-                        help=f"forward passes per block (default: {DEFAULT_STEPS}, or the block's length if shorter)")
-    parser.add_argument("--block_length", type=int, default=0, help="semi-autoregressive block size (0 = off)")
+                        help=f"masked diffusion checkpoints: forward passes per block (default: {DEFAULT_STEPS}, "
+                             "or the block's length if shorter)")
+    parser.add_argument("--block_length", type=int, default=0,
+                        help="masked diffusion checkpoints: semi-autoregressive block size (0 = off)")
     parser.add_argument("--algorithm", default=None, choices=ALGORITHMS,
-                        help="confidence (the default): reveal the most confident tokens; stochastic: reveal with "
-                             "prob 1 - s/t")
+                        help="masked diffusion checkpoints: confidence (the default): reveal the most confident "
+                             "tokens; stochastic: reveal with prob 1 - s/t")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="sampling temperature (0 = argmax; Gumbel-max for MDM)")
     parser.add_argument("--top_k", type=int, default=0,
                         help="autoregressive checkpoints: sample among the k most likely tokens (0 = all)")
     parser.add_argument("--no_kv_cache", action="store_true",
                         help="autoregressive checkpoints: recompute the whole prefix each step (same tokens, slower)")
-    parser.add_argument("--cfg_scale", type=float, default=0.0, help="unsupervised classifier-free guidance")
+    parser.add_argument("--cfg_scale", type=float, default=0.0,
+                        help="masked diffusion checkpoints: unsupervised classifier-free guidance")
     parser.add_argument("--no_stop_at_eos", action="store_true", help="keep generating past end-of-text")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed: sample i draws with key(seed) + i, key spread over 62 bits, so runs of different seeds "
-                             "share no sample")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="noise seed: sample i draws with key(seed) + i, the key spread over 62 bits, so runs of "
+                             "different seeds share no sample")
     return parser.parse_args(argv)
 
 
@@ -200,7 +204,8 @@ def sample_tokens(model: torch.nn.Module, prompt_ids: list[list[int]], args: arg
             raise UserError(f"--top_k {args.top_k} samples, but --temperature 0 (the default) decodes greedily: "
                             "add --temperature (e.g. 1.0), or drop --top_k")
         ar_cfg = ARSamplerConfig(max_new_tokens=args.length, temperature=args.temperature, top_k=args.top_k,
-                                 kv_cache=not args.no_kv_cache, stop_at_eos=not args.no_stop_at_eos, seed=run_key(args.seed))
+                                 kv_cache=not args.no_kv_cache, stop_at_eos=not args.no_stop_at_eos,
+                                 seed=run_key(args.seed))
         return in_batches(lambda prompts, cfg: generate_batch(model, prompts, cfg, eos_id=tok.eos_id,
                                                               vocab_limit=tok.vocab_size, device=device),
                           prompt_ids, ar_cfg, args.batch_size)
@@ -220,8 +225,9 @@ SamplerOptions = SamplerConfig | ARSamplerConfig
 
 def run_key(seed: int) -> int:
     """The sampler seed of ``--seed seed``: sample i of the run draws with run_key(seed) + i. The samplers key
-    sample i by seed + i, which made ``--seed 1``'s sample i ``--seed 0``'s sample i + 1 (runs of consecutive
-    seeds printed nearly the same samples); spread over 62 bits, runs of different seeds share none."""
+    sample i by seed + i: passed on as it is, ``--seed 1``'s sample i would be ``--seed 0``'s sample i + 1 (runs
+    of consecutive seeds would print nearly the same samples); spread over 62 bits, runs of different seeds share
+    none."""
     return int(np.random.SeedSequence([seed]).generate_state(1, dtype=np.uint64)[0] >> 2)
 
 

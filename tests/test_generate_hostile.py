@@ -41,7 +41,8 @@ def exports(tmp_path_factory) -> dict[str, str]:
 def sampled(monkeypatch) -> list[list[list[int]]]:
     """The prompt ids of every MDM sampler call of ``cli.main`` (which returns no new tokens)."""
     calls: list[list[list[int]]] = []
-    monkeypatch.setattr(cli, "generate", lambda model, prompts, cfg, **kw: calls.append(prompts) or [[] for _ in prompts])
+    monkeypatch.setattr(cli, "generate",
+                        lambda model, prompts, cfg, **kw: calls.append(prompts) or [[] for _ in prompts])
     return calls
 
 
@@ -68,7 +69,8 @@ def test_prompts_file_byte_order_mark_is_not_part_of_the_prompt(tmp_path, export
 def test_device_that_is_not_one_is_one_line(capsys, exports, sampled, device):
     """--device foo was torch's RuntimeError traceback listing twenty device types; --device meta loaded the model
     and failed in a traceback at the first noise generator."""
-    line = user_error_line(capsys, cli.main, ["--checkpoint", exports["mdm"], "--prompt", "a", "--length", "4", "--device", device])
+    argv = ["--checkpoint", exports["mdm"], "--prompt", "a", "--length", "4", "--device", device]
+    line = user_error_line(capsys, cli.main, argv)
     assert line.startswith(f"error: --device {device} is not a device") and '"cuda:N"' in line
 
 
@@ -166,7 +168,8 @@ def test_batch_size_bounds_each_forward_and_changes_no_sample(monkeypatch, capsy
     --batch_size (default 16) bounds the rows of a forward; prompt i still samples with seed + i."""
     rows: list[int] = []
     forward = TransEncoder.forward
-    monkeypatch.setattr(TransEncoder, "forward", lambda self, x, *a, **k: rows.append(x.shape[0]) or forward(self, x, *a, **k))
+    monkeypatch.setattr(TransEncoder, "forward",
+                        lambda self, x, *a, **k: rows.append(x.shape[0]) or forward(self, x, *a, **k))
     argv = ["--checkpoint", exports[kind], "--device", "cpu", "--prompt", "a", "--prompt", "bb cc", "--num_samples",
             "3", "--temperature", "1", "--length", "4"]
     if kind == "ar":  # the KV cache runs the layers, not forward: count the rows of the uncached path
