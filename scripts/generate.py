@@ -28,6 +28,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -92,6 +93,10 @@ def load_tokenizer_for(model: torch.nn.Module, path: str, checkpoint: str = ""):
     on where its checkpoint records that (a step-N / dump folder carries no tokenizer of its own)."""
     from dlm_titan.checkpoint.eval_tokenizer import load_checked_tokenizer
 
+    if not path and checkpoint and Path(checkpoint).is_file():  # the one file load_model reads: lit-gpt weights
+        raise UserError(f"{checkpoint} is an SMDM/lit-gpt state dict, which carries no tokenizer, and the default "
+                        "one would give its prompts other ids than it trained on; pass its tokenizer with "
+                        "--tokenizer_path (SMDM's released models: Llama-2's tokenizer.model, as TinyLlama's)")
     return load_checked_tokenizer(checkpoint, path, model.args.vocab_size)
 
 

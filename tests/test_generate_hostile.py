@@ -200,3 +200,24 @@ def test_runs_of_different_seeds_share_no_sample(capsys, exports, kind):
     first = samples("0")
     assert samples("0") == first and len(texts("0")) == 3
     assert not texts("0") & texts("1")
+
+
+def test_litgpt_weights_file_needs_its_tokenizer(monkeypatch, capsys, tmp_path, exports, sampled):
+    """An SMDM/lit-gpt state dict (SMDM's released mdm-170M-1e19.safetensors: Llama-2's 32,000 ids) carries no
+    tokenizer and records none, so the embedded default (32,000 other pieces) encoded the prompts without a word
+    and the text came out as garbage. The load is stood in for: any weights file is such a state dict here."""
+    from scripts import eval_elbo
+
+    weights = f"{exports['mdm']}/model.safetensors"
+    monkeypatch.setattr(cli, "load_for_inference", lambda *a: tiny())
+    monkeypatch.setattr(eval_elbo, "load_for_inference", lambda *a: tiny())
+    line = user_error_line(capsys, cli.main, ["--checkpoint", weights, "--prompt", "a", "--length", "4"])
+    assert line.startswith(f"error: {weights} is an SMDM/lit-gpt state dict, which carries no tokenizer")
+    assert "--tokenizer_path" in line
+    assert sampled == []
+    text = tmp_path / "text.txt"
+    text.write_text("In the beginning")
+    line = user_error_line(capsys, eval_elbo.main, ["--checkpoint", weights, "--text_file", str(text), "--seq_len", "8"])
+    assert "SMDM/lit-gpt state dict" in line
+    tokenizer = str(load_tokenizer("").path)  # its own tokenizer, named: accepted
+    assert cli.main(["--checkpoint", weights, "--tokenizer_path", tokenizer, "--prompt", "a", "--length", "4"]) == 0
