@@ -158,8 +158,21 @@ def read_prompts_file(path: str) -> list[str]:
                         "UTF-8") from None
 
 
+def check_utf8_argument(text: str) -> None:
+    """UserError for a ``--prompt`` holding bytes that are not UTF-8 (a Latin-1 terminal, a script's raw bytes):
+    Python hands them over as lone surrogates, which no tokenizer encodes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogateescape")
+        raise UserError(f"--prompt {raw!r} is not UTF-8 text; pass UTF-8 (a UTF-8 terminal locale) or put the "
+                        "prompts in a UTF-8 --prompts_file") from None
+
+
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
+    for text in prompts:
+        check_utf8_argument(text)
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
     if not prompts:

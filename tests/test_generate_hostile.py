@@ -65,6 +65,15 @@ def test_prompts_file_byte_order_mark_is_not_part_of_the_prompt(tmp_path, export
                         tok.encode("In the beginning", bos=False, eos=False)]]
 
 
+def test_prompt_argument_that_is_not_utf8_is_one_line(capsys, exports, sampled):
+    """`--prompt $'caf\\xe9'` from a Latin-1 terminal reaches Python as a lone surrogate: the tokenizer raised a
+    TypeError traceback (SentencePiece and tokenizers alike)."""
+    prompt = b"caf\xe9".decode("utf-8", "surrogateescape")  # what sys.argv holds for those bytes
+    line = user_error_line(capsys, cli.main, ["--checkpoint", exports["mdm"], "--prompt", prompt])
+    assert line.startswith("error: --prompt b'caf\\xe9' is not UTF-8 text") and "--prompts_file" in line
+    assert sampled == []
+
+
 @pytest.mark.parametrize("device", ["foo", "meta", "cuda:x", "CPU"])
 def test_device_that_is_not_one_is_one_line(capsys, exports, sampled, device):
     """--device foo was torch's RuntimeError traceback listing twenty device types; --device meta loaded the model
