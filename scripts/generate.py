@@ -312,6 +312,9 @@ def drop_unwritten_stdout() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if sys.stdout is None:  # started with stdout closed (`>&-`): checked before the sampling it would waste
+        return report(UserError("stdout is closed, so no sample could be printed; run it with stdout open (e.g. "
+                                "> samples.txt)"))
     try:
         outputs, stats = run(args)
     except UserError as e:

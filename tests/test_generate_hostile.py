@@ -142,6 +142,16 @@ def test_stdout_that_cannot_be_written(monkeypatch, capsys, exports, error, code
     assert capsys.readouterr().err == line
 
 
+def test_closed_stdout_is_refused_before_sampling(monkeypatch, capsys, exports, sampled):
+    """`generate ... >&-`: Python starts with sys.stdout None; the samples were drawn, print dropped them without a
+    word, and the flush after them ended in an AttributeError traceback."""
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdout", None)
+    assert cli.main(["--checkpoint", exports["mdm"], "--device", "cpu", "--prompt", "a", "--length", "4"]) == 2
+    assert capsys.readouterr().err.startswith("error: stdout is closed, so no sample could be printed")
+    assert sampled == []
+
+
 def test_ctrl_c_while_sampling_is_one_line(monkeypatch, capsys, exports):
     """Ctrl-C during sampling printed a KeyboardInterrupt traceback."""
     def interrupted(*args, **kwargs):
