@@ -34,20 +34,35 @@ if hasattr(torch.ops.aten, "_scaled_mm"):
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def _op_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+def _flash_attn_ops() -> frozenset:
+    """flash-attn's forward as a torch op, which flash-attn (>= 2.7) registers when imported (the "flash_attn"
+    attention backend imports it as the model is built, before AC applies); empty without flash-attn. Not saved,
+    the selective "op" policy recomputed attention in backward under that backend."""
+    try:
+        return frozenset({torch.ops.flash_attn._flash_attn_forward.default})
+    except (AttributeError, RuntimeError):  # no such namespace or op registered
+        return frozenset()
 
 
-def _selective_contexts():
-    return create_selective_checkpoint_contexts(_op_policy)
+def _selective_context_fn(save_ops: frozenset):
+    """SAC's context_fn: keep the outputs of ``save_ops``, recompute the rest."""
+
+    def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+        return CheckpointPolicy.MUST_SAVE if op in save_ops else CheckpointPolicy.PREFER_RECOMPUTE
+
+    def context_fn():
+        return create_selective_checkpoint_contexts(policy)
+
+    return context_fn
 
 
-def _checkpoint_forward(block: nn.Module, selective: bool) -> None:
-    """Makes ``block`` recompute its forward in backward, by replacing its forward in place instead of wrapping
-    it in a module: parameter names (which key init, checkpoints and exports) stay unchanged."""
+def _checkpoint_forward(block: nn.Module, save_ops: frozenset | None) -> None:
+    """Makes ``block`` recompute its forward in backward (all of it, or all but ``save_ops``' outputs), by replacing
+    its forward in place instead of wrapping it in a module: parameter names (which key init, checkpoints and
+    exports) stay unchanged."""
     forward = block.forward
     # Dynamo accepts a context_fn only when it is a real policy, so full AC passes none.
-    options = {"context_fn": _selective_contexts} if selective else {}
+    options = {"context_fn": _selective_context_fn(save_ops)} if save_ops is not None else {}
 
     def checkpointed_forward(*args, **kwargs):
         return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False, **options, **kwargs)
@@ -68,9 +83,10 @@ def apply_ac(model: nn.Module, ac_cfg) -> None:
     if ac_cfg.mode == "selective" and option != "op":
         every = int(option)
     per_op = ac_cfg.mode == "selective" and option == "op"
+    save_ops = frozenset(_SAVE_OPS) | _flash_attn_ops() if per_op else None
     for i, block in enumerate(model.layers.values()):
         if per_op or i % every == 0:
-            _checkpoint_forward(block, selective=per_op)
+            _checkpoint_forward(block, save_ops)
 
 
 def apply_compile(model: nn.Module, compile_cfg, cudagraphs: bool = False) -> None:

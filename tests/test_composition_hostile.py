@@ -114,3 +114,50 @@ def test_float8_pads_matmuls_whose_token_count_can_be_off_a_multiple_of_16(monke
     parallelize_model(build_model(cfg.model, cfg.training.seq_len, torch.device("meta")), cfg, None,
                       torch.device("cuda"))
     assert configs == [_Float8LinearConfig(recipe="tensorwise", pad_inner_dim=padded)]
+
+
+_FLASH_OP_RUNS = """
+import torch
+from torch import nn
+
+from dlm_titan.config import load_config
+from dlm_titan.parallelize import apply_ac
+
+runs = []
+
+
+# flash-attn (>= 2.7) registers its forward under this name; a stand-in that counts its runs
+@torch.library.custom_op("flash_attn::_flash_attn_forward", mutates_args=())
+def flash_forward(q: torch.Tensor) -> torch.Tensor:
+    runs.append(1)
+    return q * 2
+
+
+flash_forward.register_fake(lambda q: torch.empty_like(q))
+flash_forward.register_autograd(lambda ctx, grad: grad * 2)
+
+
+class Block(nn.Module):
+    def forward(self, x):
+        return torch.ops.flash_attn._flash_attn_forward(x).sin()
+
+
+model = nn.Module()
+model.layers = nn.ModuleDict({"0": Block()})
+apply_ac(model, load_config(["--activation_checkpoint.mode", "selective"]).activation_checkpoint)
+x = torch.randn(4, requires_grad=True)
+model.layers["0"](x).sum().backward()
+assert torch.allclose(x.grad, 2 * torch.cos(2 * x.detach()))
+print(len(runs))
+"""
+
+
+def test_selective_op_ac_keeps_flash_attn_outputs():
+    """Selective "op" AC keeps attention outputs; under attn_backend = "flash_attn" the attention is flash-attn's own
+    torch op, which was not among those kept, so backward ran the attention forward again. The stand-in op runs
+    once in forward and backward together (a separate process: the op is registered for good)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _FLASH_OP_RUNS], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1"]
