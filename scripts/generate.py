@@ -39,6 +39,7 @@ from dlm_titan.sampling import ALGORITHMS, SamplerConfig, generate
 from scripts.cli import HelpFormatter
 
 DEFAULT_STEPS = 64  # forward passes per block unless --steps says otherwise
+SamplerOptions = SamplerConfig | ARSamplerConfig
 
 
 def resolve_device(device: str) -> torch.device:
@@ -237,8 +238,6 @@ def sample_tokens(model: torch.nn.Module, prompt_ids: list[list[int]], args: arg
                                                     eos_id=tok.eos_id, vocab_limit=tok.vocab_size, device=device),
                       prompt_ids, mdm_cfg, args.batch_size)
 
-
-SamplerOptions = SamplerConfig | ARSamplerConfig
 
 
 def run_key(seed: int) -> int:
