@@ -136,6 +136,15 @@ def test_gumbel_argmax_samples_the_tempered_softmax():
     assert (gumbel_argmax(logits, 0.0, gens) == 2).all()
 
 
+@pytest.mark.parametrize("temperature", [1e-309, 1e-320])
+def test_gumbel_argmax_at_a_tiny_temperature_is_the_argmax(temperature):
+    """At a temperature near 0 the draw is the argmax. Dividing the raw logits sent every logit of one sign to the
+    same +-inf, so the first of them won (here token 0 in both rows) whatever the largest logit was."""
+    logits = torch.tensor([[[-2.0, -0.5, -1.0, -3.0], [0.5, 0.25, 1.0, 0.75]]])
+    draws = gumbel_argmax(logits, temperature, row_generators([3], "cpu"))
+    assert draws.tolist() == [[1, 2]]
+
+
 def test_guided_logits_is_unsupervised_cfg(random_model):
     x = torch.randint(0, VOCAB, (2, 9))
     x[:, 6:] = MASK

@@ -27,12 +27,15 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generators: list[tor
     float64 (argmax at temperature 0); row b's noise comes from generators[b].
 
     argmax(l / T + G) with G = -log(-log u) equals SMDM's argmax(exp(l) / (-log u)^T) without overflowing exp.
-    float64 keeps the draw exact for low-probability tokens (float32 Gumbel noise saturates near u = 1).
+    float64 keeps the draw exact for low-probability tokens (float32 Gumbel noise saturates near u = 1). Each
+    row's largest logit is shifted to 0 before dividing: at a tiny T the others then go to -inf and the argmax
+    wins, where l / T sent every logit of one sign to the same +-inf and the first of them won.
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
     u = uniform(tuple(logits.shape[1:]), generators, logits.device)
-    return (logits.double() / temperature - torch.log(-torch.log(u))).argmax(dim=-1)
+    shifted = logits.double() - logits.double().amax(dim=-1, keepdim=True)
+    return (shifted / temperature - torch.log(-torch.log(u))).argmax(dim=-1)
 
 
 def transfer_counts(n: int, steps: int) -> list[int]:
