@@ -4,7 +4,8 @@
 
     python -m scripts.export_checkpoint outputs/debug/checkpoint/step-100 --dtype float32
     python -m scripts.export_checkpoint outputs/debug            # newest complete checkpoint of a dump folder
-    python -m scripts.export_checkpoint smdm/mdm-170M-1e19.safetensors --out smdm-170m   # SMDM's release
+    python -m scripts.export_checkpoint smdm/mdm-170M-1e19.safetensors --tokenizer_path Llama-2-7b-hf \
+        --out smdm-170m                                              # SMDM's release, with Llama-2's tokenizer
     python -m scripts.export_checkpoint TinyLlama-1.1B --out tinyllama-mdm               # a Llama folder
 
 The source is a DCP ``step-N`` folder (model weights only; any world size), a dump folder (its newest complete
@@ -13,8 +14,10 @@ checkpoint), an export folder (either kind, e.g. to change its dtype), an SMDM/l
 Llama-family Hugging Face folder (``LlamaForCausalLM``: its shape, GQA and rope_theta kept, the mask-token row
 added). The default destination is ``{dump_folder}/export-step-N`` for dlm_titan checkpoints; other sources need
 ``--out``. The tokenizer files come from ``--tokenizer_path`` (one that cannot be shipped is an error), else from
-the dump folder's config.toml, else from the source folder's own tokenizer; an SMDM/lit-gpt file gets the embedded
-tokenizer (SMDM's, Llama-2's), a folder without tokenizer files none (with a warning: no tokenizer is guessed).
+the dump folder's config.toml, else from the source folder's own tokenizer; a folder without tokenizer files gets
+none (with a warning: no tokenizer is guessed). An SMDM/lit-gpt file carries no tokenizer and is refused without
+``--tokenizer_path``: SMDM's released models use Llama-2's, and the embedded tokenizer has its 32,000 pieces but
+other ids.
 """
 
 from __future__ import annotations
@@ -25,7 +28,11 @@ import re
 import sys
 from pathlib import Path
 
-from dlm_titan.checkpoint.eval_tokenizer import load_checked_tokenizer, recorded_tokenizer_hashes
+from dlm_titan.checkpoint.eval_tokenizer import (
+    load_checked_tokenizer,
+    recorded_tokenizer_hashes,
+    refuse_litgpt_without_tokenizer,
+)
 from dlm_titan.checkpoint.export import DTYPES, read_model_weights
 from dlm_titan.checkpoint.write_errors import STORAGE_FULL_ERRNOS
 from dlm_titan.data.tokenizer import embedded_tokenizer_path
@@ -63,17 +70,16 @@ def default_destination(source: Path, step: int) -> Path:
 
 
 def default_tokenizer(source: Path) -> str | None:
-    """The run's ``data.tokenizer_path`` (dump folder's config.toml), else the source folder's own tokenizer file;
-    None (no tokenizer) for another folder, "" (the embedded tokenizer, SMDM's) for an SMDM/lit-gpt file."""
+    """The run's ``data.tokenizer_path`` (dump folder's config.toml; "" = the embedded tokenizer), else the source
+    folder's own tokenizer file; None (no tokenizer) for another folder or a file (an SMDM/lit-gpt file is refused
+    without --tokenizer_path before this)."""
     dump = dump_folder_of(source)
     if dump is not None:
         try:
             return str(tomllib.loads((dump / "config.toml").read_text()).get("data", {}).get("tokenizer_path", ""))
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise UserError(f"cannot read {dump / 'config.toml'} ({e}); pass --tokenizer_path") from None
-    if source.is_dir():
-        return str(source) if any((source / name).is_file() for name in _TOKENIZER_FILES) else None
-    return ""
+    return str(source) if source.is_dir() and any((source / name).is_file() for name in _TOKENIZER_FILES) else None
 
 
 def check_destination(out: Path, source: Path) -> None:
@@ -134,6 +140,7 @@ def export(source: Path, out: Path | None, dtype: str, flavor: str | None, token
     """Reads ``source`` and writes the folder; returns (model config, destination)."""
     if flavor and interop_kind(source) != "litgpt":
         raise UserError(f"--flavor applies to SMDM/lit-gpt state dict files only, not to {source}")
+    refuse_litgpt_without_tokenizer(source, tokenizer_path)  # before its weights are read
     read = read_interop(source, flavor)
     cfg, state = read if read is not None else read_model_weights(source)
     step = int(cfg.get("step", 0))
@@ -155,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="weights dtype")
     parser.add_argument("--flavor", default=None, help="SMDM flavor of a lit-gpt state dict (default: inferred "
                         "from its shapes)")
-    parser.add_argument("--tokenizer_path", default=None, help="tokenizer to ship (default: the run's, else the "
-                        "source folder's, else the embedded one)")
+    parser.add_argument("--tokenizer_path", default=None, help="tokenizer to ship (default: the run's "
+                        "data.tokenizer_path, else the source folder's own; required for an SMDM/lit-gpt file: "
+                        "Llama-2's for SMDM's released models)")
     args = parser.parse_args(argv)
     try:
         cfg, out = export(args.source, args.out, args.dtype, args.flavor, args.tokenizer_path)

@@ -28,7 +28,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -92,12 +91,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def load_tokenizer_for(model: torch.nn.Module, path: str, checkpoint: str = ""):
     """The tokenizer, checked to fit the model's vocabulary and to be the one the run of ``checkpoint`` trained
     on where its checkpoint records that (a step-N / dump folder carries no tokenizer of its own)."""
-    from dlm_titan.checkpoint.eval_tokenizer import load_checked_tokenizer
+    from dlm_titan.checkpoint.eval_tokenizer import load_checked_tokenizer, refuse_litgpt_without_tokenizer
 
-    if not path and checkpoint and Path(checkpoint).is_file():  # the one file load_model reads: lit-gpt weights
-        raise UserError(f"{checkpoint} is an SMDM/lit-gpt state dict, which carries no tokenizer, and the default "
-                        "one would give its prompts other ids than it trained on; pass its tokenizer with "
-                        "--tokenizer_path (SMDM's released models: Llama-2's tokenizer.model, as TinyLlama's)")
+    refuse_litgpt_without_tokenizer(checkpoint, path)
     return load_checked_tokenizer(checkpoint, path, model.args.vocab_size)
 
 

@@ -124,6 +124,19 @@ def torchrun_failure(output: str, log_dir: Path) -> str:
     return "\n".join(parts)
 
 
+def word_level_tokenizer(folder: Path) -> str:
+    """A 6-token WordLevel tokenizer.json (``<unk> <s> </s> a b c``) written into ``folder``: small enough for a
+    model of any test vocabulary. Returns its path."""
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "a", "b", "c"])}
+    tok = HF(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    return str(folder / "tokenizer.json")
+
+
 def train_tiny_sentencepiece(folder: Path) -> str:
     """A 300-piece SentencePiece BPE model trained on random words (with BOS/EOS, as lit-gpt's Llama one), not
     the embedded tokenizer: the same kind of file with other ids. Returns its path."""

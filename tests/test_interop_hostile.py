@@ -40,7 +40,7 @@ import os
 
 import pytest
 import torch
-from harness import run_trainer, tiny_run_args, user_error_line
+from harness import run_trainer, tiny_run_args, user_error_line, word_level_tokenizer
 from safetensors.torch import load_file, save_file
 
 from dlm_titan.config import load_config
@@ -292,7 +292,8 @@ def test_litgpt_file_with_tensors_smdm_has_none_of_is_refused(tmp_path, capsys):
     state = litgpt_state()
     state["transformer.h.0.norm_1.bias"] = torch.zeros(state["transformer.h.0.norm_1.weight"].shape)
     save_file(state, str(tmp_path / "layernorm.safetensors"))
-    line = user_error_line(capsys, export_main, [str(tmp_path / "layernorm.safetensors"), "--out", str(tmp_path / "o")])
+    line = user_error_line(capsys, export_main, [str(tmp_path / "layernorm.safetensors"), "--out", str(tmp_path / "o"),
+                                                    "--tokenizer_path", word_level_tokenizer(tmp_path)])
     assert "transformer.h.0.norm_1.bias" in line and "no SMDM checkpoint" in line, line
     assert not (tmp_path / "o").exists()
 

@@ -22,7 +22,7 @@ import os
 
 import pytest
 import torch
-from harness import user_error_line
+from harness import user_error_line, word_level_tokenizer
 
 from dlm_titan.checkpoint.export import load_model
 from dlm_titan.errors import UserError
@@ -200,7 +200,8 @@ def test_checkpoint_holding_other_objects_is_one_line_exit_2(tmp_path, capsys):
 
     torch.save({"model": {"lm_head.weight": torch.zeros(4, 2)}, "hparams": {"out_dir": pathlib.PurePosixPath("out")}},
                tmp_path / "iter-001000-ckpt.pth")
-    line = user_error_line(capsys, export_main, [str(tmp_path / "iter-001000-ckpt.pth"), "--out", str(tmp_path / "out")])
+    line = user_error_line(capsys, export_main, [str(tmp_path / "iter-001000-ckpt.pth"), "--out", str(tmp_path / "out"),
+                                                    "--tokenizer_path", word_level_tokenizer(tmp_path)])
     assert "\x1b" not in line and "safetensors" in line
 
 

@@ -9,9 +9,11 @@ import math
 
 import pytest
 import torch
+from harness import user_error_line, word_level_tokenizer
 from safetensors.torch import save_file
 
 from dlm_titan.checkpoint.export import load_model
+from dlm_titan.data.tokenizer import embedded_tokenizer_path
 from dlm_titan.interop.smdm import litgpt_qkv_to_ours
 from scripts.export_checkpoint import main as export_main
 
@@ -98,7 +100,9 @@ def test_litgpt_state_dict_converts_to_reference_logits(tmp_path, litgpt, suffix
     if suffix != ".safetensors":
         return
     # scripts.export_checkpoint turns it into a Hugging Face folder with the same logits
-    assert export_main([str(path), "--out", str(tmp_path / "hf"), "--dtype", "float32"]) == 0
+    tokenizer = word_level_tokenizer(tmp_path)
+    assert export_main([str(path), "--out", str(tmp_path / "hf"), "--dtype", "float32",
+                        "--tokenizer_path", tokenizer]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["flavor"] == "6M"
     with torch.no_grad():
         assert torch.equal(load_model(tmp_path / "hf", attn_backend="math")(tokens), model(tokens))
@@ -128,7 +132,7 @@ def one_error_line(capsys, argv: list[str]) -> str:
 
 @pytest.mark.slow
 def test_bad_litgpt_files_are_one_line_exit_2(tmp_path, capsys):
-    out = ["--out", str(tmp_path / "out")]
+    out = ["--out", str(tmp_path / "out"), "--tokenizer_path", word_level_tokenizer(tmp_path)]
     missing = litgpt_state()
     del missing["transformer.h.3.mlp.swiglu.w2.weight"]
     save_file(missing, str(tmp_path / "missing.safetensors"))
@@ -145,6 +149,26 @@ def test_bad_litgpt_files_are_one_line_exit_2(tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert "cannot read" in one_error_line(capsys, [str(tmp_path / "junk.pt"), *out])
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_export_of_a_litgpt_file_needs_its_tokenizer(tmp_path, capsys):
+    """SMDM's released weights (Llama-2's 32,000 ids) carry no tokenizer: their export shipped the embedded one (also
+    32,000 pieces, other ids) without a word, and every tool then sampled and scored with it. Refused before the
+    weights are read, nothing written; the tokenizer named is shipped."""
+    state = {k: v.bfloat16() for k, v in litgpt_state().items()}
+    state |= {"transformer.wte.weight": torch.zeros(32001, D, dtype=torch.bfloat16),
+              "lm_head.weight": torch.zeros(32000, D, dtype=torch.bfloat16)}  # the released models' vocabulary
+    path, out = tmp_path / "mdm-6M.safetensors", tmp_path / "out"
+    save_file(state, str(path))
+    line = user_error_line(capsys, export_main, [str(path), "--out", str(out)])
+    assert line.startswith(f"error: {path} is an SMDM/lit-gpt state dict, which carries no tokenizer"), line
+    assert "--tokenizer_path" in line and "Llama-2's tokenizer.model" in line
+    empty = user_error_line(capsys, export_main, [str(path), "--out", str(out), "--tokenizer_path", ""])
+    assert empty.startswith(f"error: {path} is an SMDM/lit-gpt state dict")  # "" is the embedded default again
+    assert not out.exists()
+    tokenizer = str(embedded_tokenizer_path())  # named: shipped, whatever it is
+    assert export_main([str(path), "--out", str(out), "--tokenizer_path", tokenizer]) == 0
+    assert (out / "tokenizer.json").is_file()
 
 
 def test_continued_pretraining_starts_from_the_litgpt_weights(tmp_path, litgpt):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness import word_level_tokenizer
 from test_ar import reference_logits
 from test_likelihood import EOS, MASK, CharTokenizer, tiny_model
 
@@ -102,17 +103,6 @@ def test_empty_context_is_the_eos_that_starts_a_document():
 # --- corpus preparation -------------------------------------------------------------------------------------------
 
 
-def _tokenizer_json(folder: Path) -> str:
-    from tokenizers import Tokenizer as HF
-    from tokenizers import models, pre_tokenizers
-
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "a", "b", "c"])}
-    tok = HF(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(folder / "tokenizer.json"))
-    return str(folder / "tokenizer.json")
-
-
 def _write(src: Path, name: str, docs: list[str]) -> None:
     (src / name).write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
 
@@ -121,7 +111,7 @@ def _write(src: Path, name: str, docs: list[str]) -> None:
 def test_manifest_that_is_no_manifest_is_a_user_error(tmp_path: Path, content: str):
     from dlm_titan.data import general_corpus, prepare_split
 
-    tok = _tokenizer_json(tmp_path)
+    tok = word_level_tokenizer(tmp_path)
     (tmp_path / "src").mkdir()
     _write(tmp_path / "src", "a.jsonl", ["a b c"])
     (tmp_path / "out").mkdir()
@@ -136,7 +126,7 @@ def test_new_input_taking_a_removed_inputs_stream_is_refused(tmp_path: Path):
     shards while the manifest still records b with them (totals counting both)."""
     from dlm_titan.data import general_corpus, prepare_split
 
-    tok = _tokenizer_json(tmp_path)
+    tok = word_level_tokenizer(tmp_path)
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()
     _write(src, "a.jsonl", ["a b c"])

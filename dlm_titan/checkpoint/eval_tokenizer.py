@@ -22,6 +22,7 @@ from dlm_titan.data.tokenizer import (
     load_tokenizer,
 )
 from dlm_titan.errors import UserError
+from dlm_titan.interop.formats import interop_kind
 
 
 def load_checked_tokenizer(checkpoint: str, tokenizer_path: str, vocab_size: int,
@@ -55,6 +56,25 @@ def load_checked_tokenizer(checkpoint: str, tokenizer_path: str, vocab_size: int
                         f"than {used} ({tok.path}, sha256 {sha[:12]}...); pass the training tokenizer "
                         f"(its data.tokenizer_path) with {how}")
     return tok
+
+
+def refuse_litgpt_without_tokenizer(checkpoint: str | Path, tokenizer_path: str | None,
+                                    how: str = "--tokenizer_path PATH") -> None:
+    """UserError when ``checkpoint`` is an SMDM/lit-gpt state dict file and no tokenizer is named.
+
+    Such a file carries and records no tokenizer, and the embedded default has the vocabulary size of SMDM's
+    released models (Llama-2's 32,000 pieces) but other ids: their text would be encoded, decoded, scored and
+    shipped with it without a word.
+
+    Args:
+        checkpoint: the model path as the user gave it.
+        tokenizer_path: the tokenizer named ("" or None: none).
+        how: how the user passes a tokenizer (named in the fix).
+    """
+    if not tokenizer_path and interop_kind(Path(checkpoint)) == "litgpt":
+        raise UserError(f"{checkpoint} is an SMDM/lit-gpt state dict, which carries no tokenizer, and the embedded "
+                        f"default has other ids than it trained on; pass its tokenizer with {how} (SMDM's "
+                        "released models: Llama-2's tokenizer.model, as TinyLlama's)")
 
 
 def bundled_tokenizer(path: str | Path) -> str:
