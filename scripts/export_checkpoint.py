@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from dlm_titan.interop.formats import interop_kind, read_interop
 from dlm_titan.interop.hf_export import CONFIG_FILE, write_hf_folder
 from dlm_titan.interop.hf_format import TEMPLATES, is_dlm_titan_hf_config
 from dlm_titan.interop.hf_tokenizer import TOKENIZER_FILES
-from dlm_titan.interop.safetensors_io import INDEX, SINGLE
+from dlm_titan.interop.safetensors_io import INDEX, SINGLE, is_weights_file_name
 from scripts.cli import HelpFormatter
 
 try:
@@ -52,7 +51,6 @@ except ImportError:  # Python 3.10
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 _EXPORT_NAMES = {CONFIG_FILE, SINGLE, INDEX, "README.md", *TEMPLATES, *TOKENIZER_FILES}
 """What an export writes into its folder (besides shards); an earlier export's folder holds nothing else."""
-_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
 def dump_folder_of(source: Path) -> Path | None:
@@ -113,7 +111,7 @@ def foreign_content(out: Path) -> str | None:
             return f"a {CONFIG_FILE} that no dlm_titan export wrote"
     for entry in sorted(out.iterdir()):
         name = entry.name.removesuffix(".tmp")
-        if not (entry.name.startswith(".") or name in _EXPORT_NAMES or _SHARD.fullmatch(name)):
+        if not (entry.name.startswith(".") or name in _EXPORT_NAMES or is_weights_file_name(name)):
             return f"{entry.name}, which no export writes"
     return None
 

@@ -3,6 +3,7 @@ that cannot be written and Ctrl-C. The model is a tiny random TransEncoder stand
 
 import errno
 import io
+import shutil
 import sys
 
 import pytest
@@ -227,7 +228,8 @@ def test_litgpt_weights_file_needs_its_tokenizer(monkeypatch, capsys, tmp_path, 
     and the text came out as garbage. The load is stood in for: any weights file is such a state dict here."""
     from scripts import eval_elbo
 
-    weights = f"{exports['mdm']}/model.safetensors"
+    weights = str(tmp_path / "mdm-170M-1e19.safetensors")
+    shutil.copy(f"{exports['mdm']}/model.safetensors", weights)  # a weights file of its own, as SMDM's
     monkeypatch.setattr(cli, "load_for_inference", lambda *a: tiny())
     monkeypatch.setattr(eval_elbo, "load_for_inference", lambda *a: tiny())
     line = user_error_line(capsys, cli.main, ["--checkpoint", weights, "--prompt", "a", "--length", "4"])
@@ -240,3 +242,30 @@ def test_litgpt_weights_file_needs_its_tokenizer(monkeypatch, capsys, tmp_path, 
     assert "SMDM/lit-gpt state dict" in line
     tokenizer = str(load_tokenizer("").path)  # its own tokenizer, named: accepted
     assert cli.main(["--checkpoint", weights, "--tokenizer_path", tokenizer, "--prompt", "a", "--length", "4"]) == 0
+
+
+def test_weights_file_of_a_model_folder_names_the_folder(capsys, tmp_path, exports, sampled):
+    """An export's model.safetensors passed as --checkpoint was read as an SMDM/lit-gpt state dict and refused as
+    "not an SMDM/lit-gpt checkpoint: key 'transformer.wte.weight' is missing", which names no fix; it is a weights
+    file of a model folder, and the folder loads. Exports of both kinds (Hugging Face, older "format": "dlm_titan") and
+    a shard of a sharded one."""
+    from dlm_titan.checkpoint.export import model_config
+    from dlm_titan.interop.hf_export import write_hf_folder
+    from scripts import eval_elbo
+
+    model = tiny()
+    for name, shard_bytes in (("hf", 1 << 30), ("sharded", 1 << 20)):
+        write_hf_folder(model.state_dict(), model_config(model, "tiny"), tmp_path / name, "float32", {}, None,
+                        max_shard_bytes=shard_bytes)
+    text = tmp_path / "text.txt"
+    text.write_text("In the beginning")
+    for folder, file in ((exports["mdm"], "model.safetensors"), (str(tmp_path / "hf"), "model.safetensors"),
+                         (str(tmp_path / "sharded"), "model-00001-of-00004.safetensors")):
+        weights = f"{folder}/{file}"
+        for main, argv in ((cli.main, ["--prompt", "a", "--length", "4"]),
+                           (eval_elbo.main, ["--text_file", str(text), "--seq_len", "8"])):
+            line = user_error_line(capsys, main, ["--checkpoint", weights, "--device", "cpu", *argv])
+            assert line == (f"error: {weights} is a weights file of the model folder {folder} (config.json beside "
+                            "it), not an SMDM/lit-gpt state dict; pass the folder instead"), line
+    assert sampled == []
+    assert cli.main(["--checkpoint", exports["mdm"], "--device", "cpu", "--prompt", "a", "--length", "4"]) == 0

@@ -2,7 +2,9 @@
 
 - a folder whose config.json has ``model_type = "dlm_titan"``: dlm_titan's Hugging Face export (:mod:`.hf_format`);
 - a folder whose config.json is a Llama-family model (:mod:`.llama`);
-- a ``.safetensors`` / ``.pth`` / ``.pt`` file: an SMDM/lit-gpt state dict (:mod:`.smdm`).
+- a ``.safetensors`` / ``.pth`` / ``.pt`` file: an SMDM/lit-gpt state dict (:mod:`.smdm`), unless it is a model
+  folder's own weights file (``model.safetensors`` or a shard, config.json beside it): that is refused, naming the
+  folder to pass instead.
 
 Anything else (a DCP checkpoint, a dump folder, an export of the older ``"format": "dlm_titan"`` kind) is left
 to :mod:`dlm_titan.checkpoint.export`; a config.json of another architecture is one clear error.
@@ -24,7 +26,7 @@ from dlm_titan.interop.hf_format import (
     shape_from_hf_config,
 )
 from dlm_titan.interop.llama import is_llama_config, llama_shape, read_llama
-from dlm_titan.interop.safetensors_io import read_weights
+from dlm_titan.interop.safetensors_io import is_weights_file_name, read_weights
 from dlm_titan.interop.smdm import is_litgpt_file, read_litgpt
 
 _JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
@@ -48,10 +50,22 @@ def _config(folder: Path) -> dict[str, Any] | None:
     return config
 
 
+def _is_litgpt(path: Path) -> bool:
+    """Whether ``path`` is an SMDM/lit-gpt state dict file; UserError for a model folder's own weights file (an
+    export's ``model.safetensors``, a shard), which read as a lit-gpt file was "not an SMDM/lit-gpt checkpoint":
+    true, but no word of the folder that loads."""
+    if not is_litgpt_file(path):
+        return False
+    if is_weights_file_name(path.name) and (path.parent / "config.json").is_file():
+        raise UserError(f"{path} is a weights file of the model folder {path.parent} (config.json beside it), not an "
+                        "SMDM/lit-gpt state dict; pass the folder instead")
+    return True
+
+
 def interop_kind(path: Path) -> str | None:
     """"hf" (dlm_titan's HF folder), "llama", "litgpt", or None for the formats checkpoint/export.py reads.
-    UserError for a config.json of an unsupported architecture."""
-    if is_litgpt_file(path):
+    UserError for a config.json of an unsupported architecture or a model folder's weights file."""
+    if _is_litgpt(path):
         return "litgpt"
     return _config_kind(path, _config(path))
 
@@ -71,7 +85,7 @@ def _config_kind(path: Path, config: dict[str, Any] | None) -> str | None:
 
 def interop_shape(path: Path, flavor: str | None = None) -> dict[str, Any] | None:
     """The model shape a path holds (reading config.json only, or the state dict of a lit-gpt file), or None."""
-    if is_litgpt_file(path):
+    if _is_litgpt(path):
         return read_litgpt(path, flavor)[0]
     return config_shape(path)
 

@@ -16,6 +16,8 @@ from dlm_titan.fileio import atomic_write, atomic_write_text
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+"""transformers' name of a shard (``model-00001-of-00003.safetensors``)."""
 MAX_SHARD_BYTES = 5 * 1000**3  # transformers' default max_shard_size, "5GB"
 
 
@@ -70,6 +72,11 @@ def write_weights(tensors: dict[str, torch.Tensor], out: Path, max_bytes: int = 
                  "weight_map": {k: file for file, keys in zip(names, shards, strict=True) for k in keys}}
         atomic_write_text(out / INDEX, json.dumps(index, indent=2) + "\n")
     return names
+
+
+def is_weights_file_name(name: str) -> bool:
+    """Whether ``name`` is one a model folder's weights go by: ``model.safetensors`` or a shard's."""
+    return name == SINGLE or SHARD.fullmatch(name) is not None
 
 
 def has_weights(folder: Path) -> bool:
