@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,6 +124,16 @@ def test_grouped_fused_qkv_reorders_per_group(heads, groups):
         assert torch.equal(ours[v_at:v_at + hs], w[qkv_rows(g * q_per_kv, 2, heads, groups, hs)])
 
 
+def released_vocabulary_file(folder: Path) -> Path:
+    """A lit-gpt file of the 6M flavor at the vocabulary of SMDM's released models (Llama-2's 32,000 ids and the
+    mask row), bfloat16 with zero embeddings to stay small: ``folder/mdm-6M.safetensors``."""
+    state = {k: v.bfloat16() for k, v in litgpt_state().items()}
+    state |= {"transformer.wte.weight": torch.zeros(32001, D, dtype=torch.bfloat16),
+              "lm_head.weight": torch.zeros(32000, D, dtype=torch.bfloat16)}
+    save_file(state, str(folder / "mdm-6M.safetensors"))
+    return folder / "mdm-6M.safetensors"
+
+
 def one_error_line(capsys, argv: list[str]) -> str:
     code = export_main(argv)
     err = capsys.readouterr().err.strip().splitlines()
@@ -155,11 +166,7 @@ def test_export_of_a_litgpt_file_needs_its_tokenizer(tmp_path, capsys):
     """SMDM's released weights (Llama-2's 32,000 ids) carry no tokenizer: their export shipped the embedded one (also
     32,000 pieces, other ids) without a word, and every tool then sampled and scored with it. Refused before the
     weights are read, nothing written; the tokenizer named is shipped."""
-    state = {k: v.bfloat16() for k, v in litgpt_state().items()}
-    state |= {"transformer.wte.weight": torch.zeros(32001, D, dtype=torch.bfloat16),
-              "lm_head.weight": torch.zeros(32000, D, dtype=torch.bfloat16)}  # the released models' vocabulary
-    path, out = tmp_path / "mdm-6M.safetensors", tmp_path / "out"
-    save_file(state, str(path))
+    path, out = released_vocabulary_file(tmp_path), tmp_path / "out"
     line = user_error_line(capsys, export_main, [str(path), "--out", str(out)])
     assert line.startswith(f"error: {path} is an SMDM/lit-gpt state dict, which carries no tokenizer"), line
     assert "--tokenizer_path" in line and "Llama-2's tokenizer.model" in line

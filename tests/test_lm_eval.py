@@ -199,6 +199,26 @@ def test_bad_model_args_are_user_errors(setup, model_args, message):
         DLMTitanLM.create_from_arg_string("pretrained=/nonexistent", {"device": "cpu"})
 
 
+def test_litgpt_weights_file_needs_its_tokenizer(tmp_path):
+    """An SMDM/lit-gpt state dict (SMDM's released models: Llama-2's 32,000 ids) carries and records no tokenizer:
+    pretrained= such a file was scored with the embedded default (32,000 other pieces) without a word. Refused
+    before the model loads; the tokenizer named is the one used."""
+    from harness import train_tiny_sentencepiece
+    from test_interop_smdm import released_vocabulary_file
+
+    from dlm_titan.errors import UserError
+    from dlm_titan.lm_eval.model import DLMTitanLM
+
+    weights = released_vocabulary_file(tmp_path)
+    with pytest.raises(UserError) as err:
+        DLMTitanLM.create_from_arg_string(f"pretrained={weights}", {"device": "cpu"})
+    assert str(err.value).startswith(f"{weights} is an SMDM/lit-gpt state dict, which carries no tokenizer")
+    assert "tokenizer_path=PATH in --model_args" in str(err.value)
+    tokenizer = train_tiny_sentencepiece(tmp_path)
+    lm = DLMTitanLM.create_from_arg_string(f"pretrained={weights},tokenizer_path={tokenizer}", {"device": "cpu"})
+    assert lm.scorer.tok.path == tokenizer
+
+
 def test_user_errors_inside_lm_eval_are_one_line_and_exit_2(monkeypatch, capsys):
     import lm_eval.__main__
 

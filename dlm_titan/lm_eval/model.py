@@ -1,8 +1,9 @@
 """lm-eval model ``dlm_titan``: a dlm_titan checkpoint or export behind lm-eval's ``LM`` interface.
 
 Importing this module registers the model with lm-eval (``python -m dlm_titan.lm_eval`` does). Its
-``--model_args`` are ``pretrained=PATH`` (a dump folder, a ``step-N`` checkpoint folder or an export folder),
-``tokenizer_path``, ``dtype``, ``compile`` and the :class:`~dlm_titan.lm_eval.scorer.ScorerConfig` fields; lm-eval's
+``--model_args`` are ``pretrained=PATH`` (a dump folder, a ``step-N`` checkpoint folder, an export folder, or an
+SMDM/lit-gpt weights file, which carries no tokenizer and is refused without ``tokenizer_path``), ``tokenizer_path``,
+``dtype``, ``compile`` and the :class:`~dlm_titan.lm_eval.scorer.ScorerConfig` fields; lm-eval's
 ``--batch_size`` is the number of sequences per forward pass and ``--device`` the device. A checkpoint of the
 autoregressive baseline (``training.objective = "ar"``) is scored exactly (:mod:`dlm_titan.lm_eval.ar_scorer`).
 
@@ -24,7 +25,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from dlm_titan.checkpoint.eval_tokenizer import load_checked_tokenizer
+from dlm_titan.checkpoint.eval_tokenizer import load_checked_tokenizer, refuse_litgpt_without_tokenizer
 from dlm_titan.checkpoint.export import load_model
 from dlm_titan.checkpoint_layout import print_warning
 from dlm_titan.distributed import init_distributed
@@ -113,13 +114,14 @@ class DLMTitanLM(LM):
             raise UserError("model dlm_titan needs --model_args pretrained=PATH (a dump folder, a step-N checkpoint "
                             "folder or an export folder)")
         cfg = scorer_config(options, batch_size)
+        how = "tokenizer_path=PATH in --model_args"
+        refuse_litgpt_without_tokenizer(path, str(tokenizer_path), how)  # before the model loads
         self._rank, self._world_size, self._device = place(device)
         use_compile = resolve_compile(compile, self._device)
         model = load_model(path, self._device, dtype=resolve_dtype(str(dtype), self._device))
         if use_compile:  # dynamic shapes: one graph for every request length and batch size
             compile_blocks(model, dynamic=True)
-        tok = load_checked_tokenizer(path, str(tokenizer_path), model.args.vocab_size,
-                                     how="tokenizer_path=PATH in --model_args")
+        tok = load_checked_tokenizer(path, str(tokenizer_path), model.args.vocab_size, how=how)
         self.scorer = make_scorer(model, tok, cfg)  # exact for an autoregressive checkpoint
         self._causal = bool(getattr(model, "causal", False))
 
