@@ -83,7 +83,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Options shared by the sampling and evaluation scripts."""
     parser.add_argument("--checkpoint", required=True,
                         help="dump folder (newest checkpoint), step-N checkpoint folder, or export folder")
-    parser.add_argument("--tokenizer_path", default="", help='SentencePiece .model, tokenizer.json or a folder ("" = an export\'s own, else the embedded tokenizer)')
+    parser.add_argument("--tokenizer_path", default="",
+                        help='SentencePiece .model, tokenizer.json or a folder ("" = an export\'s own, else the '
+                             "embedded tokenizer; an SMDM/lit-gpt weights file needs its own, Llama-2's for SMDM's)")
     parser.add_argument("--device", default="auto", help='"auto", "cpu", "cuda", "cuda:1", ...')
     parser.add_argument("--dtype", default="auto", help='"auto" (bf16 on CUDA, fp32 on CPU), float32, bfloat16')
 
