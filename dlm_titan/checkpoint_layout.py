@@ -26,6 +26,7 @@ from typing import Any
 from dlm_titan.checksums import mismatched_files
 from dlm_titan.errors import UserError
 from dlm_titan.fileio import atomic_write_text, fsync_folder
+from dlm_titan.saved_config import saved_config
 
 MARKER = "complete.json"
 """Written last into a step folder: its presence makes the checkpoint complete (JSON: step, model shape, ...)."""
@@ -158,16 +159,7 @@ def remove_checkpoint(step_dir: Path, ignore_errors: bool = False) -> None:
 def checkpoint_folder_of(dump_folder: Path) -> Path:
     """The checkpoint folder of a dump folder: ``checkpoint.folder`` from its saved config.toml, else
     ``checkpoint``."""
-    folder = "checkpoint"
-    config = dump_folder / "config.toml"
-    if config.is_file():
-        import tomllib
-
-        try:
-            folder = tomllib.loads(config.read_text()).get("checkpoint", {}).get("folder", folder)
-        except tomllib.TOMLDecodeError:
-            pass
-    return dump_folder / folder
+    return dump_folder / saved_config(dump_folder).get("checkpoint", {}).get("folder", "checkpoint")
 
 
 def newest_complete(folder: Path, warn: bool = True) -> Path | None:

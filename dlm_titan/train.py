@@ -46,6 +46,7 @@ from dlm_titan.parallelize import parallelize_model, set_gradient_sync
 from dlm_titan.preemption import StopSignals
 from dlm_titan.profiling import Profiler
 from dlm_titan.run_lock import hold_dump_folder
+from dlm_titan.saved_config import RUN_CONFIG_FILE
 from dlm_titan.transfers import to_device
 from dlm_titan.validation import SequenceLossTap, build_validator, coverage_change
 
@@ -277,7 +278,7 @@ def write_config(cfg: JobConfig) -> None:
     """The run's whole config as ``{dump_folder}/config.toml`` (what a rerun or a reader of the folder sees)."""
     dump_folder = Path(cfg.job.dump_folder)
     dump_folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(dump_folder / "config.toml", to_toml(cfg))
+    atomic_write_text(dump_folder / RUN_CONFIG_FILE, to_toml(cfg))
 
 
 def check_unresumed_checkpoints(cfg: JobConfig) -> None:

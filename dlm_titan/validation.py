@@ -25,7 +25,6 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +33,7 @@ from dlm_kernels.reference import per_token_weighted_cross_entropy
 from dlm_titan.diffusion import VALIDATION_STREAM, Noise, forward_process, sample_noise
 from dlm_titan.distributed import all_reduce_sum
 from dlm_titan.metrics import T_BUCKET_PREFIX, LossByTimeBins
+from dlm_titan.saved_config import saved_config
 
 # Tags read by other tools (the isoFLOP sweep reads "validation/loss"): do not rename.
 LOSS_TAG, PPL_TAG, STDERR_TAG = "validation/loss", "validation/ppl_bound", "validation/stderr"
@@ -206,7 +206,7 @@ def coverage_change(cfg: Any, validator: Any, saved_layout: dict[str, Any] | Non
     """
     if validator is None or not saved_layout:
         return None
-    saved = _recorded_validation(Path(cfg.job.dump_folder))
+    saved = saved_config(cfg.job.dump_folder).get("validation", {})
     if saved.get("enable") is False:
         return None
     saved_steps = saved.get("steps")
@@ -231,13 +231,3 @@ def _windows_read(windows: int, steps: int, per_round: int) -> int:
     rounds = windows // per_round
     return (min(steps, rounds) if steps > 0 else rounds) * per_round
 
-
-def _recorded_validation(dump_folder: Path) -> dict[str, Any]:
-    """The ``[validation]`` table of the dump folder's config.toml, or {} if there is none (or it is unreadable)."""
-    import tomllib
-
-    try:
-        table = tomllib.loads((dump_folder / "config.toml").read_text()).get("validation", {})
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return {}
-    return table if isinstance(table, dict) else {}

@@ -41,12 +41,8 @@ from dlm_titan.interop.hf_export import CONFIG_FILE, write_hf_folder
 from dlm_titan.interop.hf_format import TEMPLATES, is_dlm_titan_hf_config
 from dlm_titan.interop.hf_tokenizer import TOKENIZER_FILES
 from dlm_titan.interop.safetensors_io import INDEX, SINGLE, is_weights_file_name
+from dlm_titan.saved_config import RUN_CONFIG_FILE, read_toml
 from scripts.cli import HelpFormatter
-
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib
 
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 _EXPORT_NAMES = {CONFIG_FILE, SINGLE, INDEX, "README.md", *TEMPLATES, *TOKENIZER_FILES}
@@ -56,7 +52,7 @@ _EXPORT_NAMES = {CONFIG_FILE, SINGLE, INDEX, "README.md", *TEMPLATES, *TOKENIZER
 def dump_folder_of(source: Path) -> Path | None:
     """The dump folder of a step folder (``dump/checkpoint/step-N``) or a dump folder; None for other sources."""
     dump = source.parent.parent if source.name.startswith("step-") else source
-    return dump if (dump / "config.toml").is_file() else None
+    return dump if (dump / RUN_CONFIG_FILE).is_file() else None
 
 
 def default_destination(source: Path, step: int) -> Path:
@@ -74,9 +70,9 @@ def default_tokenizer(source: Path) -> str | None:
     dump = dump_folder_of(source)
     if dump is not None:
         try:
-            return str(tomllib.loads((dump / "config.toml").read_text()).get("data", {}).get("tokenizer_path", ""))
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise UserError(f"cannot read {dump / 'config.toml'} ({e}); pass --tokenizer_path") from None
+            return str(read_toml(dump / RUN_CONFIG_FILE).get("data", {}).get("tokenizer_path", ""))
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {dump / RUN_CONFIG_FILE} ({e}); pass --tokenizer_path") from None
     return str(source) if source.is_dir() and any((source / name).is_file() for name in _TOKENIZER_FILES) else None
 
 
@@ -85,7 +81,7 @@ def check_destination(out: Path, source: Path) -> None:
     config.json would then shadow the newest checkpoint of a dump folder for every reader)."""
     if out.resolve() == source.resolve():
         raise UserError(f"--out {out} is the source; choose another destination")
-    if (out / "config.toml").is_file() or (out / ".metadata").is_file():
+    if (out / RUN_CONFIG_FILE).is_file() or (out / ".metadata").is_file():
         raise UserError(f"--out {out} is a dlm_titan dump or checkpoint folder; export into a folder of its own "
                         "(default: {dump_folder}/export-step-N)")
     foreign = foreign_content(out)

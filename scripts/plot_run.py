@@ -17,12 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from dlm_titan.saved_config import saved_config
 from scripts.cli import HelpFormatter
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 Series = dict[str, list[tuple[int, float]]]
 
@@ -55,11 +51,8 @@ def run_objective(folder: Path, series: Series) -> str:
     itself, else its parent: a dump folder inside another run's holds its events itself only when
     metrics.save_tb_folder is "."), else "ar" when validation logged an exact perplexity (``validation/ppl``; MDM
     logs ``validation/ppl_bound``)."""
-    for config in (folder / "config.toml", folder.parent / "config.toml"):
-        try:
-            objective = tomllib.loads(config.read_text(encoding="utf-8")).get("training", {}).get("objective")
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-            continue
+    for dump_folder in (folder, folder.parent):
+        objective = saved_config(dump_folder).get("training", {}).get("objective")
         if objective in ("mdm", "ar"):
             return objective
     return "ar" if "validation/ppl" in series else "mdm"
