@@ -30,3 +30,8 @@ def report_interrupted(state: str) -> int:
     KeyboardInterrupt traceback; returns the exit code, 130."""
     print(f"error: interrupted; {state}", file=sys.stderr)
     return EXIT_INTERRUPTED
+
+
+def first_and_more(names: list[str]) -> str:
+    """``names[0]``, followed by " and N more" when there are others: how a message names a list it cannot print."""
+    return names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else "")

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from dlm_titan.errors import UserError
+from dlm_titan.errors import UserError, first_and_more
 from dlm_titan.interop.hf_format import (
     check_no_unexpected,
     from_hf_state,
@@ -144,6 +144,5 @@ def check_shapes(cfg: dict[str, Any], state: dict[str, torch.Tensor], where: Pat
                             "config describes")
     extra = sorted(set(state) - set(expected))
     if extra:  # weights the model would drop (e.g. layers beyond a config edited to fewer)
-        raise UserError(f"{where}: the weights hold {extra[0]}" + (f" and {len(extra) - 1} more" if len(extra) > 1
-                        else "") + ", which the model its config describes has no parameter for; restore the "
-                        "config that came with these weights")
+        raise UserError(f"{where}: the weights hold {first_and_more(extra)}, which the model its config describes "
+                        "has no parameter for; restore the config that came with these weights")

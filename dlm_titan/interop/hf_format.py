@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dlm_titan.errors import UserError
+from dlm_titan.errors import UserError, first_and_more
 
 MODEL_TYPE = "dlm_titan"
 TEMPLATES = ("configuration_dlm_titan.py", "modeling_dlm_titan.py", "diffusion_rule.py")
@@ -87,8 +87,7 @@ def check_no_unexpected(unread: list[str], cfg: dict[str, Any], where: Path) -> 
     config.json edited to fewer layers, biases the model has none of), leaving another model than the folder
     holds."""
     if unread:
-        more = f" and {len(unread) - 1} more" if len(unread) > 1 else ""
-        raise UserError(f"{where}: the weights hold {unread[0]}{more}, which the model its config.json describes "
+        raise UserError(f"{where}: the weights hold {first_and_more(unread)}, which the model its config.json describes "
                         f"(num_hidden_layers = {cfg['n_layers']}, no biases) has no parameter for; restore the "
                         "config.json that came with these weights (dlm_titan implements no bias terms)")
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from dlm_titan.errors import UserError
+from dlm_titan.errors import UserError, first_and_more
 from dlm_titan.models.flavors import ALIASES, FLAVORS, get_model_args
 
 SUFFIXES = (".safetensors", ".pth", ".pt")
@@ -129,25 +129,24 @@ def read_litgpt(path: Path, flavor: str | None = None, max_seq_len: int = 2048) 
     cfg = {"flavor": name, "vocab_size": vocab, "max_seq_len": max_seq_len, "mask_id": vocab, "n_layers": args.n_layers,
            "n_heads": args.n_heads, "n_kv_heads": args.n_heads, "dim": args.dim, "ffn_dim": args.ffn_dim,
            "norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "causal": rows == vocab, "step": 0}
-    out = {ours: _get(state, key, path) for key, ours in _TOP.items()}
+    read: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        read.add(key)
+        return _get(state, key, path)
+
+    out = {ours: take(key) for key, ours in _TOP.items()}
     for i in range(args.n_layers):
         for key, ours in _BLOCK.items():
-            out[f"layers.{i}.{ours}"] = _get(state, f"transformer.h.{i}.{key}", path)
-        w = _get(state, f"transformer.h.{i}.attn.attn.weight", path)
+            out[f"layers.{i}.{ours}"] = take(f"transformer.h.{i}.{key}")
+        w = take(f"transformer.h.{i}.attn.attn.weight")
         if tuple(w.shape) != (3 * args.dim, args.dim):
             raise UserError(f"{path}: transformer.h.{i}.attn.attn.weight has shape {tuple(w.shape)}, expected "
                             f"{(3 * args.dim, args.dim)} for {name}")
         out[f"layers.{i}.attention.wqkv.weight"] = litgpt_qkv_to_ours(w, args.n_heads, args.n_heads)
-    _check_no_unexpected(state, args.n_layers, path)
+    # A tensor nothing read (biases, LayerNorm biases of another lit-gpt model of the same width) would be dropped,
+    # loading another model than the file holds without a word.
+    if unread := sorted(set(state) - read):
+        raise UserError(f"{path} holds {first_and_more(unread)}, which SMDM's models (RMSNorm, SwiGLU, no biases) "
+                        "have no parameter for: it is no SMDM checkpoint; dlm_titan reads SMDM's lit-gpt models only")
     return cfg, out
-
-
-def _check_no_unexpected(state: dict[str, torch.Tensor], n_layers: int, path: Path) -> None:
-    """UserError naming a tensor that no dlm_titan parameter reads (biases, LayerNorm biases of another lit-gpt
-    model of the same width): dropping it would load another model than the file holds, without a word."""
-    used = {*_TOP, *(f"transformer.h.{i}.{key}" for i in range(n_layers) for key in (*_BLOCK, "attn.attn.weight"))}
-    extra = sorted(set(state) - used)
-    if extra:
-        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
-        raise UserError(f"{path} holds {extra[0]}{more}, which SMDM's models (RMSNorm, SwiGLU, no biases) have no "
-                        "parameter for: it is no SMDM checkpoint; dlm_titan reads SMDM's lit-gpt models only")
