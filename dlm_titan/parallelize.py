@@ -197,9 +197,9 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, training_cfg, reshard_after_f
     """Shards the embedding, each block, the final norm + head (one group) and the root with FSDP2.
 
     A 2-D (dp_replicate, dp_shard) mesh gives HSDP (the trainer uses :func:`apply_ddp` when the shard dimension
-    is 1). Mixed precision (bf16 compute parameters, fp32
-    gradient reduction; see :func:`fsdp_mixed_precision`) applies on GPU only. Gradients are reduced as plain sums (divide factor 1, SUM
-    collectives): the trainer already divides the loss by the global token count of the step.
+    is 1). Mixed precision (bf16 compute parameters, fp32 gradient reduction; see :func:`fsdp_mixed_precision`)
+    applies on GPU only. Gradients are reduced as plain sums (divide factor 1, SUM collectives): the trainer
+    already divides the loss by the global token count of the step.
 
     Args:
         reshard_after_forward: "always" frees gathered parameters after each group's forward (least memory,

@@ -237,7 +237,6 @@ def sample_tokens(model: torch.nn.Module, prompt_ids: list[list[int]], args: arg
                       prompt_ids, mdm_cfg, args.batch_size)
 
 
-
 def run_key(seed: int) -> int:
     """The sampler seed of ``--seed seed``: sample i of the run draws with run_key(seed) + i. The samplers key
     sample i by seed + i: passed on as it is, ``--seed 1``'s sample i would be ``--seed 0``'s sample i + 1 (runs
